@@ -1,0 +1,247 @@
+// The flow on the CPU: forward (x -> z, log|det J|), inverse (z -> x) and the fused steer
+// (hidden [+ residual] -> phi^-1(phi(h) + alpha * v)) over rows of `dim` values.
+// Plain C++ templates, no torch: the torch op and the llama.cpp hook both instantiate these,
+// passing their own parallel-for.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "../flow_types.h"
+#include "gemm_cpu.h"
+
+namespace innsteer {
+namespace cpu {
+
+// Below this many weights per coupling layer a single token's GEMV is too short to split
+// across threads: fork/join would cost more than it saves.
+constexpr int64_t kColumnSplitMinWeights = int64_t(1) << 18;
+
+template <class Acc, class W>
+struct FlowShape {
+  int64_t max_cond = 0;
+  int64_t max_trans = 0;
+  explicit FlowShape(const FlowView<Acc, W>& f) {
+    for (int64_t k = 0; k < f.n_couplings; ++k) {
+      max_cond = std::max(max_cond, f.couplings[k].n_cond);
+      max_trans = std::max(max_trans, f.couplings[k].n_trans);
+    }
+  }
+};
+
+// Scratch elements (of type Acc) each worker needs: one tile of rows plus the coupling MLP's
+// gathered input, hidden activations, (s, t) pairs and per-row log-det partials.
+template <class Acc, class W>
+int64_t workspace_per_worker(const FlowView<Acc, W>& f) {
+  const FlowShape<Acc, W> shape(f);
+  return kTileTokens * (f.dim + shape.max_cond + f.hidden + 2 * shape.max_trans + 1);
+}
+
+template <class In>
+bool all_finite(const In* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(to_acc(x[i]))) return false;
+  }
+  return true;
+}
+
+template <class Acc>
+struct TileBuffers {
+  Acc* u;        // [tile, dim]
+  Acc* gathered; // [tile, max_cond]
+  Acc* hidden;   // [tile, hidden]
+  Acc* st;       // [tile, 2 * max_trans]
+  Acc* logdet;   // [tile]
+
+  template <class W>
+  TileBuffers(Acc* base, const FlowView<Acc, W>& f) {
+    const FlowShape<Acc, W> shape(f);
+    u = base;
+    gathered = u + kTileTokens * f.dim;
+    hidden = gathered + kTileTokens * shape.max_cond;
+    st = hidden + kTileTokens * f.hidden;
+    logdet = st + kTileTokens * 2 * shape.max_trans;
+  }
+};
+
+template <class Acc, class W>
+void gather_conditioner(const CouplingView<Acc, W>& c, const Acc* u, int64_t dim, Acc* gathered, int nt) {
+  for (int t = 0; t < nt; ++t) {
+    for (int64_t i = 0; i < c.n_cond; ++i) gathered[t * c.n_cond + i] = u[t * dim + c.cond_idx[i]];
+  }
+}
+
+// hidden[:, j0:j1] = silu(gathered @ w1[:, j0:j1] + b1[j0:j1])
+template <class Acc, class W>
+void hidden_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* gathered, Acc* hidden, int nt,
+                    int64_t j0, int64_t j1) {
+  for (int t = 0; t < nt; ++t) std::copy(c.b1 + j0, c.b1 + j1, hidden + t * n_hidden + j0);
+  gemm_accumulate(c.w1 + j0, n_hidden, gathered, c.n_cond, hidden + j0, n_hidden, c.n_cond, j1 - j0, nt);
+  for (int t = 0; t < nt; ++t) {
+    Acc* h = hidden + t * n_hidden;
+    for (int64_t j = j0; j < j1; ++j) h[j] = h[j] / (Acc(1) + std::exp(-h[j]));
+  }
+}
+
+// For transformed coordinates j0..j1: (s, t) = hidden @ w2 + b2, then the affine step
+// u = u * e^s + t (or its inverse), adding sum(s) (or -sum(s)) to logdet when given.
+template <class Acc, class W>
+void affine_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st,
+                    Acc* u, int64_t dim, int nt, int64_t j0, int64_t j1, bool inverse, Acc* logdet) {
+  const int64_t n_st = 2 * c.n_trans;
+  for (int t = 0; t < nt; ++t) std::copy(c.b2 + 2 * j0, c.b2 + 2 * j1, st + t * n_st + 2 * j0);
+  gemm_accumulate(c.w2 + 2 * j0, n_st, hidden, n_hidden, st + 2 * j0, n_st, n_hidden, 2 * (j1 - j0), nt);
+  for (int t = 0; t < nt; ++t) {
+    const Acc* st_t = st + t * n_st;
+    Acc* u_t = u + t * dim;
+    Acc s_sum = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const Acc s = clamp * std::tanh(st_t[2 * j] / clamp);
+      const Acc shift = st_t[2 * j + 1];
+      Acc& v = u_t[c.trans_idx[j]];
+      if (inverse) {
+        v = (v - shift) * std::exp(-s);
+      } else {
+        v = v * std::exp(s) + shift;
+      }
+      s_sum += s;
+    }
+    if (logdet) logdet[t] += inverse ? -s_sum : s_sum;
+  }
+}
+
+template <class Acc, class W>
+void coupling_tile(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>& buf, int nt, bool inverse,
+                   Acc* logdet) {
+  const CouplingView<Acc, W>& c = f.couplings[k];
+  gather_conditioner(c, buf.u, f.dim, buf.gathered, nt);
+  hidden_columns(c, f.hidden, buf.gathered, buf.hidden, nt, 0, f.hidden);
+  affine_columns(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, 0, c.n_trans, inverse, logdet);
+}
+
+// One coupling for a single tile, its two matrix products split by columns across workers
+// (decode: too few tokens to split by rows).  Log-det partials go to each worker's buffer.
+template <class Acc, class W, class ParallelFor>
+void coupling_tile_split(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>& buf, int nt, bool inverse,
+                         Acc* workspace, int64_t per_worker, bool with_logdet, ParallelFor&& pfor) {
+  const CouplingView<Acc, W>& c = f.couplings[k];
+  gather_conditioner(c, buf.u, f.dim, buf.gathered, nt);
+  constexpr int64_t kChunk = 64;  // columns per task; 64 floats = a few cache lines per row
+  pfor((f.hidden + kChunk - 1) / kChunk, 1, [&](int64_t b, int64_t e, int) {
+    hidden_columns(c, f.hidden, buf.gathered, buf.hidden, nt, b * kChunk, std::min(e * kChunk, f.hidden));
+  });
+  pfor((c.n_trans + kChunk - 1) / kChunk, 1, [&](int64_t b, int64_t e, int worker) {
+    Acc* partial = with_logdet ? TileBuffers<Acc>(workspace + worker * per_worker, f).logdet : nullptr;
+    affine_columns(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, b * kChunk,
+                   std::min(e * kChunk, c.n_trans), inverse, partial);
+  });
+}
+
+// Runs `mode` over `rows` rows of `dim` values.
+//   kForward: output = z (standardized, then couplings 0..K-1), logdet_out[r] = log|det J|.
+//   kInverse: output = x from z (couplings K-1..0, then de-standardized).
+//   kSteer:   h = input (+ residual, rounded to In like an eager add); output = h if alpha == 0
+//             (bit for bit), else phi^-1(phi(h) + alpha * direction).
+// output may alias input (in-place). workspace holds n_workers * workspace_per_worker(f) values.
+// pfor(n, grain, fn) must call fn(begin, end, worker) over [0, n) with worker < n_workers.
+template <class Acc, class In, class W, class ParallelFor>
+void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const In* residual, In* output,
+              Acc* logdet_out, int64_t rows, Acc alpha, const Acc* direction, Acc* workspace, int n_workers,
+              ParallelFor&& pfor) {
+  const int64_t dim = f.dim;
+  const int64_t per_worker = workspace_per_worker(f);
+  Acc base_logdet = 0;
+  for (int64_t i = 0; i < dim; ++i) base_logdet -= std::log(f.scale[i]);
+  const bool identity = mode == FlowMode::kSteer && alpha == Acc(0);
+
+  // Loads rows into u (standardized unless inverting); the identity steer writes them straight out.
+  auto load = [&](int64_t r0, int nt, Acc* u) {
+    for (int t = 0; t < nt; ++t) {
+      const In* in = input + (r0 + t) * dim;
+      const In* res = residual ? residual + (r0 + t) * dim : nullptr;
+      Acc* u_t = u + t * dim;
+      In* out = output + (r0 + t) * dim;
+      for (int64_t i = 0; i < dim; ++i) {
+        Acc v = to_acc(in[i]);
+        if (res) v = to_acc(from_acc<In>(v + to_acc(res[i])));
+        if (identity) {
+          out[i] = from_acc<In>(v);
+        } else {
+          u_t[i] = mode == FlowMode::kInverse ? v : (v - f.mean[i]) / f.scale[i];
+        }
+      }
+    }
+  };
+  auto store = [&](int64_t r0, int nt, const Acc* u, const Acc* logdet) {
+    for (int t = 0; t < nt; ++t) {
+      const Acc* u_t = u + t * dim;
+      In* out = output + (r0 + t) * dim;
+      if (mode == FlowMode::kForward) {
+        for (int64_t i = 0; i < dim; ++i) out[i] = from_acc<In>(u_t[i]);
+        logdet_out[r0 + t] = logdet[t];
+      } else {
+        for (int64_t i = 0; i < dim; ++i) out[i] = from_acc<In>(u_t[i] * f.scale[i] + f.mean[i]);
+      }
+    }
+  };
+  auto shift_latent = [&](int nt, Acc* u) {
+    for (int t = 0; t < nt; ++t) {
+      for (int64_t i = 0; i < dim; ++i) u[t * dim + i] += alpha * direction[i];
+    }
+  };
+
+  const int64_t n_tiles = (rows + kTileTokens - 1) / kTileTokens;
+  const CouplingView<Acc, W>& first = f.couplings[0];
+  const bool split_columns = !identity && n_workers > 1 && n_tiles == 1 &&
+                             first.n_cond * f.hidden >= kColumnSplitMinWeights;
+
+  if (!split_columns) {
+    pfor(n_tiles, 1, [&](int64_t b, int64_t e, int worker) {
+      const TileBuffers<Acc> buf(workspace + worker * per_worker, f);
+      for (int64_t tile = b; tile < e; ++tile) {
+        const int64_t r0 = tile * kTileTokens;
+        const int nt = static_cast<int>(std::min<int64_t>(kTileTokens, rows - r0));
+        load(r0, nt, buf.u);
+        if (identity) continue;
+        std::fill(buf.logdet, buf.logdet + nt, base_logdet);
+        if (mode != FlowMode::kInverse) {
+          for (int64_t k = 0; k < f.n_couplings; ++k) coupling_tile(f, k, buf, nt, false, buf.logdet);
+        }
+        if (mode == FlowMode::kSteer) shift_latent(nt, buf.u);
+        if (mode != FlowMode::kForward) {
+          for (int64_t k = f.n_couplings - 1; k >= 0; --k) coupling_tile(f, k, buf, nt, true, static_cast<Acc*>(nullptr));
+        }
+        store(r0, nt, buf.u, buf.logdet);
+      }
+    });
+    return;
+  }
+
+  const TileBuffers<Acc> buf(workspace, f);
+  const int nt = static_cast<int>(rows);
+  const bool with_logdet = mode == FlowMode::kForward;
+  for (int w = 0; w < n_workers; ++w) {
+    Acc* partial = TileBuffers<Acc>(workspace + w * per_worker, f).logdet;
+    std::fill(partial, partial + kTileTokens, Acc(0));
+  }
+  load(0, nt, buf.u);
+  if (mode != FlowMode::kInverse) {
+    for (int64_t k = 0; k < f.n_couplings; ++k)
+      coupling_tile_split(f, k, buf, nt, false, workspace, per_worker, with_logdet, pfor);
+  }
+  if (mode == FlowMode::kSteer) shift_latent(nt, buf.u);
+  if (mode != FlowMode::kForward) {
+    for (int64_t k = f.n_couplings - 1; k >= 0; --k)
+      coupling_tile_split(f, k, buf, nt, true, workspace, per_worker, false, pfor);
+  }
+  Acc logdet[kTileTokens];
+  for (int t = 0; t < nt; ++t) {
+    logdet[t] = base_logdet;
+    for (int w = 0; w < n_workers; ++w) logdet[t] += TileBuffers<Acc>(workspace + w * per_worker, f).logdet[t];
+  }
+  store(0, nt, buf.u, logdet);
+}
+
+}  // namespace cpu
+}  // namespace innsteer

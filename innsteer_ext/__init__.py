@@ -1,0 +1,27 @@
+"""The compiled innsteer ops (`torch.ops.innsteer.*`), their fake kernels and autograd,
+and a pure-PyTorch reference (`innsteer_ext.reference`).
+
+Ops (schemas in csrc/ops.cpp; flow arguments = mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+  coupling_forward(x, *flow) -> (z, logdet)
+  coupling_inverse(z, *flow) -> x
+  steer(hidden, residual, direction, alpha, *flow) -> phi^-1(phi(hidden + residual) + alpha * direction)
+  steer_(hidden, residual, direction, alpha, *flow) -> None   (in place, inference only)
+"""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops)
+except ImportError as error:  # the reference must never silently stand in for the kernels
+    raise ImportError(
+        "innsteer_ext._C, the compiled innsteer ops, could not be loaded "
+        f"({error}). Build it against the installed torch: "
+        "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)."
+    ) from error
+
+from . import _reference as reference  # noqa: E402
+from . import _registration  # noqa: E402,F401
+
+ops = torch.ops.innsteer
+HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("innsteer::steer", "CUDA")
+
+__all__ = ["ops", "reference", "HAS_CUDA_KERNELS"]

@@ -1,0 +1,96 @@
+"""Fake (meta) kernels and autograd for the innsteer ops.
+
+Fake kernels let torch.compile / export trace through the ops without running them. The
+backward of each functional op recomputes the forward with the pure-PyTorch reference under
+autograd (activation checkpointing): exact gradients, and no second hand-written kernel whose
+math could drift from the forward's.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _reference
+
+_LIB = "innsteer"
+
+
+def _fake_check(x: torch.Tensor, mean: torch.Tensor, name: str) -> None:
+    torch._check(x.dim() >= 1, lambda: f"innsteer: {name} must have at least one dimension")
+    torch._check(
+        x.shape[-1] == mean.shape[0],
+        lambda: f"innsteer: {name} has hidden size {x.shape[-1]} but the flow was built for {mean.shape[0]}",
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::coupling_forward")
+def _(x, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+    _fake_check(x, mean, "x")
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=mean.dtype)
+
+
+@torch.library.register_fake(f"{_LIB}::coupling_inverse")
+def _(z, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+    _fake_check(z, mean, "z")
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{_LIB}::steer")
+def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+    _fake_check(hidden, mean, "hidden")
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{_LIB}::steer_")
+def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+    _fake_check(hidden, mean, "hidden")
+
+
+def _recompute_backward(reference):
+    """A backward that re-runs `reference` on the saved inputs and differentiates it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, *grad_outputs):
+        inputs = ctx.inputs
+        detached = []
+        wanted = []  # (position in inputs, list index or None, leaf)
+        for pos, (arg, needs) in enumerate(zip(inputs, ctx.needs_input_grad)):
+            if isinstance(arg, (list, tuple)):
+                leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in arg]
+                detached.append(leaves)
+                wanted += [(pos, i, leaf) for i, leaf in enumerate(leaves) if leaf.requires_grad]
+            elif isinstance(arg, torch.Tensor):
+                leaf = arg.detach().requires_grad_(bool(needs) and arg.is_floating_point())
+                detached.append(leaf)
+                if leaf.requires_grad:
+                    wanted.append((pos, None, leaf))
+            else:
+                detached.append(arg)
+        with torch.enable_grad():
+            outputs = reference(*detached)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], [leaf for _, _, leaf in wanted], [g for _, g in pairs], allow_unused=True
+        ) if pairs and wanted else [None] * len(wanted)
+        result: list = [
+            [None] * len(arg) if isinstance(arg, (list, tuple)) else None for arg in inputs
+        ]
+        for (pos, index, _), grad in zip(wanted, grads):
+            if index is None:
+                result[pos] = grad
+            else:
+                result[pos][index] = grad
+        return tuple(result)
+
+    return backward, setup_context
+
+
+for _name, _reference_fn in (
+    ("coupling_forward", _reference.coupling_forward),
+    ("coupling_inverse", _reference.coupling_inverse),
+    ("steer", _reference.steer),
+):
+    _backward, _setup = _recompute_backward(_reference_fn)
+    torch.library.register_autograd(f"{_LIB}::{_name}", _backward, setup_context=_setup)

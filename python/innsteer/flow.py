@@ -1,0 +1,123 @@
+"""The invertible network phi: standardization followed by RealNVP affine couplings.
+
+Each coupling splits the coordinates into a conditioning part and a transformed part with a
+fixed seeded permutation (a fresh one per pair of couplings, the two couplings of a pair
+swapping roles, so every coordinate is transformed); an MLP of the conditioning part gives
+(s, t) and the transformed part becomes x * exp(s) + t with s = clamp * tanh(raw / clamp),
+so exp(s) stays within [e^-clamp, e^clamp] and the inverse stays well conditioned.
+All math runs in the compiled `torch.ops.innsteer` ops.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+import innsteer_ext
+
+ops = innsteer_ext.ops
+
+
+@dataclass(frozen=True)
+class INNConfig:
+    dim: int
+    num_couplings: int = 4
+    hidden: int = 512
+    clamp: float = 2.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def coupling_partitions(dim: int, num_couplings: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """(cond_idx, trans_idx) per coupling: a seeded permutation per pair, halves swapped within it."""
+    if dim < 2:
+        raise ValueError(f"an INN needs dim >= 2, got {dim}")
+    parts = []
+    generator = torch.Generator().manual_seed(seed)
+    for k in range(num_couplings):
+        if k % 2 == 0:
+            perm = torch.randperm(dim, generator=generator)
+            first, second = perm[: dim // 2].sort().values, perm[dim // 2 :].sort().values
+        parts.append((first, second) if k % 2 == 0 else (second, first))
+    return parts
+
+
+class INN(nn.Module):
+    """phi: R^dim -> R^dim. ``inn(x) -> (z, logdet)``, ``inn.inverse(z) -> x``.
+
+    Any float dtype in, the same dtype out; the math runs in float32 (float64 after
+    ``inn.double()``). Starts as the identity (zero-initialized last layers) up to the
+    standardization, which ``fit_standardization`` sets from data.
+    """
+
+    def __init__(self, dim: int, num_couplings: int = 4, hidden: int = 512, clamp: float = 2.0, seed: int = 0):
+        super().__init__()
+        if num_couplings < 1 or hidden < 1:
+            raise ValueError(f"need num_couplings >= 1 and hidden >= 1, got {num_couplings}, {hidden}")
+        if not (clamp > 0 and math.isfinite(clamp)):
+            raise ValueError(f"clamp must be positive and finite, got {clamp}")
+        self.config = INNConfig(dim, num_couplings, hidden, float(clamp), seed)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.w1, self.b1, self.w2, self.b2 = (nn.ParameterList() for _ in range(4))
+        for k, (cond, trans) in enumerate(coupling_partitions(dim, num_couplings, seed)):
+            self.register_buffer(f"cond_idx_{k}", cond)
+            self.register_buffer(f"trans_idx_{k}", trans)
+            w1 = torch.empty(len(cond), hidden)
+            nn.init.normal_(w1, std=1.0 / math.sqrt(len(cond)))
+            self.w1.append(nn.Parameter(w1))
+            self.b1.append(nn.Parameter(torch.zeros(hidden)))
+            self.w2.append(nn.Parameter(torch.zeros(hidden, 2 * len(trans))))
+            self.b2.append(nn.Parameter(torch.zeros(2 * len(trans))))
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mean.dtype
+
+    def partitions(self) -> tuple[list[Tensor], list[Tensor]]:
+        n = self.config.num_couplings
+        return [getattr(self, f"cond_idx_{k}") for k in range(n)], [getattr(self, f"trans_idx_{k}") for k in range(n)]
+
+    def flow_args(self, weight_dtype: Optional[torch.dtype] = None) -> tuple:
+        """The flow arguments of the ops: (mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp)."""
+        cond, trans = self.partitions()
+        cast = (lambda w: w.to(weight_dtype)) if weight_dtype is not None else (lambda w: w)
+        return (self.mean, self.scale, cond, trans, [cast(w) for w in self.w1], list(self.b1),
+                [cast(w) for w in self.w2], list(self.b2), self.config.clamp)
+
+    def _compute_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"INN expects hidden size {self.dim}, got input of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"INN expects floating-point activations, got {x.dtype}")
+        if self.dtype == torch.float64:
+            return x.double()
+        return x.float() if x.dtype == torch.float64 else x
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z, logdet = ops.coupling_forward(self._compute_input(x), *self.flow_args())
+        return z.to(x.dtype), logdet
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return ops.coupling_inverse(self._compute_input(z), *self.flow_args()).to(z.dtype)
+
+    @torch.no_grad()
+    def fit_standardization(self, x: Tensor, eps: float = 1e-4) -> None:
+        """Set mean/scale from samples x [n, dim] (scale floored at eps times its median)."""
+        x = x.reshape(-1, self.dim).to(self.mean.dtype)
+        if x.shape[0] < 2:
+            raise ValueError("fit_standardization needs at least 2 samples")
+        if not torch.isfinite(x).all():
+            raise ValueError("fit_standardization got NaN or Inf activations")
+        std = x.std(0)
+        self.mean.copy_(x.mean(0))
+        self.scale.copy_(std.clamp_min(eps * float(std.median().clamp_min(1e-12))))
