@@ -106,11 +106,17 @@ struct FlowView {
   int64_t dim;
   int64_t hidden;
   int64_t n_couplings;
-  Acc clamp;  // s = clamp * tanh(raw / clamp) keeps exp(s) within [e^-clamp, e^clamp]
+  // s = clamp * tanh(raw_s / clamp) keeps exp(s) within [e^-clamp, e^clamp], and
+  // t = kShiftClampFactor * clamp * tanh(raw_t / (kShiftClampFactor * clamp)) bounds the shift,
+  // so rows far outside the training data (LLMs' massive activations) still invert precisely.
+  Acc clamp;
   const Acc* mean;   // [dim]
   const Acc* scale;  // [dim], > 0
   const CouplingView<Acc, W>* couplings;  // [n_couplings]
 };
+
+// The shift bound in units of clamp (see FlowView::clamp).
+constexpr double kShiftClampFactor = 2.0;
 
 enum class FlowMode { kForward, kInverse, kSteer };
 

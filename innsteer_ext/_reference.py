@@ -11,6 +11,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+# Shifts are bounded like the log-scales: |t| <= SHIFT_CLAMP_FACTOR * clamp (csrc/flow_types.h),
+# so rows far outside the training data still invert to float32 precision.
+SHIFT_CLAMP_FACTOR = 2.0
+
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a flow computes in for activations of x's dtype (float64 stays float64)."""
@@ -32,7 +36,8 @@ def _coupling(
     hidden = torch.nn.functional.silu(u.index_select(-1, cond_idx) @ w1.to(u.dtype) + b1)
     st = hidden @ w2.to(u.dtype) + b2
     s = clamp * torch.tanh(st[..., 0::2] / clamp)
-    shift = st[..., 1::2]
+    shift_clamp = SHIFT_CLAMP_FACTOR * clamp
+    shift = shift_clamp * torch.tanh(st[..., 1::2] / shift_clamp)
     x_trans = u.index_select(-1, trans_idx)
     if inverse:
         y_trans, log_scale = (x_trans - shift) * torch.exp(-s), -s.sum(-1)

@@ -84,7 +84,7 @@ void hidden_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* 
   }
 }
 
-// For transformed coordinates j0..j1: (s, t) = hidden @ w2 + b2, then the affine step
+// For transformed coordinates j0..j1: (s, t) = bounded(hidden @ w2 + b2), then the affine step
 // u = u * e^s + t (or its inverse), adding sum(s) (or -sum(s)) to logdet when given.
 template <class Acc, class W>
 void affine_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st,
@@ -92,13 +92,14 @@ void affine_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, 
   const int64_t n_st = 2 * c.n_trans;
   for (int t = 0; t < nt; ++t) std::copy(c.b2 + 2 * j0, c.b2 + 2 * j1, st + t * n_st + 2 * j0);
   gemm_accumulate(c.w2 + 2 * j0, n_st, hidden, n_hidden, st + 2 * j0, n_st, n_hidden, 2 * (j1 - j0), nt);
+  const Acc shift_clamp = static_cast<Acc>(kShiftClampFactor) * clamp;
   for (int t = 0; t < nt; ++t) {
     const Acc* st_t = st + t * n_st;
     Acc* u_t = u + t * dim;
     Acc s_sum = 0;
     for (int64_t j = j0; j < j1; ++j) {
       const Acc s = clamp * std::tanh(st_t[2 * j] / clamp);
-      const Acc shift = st_t[2 * j + 1];
+      const Acc shift = shift_clamp * std::tanh(st_t[2 * j + 1] / shift_clamp);
       Acc& v = u_t[c.trans_idx[j]];
       if (inverse) {
         v = (v - shift) * std::exp(-s);
