@@ -5,9 +5,10 @@ with CUDA and a CUDA toolkit is found (torch's cpp_extension sets CUDA_HOME to N
 torch even when nvcc is present, so a CPU-only host never tries).
 """
 import glob
+import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 try:
     import torch
@@ -56,7 +57,40 @@ def extensions():
     ]
 
 
+def llama_hook_extensions():
+    """innsteer_ext/_llama_hook*.so: the llama.cpp control hook (csrc/llama_hook), a plain shared
+    library (no Python API, loaded with ctypes) compiled against the ggml headers of the installed
+    llama-cpp-python wheel and linked to its libggml-base. Skipped when llama-cpp-python is absent;
+    innsteer.llama_cpp then says how to get it."""
+    if os.environ.get("INNSTEER_NO_LLAMA_HOOK") == "1":
+        return []
+    spec = importlib.util.find_spec("llama_cpp")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    package_dir = list(spec.submodule_search_locations)[0]
+    include_dir = os.path.join(os.path.dirname(package_dir), "include")
+    lib_dir = os.path.join(package_dir, "lib")
+    if not os.path.isfile(os.path.join(include_dir, "ggml-backend.h")) or not glob.glob(
+        os.path.join(lib_dir, "libggml-base.*")
+    ):
+        print("innsteer: llama-cpp-python has no ggml headers/libggml-base; not building the llama.cpp hook")
+        return []
+    return [
+        Extension(
+            "innsteer_ext._llama_hook",
+            ["csrc/llama_hook/hook.cpp", "csrc/llama_hook/steer_api.cpp", "csrc/llama_hook/steer_file.cpp",
+             "csrc/cpu/gemm_cpu.cpp"],
+            include_dirs=[include_dir],
+            library_dirs=[lib_dir],
+            runtime_library_dirs=[lib_dir],
+            libraries=["ggml-base"],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall"]},
+            language="c++",
+        )
+    ]
+
+
 setup(
-    ext_modules=extensions(),
+    ext_modules=extensions() + llama_hook_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -1,0 +1,98 @@
+// The torch- and ggml-free half of the C API: loading steer files and steering rows.
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "innsteer_llama_hook.h"
+#include "steer_file.h"
+
+namespace {
+
+constexpr size_t kMaxFileBytes = size_t(1) << 32;  // 4 GiB: far above any steer file
+
+void set_error(char* err, size_t err_len, const std::string& message) {
+  if (err && err_len) std::snprintf(err, err_len, "%s", message.c_str());
+}
+
+}  // namespace
+
+extern "C" {
+
+innsteer_steer* innsteer_steer_load_buffer(const uint8_t* data, size_t len, char* err, size_t err_len) {
+  if (!data && len) {
+    set_error(err, err_len, "no data");
+    return nullptr;
+  }
+  try {
+    auto steer = std::make_unique<innsteer_steer>();
+    std::string error;
+    if (!innsteer::llama_hook::parse_steer_gguf(data, len, steer->model, error)) {
+      set_error(err, err_len, error);
+      return nullptr;
+    }
+    return steer.release();
+  } catch (const std::bad_alloc&) {
+    set_error(err, err_len, "out of memory while loading the steer file");
+    return nullptr;
+  }
+}
+
+innsteer_steer* innsteer_steer_load_file(const char* path, char* err, size_t err_len) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  if (!file) {
+    set_error(err, err_len, std::string("cannot open ") + path);
+    return nullptr;
+  }
+  const std::streamoff size = file.tellg();
+  if (size < 0 || static_cast<uint64_t>(size) > kMaxFileBytes) {
+    set_error(err, err_len, std::string("cannot read the size of ") + path + " or it exceeds 4 GiB");
+    return nullptr;
+  }
+  std::vector<uint8_t> bytes(static_cast<size_t>(size));
+  file.seekg(0);
+  if (size > 0 && !file.read(reinterpret_cast<char*>(bytes.data()), size)) {
+    set_error(err, err_len, std::string("cannot read ") + path);
+    return nullptr;
+  }
+  return innsteer_steer_load_buffer(bytes.data(), bytes.size(), err, err_len);
+}
+
+void innsteer_steer_free(innsteer_steer* steer) { delete steer; }
+
+int64_t innsteer_steer_hidden_size(const innsteer_steer* s) { return s->model.dim; }
+int32_t innsteer_steer_layer(const innsteer_steer* s) { return s->model.layer; }
+float innsteer_steer_alpha(const innsteer_steer* s) { return s->model.alpha; }
+int64_t innsteer_steer_num_couplings(const innsteer_steer* s) { return static_cast<int64_t>(s->model.couplings.size()); }
+int64_t innsteer_steer_mlp_hidden(const innsteer_steer* s) { return s->model.mlp_hidden; }
+bool innsteer_steer_bf16_weights(const innsteer_steer* s) { return s->model.bf16_weights; }
+
+const char* innsteer_steer_meta(const innsteer_steer* s, const char* key) {
+  if (!std::strcmp(key, "model_id")) return s->model.model_id.c_str();
+  if (!std::strcmp(key, "model_hint")) return s->model.model_hint.c_str();
+  if (!std::strcmp(key, "method")) return s->model.method.c_str();
+  if (!std::strcmp(key, "behavior")) return s->model.behavior.c_str();
+  return nullptr;
+}
+
+int innsteer_steer_apply(const innsteer_steer* s, float* rows, int64_t n_rows, float alpha, int n_threads, char* err,
+                         size_t err_len) {
+  if (n_rows < 0 || (n_rows > 0 && !rows)) {
+    set_error(err, err_len, "bad rows");
+    return 1;
+  }
+  try {
+    const int workers = n_threads < 1 ? 1 : n_threads;
+    std::vector<float> workspace(workers * s->model.workspace_per_worker());
+    innsteer::llama_hook::steer_rows(s->model, rows, n_rows, alpha, workspace.data(), workers);
+  } catch (const std::exception& e) {
+    set_error(err, err_len, e.what());
+    return 1;
+  }
+  return 0;
+}
+
+}  // extern "C"

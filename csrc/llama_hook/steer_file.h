@@ -1,0 +1,60 @@
+// A steer GGUF (written by innsteer.export) parsed into an owned flow, plus the steer itself.
+// Plain C++: no torch, no ggml. The parser reads from a byte buffer and checks every count, size,
+// offset and index it reads against the buffer length, so a truncated or corrupted file is an
+// error message, never an out-of-bounds read.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../flow_types.h"
+
+namespace innsteer {
+namespace llama_hook {
+
+constexpr uint32_t kSteerFormatVersion = 1;
+
+// One coupling's parameters; weights kept as float32 or bfloat16 as stored in the file.
+struct CouplingData {
+  std::vector<int64_t> cond_idx, trans_idx;
+  std::vector<float> w1_f32, w2_f32;
+  std::vector<bf16_t> w1_bf16, w2_bf16;
+  std::vector<float> b1, b2;
+};
+
+struct SteerModel {
+  int64_t dim = 0;
+  int64_t mlp_hidden = 0;
+  float clamp = 0;
+  int32_t layer = 0;
+  float alpha = 0;
+  bool bf16_weights = false;
+  std::string model_id, model_hint, method, behavior;
+  std::vector<float> mean, scale, direction;
+  std::vector<CouplingData> couplings;
+  // Views into the vectors above (built once after loading; the model must not be copied).
+  std::vector<CouplingView<float, float>> views_f32;
+  std::vector<CouplingView<float, bf16_t>> views_bf16;
+
+  FlowView<float, float> flow_f32() const;
+  FlowView<float, bf16_t> flow_bf16() const;
+  int64_t workspace_per_worker() const;
+};
+
+// Parses a steer GGUF held in data[0, len). Returns true and fills `model`, or false with `error`.
+bool parse_steer_gguf(const uint8_t* data, size_t len, SteerModel& model, std::string& error);
+
+// Steers `rows` rows of model.dim values in place: x <- phi^-1(phi(x) + alpha * direction).
+// In is float, half_t or bf16_t; workspace holds n_workers * workspace_per_worker() floats.
+template <class In>
+void steer_rows(const SteerModel& model, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers);
+
+}  // namespace llama_hook
+}  // namespace innsteer
+
+// The opaque handle of the C API (innsteer_llama_hook.h).
+struct innsteer_steer {
+  innsteer::llama_hook::SteerModel model;
+};
