@@ -33,7 +33,7 @@ def _coupling(
     inverse: bool,
 ) -> tuple[Tensor, Tensor]:
     """One affine coupling on rows u; returns (new u, sum of log-scales added to log|det J|)."""
-    hidden = torch.nn.functional.silu(u.index_select(-1, cond_idx) @ w1.to(u.dtype) + b1)
+    hidden = torch.tanh(u.index_select(-1, cond_idx) @ w1.to(u.dtype) + b1)
     st = hidden @ w2.to(u.dtype) + b2
     s = clamp * torch.tanh(st[..., 0::2] / clamp)
     shift_clamp = SHIFT_CLAMP_FACTOR * clamp

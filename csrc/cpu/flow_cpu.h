@@ -72,7 +72,9 @@ void gather_conditioner(const CouplingView<Acc, W>& c, const Acc* u, int64_t dim
   }
 }
 
-// hidden[:, j0:j1] = silu(gathered @ w1[:, j0:j1] + b1[j0:j1])
+// hidden[:, j0:j1] = tanh(gathered @ w1[:, j0:j1] + b1[j0:j1]).  A bounded activation keeps
+// (s, t) locally constant for rows far outside the training data, so the flow stays well
+// conditioned (invertible to float32 precision) on LLMs' massive-activation rows.
 template <class Acc, class W>
 void hidden_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* gathered, Acc* hidden, int nt,
                     int64_t j0, int64_t j1) {
@@ -80,7 +82,7 @@ void hidden_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* 
   gemm_accumulate(c.w1 + j0, n_hidden, gathered, c.n_cond, hidden + j0, n_hidden, c.n_cond, j1 - j0, nt);
   for (int t = 0; t < nt; ++t) {
     Acc* h = hidden + t * n_hidden;
-    for (int64_t j = j0; j < j1; ++j) h[j] = h[j] / (Acc(1) + std::exp(-h[j]));
+    for (int64_t j = j0; j < j1; ++j) h[j] = std::tanh(h[j]);
   }
 }
 
