@@ -14,35 +14,46 @@ from . import _reference
 _LIB = "innsteer"
 
 
-def _fake_check(x: torch.Tensor, mean: torch.Tensor, name: str) -> None:
+def _fake_check(x: torch.Tensor, name: str, **tensors) -> None:
+    """The checks the real kernels make that depend only on metadata (shapes and devices)."""
+    mean = tensors["mean"]
     torch._check(x.dim() >= 1, lambda: f"innsteer: {name} must have at least one dimension")
     torch._check(
         x.shape[-1] == mean.shape[0],
         lambda: f"innsteer: {name} has hidden size {x.shape[-1]} but the flow was built for {mean.shape[0]}",
     )
+    for arg, value in tensors.items():
+        for k, t in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            where = f"{arg}[{k}]" if isinstance(value, (list, tuple)) else arg
+            torch._check(
+                t is None or t.device == x.device,
+                lambda: f"innsteer: {where} is on {t.device} but the activations are on {x.device}",
+            )
 
 
 @torch.library.register_fake(f"{_LIB}::coupling_forward")
 def _(x, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(x, mean, "x")
+    _fake_check(x, "x", mean=mean, scale=scale, cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=mean.dtype)
 
 
 @torch.library.register_fake(f"{_LIB}::coupling_inverse")
 def _(z, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(z, mean, "z")
+    _fake_check(z, "z", mean=mean, scale=scale, cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(f"{_LIB}::steer")
 def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(hidden, mean, "hidden")
+    _fake_check(hidden, "hidden", residual=residual, direction=direction, mean=mean, scale=scale,
+                cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(f"{_LIB}::steer_")
 def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(hidden, mean, "hidden")
+    _fake_check(hidden, "hidden", residual=residual, direction=direction, mean=mean, scale=scale,
+                cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
 
 
 def _recompute_backward(reference):
