@@ -2,9 +2,10 @@
 // decode, mma_layer.cuh for prefill): the launch arguments, dtype conversions, how a layer reads
 // and writes the coordinates of the flow, the split-K reduction and the fused epilogues.
 //
-// One coupling = two launches (layer 1 and layer 2). A block owns 64 output columns of its
-// layer; in layer 2 those are 32 interleaved (s, t) pairs, so the clamp, exp, affine step,
-// output conversion and the block's log-det partial all stay in the block.
+// One coupling = two launches: layer 1, hidden = tanh(u[cond] @ w1 + b1); layer 2,
+// (s, t) = hidden @ w2 + b2, both soft-clamped, then u[trans] = u[trans] * e^s + t. A block owns
+// 64 output columns of its layer; in layer 2 those are 32 interleaved (s, t) pairs, so the clamps,
+// exp, affine step, output conversion and the block's log-det partial all stay in the block.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,7 +40,7 @@ template <class Acc, class In, class W>
 struct LayerArgs {
   int64_t tokens;
   int64_t dim;
-  int layer;      // 1: hidden = silu(u[cond] @ w1 + b1); 2: (s, t) = hidden @ w2 + b2 and the affine step
+  int layer;      // 1: hidden = tanh(u[cond] @ w1 + b1); 2: (s, t) = hidden @ w2 + b2 and the affine step
   int64_t rows;   // rows of w (layer 1: n_cond, layer 2: hidden size)
   int64_t cols;   // columns of w (layer 1: hidden size, layer 2: 2 * n_trans)
   const W* w;
@@ -269,8 +270,7 @@ __device__ void layer_epilogue(const LayerArgs<Acc, In, W>& p, const Acc* cs, in
       const int t = i / kTileCols, c = i % kTileCols;
       const int64_t col = c0 + c;
       if (col < p.cols) {
-        const Acc a = cs[t * ldc + c] + p.b[col];
-        p.hidden[(t0 + t) * p.cols + col] = a / (Acc(1) + exp_(-a));  // silu
+        p.hidden[(t0 + t) * p.cols + col] = tanh_(cs[t * ldc + c] + p.b[col]);
       }
     }
     return;
@@ -278,12 +278,12 @@ __device__ void layer_epilogue(const LayerArgs<Acc, In, W>& p, const Acc* cs, in
   // Layer 2: one warp per token, one lane per (s, t) pair of the tile.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t j = c0 / 2 + lane;
+  const Acc shift_clamp = static_cast<Acc>(kShiftClampFactor) * p.clamp;
   for (int t = warp; t < ntok; t += kWarps) {
     Acc s = 0;
     if (j < p.n_trans) {
-      const Acc raw = cs[t * ldc + 2 * lane] + p.b[2 * j];
-      const Acc shift = cs[t * ldc + 2 * lane + 1] + p.b[2 * j + 1];
-      s = p.clamp * tanh_(raw / p.clamp);
+      s = p.clamp * tanh_((cs[t * ldc + 2 * lane] + p.b[2 * j]) / p.clamp);
+      const Acc shift = shift_clamp * tanh_((cs[t * ldc + 2 * lane + 1] + p.b[2 * j + 1]) / shift_clamp);
       const int64_t i = p.trans_idx[j];
       const Acc x = read_coord(p, t0 + t, i);
       write_coord(p, t0 + t, i, p.inverse ? (x - shift) * exp_(-s) : x * exp_(s) + shift);
