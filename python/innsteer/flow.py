@@ -66,8 +66,9 @@ class INN(nn.Module):
         self.register_buffer("scale", torch.ones(dim))
         self.w1, self.b1, self.w2, self.b2 = (nn.ParameterList() for _ in range(4))
         for k, (cond, trans) in enumerate(coupling_partitions(dim, num_couplings, seed)):
-            self.register_buffer(f"cond_idx_{k}", cond)
-            self.register_buffer(f"trans_idx_{k}", trans)
+            # clones: a pair's two couplings share index tensors, and safetensors refuses shared storage
+            self.register_buffer(f"cond_idx_{k}", cond.clone())
+            self.register_buffer(f"trans_idx_{k}", trans.clone())
             w1 = torch.empty(len(cond), hidden)
             nn.init.normal_(w1, std=1.0 / math.sqrt(len(cond)))
             self.w1.append(nn.Parameter(w1))
