@@ -12,6 +12,10 @@
 #include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream is at::cuda::getCurrentCUDAStream
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+#include <vector>
+
 #include "../flow_tensors.h"
 #include "flow_cuda.h"
 
@@ -27,13 +31,28 @@ void check_cuda_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cuda(), "innsteer: ", name, " is on ", x.device(), "; this is the CUDA kernel");
 }
 
-// Read per call: cudaDeviceGetAttribute is a cached host-side lookup, no device synchronization.
+// Per device, read once (not during a later graph capture). INNSTEER_CUDA_PDL=0 turns programmatic
+// dependent launch off, to tell its effect (or a driver that cannot capture it) apart.
 cuda::DeviceInfo device_info(const at::Device& device) {
-  int sms = 0, major = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index());
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
-  TORCH_CHECK(err == cudaSuccess, "innsteer: cannot query ", device, ": ", cudaGetErrorString(err));
-  return {sms, major >= 9};
+  static const std::vector<cuda::DeviceInfo> infos = [] {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    TORCH_CHECK(err == cudaSuccess, "innsteer: cannot count CUDA devices: ", cudaGetErrorString(err));
+    const char* pdl = std::getenv("INNSTEER_CUDA_PDL");
+    const bool allow_pdl = !(pdl && std::string(pdl) == "0");
+    std::vector<cuda::DeviceInfo> out;
+    for (int d = 0; d < n; ++d) {
+      int sms = 0, major = 0;
+      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
+      TORCH_CHECK(err == cudaSuccess, "innsteer: cannot query CUDA device ", d, ": ", cudaGetErrorString(err));
+      out.push_back({sms, allow_pdl && major >= 9});
+    }
+    return out;
+  }();
+  TORCH_CHECK(device.index() >= 0 && device.index() < static_cast<int>(infos.size()), "innsteer: no CUDA device ",
+              device);
+  return infos[device.index()];
 }
 
 template <class T>
