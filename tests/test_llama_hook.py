@@ -175,3 +175,23 @@ def test_refuses_bad_layers_and_incompatible_steers(gguf_path, tmp_path, random_
         llm.steering.add(random_steer_file, expect_model_id="SmolLM2-135M-Instruct.Q4_1")
     with pytest.raises(SteerFileError, match="hidden size is 576"):
         llm.steering.set_control_vector({5: np.ones(10, np.float32)})
+
+
+def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_file):
+    """steer_from(k) leaves tokens before k unsteered, also when llama.cpp splits the call into ubatches."""
+    import llama_cpp
+
+    n = len(tokens)
+    plain = llama_cpp.Llama(gguf_path, n_ctx=256, n_threads=2, n_batch=64, n_ubatch=4, verbose=False)
+    base = last_logits(plain, tokens)
+    results = {}
+    for n_ubatch in (4, 64):
+        llm = SteeredLlama(gguf_path, steer=random_steer_file, alpha=3.0, n_ctx=256, n_threads=2, n_batch=64,
+                           n_ubatch=n_ubatch)
+        for start in (0, n - 3, n):
+            llm.steering.steer_from(start)
+            results[n_ubatch, start] = last_logits(llm, tokens)
+    assert np.array_equal(results[4, n], base)  # nothing at or after position n in this call
+    assert np.array_equal(results[4, n - 3], results[64, n - 3])  # the same rows steered in 4-token ubatches
+    assert np.abs(results[64, n - 3] - base).mean() > 1.0
+    assert np.abs(results[64, n - 3] - results[64, 0]).mean() > 1.0

@@ -54,7 +54,11 @@ void copy_message(char* err, size_t err_len, const std::string& message) {
 
 struct innsteer_hook {
   std::vector<std::unique_ptr<Entry>> entries;
-  std::vector<uint8_t> seen;  // by layer, for the current call
+  // Per call, by layer: whether l_out-L appeared, rows of l_out-L seen so far (a call may run
+  // several ubatches) and the row offset of the tensor being computed.
+  std::vector<uint8_t> seen;
+  std::vector<int64_t> rows_done, tensor_offset;
+  int64_t first_row = 0;  // rows (tokens) of this call before it are left unsteered
   int64_t nodes_asked = 0;
   std::atomic<int> n_threads{1};
   std::atomic<int64_t> applied{0};
@@ -73,6 +77,13 @@ struct innsteer_hook {
       if (e->layer == layer && e->active()) return true;
     }
     return false;
+  }
+
+  // Whether the rows of l_out-L being asked about include any at or after first_row; advances the count.
+  bool wants_rows(int32_t layer, int64_t n_rows) {
+    tensor_offset[layer] = rows_done[layer];
+    rows_done[layer] += n_rows;
+    return rows_done[layer] > first_row && wants(layer);
   }
 
   template <class In>
@@ -99,6 +110,8 @@ struct innsteer_hook {
     }
     const size_t n_bytes = ggml_nbytes(t);
     const int64_t n_rows = ggml_nrows(t);
+    const int64_t skip = std::min(n_rows, std::max<int64_t>(0, first_row - tensor_offset[layer]));
+    const size_t skip_bytes = static_cast<size_t>(skip) * t->nb[1];
     rows.resize(n_bytes);
     ggml_backend_tensor_get(t, rows.data(), 0, n_bytes);
     const int64_t n = n_rows * t->ne[0];
@@ -109,12 +122,13 @@ struct innsteer_hook {
       default: finite = innsteer::cpu::all_finite(reinterpret_cast<bf16_t*>(rows.data()), n); break;
     }
     if (!finite) return record(where + ": activations contain NaN or Inf; left unsteered");
+    uint8_t* first = rows.data() + skip_bytes;
     switch (t->type) {
-      case GGML_TYPE_F32: steer_all(layer, reinterpret_cast<float*>(rows.data()), n_rows); break;
-      case GGML_TYPE_F16: steer_all(layer, reinterpret_cast<half_t*>(rows.data()), n_rows); break;
-      default: steer_all(layer, reinterpret_cast<bf16_t*>(rows.data()), n_rows); break;
+      case GGML_TYPE_F32: steer_all(layer, reinterpret_cast<float*>(first), n_rows - skip); break;
+      case GGML_TYPE_F16: steer_all(layer, reinterpret_cast<half_t*>(first), n_rows - skip); break;
+      default: steer_all(layer, reinterpret_cast<bf16_t*>(first), n_rows - skip); break;
     }
-    ggml_backend_tensor_set(t, rows.data(), 0, n_bytes);
+    ggml_backend_tensor_set(t, first, skip_bytes, n_bytes - skip_bytes);
     applied.fetch_add(1);
   }
 };
@@ -146,7 +160,11 @@ int innsteer_hook_add(innsteer_hook* hook, const innsteer_steer* steer, int32_t 
     return -1;
   }
   hook->entries.push_back(std::make_unique<Entry>(&steer->model, layer, alpha));
-  if (hook->seen.size() <= static_cast<size_t>(layer)) hook->seen.resize(layer + 1, 0);
+  if (hook->seen.size() <= static_cast<size_t>(layer)) {
+    hook->seen.resize(layer + 1, 0);
+    hook->rows_done.resize(layer + 1, 0);
+    hook->tensor_offset.resize(layer + 1, 0);
+  }
   return static_cast<int>(hook->entries.size() - 1);
 }
 
@@ -166,8 +184,10 @@ void innsteer_hook_set_threads(innsteer_hook* hook, int n_threads) { hook->n_thr
 
 int64_t innsteer_hook_applied_count(const innsteer_hook* hook) { return hook->applied.load(); }
 
-void innsteer_hook_begin(innsteer_hook* hook) {
+void innsteer_hook_begin(innsteer_hook* hook, int64_t first_row) {
   std::fill(hook->seen.begin(), hook->seen.end(), 0);
+  std::fill(hook->rows_done.begin(), hook->rows_done.end(), 0);
+  hook->first_row = std::max<int64_t>(0, first_row);
   hook->nodes_asked = 0;
   std::lock_guard<std::mutex> lock(hook->error_mutex);
   hook->error.clear();
@@ -200,7 +220,7 @@ bool innsteer_hook_eval_callback(struct ggml_tensor* t, bool ask, void* user_dat
     ++hook->nodes_asked;
     if (layer < 0 || static_cast<size_t>(layer) >= hook->seen.size()) return false;
     hook->seen[layer] = 1;
-    return hook->wants(layer);
+    return hook->wants_rows(layer, ggml_nrows(t));
   }
   if (layer >= 0 && hook->wants(layer)) {
     try {

@@ -53,9 +53,10 @@ void innsteer_hook_set_threads(innsteer_hook* hook, int n_threads);
 /* Number of l_out tensors rewritten since innsteer_hook_new (to check the hook really ran). */
 int64_t innsteer_hook_applied_count(const innsteer_hook* hook);
 
-/* Around each decode: begin clears the per-call state; end returns nonzero (and the message) if the
- * callback failed or a graph ran in which an active entry's tensor `l_out-L` never appeared. */
-void innsteer_hook_begin(innsteer_hook* hook);
+/* Around each decode: begin clears the per-call state and leaves the call's first `first_row`
+ * tokens unsteered (0: steer all); end returns nonzero (and the message) if the callback failed or
+ * a graph ran in which an enabled entry's tensor `l_out-L` never appeared. */
+void innsteer_hook_begin(innsteer_hook* hook, int64_t first_row);
 int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len);
 
 /* llama.cpp's ggml_backend_sched_eval_callback; user_data is the innsteer_hook*. */

@@ -83,7 +83,7 @@ def hook_library() -> ctypes.CDLL:
         "innsteer_hook_set_enabled": ([hook_p, c.c_int, c.c_bool], c.c_int),
         "innsteer_hook_set_threads": ([hook_p, c.c_int], None),
         "innsteer_hook_applied_count": ([hook_p], c.c_int64),
-        "innsteer_hook_begin": ([hook_p], None),
+        "innsteer_hook_begin": ([hook_p, c.c_int64], None),
         "innsteer_hook_end": ([hook_p, err_t, c.c_size_t], c.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
@@ -173,6 +173,7 @@ class LlamaSteering:
         if not self._hook:
             raise MemoryError("innsteer_hook_new failed")
         self._steers: list[SteerGGUF] = []  # the hook borrows these: keep them alive
+        self.start_position = 0
         self._lib.innsteer_hook_set_threads(self._hook, int(llm.context_params.n_threads_batch))
         self.n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))
@@ -201,7 +202,9 @@ class LlamaSteering:
         lib, hook, decode = self._lib, self._hook, new_ctx.decode
 
         def checked_decode(batch):
-            lib.innsteer_hook_begin(hook)
+            # Llama's batches hold one sequence at consecutive positions: row i is position pos[0] + i.
+            first_row = self.start_position - batch.batch.pos[0] if batch.batch.n_tokens > 0 else 0
+            lib.innsteer_hook_begin(hook, max(0, first_row))
             decode(batch)
             err = ctypes.create_string_buffer(_ERR_LEN)
             if lib.innsteer_hook_end(hook, err, _ERR_LEN):
@@ -268,6 +271,16 @@ class LlamaSteering:
     def disable(self, entry: Optional[int] = None) -> None:
         for i in self._entries(entry):
             self._lib.innsteer_hook_set_enabled(self._hook, i, False)
+        self.llm.reset()
+
+    def steer_from(self, position: int) -> None:
+        """Steer only tokens at positions >= ``position`` (0: all tokens, the default). With
+        ``len(prompt_tokens) - 1`` the prompt is read unsteered and steering starts where the reply
+        is predicted, like ``positions="after_prompt"`` in the PyTorch path. Not applied to
+        control vectors (llama.cpp adds those at every position)."""
+        if int(position) < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self.start_position = int(position)
         self.llm.reset()
 
     def set_threads(self, n_threads: int) -> None:
