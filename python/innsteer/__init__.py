@@ -4,7 +4,11 @@ steer(h) = phi^-1(phi(h) + alpha * v), phi a RealNVP flow trained on contrastive
 run by the fused `torch.ops.innsteer` kernels. Optional parts (llama.cpp, plots) import lazily.
 """
 from .flow import INN, INNConfig
-from .steerer import Steerer, SteerFileError
+from .steerer import Steerer, SteerFileError, load_steerer
+from .linear import AffineSteerer, LinearSteerer
+from .train import TrainConfig, TrainResult, train_innsteer
+from .baselines import METHODS
 
-__all__ = ["INN", "INNConfig", "Steerer", "SteerFileError"]
+__all__ = ["INN", "INNConfig", "Steerer", "SteerFileError", "load_steerer", "AffineSteerer", "LinearSteerer",
+           "TrainConfig", "TrainResult", "train_innsteer", "METHODS"]
 __version__ = "0.1.0"

@@ -172,3 +172,18 @@ def check_compatible(steerer, path: str, hidden_size: Optional[int], model_id: O
                              f"({steerer.model_id or 'unknown model'}), but this model has {hidden_size}")
     if model_id and steerer.model_id and steerer.model_id != model_id:
         raise SteerFileError(f"{path} was trained for model '{steerer.model_id}', not '{model_id}'")
+
+
+def load_steerer(path: str | os.PathLike, *, expect_hidden_size: Optional[int] = None,
+                 expect_model_id: Optional[str] = None):
+    """Load any steer file (INN, linear or affine, by its `innsteer.kind`); raises SteerFileError
+    for a corrupted file, another format version, an unknown kind, or another model / hidden size."""
+    from .linear import AffineSteerer, LinearSteerer  # linear.py builds on this module
+
+    path = os.fspath(path)
+    _, meta = read_steer_file(path)
+    kinds = {"inn": Steerer, "linear": LinearSteerer, "affine": AffineSteerer}
+    kind = meta.get("innsteer.kind")
+    if kind not in kinds:
+        raise SteerFileError(f"{path} holds an unknown steerer kind {kind!r} (known: {', '.join(kinds)})")
+    return kinds[kind].load(path, expect_hidden_size=expect_hidden_size, expect_model_id=expect_model_id)

@@ -1,0 +1,132 @@
+"""The baseline steering methods, fitted on the same paired activations pos, neg [n, d] as INNSteer.
+
+  caa         mean difference mu+ - mu- (Rimsky et al., CAA)
+  pca         RepE: the first principal direction of the paired differences pos - neg
+  probe       ITI-style: the normal of a logistic-regression probe separating pos from neg
+  linear_act  Linear-AcT: per-dimension affine transport of the neg distribution onto pos
+  innsteer    the invertible-network steerer (train.py)
+
+Every entry of METHODS has one signature, ``fit(pos, neg, *, layer, model_id="", behavior="", **kw)``,
+and returns a steerer with ``Steerer``'s call signature. The direction methods (pca, probe) are
+scaled to the mean difference's projection on their unit direction, so alpha = 1 moves the
+class means as far as CAA does along that direction and alpha scales are comparable.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .linear import AffineSteerer, LinearSteerer
+from .steerer import Steerer
+from .train import TrainConfig, check_contrastive, train_innsteer
+
+
+def _mean_difference(pos: Tensor, neg: Tensor) -> Tensor:
+    return (pos.double().mean(0) - neg.double().mean(0)).float()
+
+
+def _scaled_like_mean_difference(unit: Tensor, mean_diff: Tensor) -> Tensor:
+    """(unit . mean_diff) * unit: the mean difference's projection on the line of unit, which points
+    along the mean difference whatever unit's sign (the sign alignment)."""
+    return unit * float(unit @ mean_diff)
+
+
+def fit_caa(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "") -> LinearSteerer:
+    pos, neg = check_contrastive(pos, neg)
+    return LinearSteerer(_mean_difference(pos, neg), layer, model_id=model_id, behavior=behavior, method="caa")
+
+
+def fit_pca(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
+            center: bool = False) -> LinearSteerer:
+    """RepE's reading vector: the top right-singular vector of the paired differences.
+
+    RepE shuffles the order within each pair before taking differences, so their mean is ~0 and
+    centering changes nothing; the deterministic equivalent is the uncentered SVD of pos - neg
+    (the default). ``center=True`` centers the differences first (repeng's ``pca_diff``), which
+    finds where the differences vary most, not where they point on average.
+    """
+    pos, neg = check_contrastive(pos, neg)
+    diffs = (pos - neg).double()
+    if center:
+        diffs = diffs - diffs.mean(0)
+    unit = torch.linalg.svd(diffs, full_matrices=False).Vh[0].float()
+    mean_diff = _mean_difference(pos, neg)
+    return LinearSteerer(_scaled_like_mean_difference(unit, mean_diff), layer, model_id=model_id,
+                         behavior=behavior, method="pca",
+                         extra={"center": center, "cosine_to_mean_difference": _cosine(unit, mean_diff)})
+
+
+def fit_probe(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
+              l2: Optional[float] = None, max_iter: int = 200) -> LinearSteerer:
+    """The normal of an L2-regularized logistic regression pos (1) vs neg (0), fitted with L-BFGS.
+
+    Fitted on standardized features for conditioning (the returned direction is the probe's
+    normal in activation space); ``l2`` defaults to 1 / (number of rows), like scikit-learn's C = 1.
+    """
+    pos, neg = check_contrastive(pos, neg)
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6 * float(x.std(0).max()))
+    xs = (x - mean) / std
+    l2 = 1.0 / len(x) if l2 is None else float(l2)
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ weight + bias, y) + 0.5 * l2 * weight @ weight
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        normal = weight / std  # the decision function is xs @ w = x @ (w / std) + const
+        accuracy = float(((xs @ weight + bias > 0).double() == y).double().mean())
+    if not torch.isfinite(normal).all() or float(normal.norm()) == 0:
+        raise ValueError("the logistic-regression probe did not converge to a usable direction")
+    unit = (normal / normal.norm()).float()
+    mean_diff = _mean_difference(pos, neg)
+    return LinearSteerer(_scaled_like_mean_difference(unit, mean_diff), layer, model_id=model_id,
+                         behavior=behavior, method="probe",
+                         extra={"l2": l2, "train_accuracy": accuracy,
+                                "cosine_to_mean_difference": _cosine(unit, mean_diff)})
+
+
+def fit_linear_act(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
+                   eps: float = 1e-6) -> AffineSteerer:
+    """Per-dimension Gaussian transport neg -> pos: scale = sigma+ / sigma-, shift = mu+ - scale * mu-."""
+    pos, neg = check_contrastive(pos, neg)
+    pos64, neg64 = pos.double(), neg.double()
+    std_neg = neg64.std(0)
+    std_neg = std_neg.clamp_min(eps * float(std_neg.max().clamp_min(1e-12)))  # constant dims: no rescaling blow-up
+    scale = pos64.std(0) / std_neg
+    shift = pos64.mean(0) - scale * neg64.mean(0)
+    return AffineSteerer(scale.float(), shift.float(), layer, model_id=model_id, behavior=behavior,
+                         method="linear_act")
+
+
+def fit_innsteer(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
+                 progress: bool = False, **config) -> Steerer:
+    """train_innsteer with TrainConfig fields as keywords; the history is in ``steerer.extra``."""
+    unknown = sorted(set(config) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown innsteer training option(s) {unknown}; "
+                        f"known: {sorted(TrainConfig.__dataclass_fields__)}")
+    return train_innsteer(pos, neg, layer=layer, model_id=model_id, behavior=behavior,
+                          config=TrainConfig(**config), progress=progress).steerer
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    return float(a.double() @ b.double() / (a.double().norm() * b.double().norm()).clamp_min(1e-30))
+
+
+METHODS: dict[str, Callable[..., torch.nn.Module]] = {
+    "caa": fit_caa,
+    "pca": fit_pca,
+    "probe": fit_probe,
+    "linear_act": fit_linear_act,
+    "innsteer": fit_innsteer,
+}

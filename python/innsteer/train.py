@@ -1,0 +1,214 @@
+"""Training INNSteer: fit the flow phi on contrastive activations, then v = mean phi(h+) - mean phi(h-).
+
+The loss has three terms, each per batch of pairs (h+_i, h-_i):
+  nll        Gaussian negative log-likelihood per dimension, (1/2 |z|^2 - log|det J|) / d, with the
+             standardization's constant log-det left out (it has no parameters);
+  separation -log(1 + F), F = ((mu+ - mu-) . u)^2 / (var+_u + var-_u), u the unit direction
+             between the latent class means: minimizing the loss INCREASES the separation of the
+             classes along u relative to their spread along it (the sign a public
+             reimplementation got wrong, training a flow that steered nothing);
+  logdet     mean (log|det J| / d)^2 over the couplings, keeping phi and its inverse well conditioned.
+AdamW on a pair-level train/validation split, early stopping on the validation loss (best weights kept).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .flow import INN
+from .steerer import Steerer
+
+MIN_TRAIN_PAIRS = 8
+
+
+@dataclass
+class TrainConfig:
+    num_couplings: int = 4
+    hidden: int = 256
+    clamp: float = 2.0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_epochs: int = 40
+    batch_size: int = 64  # pairs per batch (2 * batch_size rows)
+    val_fraction: float = 0.2
+    patience: int = 8  # epochs without a better validation loss before stopping
+    sep_weight: float = 1.0
+    logdet_weight: float = 1.0
+    grad_clip: float = 10.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_epochs", "batch_size", "patience", "num_couplings", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "sep_weight", "logdet_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainResult:
+    steerer: Steerer
+    # per-epoch lists: train_loss, val_loss, nll, separation_loss, logdet_reg (training means),
+    # val_nll, val_fisher_separation (validation split)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = 0  # epoch whose weights were kept (1-based; 0 = the untrained flow)
+    initial_val_fisher_separation: float = 0.0  # of the untrained flow (standardization only)
+    seconds: float = 0.0
+
+
+def check_contrastive(pos: Tensor, neg: Tensor, min_pairs: int = 2) -> tuple[Tensor, Tensor]:
+    """Validate paired activations pos, neg [n, d]; returns float32 copies."""
+    for name, t in (("pos", pos), ("neg", neg)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape [n, hidden_size], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point activations, got {t.dtype}")
+    if pos.shape != neg.shape:
+        raise ValueError(f"pos and neg must be paired activations of one shape, got {tuple(pos.shape)} "
+                         f"and {tuple(neg.shape)}")
+    if pos.shape[0] < min_pairs:
+        raise ValueError(f"need at least {min_pairs} contrastive pairs, got {pos.shape[0]}")
+    for name, t in (("pos", pos), ("neg", neg)):
+        bad = (~torch.isfinite(t)).any(-1).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"{name} has NaN or Inf activations in {len(bad)} rows (first: row {int(bad[0])})")
+    return pos.float(), neg.float()
+
+
+def _fisher_ratio(z_pos: Tensor, z_neg: Tensor, eps: float = 1e-6) -> Tensor:
+    diff = z_pos.mean(0) - z_neg.mean(0)
+    u = diff / diff.norm().clamp_min(1e-12)
+    p, q = z_pos @ u, z_neg @ u
+    return (diff @ u) ** 2 / (p.var(0, unbiased=False) + q.var(0, unbiased=False) + eps)
+
+
+def fisher_separation(z_pos: Tensor, z_neg: Tensor) -> float:
+    """((mu+ - mu-) . u)^2 / (var+_u + var-_u) along the unit mean difference u: larger = better separated."""
+    with torch.no_grad():
+        return float(_fisher_ratio(z_pos.double(), z_neg.double()))
+
+
+def separation_loss(z_pos: Tensor, z_neg: Tensor) -> Tensor:
+    """-log(1 + Fisher ratio): decreasing it increases the separation of the class means."""
+    return -torch.log1p(_fisher_ratio(z_pos, z_neg))
+
+
+def _loss_terms(inn: INN, pos: Tensor, neg: Tensor, config: TrainConfig) -> dict[str, Tensor]:
+    z, logdet = inn(torch.cat([pos, neg]))
+    # drop the standardization's constant -sum log(scale): the NLL then reads ~0.5 per dim at the start
+    logdet_couplings = logdet + torch.log(inn.scale).sum()
+    d = inn.dim
+    terms = {
+        "nll": (0.5 * z.pow(2).sum(-1) - logdet_couplings).mean() / d,
+        "separation_loss": separation_loss(z[: len(pos)], z[len(pos):]),
+        "logdet_reg": (logdet_couplings / d).pow(2).mean(),
+    }
+    terms["loss"] = terms["nll"] + config.sep_weight * terms["separation_loss"] + config.logdet_weight * terms["logdet_reg"]
+    terms["z"] = z.detach()
+    return terms
+
+
+@torch.no_grad()
+def latent_direction(inn: INN, pos: Tensor, neg: Tensor, chunk: int = 1024) -> Tensor:
+    """v = mean phi(pos) - mean phi(neg), in chunks of rows."""
+    def latent_mean(x: Tensor) -> Tensor:
+        return torch.cat([inn(part)[0] for part in x.split(chunk)]).double().mean(0)
+
+    return (latent_mean(pos) - latent_mean(neg)).to(inn.dtype)
+
+
+def train_innsteer(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
+                   config: Optional[TrainConfig] = None, progress: bool = True) -> TrainResult:
+    """Train an INNSteer steerer on paired activations pos, neg [n, d] of one layer.
+
+    The returned steerer (frozen, on ``config.device``) maps a typical negative activation onto
+    the positive class in latent space at alpha = 1.
+    """
+    config = config or TrainConfig()
+    config.check()
+    start = time.perf_counter()
+    pos, neg = check_contrastive(pos, neg)
+    n, d = pos.shape
+    n_val = max(2, round(n * config.val_fraction))
+    if n - n_val < MIN_TRAIN_PAIRS:
+        raise ValueError(f"need at least {MIN_TRAIN_PAIRS + n_val} contrastive pairs to train "
+                         f"({MIN_TRAIN_PAIRS} for training, {n_val} for validation), got {n}")
+    device = torch.device(config.device)
+    pos, neg = pos.to(device), neg.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(n, generator=generator).to(device)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+        torch.manual_seed(config.seed)
+        inn = INN(d, config.num_couplings, config.hidden, config.clamp, seed=config.seed)
+    inn.to(device)
+    inn.fit_standardization(torch.cat([pos[train_idx], neg[train_idx]]))
+    optimizer = torch.optim.AdamW(inn.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def validate() -> dict[str, float]:
+        with torch.no_grad():
+            terms = _loss_terms(inn, pos[val_idx], neg[val_idx], config)
+        z = terms["z"]
+        return {"loss": float(terms["loss"]), "nll": float(terms["nll"]),
+                "fisher": fisher_separation(z[:n_val], z[n_val:])}
+
+    initial = validate()
+    keys = ("train_loss", "val_loss", "nll", "separation_loss", "logdet_reg", "val_nll", "val_fisher_separation")
+    history: dict[str, list[float]] = {key: [] for key in keys}
+    # the untrained flow (standardization only, i.e. CAA) is a candidate too: best_epoch 0 keeps it
+    best_loss, best_epoch, best_state = initial["loss"], 0, copy.deepcopy(inn.state_dict())
+    n_batches = max(1, len(train_idx) // config.batch_size)  # tensor_split keeps every batch >= batch_size
+    bar = tqdm(range(1, config.max_epochs + 1), desc=f"innsteer layer {layer}", disable=not progress, leave=False)
+    for epoch in bar:
+        sums = {"loss": 0.0, "nll": 0.0, "separation_loss": 0.0, "logdet_reg": 0.0}
+        shuffled = train_idx[torch.randperm(len(train_idx), generator=generator).to(device)]
+        for batch in torch.tensor_split(shuffled, n_batches):
+            terms = _loss_terms(inn, pos[batch], neg[batch], config)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"innsteer training diverged at epoch {epoch} (loss {float(terms['loss'])}); "
+                                         "try a smaller lr or larger logdet_weight")
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(inn.parameters(), config.grad_clip)
+            optimizer.step()
+            for key in sums:
+                sums[key] += float(terms[key].detach()) / n_batches
+        val = validate()
+        for key, value in (("train_loss", sums["loss"]), ("val_loss", val["loss"]), ("nll", sums["nll"]),
+                           ("separation_loss", sums["separation_loss"]), ("logdet_reg", sums["logdet_reg"]),
+                           ("val_nll", val["nll"]), ("val_fisher_separation", val["fisher"])):
+            history[key].append(value)
+        bar.set_postfix(train=f"{sums['loss']:.3f}", val=f"{val['loss']:.3f}", fisher=f"{val['fisher']:.2f}")
+        if val["loss"] < best_loss:
+            best_loss, best_epoch, best_state = val["loss"], epoch, copy.deepcopy(inn.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            break
+    bar.close()
+
+    inn.load_state_dict(best_state)
+    inn.eval().requires_grad_(False)
+    direction = latent_direction(inn, pos, neg)
+    seconds = time.perf_counter() - start
+    extra = {"train": config.to_dict(), "best_epoch": best_epoch, "n_pairs": n, "seconds": round(seconds, 2),
+             "initial_val_fisher_separation": initial["fisher"], "history": history}
+    steerer = Steerer(inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra)
+    return TrainResult(steerer, history, best_epoch, initial["fisher"], seconds)

@@ -1,0 +1,231 @@
+"""INNSteer training on synthetic contrastive activations whose classes differ nonlinearly."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from innsteer import INN, load_steerer
+from innsteer.train import (TrainConfig, fisher_separation, latent_direction, separation_loss,
+                            train_innsteer)
+
+D = 24
+SMALL = dict(hidden=64, max_epochs=30, patience=30, batch_size=32)
+
+
+def synthetic_pairs(n=240, d=D, seed=0, huge_rows=2):
+    """Paired activations: neg = shared content x, pos = x plus a shift that depends nonlinearly
+    on x (so no single vector maps neg onto pos), and a few massive-activation rows in both."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) @ (torch.eye(d) + torch.randn(d, d, generator=g) / d ** 0.5)
+    pos = x.clone()
+    pos[:, 0] += 1.0 + torch.tanh(2 * x[:, 1])
+    pos[:, 2] += 0.5 * x[:, 3] ** 2
+    pos[:, 4:8] += 0.5 * torch.sin(2 * x[:, 8:12])
+    neg = x.clone()
+    pos[:huge_rows] *= 50
+    neg[:huge_rows] *= 50
+    return pos, neg
+
+
+def fisher_reference(zp, zn):
+    zp, zn = np.asarray(zp, np.float64), np.asarray(zn, np.float64)
+    diff = zp.mean(0) - zn.mean(0)
+    u = diff / np.linalg.norm(diff)
+    return (diff @ u) ** 2 / ((zp @ u).var() + (zn @ u).var())
+
+
+def latent(inn, x):
+    with torch.no_grad():
+        return inn(x)[0]
+
+
+def untrained_inn(pos, neg):
+    inn = INN(D, 4, 64)
+    inn.fit_standardization(torch.cat([pos, neg]))
+    return inn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matrices: threads only add fork/join cost (and thrash on a shared 2-core CI box)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_pairs()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    return train_innsteer(*data, layer=3, model_id="toy", behavior="b", config=TrainConfig(**SMALL), progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained_nll_only(data):
+    return train_innsteer(*data, layer=3, config=TrainConfig(**SMALL, sep_weight=0.0), progress=False)
+
+
+def test_fisher_separation_matches_formula():
+    g = torch.Generator().manual_seed(1)
+    zp, zn = torch.randn(50, 7, generator=g) + 0.7, torch.randn(60, 7, generator=g) * 2
+    assert fisher_separation(zp, zn) == pytest.approx(fisher_reference(zp, zn), rel=1e-5)  # eps 1e-6 in the denominator
+
+
+def test_separation_loss_descent_increases_separation():
+    # the sign check at the level of the loss: a gradient-descent step on it must separate the classes
+    g = torch.Generator().manual_seed(2)
+    zp = (torch.randn(64, 10, generator=g) + 0.3).requires_grad_()
+    zn = torch.randn(64, 10, generator=g).requires_grad_()
+    before = fisher_reference(zp.detach(), zn.detach())
+    for _ in range(20):
+        zp.grad = zn.grad = None
+        separation_loss(zp, zn).backward()
+        with torch.no_grad():
+            zp -= 5.0 * zp.grad
+            zn -= 5.0 * zn.grad
+    assert fisher_reference(zp.detach(), zn.detach()) > 2 * before
+
+
+def test_training_reduces_the_loss(trained):
+    h = trained.history
+    assert len(h["train_loss"]) == len(h["val_loss"]) == len(h["val_fisher_separation"]) >= trained.best_epoch >= 1
+    assert h["train_loss"][-1] < h["train_loss"][0] - 0.3
+    assert min(h["val_loss"]) == h["val_loss"][trained.best_epoch - 1] < h["val_loss"][0]
+    assert all(math.isfinite(v) for values in h.values() for v in values)
+
+
+def test_training_increases_separation(data, trained, trained_nll_only):
+    pos, neg = data
+    inn = trained.steerer.inn
+    trained_sep = fisher_reference(latent(inn, pos), latent(inn, neg))
+    untrained = untrained_inn(pos, neg)
+    untrained_sep = fisher_reference(latent(untrained, pos), latent(untrained, neg))
+    nll_only = trained_nll_only.steerer.inn
+    nll_only_sep = fisher_reference(latent(nll_only, pos), latent(nll_only, neg))
+    # a flipped sign in the separation term would push these below the untrained / NLL-only values
+    assert trained_sep > 2 * untrained_sep
+    assert trained_sep > 2 * nll_only_sep
+    # held-out pairs too (the validation split), not only the training pairs
+    best = trained.history["val_fisher_separation"][trained.best_epoch - 1]
+    assert best > 1.5 * trained.initial_val_fisher_separation
+
+
+def test_direction_is_latent_mean_difference(data, trained):
+    pos, neg = data
+    inn = trained.steerer.inn
+    expected = latent(inn, pos).double().mean(0) - latent(inn, neg).double().mean(0)
+    torch.testing.assert_close(trained.steerer.direction.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def mlp_classifier(pos, neg, steps=300):
+    """An independent nonlinear classifier: p(pos | x), averaged over rows."""
+    torch.manual_seed(0)
+    x, y = torch.cat([pos, neg]), torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    mean, std = x.mean(0), x.std(0)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.SiLU(), torch.nn.Linear(64, 1))
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net((x - mean) / std).squeeze(-1), y).backward()
+        optimizer.step()
+    return lambda rows: float(torch.sigmoid(net((rows - mean) / std).detach()).mean())
+
+
+def test_alpha_one_moves_negatives_onto_positives(data, trained):
+    pos, neg = data[0][2:], data[1][2:]  # typical rows, not the massive ones
+    steerer = trained.steerer
+    with torch.no_grad():
+        steered = steerer(neg, 1.0)
+    inn = steerer.inn
+    # in latent space the steered negatives' mean lands on the positives' mean
+    gap_before = (latent(inn, neg).mean(0) - latent(inn, pos).mean(0)).norm()
+    gap_after = (latent(inn, steered).mean(0) - latent(inn, pos).mean(0)).norm()
+    assert gap_after < 0.1 * gap_before
+    # in activation space: most of the way to the positives' mean ...
+    assert (steered.mean(0) - pos.mean(0)).norm() < 0.3 * (neg.mean(0) - pos.mean(0)).norm()
+    # ... and to what a classifier trained on fresh pairs of the same distribution calls positive
+    p_pos = mlp_classifier(*synthetic_pairs(n=2000, seed=1, huge_rows=0))
+    assert p_pos(pos) > p_pos(neg) + 0.05  # the yardstick separates the classes (they overlap a lot)
+    assert p_pos(steered) - p_pos(neg) > 0.6 * (p_pos(pos) - p_pos(neg))
+
+
+def test_alpha_zero_is_identity_and_massive_rows_stay_finite(data, trained):
+    pos, neg = data
+    with torch.no_grad():
+        assert torch.equal(trained.steerer(neg, 0.0), neg)
+        assert torch.isfinite(trained.steerer(neg[:2], 1.0)).all()  # the 50x rows
+
+
+def test_untrained_flow_steers_like_caa(data):
+    # with phi = standardization only, phi^-1(phi(h) + v) = h + (mu+ - mu-): INNSteer starts at CAA
+    pos, neg = data
+    inn = untrained_inn(pos, neg)
+    from innsteer import Steerer
+
+    steerer = Steerer(inn, latent_direction(inn, pos, neg), layer=0)
+    with torch.no_grad():
+        steered = steerer(neg, 0.5)
+    expected = neg.double() + 0.5 * (pos.double().mean(0) - neg.double().mean(0))
+    torch.testing.assert_close(steered.double(), expected, atol=2e-3, rtol=1e-4)
+
+
+def test_early_stopping_keeps_best_weights(data):
+    result = train_innsteer(*data, layer=0, config=TrainConfig(hidden=32, max_epochs=50, patience=2, lr=3e-2),
+                            progress=False)
+    h = result.history
+    assert len(h["val_loss"]) < 50  # a too-large lr overfits fast, so it stops early
+    assert len(h["val_loss"]) - result.best_epoch == 2 or result.best_epoch == 0
+    if result.best_epoch:
+        assert h["val_loss"][result.best_epoch - 1] == min(h["val_loss"])
+
+
+def test_steerer_metadata_and_round_trip(tmp_path, data, trained):
+    s = trained.steerer
+    assert (s.layer, s.model_id, s.behavior, s.method) == (3, "toy", "b", "innsteer")
+    assert s.extra["train"] == TrainConfig(**SMALL).to_dict()
+    assert s.extra["best_epoch"] == trained.best_epoch
+    assert s.extra["history"]["val_loss"] == trained.history["val_loss"]
+    s.save(tmp_path / "s.safetensors")
+    loaded = load_steerer(tmp_path / "s.safetensors", expect_hidden_size=D, expect_model_id="toy")
+    assert loaded.extra == s.extra
+    with torch.no_grad():
+        assert torch.equal(loaded(data[1], 1.5), s(data[1], 1.5))
+
+
+def test_seeded_training_is_deterministic(data):
+    config = TrainConfig(hidden=16, max_epochs=2, patience=2, seed=5)
+    a = train_innsteer(*data, layer=0, config=config, progress=False)
+    b = train_innsteer(*data, layer=0, config=config, progress=False)
+    assert torch.equal(a.steerer.direction, b.steerer.direction)
+    assert a.history == b.history
+
+
+@pytest.mark.parametrize("pos, neg, match", [
+    (torch.randn(20, 8), torch.randn(20, 9), "one shape"),
+    (torch.randn(20, 8), torch.randn(19, 8), "one shape"),
+    (torch.randn(20), torch.randn(20), r"shape \[n, hidden_size\]"),
+    (torch.randn(9, 8), torch.randn(9, 8), "at least 10 contrastive pairs"),
+    (torch.ones(20, 8, dtype=torch.int64), torch.ones(20, 8, dtype=torch.int64), "floating point"),
+])
+def test_bad_inputs(pos, neg, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        train_innsteer(pos, neg, layer=0, progress=False)
+
+
+def test_nan_inputs_are_named():
+    pos, neg = torch.randn(20, 8), torch.randn(20, 8)
+    neg[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="neg has NaN or Inf activations in 1 rows .first: row 7"):
+        train_innsteer(pos, neg, layer=0, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("val_fraction", 1.0), ("lr", 0.0), ("max_epochs", 0), ("sep_weight", -1.0)])
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        train_innsteer(torch.randn(20, 8), torch.randn(20, 8), layer=0, config=TrainConfig(**{field: value}),
+                       progress=False)
