@@ -80,10 +80,7 @@ void hidden_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* 
                     int64_t j0, int64_t j1) {
   for (int t = 0; t < nt; ++t) std::copy(c.b1 + j0, c.b1 + j1, hidden + t * n_hidden + j0);
   gemm_accumulate(c.w1 + j0, n_hidden, gathered, c.n_cond, hidden + j0, n_hidden, c.n_cond, j1 - j0, nt);
-  for (int t = 0; t < nt; ++t) {
-    Acc* h = hidden + t * n_hidden;
-    for (int64_t j = j0; j < j1; ++j) h[j] = std::tanh(h[j]);
-  }
+  for (int t = 0; t < nt; ++t) tanh_inplace(hidden + t * n_hidden + j0, j1 - j0);
 }
 
 // For transformed coordinates j0..j1: (s, t) = bounded(hidden @ w2 + b2), then the affine step
@@ -96,19 +93,13 @@ void affine_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, 
   gemm_accumulate(c.w2 + 2 * j0, n_st, hidden, n_hidden, st + 2 * j0, n_st, n_hidden, 2 * (j1 - j0), nt);
   const Acc shift_clamp = static_cast<Acc>(kShiftClampFactor) * clamp;
   for (int t = 0; t < nt; ++t) {
-    const Acc* st_t = st + t * n_st;
+    Acc* st_t = st + t * n_st;
     Acc* u_t = u + t * dim;
-    Acc s_sum = 0;
+    const Acc s_sum = scale_shift_inplace(st_t + 2 * j0, j1 - j0, clamp, shift_clamp, inverse);
     for (int64_t j = j0; j < j1; ++j) {
-      const Acc s = clamp * std::tanh(st_t[2 * j] / clamp);
-      const Acc shift = shift_clamp * std::tanh(st_t[2 * j + 1] / shift_clamp);
+      const Acc factor = st_t[2 * j], shift = st_t[2 * j + 1];  // exp(+-s), t
       Acc& v = u_t[c.trans_idx[j]];
-      if (inverse) {
-        v = (v - shift) * std::exp(-s);
-      } else {
-        v = v * std::exp(s) + shift;
-      }
-      s_sum += s;
+      v = inverse ? (v - shift) * factor : v * factor + shift;
     }
     if (logdet) logdet[t] += inverse ? -s_sum : s_sum;
   }

@@ -1,0 +1,102 @@
+"""Microbenchmark of the steer op: compiled kernel vs eager pure-PyTorch reference vs
+torch.compile of the reference, side by side in one run (medians after warm-up).
+
+    python bench/ops.py                      # CPU table, K=4, H=512
+    python bench/ops.py --dims 576 --tokens 1 8 --repeats 200
+
+Also prints the weight-read floor (weight bytes read per call / measured memory bandwidth)
+for each row, with float32 and bfloat16 weights.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "python"), os.path.join(os.path.dirname(__file__), "..")]
+
+import innsteer  # noqa: E402
+from innsteer_ext import reference  # noqa: E402
+
+
+def median_ms(fn, repeats: int, warmup: int = 5, min_seconds: float = 0.2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_seconds and len(times) < 50 * repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def memory_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
+    """Read bandwidth of a large float32 reduction (all threads)."""
+    data = torch.ones(n_bytes // 4)
+    ms = median_ms(lambda: data.sum(), repeats, warmup=2, min_seconds=0)
+    return n_bytes / (ms * 1e-3) / 1e9
+
+
+def bench_row(dim, tokens, hidden, couplings, repeats, with_compile):
+    torch.manual_seed(0)
+    inn = innsteer.INN(dim, num_couplings=couplings, hidden=hidden)
+    with torch.no_grad():
+        for w2 in inn.w2:
+            w2.normal_(std=0.02)
+    direction = torch.randn(dim)
+    h = torch.randn(tokens, dim)
+    flow32 = inn.flow_args()
+    flow16 = inn.flow_args(weight_dtype=torch.bfloat16)
+    op = torch.ops.innsteer.steer
+    row = {}
+    with torch.no_grad():
+        row["op_f32"] = median_ms(lambda: op(h, None, direction, 1.0, *flow32), repeats)
+        row["op_bf16w"] = median_ms(lambda: op(h, None, direction, 1.0, *flow16), repeats)
+        row["eager"] = median_ms(lambda: reference.steer(h, None, direction, 1.0, *flow32), max(5, repeats // 4))
+        if with_compile:
+            compiled = torch.compile(reference.steer, dynamic=False)
+            row["compiled"] = median_ms(lambda: compiled(h, None, direction, 1.0, *flow32), max(5, repeats // 4))
+    weights = sum(w.numel() for w in list(inn.w1) + list(inn.w2))
+    row["weight_bytes_f32"] = 2 * 4 * weights  # forward and inverse each read every weight once
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, nargs="+", default=[576, 2048, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--couplings", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    args = parser.parse_args()
+
+    bandwidth = memory_bandwidth_gbs()
+    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; measured read bandwidth {bandwidth:.1f} GB/s")
+    print(f"# K={args.couplings}, H={args.hidden}; times are medians in ms per steer call "
+          "(phi, + alpha v, phi^-1), float32 activations")
+    header = ("| d | tokens | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | compiled/op "
+              "| floor f32 w | floor bf16 w | op bf16 w / floor |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for dim in args.dims:
+        for tokens in args.tokens:
+            row = bench_row(dim, tokens, args.hidden, args.couplings, args.repeats, not args.no_compile)
+            floor32 = row["weight_bytes_f32"] / (bandwidth * 1e9) * 1e3
+            floor16 = floor32 / 2
+            best = min(row["op_f32"], row["op_bf16w"])
+            compiled = row.get("compiled", float("nan"))
+            print(f"| {dim} | {tokens} | {row['op_f32']:.3f} | {row['op_bf16w']:.3f} | {row['eager']:.3f} | "
+                  f"{compiled:.3f} | {row['eager'] / best:.1f}x | {compiled / best:.1f}x | {floor32:.3f} | "
+                  f"{floor16:.3f} | {row['op_bf16w'] / floor16:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
