@@ -3,6 +3,7 @@ torch.compile of the reference, side by side in one run (medians after warm-up).
 
     python bench/ops.py                      # CPU table, K=4, H=512
     python bench/ops.py --dims 576 --tokens 1 8 --repeats 200
+    python bench/ops.py --device cuda        # GPU table: bf16 activations and weights, CUDA events
 
 Also prints the weight-read floor (weight bytes read per call / measured memory bandwidth)
 for each row, with float32 and bfloat16 weights.
@@ -67,6 +68,103 @@ def bench_row(dim, tokens, hidden, couplings, repeats, with_compile):
     return row
 
 
+def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> float:
+    """Median of per-call CUDA-event times (what the call occupies on the stream, launch gaps included)."""
+    for _ in range(warmup):
+        fn()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+
+
+def cuda_graph_median_ms(fn, repeats: int) -> float:
+    """The same call captured once in a CUDA graph and replayed (no CPU launch cost)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_median_ms(graph.replay, repeats)
+
+
+def cuda_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
+    """HBM bandwidth of a large device-to-device copy (read + write bytes)."""
+    src = torch.empty(n_bytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_median_ms(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def cuda_tensor_tflops(n: int = 8192) -> float:
+    """Dense bf16 tensor-core rate of a large cuBLAS matmul."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_median_ms(lambda: a @ b, 20)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bench_row_cuda(dim, tokens, hidden, couplings, repeats, compile_mode):
+    torch.manual_seed(0)
+    inn = innsteer.INN(dim, num_couplings=couplings, hidden=hidden).cuda()
+    with torch.no_grad():
+        for w2 in inn.w2:
+            w2.normal_(std=0.02)
+    direction = torch.randn(dim, device="cuda")
+    h = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn_like(h)
+    flow16 = inn.flow_args(weight_dtype=torch.bfloat16)
+    flow32 = inn.flow_args()
+    op = torch.ops.innsteer.steer
+    row = {}
+    with torch.no_grad():
+        row["op"] = cuda_median_ms(lambda: op(h, residual, direction, 1.0, *flow16), repeats)
+        row["op_graph"] = cuda_graph_median_ms(lambda: op(h, residual, direction, 1.0, *flow16), repeats)
+        row["op_f32w"] = cuda_median_ms(lambda: op(h, residual, direction, 1.0, *flow32), repeats)
+        row["eager"] = cuda_median_ms(lambda: reference.steer(h, residual, direction, 1.0, *flow16),
+                                      max(5, repeats // 4))
+        if compile_mode:
+            compiled = torch.compile(reference.steer, mode=compile_mode, dynamic=False)
+            row["compiled"] = cuda_median_ms(lambda: compiled(h, residual, direction, 1.0, *flow16),
+                                             max(5, repeats // 4))
+    weights = sum(w.numel() for w in list(inn.w1) + list(inn.w2))
+    row["weight_bytes"] = 2 * 2 * weights  # bf16, forward and inverse each read every weight once
+    row["flops"] = 2 * 2 * weights * tokens  # a multiply-add per weight per token, both directions
+    return row
+
+
+def main_cuda(args):
+    bandwidth = cuda_bandwidth_gbs()
+    tflops = cuda_tensor_tflops()
+    print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+          f"measured HBM {bandwidth:.0f} GB/s (copy), bf16 tensor cores {tflops:.0f} TFLOP/s (cuBLAS {8192}^3)")
+    print(f"# K={args.couplings}; medians in ms per steer call (phi, + alpha v, phi^-1, fused residual add), "
+          f"bf16 activations; 'op' = fused op with bf16 weights, 'graph' = the same replayed from a CUDA graph, "
+          f"compiled = torch.compile(mode={args.compile_mode!r}) of the reference; floor = max(weight bytes / HBM, "
+          "FLOPs / tensor-core rate); share = floor / op")
+    header = ("| d | H | tokens | op | op graph | op f32 w | eager ref | compiled ref | eager/op | compiled/op "
+              "| floor | floor/op graph |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for dim in args.dims:
+        for hidden in args.hidden_sizes or ([512, 1024] if dim == 8192 else [512]):
+            for tokens in args.tokens:
+                row = bench_row_cuda(dim, tokens, hidden, args.couplings, args.repeats,
+                                     None if args.no_compile else args.compile_mode)
+                floor = max(row["weight_bytes"] / (bandwidth * 1e9), row["flops"] / (tflops * 1e12)) * 1e3
+                compiled = row.get("compiled", float("nan"))
+                print(f"| {dim} | {hidden} | {tokens} | {row['op']:.4f} | {row['op_graph']:.4f} | "
+                      f"{row['op_f32w']:.4f} | {row['eager']:.4f} | {compiled:.4f} | {row['eager'] / row['op']:.1f}x | "
+                      f"{compiled / row['op']:.1f}x | {floor:.4f} | {floor / row['op_graph']:.2f} |", flush=True)
+                torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, nargs="+", default=[576, 2048, 4096])
@@ -75,7 +173,17 @@ def main():
     parser.add_argument("--couplings", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--hidden-sizes", type=int, nargs="+",
+                        help="cuda: coupling widths (default 512, plus 1024 at d=8192)")
+    parser.add_argument("--compile-mode", default="max-autotune", help="cuda: torch.compile mode of the reference")
     args = parser.parse_args()
+    if args.device == "cuda":
+        if "--dims" not in sys.argv:
+            args.dims = [576, 2048, 4096, 8192]
+        if "--tokens" not in sys.argv:
+            args.tokens = [1, 8, 64, 512, 4096]
+        return main_cuda(args)
 
     bandwidth = memory_bandwidth_gbs()
     print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
