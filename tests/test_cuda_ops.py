@@ -87,9 +87,9 @@ def test_float32_matches_the_cpu_kernel(dim, hidden, tokens):
     expected = ops.steer(x_cpu, None, direction, 1.0, *inn.flow_args())
     z_cpu, logdet_cpu = ops.coupling_forward(x_cpu, *inn.flow_args())
     flow = _flow(inn)
-    assert rel_err(ops.steer(x_cpu.to(CUDA), None, direction.to(CUDA), 1.0, *flow).cpu(), expected) < 2e-6
+    assert rel_err(ops.steer(x_cpu.to(CUDA), None, direction.to(CUDA), 1.0, *flow).cpu(), expected) < 5e-6
     z, logdet = ops.coupling_forward(x_cpu.to(CUDA), *flow)
-    assert rel_err(z.cpu(), z_cpu) < 2e-6 and rel_err(logdet.cpu(), logdet_cpu) < 2e-6
+    assert rel_err(z.cpu(), z_cpu) < 5e-6 and rel_err(logdet.cpu(), logdet_cpu) < 5e-6
 
 
 def test_float64_matches_reference_to_float64_precision():
