@@ -25,13 +25,9 @@ WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
 def load_any_steerer(path: str | os.PathLike):
-    """Load an INN or linear steer file (safetensors, as saved by ``Steerer.save``/linear steerers)."""
-    try:
-        from .linear import load_steerer
-    except ImportError:  # linear steerers not available in this build: INN files only
-        from .steerer import Steerer
+    """Load an INN or linear steer file (safetensors, as saved by the steerers' ``save``)."""
+    from .steerer import load_steerer
 
-        return Steerer.load(path)
     return load_steerer(path)
 
 

@@ -20,7 +20,7 @@ import ctypes
 import glob
 import importlib.util
 import os
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -37,7 +37,8 @@ except ImportError as _error:  # optional dependency
         "(`pip install --no-build-isolation -e .`) so its llama.cpp hook is compiled"
     ) from _error
 
-__all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookError"]
+__all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookError", "behaviour_scores",
+           "continuation_logprobs"]
 
 _ERR_LEN = 1024
 _lib = None
@@ -358,3 +359,59 @@ class SteeredLlama(llama_cpp.Llama):
         super().__init__(model_path, **llama_kwargs)
         self.steering = attach(self, steer, alpha, layer=layer, control_vector=control_vector,
                                control_strength=control_strength, expect_model_id=expect_model_id)
+
+
+def continuation_logprobs(llm: "llama_cpp.Llama", tokenizer, prompts: Sequence[str],
+                          continuations: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log-probs, number of tokens) of each continuation after its prompt, through llama.cpp.
+
+    Mirrors ``innsteer.evaluate.continuation_logprobs``: each text is tokenized whole by the model's
+    Hugging Face tokenizer (the same vocabulary as the GGUF) and, when ``llm`` is steered, steering
+    acts from the last prompt token onward.
+    """
+    from innsteer.encoding import encode_spans
+
+    steering = getattr(llm, "steering", None)
+    old_start = steering.start_position if steering is not None else 0
+    total, count = np.zeros(len(prompts)), np.zeros(len(prompts))
+    try:
+        for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+            batch = encode_spans(tokenizer, [prompt + continuation], [(len(prompt), len(prompt) + len(continuation))])
+            ids = batch.input_ids[0].tolist()
+            start, end = int(batch.span_start[0]), int(batch.span_end[0])
+            if start < 1:
+                raise ValueError("a continuation starts at the first token: it has no context to be scored from")
+            if steering is not None:
+                steering.steer_from(start - 1)
+            llm.reset()
+            llm.eval(ids[:start])
+            for t in range(start, end):  # token t is predicted from the logits after t - 1
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                               shape=(llm.n_vocab(),)).astype(np.float64)
+                top = logits.max()
+                total[i] += logits[ids[t]] - top - np.log(np.exp(logits - top).sum())
+                count[i] += 1
+                if t + 1 < end:
+                    llm.eval([ids[t]])
+    finally:
+        if steering is not None:
+            steering.steer_from(old_start)
+    return total, count
+
+
+def behaviour_scores(llm: "llama_cpp.Llama", tokenizer, items, metric: str = "letter") -> np.ndarray:
+    """p_match per A/B item through llama.cpp, as ``innsteer.evaluate.behaviour_scores`` computes it
+    ('letter': p(matching letter) against p(non-matching); 'answer': mean per-token log-prob)."""
+    from innsteer.data import format_prompt, reply_separator
+
+    if metric not in ("letter", "answer"):
+        raise ValueError(f"unknown metric '{metric}'; choose 'letter' or 'answer'")
+    prompt = [format_prompt(tokenizer, item.question) + reply_separator(tokenizer) for item in items]
+    if metric == "letter":
+        conts = [f"({item.matching}" for item in items] + [f"({item.not_matching}" for item in items]
+    else:
+        conts = [item.matching_text for item in items] + [item.not_matching_text for item in items]
+    total, count = continuation_logprobs(llm, tokenizer, prompt + prompt, conts)
+    score = total if metric == "letter" else total / count
+    n = len(items)
+    return 1.0 / (1.0 + np.exp(-(score[:n] - score[n:])))

@@ -1,0 +1,134 @@
+"""GGUF export, read back with the independent `gguf` reader, and the layer-index mapping.
+
+The mapping test compares llama.cpp's control vector ``direction.L`` with the PyTorch path adding
+the same vector to decoder layer L's output (Hugging Face ``hidden_states[L + 1]``).
+"""
+import argparse
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from innsteer.export import export, export_control_vector, export_steer_gguf, read_control_vector
+from innsteer.linear import AffineSteerer, LinearSteerer
+from llama_helpers import random_inn_steerer
+
+
+def fields(reader):
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def tensor(reader, name):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def test_inn_export_holds_everything(tmp_path):
+    steerer = random_inn_steerer(24, hidden=8, couplings=3, layer=7, alpha=2.5, model_id="m", behavior="b")
+    export_steer_gguf(steerer, tmp_path / "s.gguf", model_hint="llama")
+    reader = gguf.GGUFReader(tmp_path / "s.gguf")
+    meta = fields(reader)
+    assert meta["general.architecture"] == "innsteer"
+    assert meta["innsteer.format_version"] == 1 and meta["innsteer.kind"] == "inn"
+    assert (meta["innsteer.hidden_size"], meta["innsteer.mlp_hidden"], meta["innsteer.num_couplings"]) == (24, 8, 3)
+    assert meta["innsteer.layer"] == 7 and meta["innsteer.alpha"] == pytest.approx(2.5)
+    assert meta["innsteer.clamp"] == pytest.approx(steerer.inn.config.clamp)
+    assert (meta["innsteer.model_id"], meta["innsteer.model_hint"], meta["innsteer.behavior"]) == ("m", "llama", "b")
+    inn = steerer.inn
+    for name, ref in (("mean", inn.mean), ("scale", inn.scale), ("direction", steerer.direction)):
+        np.testing.assert_array_equal(tensor(reader, name).data, ref.numpy())
+    cond, trans = inn.partitions()
+    for k in range(3):
+        np.testing.assert_array_equal(tensor(reader, f"coupling.{k}.cond_idx").data, cond[k].numpy())
+        np.testing.assert_array_equal(tensor(reader, f"coupling.{k}.trans_idx").data, trans[k].numpy())
+        for name, ref in (("w1", inn.w1[k]), ("b1", inn.b1[k]), ("w2", inn.w2[k]), ("b2", inn.b2[k])):
+            t = tensor(reader, f"coupling.{k}.{name}")
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(np.asarray(t.data).reshape(ref.shape), ref.detach().numpy())
+
+
+def test_bf16_export_rounds_like_torch(tmp_path):
+    steerer = random_inn_steerer(16, hidden=8, couplings=2)
+    export_steer_gguf(steerer, tmp_path / "s.gguf", weight_dtype="bfloat16")
+    t = tensor(gguf.GGUFReader(tmp_path / "s.gguf"), "coupling.1.w2")
+    assert t.tensor_type == gguf.GGMLQuantizationType.BF16
+    bits = np.asarray(t.data).view(np.uint16).reshape(-1)
+    expected = steerer.inn.w2[1].detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    np.testing.assert_array_equal(bits, expected)
+
+
+def test_control_vector_file_is_the_stock_format(tmp_path):
+    vector = torch.randn(32)
+    export_control_vector(LinearSteerer(vector, 9, method="caa"), tmp_path / "cv.gguf", model_hint="llama")
+    reader = gguf.GGUFReader(tmp_path / "cv.gguf")
+    meta = fields(reader)
+    assert meta["general.architecture"] == "controlvector"
+    assert meta["controlvector.model_hint"] == "llama" and meta["controlvector.layer_count"] == 1
+    assert [t.name for t in reader.tensors] == ["direction.9"]
+    t = tensor(reader, "direction.9")
+    assert t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [32]
+    np.testing.assert_array_equal(t.data, vector.numpy())
+    directions, info = read_control_vector(tmp_path / "cv.gguf")
+    assert list(directions) == [9] and info["model_hint"] == "llama"
+    np.testing.assert_array_equal(directions[9], vector.numpy())
+
+
+def test_export_refuses_what_it_cannot_represent(tmp_path):
+    with pytest.raises(ValueError, match="cannot steer layer 0"):
+        export_control_vector(LinearSteerer(torch.ones(8), 0), tmp_path / "a.gguf")
+    with pytest.raises(TypeError, match="nonlinear"):
+        export(random_inn_steerer(8, hidden=4), tmp_path / "b.gguf", format="controlvector")
+    with pytest.raises(TypeError, match="no 1-D `vector`"):
+        export(AffineSteerer(torch.ones(8), torch.zeros(8), 3), tmp_path / "c.gguf", format="controlvector")
+    with pytest.raises(TypeError, match="not an INN steerer"):
+        export(LinearSteerer(torch.ones(8), 3), tmp_path / "d.gguf")
+    with pytest.raises(ValueError, match="unknown export format"):
+        export(LinearSteerer(torch.ones(8), 3), tmp_path / "e.gguf", format="onnx")
+
+
+def test_export_command_from_saved_steer_files(tmp_path):
+    from innsteer import llama_cli
+
+    parser = argparse.ArgumentParser()
+    llama_cli.register(parser.add_subparsers())
+    inn_file, linear_file = tmp_path / "inn.safetensors", tmp_path / "caa.safetensors"
+    steerer = random_inn_steerer(16, hidden=8, layer=4)
+    steerer.save(inn_file)
+    LinearSteerer(torch.arange(16.0), 5, method="caa").save(linear_file)
+    for argv in ([str(inn_file), "-o", str(tmp_path / "inn.gguf"), "--weight-dtype", "bfloat16"],
+                 [str(linear_file), "-o", str(tmp_path / "cv.gguf"), "--format", "controlvector"]):
+        args = parser.parse_args(["export", *argv])
+        assert args.func(args) == 0
+    meta = fields(gguf.GGUFReader(tmp_path / "inn.gguf"))
+    assert meta["innsteer.layer"] == 4 and meta["innsteer.hidden_size"] == 16
+    directions, _ = read_control_vector(tmp_path / "cv.gguf")
+    np.testing.assert_array_equal(directions[5], np.arange(16.0, dtype=np.float32))
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path):
+    """A control vector written for layer L acts in llama.cpp like the same vector added to decoder
+    layer L's output in transformers (same GGUF, dequantized); L-1 and L+1 do not."""
+    pytest.importorskip("llama_cpp")
+    from innsteer.hooks import steering
+    from innsteer.llama_cpp import SteeredLlama
+    from innsteer.models import default_gguf_path, load_model
+    from llama_helpers import last_logits, log_softmax
+
+    lm = load_model()
+    text = "The quick brown fox jumps over the lazy dog. In the morning, the farmer"
+    ids = lm.tokenizer(text)["input_ids"]
+    layer = 10
+    vector = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(3)) * 6
+    steerer = LinearSteerer(vector, layer, method="caa")
+    with torch.inference_mode(), steering(lm.model, steerer, alpha=1.0, positions="all"):
+        hf = lm.model(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
+    llm = SteeredLlama(str(default_gguf_path()), n_ctx=256, n_threads=2)
+    distance = {}
+    for shift in (-1, 0, 1):
+        path = tmp_path / f"cv{shift}.gguf"
+        export_control_vector(LinearSteerer(vector, layer + shift), path)
+        llm.steering.set_control_vector(path)
+        distance[shift] = np.abs(log_softmax(last_logits(llm, ids)) - log_softmax(hf)).mean()
+    assert distance[0] < 0.5 * min(distance[-1], distance[1]), distance
