@@ -224,8 +224,22 @@ def test_nan_inputs_are_named():
         train_innsteer(pos, neg, layer=0, progress=False)
 
 
-@pytest.mark.parametrize("field, value", [("val_fraction", 1.0), ("lr", 0.0), ("max_epochs", 0), ("sep_weight", -1.0)])
+@pytest.mark.parametrize("field, value", [("val_fraction", 1.0), ("lr", 0.0), ("max_epochs", 0), ("sep_weight", -1.0),
+                                          ("num_threads", 0)])
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         train_innsteer(torch.randn(20, 8), torch.randn(20, 8), layer=0, config=TrainConfig(**{field: value}),
                        progress=False)
+
+
+def test_num_threads_is_restored(data):
+    torch.set_num_threads(2)
+    try:
+        train_innsteer(*data, layer=0, config=TrainConfig(hidden=8, max_epochs=1, num_threads=1), progress=False)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="NaN"):
+            train_innsteer(torch.full((20, 8), float("nan")), torch.zeros(20, 8), layer=0,
+                           config=TrainConfig(num_threads=1), progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
