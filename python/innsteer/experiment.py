@@ -1,0 +1,63 @@
+"""One behavior end to end: collect activations, fit every method at one layer, sweep alpha,
+measure behaviour and fluency, summarize the trade-offs. Used by ``innsteer eval`` and ``demo``."""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+from .collect import contrastive_activations
+from .data import load_ab, load_open_ended, train_val_split
+from .evaluate import METRICS, ABScorer, multiple_choice_sanity, sweep, tradeoff
+from .models import LoadedModel, check_layer
+
+# alpha = 1 moves the class means as far as CAA's mean difference for every method (the direction
+# baselines are scaled that way, Linear-AcT fully transports neg onto pos, INNSteer translates by v).
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+BUDGETS = (0.25, 0.5, 1.0)
+
+
+def fit_methods(lm: LoadedModel, behavior: str, layer: int, methods: Sequence[str], *, mode: str = "answer",
+                n_train: Optional[int] = None, progress: bool = True) -> tuple[dict, dict]:
+    """Fit each method on the generate split's training part: ({method: steerer}, {method: seconds})."""
+    from .baselines import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    train_items, _ = train_val_split(load_ab(behavior, "generate"))
+    train_items = train_items[:n_train] if n_train else train_items
+    pos, neg = contrastive_activations(lm, train_items, layer, mode=mode, behavior=behavior,
+                                       split=f"generate-train{len(train_items)}", progress=progress)[layer]
+    steerers, seconds = {}, {}
+    for method in methods:
+        start = time.perf_counter()
+        kwargs = {"progress": progress} if method == "innsteer" else {}
+        steerers[method] = METHODS[method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **kwargs)
+        seconds[method] = round(time.perf_counter() - start, 2)
+    return steerers, seconds
+
+
+def run_behavior(lm: LoadedModel, behavior: str, layer: int, methods: Sequence[str], *, mode: str = "answer",
+                 alphas: Sequence[float] = DEFAULT_ALPHAS, n_train: Optional[int] = None, n_test: Optional[int] = None,
+                 n_open: int = 5, max_new_tokens: int = 32, metrics: Sequence[str] = METRICS,
+                 steerers: Optional[dict] = None, progress: bool = True) -> tuple[dict, dict]:
+    """(the report dict for one behavior (see ``report``), {method: steerer}); ``steerers`` skips fitting."""
+    layer = check_layer(lm.model, layer)
+    fit_seconds = {}
+    if steerers is None:
+        steerers, fit_seconds = fit_methods(lm, behavior, layer, methods, mode=mode, n_train=n_train, progress=progress)
+    test = load_ab(behavior, "test_ab", limit=n_test)
+    questions = load_open_ended(behavior, limit=n_open)
+    scorer = ABScorer(lm, test, metrics)
+    baseline = sweep(lm, None, "none", [0.0], scorer, questions, max_new_tokens=max_new_tokens, progress=False)[0]
+    points = [baseline]
+    summary = {}
+    for method, steerer in steerers.items():
+        curve = sweep(lm, steerer, method, alphas, scorer, questions, max_new_tokens=max_new_tokens, progress=progress)
+        points += curve
+        summary[method] = tradeoff(curve, baseline, "answer", BUDGETS)
+    training = {m: s.extra["history"] for m, s in steerers.items() if "history" in getattr(s, "extra", {})}
+    return {"model_id": lm.model_id, "behavior": behavior, "layer": layer, "mode": mode, "n_test": len(test),
+            "n_open": len(questions), "max_new_tokens": max_new_tokens, "sanity": multiple_choice_sanity(lm),
+            "points": [p.to_dict() for p in points], "tradeoff": summary, "training": training,
+            "fit_seconds": fit_seconds}, steerers
