@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from innsteer import INN, load_steerer
-from innsteer.train import (TrainConfig, fisher_separation, latent_direction, separation_loss,
+from innsteer.train import (TrainConfig, _loss_terms, fisher_separation, latent_direction, separation_loss,
                             train_innsteer)
 
 D = 24
@@ -175,13 +175,20 @@ def test_untrained_flow_steers_like_caa(data):
 
 
 def test_early_stopping_keeps_best_weights(data):
-    result = train_innsteer(*data, layer=0, config=TrainConfig(hidden=32, max_epochs=50, patience=2, lr=3e-2),
-                            progress=False)
+    pos, neg = data
+    config = TrainConfig(hidden=32, max_epochs=50, patience=2, lr=3e-2)  # a too-large lr: overfits fast
+    result = train_innsteer(pos, neg, layer=0, config=config, progress=False)
     h = result.history
-    assert len(h["val_loss"]) < 50  # a too-large lr overfits fast, so it stops early
-    assert len(h["val_loss"]) - result.best_epoch == 2 or result.best_epoch == 0
-    if result.best_epoch:
-        assert h["val_loss"][result.best_epoch - 1] == min(h["val_loss"])
+    assert 1 <= result.best_epoch < len(h["val_loss"]) < 50
+    assert len(h["val_loss"]) - result.best_epoch == config.patience
+    assert h["val_loss"][result.best_epoch - 1] == min(h["val_loss"])
+    # the kept weights are the best epoch's, not the last one's: recompute the validation loss
+    n_val = round(len(pos) * config.val_fraction)
+    val = torch.randperm(len(pos), generator=torch.Generator().manual_seed(config.seed))[:n_val]
+    with torch.no_grad():
+        loss = float(_loss_terms(result.steerer.inn, pos[val], neg[val], config)["loss"])
+    assert loss == pytest.approx(h["val_loss"][result.best_epoch - 1], rel=1e-5, abs=1e-6)
+    assert loss < h["val_loss"][-1]
 
 
 def test_steerer_metadata_and_round_trip(tmp_path, data, trained):

@@ -201,7 +201,7 @@ def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, c
         for batch in torch.tensor_split(shuffled, n_batches):
             terms = _loss_terms(inn, pos[batch], neg[batch], config)
             if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(f"innsteer training diverged at epoch {epoch} (loss {float(terms['loss'])}); "
+                raise FloatingPointError(f"innsteer training diverged at epoch {epoch} (loss {terms['loss'].item()}); "
                                          "try a smaller lr or larger logdet_weight")
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
