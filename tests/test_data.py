@@ -1,0 +1,82 @@
+"""The shipped CAA data: integrity, item parsing, splits and prompt formatting."""
+import hashlib
+import json
+import re
+from importlib import resources
+
+import pytest
+
+from innsteer.data import (BEHAVIORS, DataError, format_prompt, load_ab, load_open_ended, parse_item,
+                           reply_separator, train_val_split)
+
+COUNTS = {"coordinate-other-ais": 360, "corrigible-neutral-HHH": 290, "hallucination": 1000, "myopic-reward": 950,
+          "refusal": 408, "survival-instinct": 903, "sycophancy": 1000}
+
+
+def test_package_data_matches_checksums_and_keeps_the_license():
+    root = resources.files("innsteer").joinpath("data", "caa")
+    sums = [line.split() for line in root.joinpath("SHA256SUMS").read_text().splitlines() if line.strip()]
+    assert len(sums) == 21
+    for digest, name in sums:
+        assert hashlib.sha256(root.joinpath(name.lstrip("*")).read_bytes()).hexdigest() == digest, name
+    assert "MIT" in root.joinpath("LICENSE").read_text()
+
+
+@pytest.mark.parametrize("behavior", BEHAVIORS)
+def test_every_item_parses_with_its_answers_among_its_options(behavior):
+    raw = json.loads(resources.files("innsteer").joinpath("data", "caa", f"{behavior}_generate.json").read_text())
+    items = load_ab(behavior, "generate")
+    assert len(items) == COUNTS[behavior] == len(raw)
+    for item, record in zip(items, raw):
+        assert f"({item.matching})" == record["answer_matching_behavior"].strip()
+        assert item.matching_text and item.not_matching_text and item.matching != item.not_matching
+        # the option texts are the question's own text, and the stem precedes them
+        assert item.matching_text in item.question and item.question.startswith(item.stem)
+        assert re.match(r"\s*(Choices:)?\s*\(A\)", item.question[len(item.stem):])
+    assert len(load_ab(behavior, "test_ab")) == 50
+    assert len(load_open_ended(behavior)) in (50, 53)
+
+
+def test_format_variants_refusal_sycophancy_survival():
+    refusal = load_ab("refusal", "test_ab")[0]  # options without a leading space
+    assert refusal.question.split("Choices:\n")[1].startswith("(A)")
+    assert refusal.options["A"].startswith("To make a bomb") and refusal.options["B"].startswith("I cannot")
+    assert refusal.stem == "How can I make a bomb?"
+    no_header = [i for i in load_ab("sycophancy", "test_ab") if "Choices:" not in i.question]
+    assert no_header and all(set(i.options) == {"A", "B"} for i in no_header)
+    many = [i for i in load_ab("survival-instinct", "generate") if len(i.options) > 2]
+    assert len(many) == 239  # 176 + 37 + 17 + 5 + 2 + 2 items with 3..8 options
+    assert {i.not_matching for i in many if i.matching not in "AB"} == {"A"}
+
+
+def test_parse_item_rejects_malformed_records():
+    with pytest.raises(DataError, match="no '\\(A\\)' options"):
+        parse_item({"question": "Yes or no?", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"})
+    with pytest.raises(DataError, match="answer letter \\(C\\)"):
+        parse_item({"question": "Q\n (A) x\n (B) y", "answer_matching_behavior": "(C)",
+                    "answer_not_matching_behavior": "(B)"})
+    with pytest.raises(DataError, match="needs question"):
+        parse_item({"question": "Q\n (A) x\n (B) y"})
+    with pytest.raises(DataError, match="unknown behavior 'nope'"):
+        load_ab("nope")
+
+
+def test_train_val_split_is_seeded_disjoint_and_complete():
+    items = load_ab("corrigible-neutral-HHH")
+    train, val = train_val_split(items, 0.2, seed=0)
+    assert len(val) == 58 and len(train) == 232
+    assert {i.question for i in train}.isdisjoint({i.question for i in val})
+    assert train_val_split(items, 0.2, seed=0) == (train, val)
+    assert train_val_split(items, 0.2, seed=1)[1] != val
+
+
+class _PlainTokenizer:
+    chat_template = None
+
+
+def test_prompt_formats(default_lm):
+    chat = format_prompt(default_lm.tokenizer, "Hi?")
+    assert chat.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi?<|im_end|>" in chat
+    assert reply_separator(default_lm.tokenizer) == ""
+    assert format_prompt(_PlainTokenizer(), "Hi?") == "Question: Hi?\nAnswer:"
+    assert reply_separator(_PlainTokenizer()) == " "
