@@ -195,3 +195,38 @@ def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_fil
     assert np.array_equal(results[4, n - 3], results[64, n - 3])  # the same rows steered in 4-token ubatches
     assert np.abs(results[64, n - 3] - base).mean() > 1.0
     assert np.abs(results[64, n - 3] - results[64, 0]).mean() > 1.0
+
+
+@pytest.mark.slow
+def test_ab_probabilities_match_the_pytorch_path(tmp_path):
+    """A trained INN steerer: CAA test-split A/B probabilities through llama.cpp (Q4_1 + C hook)
+    match the PyTorch path (the same GGUF dequantized, torch op) within 0.03 mean abs difference,
+    at alphas that move the scores by more than that."""
+    from innsteer.collect import contrastive_activations
+    from innsteer.data import load_ab
+    from innsteer.evaluate import behaviour_scores as torch_scores
+    from innsteer.llama_cpp import behaviour_scores as llama_scores
+    from innsteer.models import load_model
+    from innsteer.train import TrainConfig, train_innsteer
+
+    behavior, layer = "corrigible-neutral-HHH", 12
+    lm = load_model()
+    train_items = load_ab(behavior, "generate", limit=48)
+    pos, neg = contrastive_activations(lm, train_items, layer, behavior=behavior, split="generate",
+                                       progress=False)[layer]
+    steerer = train_innsteer(pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior,
+                             config=TrainConfig(hidden=64, max_epochs=10), progress=False).steerer
+    path = tmp_path / "trained.gguf"
+    export_steer_gguf(steerer, path)
+    test_items = load_ab(behavior, "test_ab", limit=12)
+    llm = SteeredLlama(str(default_gguf_path()), steer=str(path), n_ctx=512, n_threads=2)
+    unsteered = torch_scores(lm, test_items, "letter").numpy()
+    for alpha in (-6.0, 6.0):
+        reference = torch_scores(lm, test_items, "letter", steerer=steerer, alpha=alpha).numpy()
+        llm.steering.set_alpha(alpha)
+        through_llama = llama_scores(llm, lm.tokenizer, test_items, "letter")
+        difference = np.abs(through_llama - reference).mean()
+        moved = np.abs(reference - unsteered).mean()
+        print(f"alpha {alpha}: mean |llama.cpp - pytorch| = {difference:.4f}; steering moved p by {moved:.4f}")
+        assert difference <= 0.03
+        assert moved > difference
