@@ -102,6 +102,20 @@ def test_probe_finds_the_discriminant_direction():
     assert float(steerer.vector @ (pos.mean(0) - neg.mean(0))) > 0  # sign-aligned
 
 
+def test_probe_ignores_near_constant_dimensions():
+    # a dimension with almost no spread and no class information must not dominate the direction
+    # (dividing a standardized probe's weights by the per-dimension std would blow it up)
+    g = torch.Generator().manual_seed(4)
+    neg = torch.randn(300, 6, generator=g)
+    pos = torch.randn(300, 6, generator=g)
+    pos[:, 0] += 1.5
+    neg[:, 5] *= 1e-4
+    pos[:, 5] = 1e-4 * torch.randn(300, generator=g)
+    unit = fit_probe(pos, neg, layer=0).vector
+    unit = unit / unit.norm()
+    assert unit[0] > 0.95 and abs(float(unit[5])) < 0.05
+
+
 def best_threshold_accuracy(pos, neg, direction):
     scores = torch.cat([pos, neg]).double() @ direction.double()
     labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).bool()

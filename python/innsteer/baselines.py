@@ -64,13 +64,15 @@ def fit_probe(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behav
               l2: Optional[float] = None, max_iter: int = 200) -> LinearSteerer:
     """The normal of an L2-regularized logistic regression pos (1) vs neg (0), fitted with L-BFGS.
 
-    Fitted on standardized features for conditioning (the returned direction is the probe's
-    normal in activation space); ``l2`` defaults to 1 / (number of rows), like scikit-learn's C = 1.
+    Fitted on centered activations divided by one global scale (conditioning without changing the
+    direction: a per-dimension standardization would reweight the L2 penalty and blow the normal
+    up along near-constant dimensions); ``l2`` defaults to 1 / (number of rows), like
+    scikit-learn's C = 1 on those features.
     """
     pos, neg = check_contrastive(pos, neg)
     x = torch.cat([pos, neg]).double()
     y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6 * float(x.std(0).max()))
+    mean, std = x.mean(0), x.std(0).pow(2).mean().sqrt().clamp_min(1e-12)
     xs = (x - mean) / std
     l2 = 1.0 / len(x) if l2 is None else float(l2)
     weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -85,7 +87,7 @@ def fit_probe(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behav
 
     optimizer.step(closure)
     with torch.no_grad():
-        normal = weight / std  # the decision function is xs @ w = x @ (w / std) + const
+        normal = weight.detach()  # the decision function is xs @ w = x @ w / std + const
         accuracy = float(((xs @ weight + bias > 0).double() == y).double().mean())
     if not torch.isfinite(normal).all() or float(normal.norm()) == 0:
         raise ValueError("the logistic-regression probe did not converge to a usable direction")
