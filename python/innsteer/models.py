@@ -73,7 +73,7 @@ def resolve_model_path(model: Optional[str]) -> Path:
 
 def model_id_for(path: Path) -> str:
     """A stable name for steerer metadata and caches: the GGUF's stem or the directory's name."""
-    return path.stem if path.is_file() else path.resolve().name
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def _gguf_cache_path(gguf: Path) -> Path:

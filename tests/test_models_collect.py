@@ -1,0 +1,115 @@
+"""Model loading, decoder-layer discovery, token positions and contrastive activation collection."""
+import pytest
+import torch
+
+from innsteer.collect import answer_text, contrastive_activations
+from innsteer.data import format_prompt, load_ab
+from innsteer.encoding import encode_spans
+from innsteer.models import ModelLoadError, check_layer, decoder_layers, load_model, model_id_for
+
+BEHAVIOR = "corrigible-neutral-HHH"
+
+
+def _tiny(arch: str):
+    """A random-weight model of the given family (shapes only; never evidence of steering quality)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gemma2"])
+def test_decoder_layers_found_by_structure(arch):
+    model = _tiny(arch)
+    layers = decoder_layers(model)
+    assert len(layers) == 3
+    assert type(layers[0]).__name__.endswith("DecoderLayer")
+    # each found layer's output is HF's hidden_states[L + 1] (checked on a middle layer)
+    seen = {}
+    handle = layers[1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        hs = model(input_ids=torch.arange(10)[None], output_hidden_states=True).hidden_states
+    handle.remove()
+    torch.testing.assert_close(seen["h"], hs[2])
+
+
+def test_check_layer_range():
+    model = _tiny("llama")
+    assert check_layer(model, 2) == 2 and check_layer(model, -1) == 2
+    with pytest.raises(ValueError, match="layer 3 is out of range: this model has 3 decoder layers"):
+        check_layer(model, 3)
+
+
+def test_default_model_and_bad_paths(default_lm, tmp_path):
+    assert default_lm.model_id == "SmolLM2-135M-Instruct.Q4_1"
+    assert default_lm.num_layers == 30 and default_lm.hidden_size == 576
+    assert not default_lm.model.training
+    with pytest.raises(ModelLoadError, match="neither"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+    assert model_id_for(tmp_path / "m.gguf") == "m"
+
+
+def test_letter_and_answer_positions_smollm2(default_lm):
+    tok = default_lm.tokenizer
+    item = load_ab(BEHAVIOR, "test_ab")[0]
+    text, span = answer_text(tok, item, "B", "letter")
+    assert text.endswith("<|im_start|>assistant\n(B)") and text[span[0]:span[1]] == "B"
+    batch = encode_spans(tok, [text], [span])
+    ids = batch.input_ids[0]
+    # SmolLM2 splits "(B" into "(" + "B": the letter token is its own, right after "("
+    assert batch.span_end[0] - batch.span_start[0] == 1
+    assert tok.decode(ids[batch.span_start[0]]) == "B" and tok.decode(ids[batch.span_start[0] - 1]) == "("
+    text, span = answer_text(tok, item, item.matching, "answer")
+    batch = encode_spans(tok, [text], [span])
+    covered = tok.decode(batch.input_ids[0, batch.span_start[0]: batch.span_end[0]])
+    assert covered == item.matching_text
+    assert text.startswith(format_prompt(tok, item.question))
+
+
+def test_letter_position_with_a_single_paren_letter_token(default_lm):
+    """Qwen2.5-style tokenizers hold "(A" as one token: the letter position is that token."""
+    tok = default_lm.tokenizer
+    from transformers import AutoTokenizer
+
+    qwenish = AutoTokenizer.from_pretrained(tok.name_or_path)
+    qwenish.add_tokens(["(A", "(B"])
+    item = load_ab(BEHAVIOR, "test_ab")[0]
+    text, span = answer_text(qwenish, item, "A", "letter")
+    batch = encode_spans(qwenish, [text], [span])
+    token = batch.input_ids[0, batch.span_start[0]]
+    assert batch.span_end[0] - batch.span_start[0] == 1 and qwenish.convert_ids_to_tokens(int(token)) == "(A"
+
+
+def _reference_activation(lm, text, span, layer):
+    """Unbatched, unpadded hidden_states[layer + 1] averaged over the span's tokens."""
+    batch = encode_spans(lm.tokenizer, [text], [span])
+    with torch.no_grad():
+        hs = lm.model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[layer + 1][0]
+    return hs[batch.span_start[0]: batch.span_end[0]].mean(0)
+
+
+@pytest.mark.parametrize("mode", ["letter", "answer"])
+def test_activations_match_unbatched_hidden_states(default_lm, mode, tmp_path, monkeypatch):
+    monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))
+    items = load_ab(BEHAVIOR, "generate", limit=5)  # questions of different lengths: padding in the batch
+    acts = contrastive_activations(default_lm, items, [3, 10], mode=mode, behavior=BEHAVIOR, split="generate",
+                                   batch_size=4, progress=False)
+    assert sorted(acts) == [3, 10]
+    for layer in (3, 10):
+        pos, neg = acts[layer]
+        assert pos.shape == neg.shape == (5, 576) and pos.dtype == torch.float32
+    for i in (0, 3):
+        for letter, rows in ((items[i].matching, acts[10][0]), (items[i].not_matching, acts[10][1])):
+            text, span = answer_text(default_lm.tokenizer, items[i], letter, mode)
+            torch.testing.assert_close(rows[i], _reference_activation(default_lm, text, span, 10), atol=1e-3, rtol=1e-4)
+    # cached on disk, keyed by model, behavior, split, mode and layer; the second call reads it back
+    files = sorted(p.name for p in (tmp_path / "activations" / default_lm.model_id).iterdir())
+    assert len(files) == 2 and all(f.startswith(f"{BEHAVIOR}-generate-{mode}-L") for f in files)
+    again = contrastive_activations(default_lm, items, 10, mode=mode, behavior=BEHAVIOR, split="generate", progress=False)
+    assert torch.equal(again[10][0], acts[10][0])
