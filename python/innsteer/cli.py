@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "steered/unsteered generations, writes the report. A few minutes on 2 CPU cores.")
     _add_model(p)
     _add_data(p)
-    _add_eval(p, methods="caa,innsteer", alphas="1,2,4", n_test=24, n_open=3, max_new_tokens=24)
-    p.set_defaults(func=cmd_demo, n_train=200)
+    _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2", n_test=20, n_open=3, max_new_tokens=24)
+    p.set_defaults(func=cmd_demo, n_train=150)
 
     for name in EXTENSIONS:
         _register_extension(name, sub)
@@ -308,14 +308,13 @@ def cmd_demo(args) -> int:
             print(f"{p['method']:>10} alpha {p['alpha']:>4g}: p_match answer {p['answer']:.3f} letter {p['letter']:.3f}"
                   f"  fluency cost {p['nll'] - base['nll']:+.3f} nats/token")
     print("\n" + tradeoff_table(result) + "\n")
-    # Sample generations: each method at its largest alpha within the middle fluency budget.
+    # Sample generations: each method at its largest alpha costing at most 1 nat/token (else its smallest).
     prompts = _open_questions(args.behavior, 2)
     samples = {"unsteered": generate(lm, prompts, max_new_tokens=40)[0]}
     for method in args.methods:
-        alpha = _alpha_within_budget(result, method, budget=0.5)
-        if alpha:
-            samples[f"{method} alpha={alpha:g}"] = generate(lm, prompts, steerer=steerers[method], alpha=alpha,
-                                                             max_new_tokens=40)[0]
+        alpha = _alpha_within_budget(result, method, budget=1.0) or min(args.alphas)
+        samples[f"{method} alpha={alpha:g}"] = generate(lm, prompts, steerer=steerers[method], alpha=alpha,
+                                                         max_new_tokens=40)[0]
     result["samples"] = samples
     for i, prompt in enumerate(prompts):
         print(f">>> {prompt}")
