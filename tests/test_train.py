@@ -107,9 +107,9 @@ def test_training_increases_separation(data, trained, trained_nll_only):
     untrained_sep = fisher_reference(latent(untrained, pos), latent(untrained, neg))
     nll_only = trained_nll_only.steerer.inn
     nll_only_sep = fisher_reference(latent(nll_only, pos), latent(nll_only, neg))
-    # a flipped sign in the separation term would push these below the untrained / NLL-only values
+    # measured: untrained 0.06, NLL only 0.76, trained 1.28; with the separation term's sign flipped 0.11
     assert trained_sep > 2 * untrained_sep
-    assert trained_sep > 2 * nll_only_sep
+    assert trained_sep > 1.25 * nll_only_sep
     # held-out pairs too (the validation split), not only the training pairs
     best = trained.history["val_fisher_separation"][trained.best_epoch - 1]
     assert best > 1.5 * trained.initial_val_fisher_separation
