@@ -36,10 +36,25 @@ def _is_inn(steerer: Any) -> bool:
 
 
 def _model_hint(steerer: Any, model_hint: Optional[str]) -> str:
+    """The architecture the steerer is for (llama.cpp's general.architecture, e.g. 'llama'): given,
+    recorded in the steerer, or read from the default GGUF when the steerer was trained on it."""
     if model_hint is not None:
         return model_hint
     extra = getattr(steerer, "extra", None) or {}
-    return str(extra.get("architecture", extra.get("model_hint", "")))
+    if extra.get("architecture"):
+        return str(extra["architecture"])
+    from .models import ModelLoadError, default_gguf_path, model_id_for
+
+    try:
+        path = default_gguf_path()
+    except ModelLoadError:
+        return ""
+    if model_id_for(path) != getattr(steerer, "model_id", None):
+        return ""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.architecture")
+    return str(field.contents()) if field is not None else ""
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:

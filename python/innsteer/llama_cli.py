@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 from .export import FORMATS, WEIGHT_DTYPES
@@ -54,30 +53,38 @@ def _steer_gguf_path(steer: str, tmpdir: str) -> str:
 
 
 def generate_gguf(args: argparse.Namespace) -> int:
-    """``innsteer generate --gguf MODEL``: greedy chat replies from a GGUF in llama.cpp, steered by
-    ``--steer`` (a steer GGUF or an INN .safetensors) at ``--alpha`` and/or ``--control-vector``.
-    Steering starts at the last prompt token (as in the PyTorch path) unless ``--steer-prompt``."""
+    """``innsteer generate --gguf MODEL``: the unsteered and the steered greedy chat reply to each
+    prompt from a GGUF in llama.cpp, steered by ``--steer`` (a steer GGUF, or an INN .safetensors
+    exported on the fly) at ``--alpha`` and/or ``--control-vector``. Steering starts at the last
+    prompt token (as in the PyTorch path) unless ``--steer-prompt``."""
     from .llama_cpp import SteeredLlama
 
-    prompts = getattr(args, "prompt", None) or []
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise SystemExit("innsteer generate: give at least one prompt")
-    steer = getattr(args, "steer", None)
-    max_tokens = int(getattr(args, "max_new_tokens", None) or getattr(args, "max_tokens", None) or 64)
+    prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
+    control_vector = getattr(args, "control_vector", None)
+    strength = float(getattr(args, "control_strength", 1.0))
+    steer_prompt = bool(getattr(args, "steer_prompt", False))
     with tempfile.TemporaryDirectory() as tmpdir:
-        llm = SteeredLlama(
-            os.fspath(args.gguf),
-            steer=_steer_gguf_path(os.fspath(steer), tmpdir) if steer else None,
-            alpha=getattr(args, "alpha", None),
-            control_vector=getattr(args, "control_vector", None),
-            control_strength=float(getattr(args, "control_strength", None) or 1.0),
-            n_ctx=int(getattr(args, "n_ctx", None) or 2048),
-            seed=int(getattr(args, "seed", None) or 0),
-        )
-        for prompt in prompts:
-            reply = chat_reply(llm, prompt, max_tokens, steer_prompt=bool(getattr(args, "steer_prompt", False)))
-            print(f">>> {prompt}\n{reply}\n", file=sys.stdout, flush=True)
+        steer = _steer_gguf_path(os.fspath(args.steer), tmpdir) if args.steer else None
+        llm = SteeredLlama(os.fspath(args.gguf), steer=steer, alpha=args.alpha, n_ctx=2048)
+    steering = llm.steering
+    steering.disable()
+    plain = [chat_reply(llm, p, args.max_new_tokens) for p in prompts]
+    steered = None
+    if steer or control_vector:
+        steering.enable()
+        if control_vector:
+            steering.set_control_vector(control_vector, strength)
+        steered = [chat_reply(llm, p, args.max_new_tokens, steer_prompt=steer_prompt) for p in prompts]
+    label = []
+    if steer:
+        label.append(f"innsteer alpha={steering.alphas[0]:g}")
+    if control_vector:
+        label.append(f"control vector x{strength:g}")
+    for i, prompt in enumerate(prompts):
+        print(f">>> {prompt}\n[unsteered] {plain[i]}")
+        if steered is not None:
+            print(f"[{', '.join(label)}] {steered[i]}")
+        print()
     return 0
 
 

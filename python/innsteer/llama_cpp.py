@@ -174,6 +174,7 @@ class LlamaSteering:
         if not self._hook:
             raise MemoryError("innsteer_hook_new failed")
         self._steers: list[SteerGGUF] = []  # the hook borrows these: keep them alive
+        self._alphas: list[float] = []
         self.start_position = 0
         self._lib.innsteer_hook_set_threads(self._hook, int(llm.context_params.n_threads_batch))
         self.n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
@@ -244,6 +245,7 @@ class LlamaSteering:
         if entry < 0:
             raise ValueError(err.value.decode(errors="replace"))
         self._steers.append(steer)
+        self._alphas.append(alpha)
         self.llm.reset()
         return entry
 
@@ -262,7 +264,13 @@ class LlamaSteering:
             raise ValueError(f"alpha must be finite, got {alpha}")
         for i in self._entries(entry):
             self._lib.innsteer_hook_set_alpha(self._hook, i, alpha)
+            self._alphas[i] = alpha
         self.llm.reset()
+
+    @property
+    def alphas(self) -> list[float]:
+        """The current alpha of each entry."""
+        return list(self._alphas)
 
     def enable(self, entry: Optional[int] = None) -> None:
         for i in self._entries(entry):

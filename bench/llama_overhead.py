@@ -1,0 +1,114 @@
+"""Decode speed in llama.cpp with no hook, with innsteer's INN hook, and with a stock control vector.
+
+    python bench/llama_overhead.py [--tokens 64] [--repeats 7] [--threads 2] [--layer 12]
+
+Every configuration decodes the same fixed token sequence after the same prompt (one token per
+llama_decode, as in generation); configurations run in a fresh random order within each repeat so
+machine noise hits them alike. Reported: the median over repeats, and the minimum (the least
+disturbed run: on a shared CPU the better estimate of the intrinsic cost). The INN steers are random flows of
+the real shape (d = 576 for the default model); speed does not depend on the trained values.
+Also reports the flow alone on one row (SteerGGUF.apply), the hook's per-token floor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from innsteer import INN, Steerer
+from innsteer.export import export_steer_gguf
+from innsteer.models import default_gguf_path
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def random_steerer(dim: int, hidden: int, couplings: int, layer: int) -> Steerer:
+    gen = torch.Generator().manual_seed(0)
+    inn = INN(dim, num_couplings=couplings, hidden=hidden)
+    with torch.no_grad():
+        for p in list(inn.w2) + list(inn.b2):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    return Steerer(inn, torch.randn(dim, generator=gen), layer, alpha=1.0)
+
+
+def decode_seconds_per_token(llm, prompt_tokens, decode_tokens) -> float:
+    llm.reset()
+    llm.eval(prompt_tokens)
+    start = time.perf_counter()
+    for token in decode_tokens:
+        llm.eval([token])
+    return (time.perf_counter() - start) / len(decode_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per measurement")
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layer", type=int, default=12)
+    args = parser.parse_args()
+
+    import llama_cpp
+
+    from innsteer.llama_cpp import SteeredLlama, SteerGGUF
+
+    model = str(default_gguf_path())
+    common = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    tmp = tempfile.mkdtemp(prefix="innsteer-bench-")
+    inn_configs = [(512, "float32"), (512, "bfloat16"), (256, "float32"), (256, "bfloat16")]
+    llms = {"no hook": llama_cpp.Llama(model, **common)}
+    flow_ms = {}
+    for hidden, dtype in inn_configs:
+        path = os.path.join(tmp, f"inn-{hidden}-{dtype}.gguf")
+        export_steer_gguf(random_steerer(576, hidden, 4, args.layer), path, weight_dtype=dtype)
+        name = f"INN hook K=4 H={hidden} {dtype}"
+        llms[name] = SteeredLlama(model, steer=path, **common)
+        steer, row = SteerGGUF.load(path), np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
+        times = []
+        for _ in range(200):
+            t = time.perf_counter()
+            steer.apply(row)
+            times.append(time.perf_counter() - t)
+        flow_ms[name] = 1e3 * statistics.median(times)
+    cv = SteeredLlama(model, **common)
+    cv.steering.set_control_vector({args.layer: np.random.default_rng(0).standard_normal(576).astype(np.float32)})
+    llms["control vector"] = cv
+
+    prompt_tokens = llms["no hook"].tokenize(PROMPT.encode())
+    decode_tokens = (llms["no hook"].tokenize(b" the old man walked slowly along the shore and watched the waves "
+                                              b"roll in under a grey sky") * 8)[: args.tokens]
+    for llm in llms.values():  # warm-up: graph allocation, page faults
+        decode_seconds_per_token(llm, prompt_tokens, decode_tokens[:8])
+    samples = {name: [] for name in llms}
+    order = list(llms)
+    shuffle = random.Random(0).shuffle
+    for _ in range(args.repeats):
+        shuffle(order)
+        for name in order:
+            samples[name].append(decode_seconds_per_token(llms[name], prompt_tokens, decode_tokens))
+
+    base_median, base_min = statistics.median(samples["no hook"]), min(samples["no hook"])
+    print(f"model {os.path.basename(model)}, layer {args.layer}, {args.tokens} decoded tokens x {args.repeats} "
+          f"repeats, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, llama-cpp-python {llama_cpp.__version__}")
+    print("| configuration | ms/token median | tokens/s median | overhead (median) | ms/token min | overhead (min) "
+          "| flow alone, 1 row (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, values in samples.items():
+        median, best = statistics.median(values), min(values)
+        over_median = "" if name == "no hook" else f"{100 * (median / base_median - 1):+.1f}%"
+        over_min = "" if name == "no hook" else f"{100 * (best / base_min - 1):+.1f}%"
+        flow = f"{flow_ms[name]:.3f}" if name in flow_ms else ""
+        print(f"| {name} | {1e3 * median:.2f} | {1 / median:.1f} | {over_median} | {1e3 * best:.2f} | {over_min} "
+              f"| {flow} |")
+
+
+if __name__ == "__main__":
+    main()
