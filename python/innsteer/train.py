@@ -46,10 +46,10 @@ class TrainConfig:
     grad_clip: float = 10.0
     seed: int = 0
     device: str = "cpu"
-    # torch intra-op threads while training (restored after); None keeps torch's setting. On an
-    # oversubscribed CPU, 1 avoids threads spinning at every op's barrier (600 pairs, d=576, load 8
-    # on 2 cores: 26 s with 1 thread, over 400 s with 2)
-    num_threads: Optional[int] = None
+    # torch intra-op threads while training (restored after); None keeps torch's setting. The
+    # matrices are small, and on a busy CPU every op's thread barrier waits for a descheduled
+    # thread: 600 real pairs, d=576, 2 cores at load ~4 took 13 s with 1 thread, 80 s with 2
+    num_threads: Optional[int] = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
