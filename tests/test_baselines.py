@@ -152,6 +152,10 @@ def test_linear_act_constant_dimension_stays_finite():
     neg[:, 2] = 1.0  # zero spread in the source class
     steerer = fit_linear_act(pos, neg, layer=0)
     assert torch.isfinite(steerer.scale).all() and torch.isfinite(steerer(neg, 1.0)).all()
+    # that dimension is shifted, not scaled; the others are transported as usual
+    assert float(steerer.scale[2]) == 1.0
+    assert float(steerer.shift[2]) == pytest.approx(float(pos[:, 2].mean() - 1.0), abs=1e-5)
+    assert float(steerer.scale[0]) == pytest.approx(float(pos[:, 0].std() / neg[:, 0].std()), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -100,13 +100,16 @@ def fit_probe(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behav
 
 
 def fit_linear_act(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
-                   eps: float = 1e-6) -> AffineSteerer:
-    """Per-dimension Gaussian transport neg -> pos: scale = sigma+ / sigma-, shift = mu+ - scale * mu-."""
+                   eps: float = 1e-3) -> AffineSteerer:
+    """Per-dimension Gaussian transport neg -> pos: scale = sigma+ / sigma-, shift = mu+ - scale * mu-.
+
+    Dimensions where the source class barely varies (sigma- below eps times the median sigma-) get
+    scale 1, a plain shift: their ratio would multiply any other activation by a huge factor."""
     pos, neg = check_contrastive(pos, neg)
     pos64, neg64 = pos.double(), neg.double()
     std_neg = neg64.std(0)
-    std_neg = std_neg.clamp_min(eps * float(std_neg.max().clamp_min(1e-12)))  # constant dims: no rescaling blow-up
-    scale = pos64.std(0) / std_neg
+    degenerate = std_neg < eps * float(std_neg.median())
+    scale = torch.where(degenerate, torch.ones_like(std_neg), pos64.std(0) / std_neg.clamp_min(1e-30))
     shift = pos64.mean(0) - scale * neg64.mean(0)
     return AffineSteerer(scale.float(), shift.float(), layer, model_id=model_id, behavior=behavior,
                          method="linear_act")
