@@ -7,7 +7,10 @@ llama_decode, as in generation); configurations run in a fresh random order with
 machine noise hits them alike. Reported: the median over repeats, and the minimum (the least
 disturbed run: on a shared CPU the better estimate of the intrinsic cost). The INN steers are random flows of
 the real shape (d = 576 for the default model); speed does not depend on the trained values.
-Also reports the flow alone on one row (SteerGGUF.apply), the hook's per-token floor.
+Also reports the time spent inside the hook's l_out rewrite per decoded token (read, flow, write;
+measured in C, so machine noise in the rest of the step does not blur it) and the flow alone on one
+row (SteerGGUF.apply, through ctypes). The hook's remaining cost, its per-node name filter, is in
+the end-to-end overheads.
 """
 from __future__ import annotations
 
@@ -38,13 +41,18 @@ def random_steerer(dim: int, hidden: int, couplings: int, layer: int) -> Steerer
     return Steerer(inn, torch.randn(dim, generator=gen), layer, alpha=1.0)
 
 
-def decode_seconds_per_token(llm, prompt_tokens, decode_tokens) -> float:
+def decode_seconds_per_token(llm, prompt_tokens, decode_tokens) -> tuple[float, float]:
+    """(wall seconds per decoded token, of which seconds inside the hook's l_out rewrite)."""
+    steering = getattr(llm, "steering", None)
     llm.reset()
     llm.eval(prompt_tokens)
+    in_hook = steering.apply_seconds if steering is not None else 0.0
     start = time.perf_counter()
     for token in decode_tokens:
         llm.eval([token])
-    return (time.perf_counter() - start) / len(decode_tokens)
+    elapsed = time.perf_counter() - start
+    in_hook = (steering.apply_seconds - in_hook) if steering is not None else 0.0
+    return elapsed / len(decode_tokens), in_hook / len(decode_tokens)
 
 
 def main() -> None:
@@ -87,27 +95,32 @@ def main() -> None:
     for llm in llms.values():  # warm-up: graph allocation, page faults
         decode_seconds_per_token(llm, prompt_tokens, decode_tokens[:8])
     samples = {name: [] for name in llms}
+    hook_time = {name: [] for name in llms}
     order = list(llms)
     shuffle = random.Random(0).shuffle
     for _ in range(args.repeats):
         shuffle(order)
         for name in order:
-            samples[name].append(decode_seconds_per_token(llms[name], prompt_tokens, decode_tokens))
+            wall, in_hook = decode_seconds_per_token(llms[name], prompt_tokens, decode_tokens)
+            samples[name].append(wall)
+            hook_time[name].append(in_hook)
 
     base_median, base_min = statistics.median(samples["no hook"]), min(samples["no hook"])
     print(f"model {os.path.basename(model)}, layer {args.layer}, {args.tokens} decoded tokens x {args.repeats} "
           f"repeats, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, llama-cpp-python {llama_cpp.__version__}")
     print("| configuration | ms/token median | tokens/s median | overhead (median) | ms/token min | overhead (min) "
-          "| flow alone, 1 row (ms) |")
-    print("|---|---|---|---|---|---|---|")
+          "| in hook, ms/token | in hook / no-hook min | flow alone, 1 row (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, values in samples.items():
         median, best = statistics.median(values), min(values)
         over_median = "" if name == "no hook" else f"{100 * (median / base_median - 1):+.1f}%"
         over_min = "" if name == "no hook" else f"{100 * (best / base_min - 1):+.1f}%"
         flow = f"{flow_ms[name]:.3f}" if name in flow_ms else ""
+        hook_ms = 1e3 * statistics.median(hook_time[name]) if name in flow_ms else None
+        hook = f"{hook_ms:.3f} | {100 * hook_ms / (1e3 * base_min):.1f}%" if hook_ms is not None else " | "
         print(f"| {name} | {1e3 * median:.2f} | {1 / median:.1f} | {over_median} | {1e3 * best:.2f} | {over_min} "
-              f"| {flow} |")
+              f"| {hook} | {flow} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 // before any consumer runs (see the notes on ggml_backend_sched's compute_splits).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -62,6 +63,7 @@ struct innsteer_hook {
   int64_t nodes_asked = 0;
   std::atomic<int> n_threads{1};
   std::atomic<int64_t> applied{0};
+  std::atomic<int64_t> apply_ns{0};  // time spent reading, steering and writing l_out tensors
   std::mutex error_mutex;
   std::string error;
   std::vector<uint8_t> rows;  // the tensor's bytes, reused across calls
@@ -184,6 +186,8 @@ void innsteer_hook_set_threads(innsteer_hook* hook, int n_threads) { hook->n_thr
 
 int64_t innsteer_hook_applied_count(const innsteer_hook* hook) { return hook->applied.load(); }
 
+double innsteer_hook_apply_seconds(const innsteer_hook* hook) { return 1e-9 * hook->apply_ns.load(); }
+
 void innsteer_hook_begin(innsteer_hook* hook, int64_t first_row) {
   std::fill(hook->seen.begin(), hook->seen.end(), 0);
   std::fill(hook->rows_done.begin(), hook->rows_done.end(), 0);
@@ -223,11 +227,14 @@ bool innsteer_hook_eval_callback(struct ggml_tensor* t, bool ask, void* user_dat
     return hook->wants_rows(layer, ggml_nrows(t));
   }
   if (layer >= 0 && hook->wants(layer)) {
+    const auto start = std::chrono::steady_clock::now();
     try {
       hook->apply(t, layer);
     } catch (const std::exception& e) {
       hook->record(std::string("innsteer hook: ") + e.what());
     }
+    hook->apply_ns.fetch_add(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
   }
   return true;  // false would abandon the rest of the graph; errors are raised by innsteer_hook_end
 }

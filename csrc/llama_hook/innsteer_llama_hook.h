@@ -52,6 +52,8 @@ int innsteer_hook_set_enabled(innsteer_hook* hook, int entry, bool enabled);
 void innsteer_hook_set_threads(innsteer_hook* hook, int n_threads);
 /* Number of l_out tensors rewritten since innsteer_hook_new (to check the hook really ran). */
 int64_t innsteer_hook_applied_count(const innsteer_hook* hook);
+/* Seconds spent rewriting l_out tensors (read, steer, write) since innsteer_hook_new. */
+double innsteer_hook_apply_seconds(const innsteer_hook* hook);
 
 /* Around each decode: begin clears the per-call state and leaves the call's first `first_row`
  * tokens unsteered (0: steer all); end returns nonzero (and the message) if the callback failed or

@@ -84,6 +84,7 @@ def hook_library() -> ctypes.CDLL:
         "innsteer_hook_set_enabled": ([hook_p, c.c_int, c.c_bool], c.c_int),
         "innsteer_hook_set_threads": ([hook_p, c.c_int], None),
         "innsteer_hook_applied_count": ([hook_p], c.c_int64),
+        "innsteer_hook_apply_seconds": ([hook_p], c.c_double),
         "innsteer_hook_begin": ([hook_p, c.c_int64], None),
         "innsteer_hook_end": ([hook_p, err_t, c.c_size_t], c.c_int),
     }
@@ -299,6 +300,11 @@ class LlamaSteering:
     def applied_count(self) -> int:
         """How many l_out tensors the hook has rewritten so far."""
         return int(self._lib.innsteer_hook_applied_count(self._hook))
+
+    @property
+    def apply_seconds(self) -> float:
+        """Seconds the hook has spent rewriting l_out tensors (read, steer, write back) so far."""
+        return float(self._lib.innsteer_hook_apply_seconds(self._hook))
 
     def set_control_vector(self, control_vector: Union[str, os.PathLike, dict], strength: float = 1.0) -> None:
         """Apply a stock llama.cpp control vector (a file, or {layer: vector}) scaled by ``strength``."""
