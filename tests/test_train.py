@@ -250,3 +250,18 @@ def test_num_threads_is_restored(data):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("innsteer_ext").HAS_CUDA_KERNELS),
+                    reason="needs a CUDA GPU and the CUDA kernels")
+def test_training_on_cuda_matches_the_cpu_recipe(data, trained):
+    pos, neg = data
+    result = train_innsteer(pos, neg, layer=3, config=TrainConfig(**SMALL, device="cuda"), progress=False)
+    steerer = result.steerer
+    assert steerer.direction.is_cuda
+    inn = steerer.inn
+    cuda_sep = fisher_reference(latent(inn, pos.cuda()).cpu(), latent(inn, neg.cuda()).cpu())
+    untrained = untrained_inn(pos, neg)
+    assert cuda_sep > 2 * fisher_reference(latent(untrained, pos), latent(untrained, neg))
+    with torch.no_grad():
+        assert torch.equal(steerer(neg.cuda(), 0.0).cpu(), neg)
