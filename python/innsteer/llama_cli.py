@@ -1,7 +1,8 @@
 """The llama.cpp parts of the ``innsteer`` command line (registered by ``innsteer.cli``).
 
     innsteer export STEERER -o steer.gguf [--format controlvector] [--weight-dtype bfloat16]
-    innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via generate_gguf)
+    innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via generate_gguf;
+                                                 --gguf smollm2 is the embedded default model)
 """
 from __future__ import annotations
 
@@ -58,14 +59,18 @@ def generate_gguf(args: argparse.Namespace) -> int:
     exported on the fly) at ``--alpha`` and/or ``--control-vector``. Steering starts at the last
     prompt token (as in the PyTorch path) unless ``--steer-prompt``."""
     from .llama_cpp import SteeredLlama
+    from .models import resolve_model_path
 
+    model = resolve_model_path(args.gguf)  # 'smollm2': the embedded default GGUF
+    if model.suffix != ".gguf":
+        raise ValueError(f"--gguf needs a .gguf file, got {model}")
     prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
     control_vector = getattr(args, "control_vector", None)
     strength = float(getattr(args, "control_strength", 1.0))
     steer_prompt = bool(getattr(args, "steer_prompt", False))
     with tempfile.TemporaryDirectory() as tmpdir:
         steer = _steer_gguf_path(os.fspath(args.steer), tmpdir) if args.steer else None
-        llm = SteeredLlama(os.fspath(args.gguf), steer=steer, alpha=args.alpha, n_ctx=2048)
+        llm = SteeredLlama(str(model), steer=steer, alpha=args.alpha, n_ctx=2048)
     steering = llm.steering
     steering.disable()
     plain = [chat_reply(llm, p, args.max_new_tokens) for p in prompts]
