@@ -230,3 +230,20 @@ def test_ab_probabilities_match_the_pytorch_path(tmp_path):
         print(f"alpha {alpha}: mean |llama.cpp - pytorch| = {difference:.4f}; steering moved p by {moved:.4f}")
         assert difference <= 0.03
         assert moved > difference
+
+
+def test_cli_generate_gguf_and_export(tmp_path, capsys):
+    """`innsteer export` then `innsteer generate --gguf`: unsteered and steered replies differ."""
+    from innsteer.cli import main
+
+    steer_file = tmp_path / "inn.safetensors"
+    random_inn_steerer(layer=10, alpha=4.0).save(steer_file)
+    assert main(["export", str(steer_file), "-o", str(tmp_path / "inn.gguf")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--gguf", "smollm2", "--steer", str(tmp_path / "inn.gguf"), "--alpha", "6",
+                 "--max-new-tokens", "8", "Name a fruit."]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    unsteered = next(line for line in lines if line.startswith("[unsteered]"))
+    steered = next(line for line in lines if line.startswith("[innsteer alpha=6]"))
+    assert unsteered[len("[unsteered]"):] != steered[len("[innsteer alpha=6]"):]
+    assert main(["generate", "--gguf", str(steer_file), "x"]) != 0  # not a GGUF model: a clear error
