@@ -107,16 +107,16 @@ def test_export_command_from_saved_steer_files(tmp_path):
 
 @pytest.mark.llama
 @pytest.mark.slow
-def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path):
+def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path, default_lm):
     """A control vector written for layer L acts in llama.cpp like the same vector added to decoder
     layer L's output in transformers (same GGUF, dequantized); L-1 and L+1 do not."""
     pytest.importorskip("llama_cpp")
     from innsteer.hooks import steering
     from innsteer.llama_cpp import SteeredLlama
-    from innsteer.models import default_gguf_path, load_model
+    from innsteer.models import default_gguf_path
     from llama_helpers import last_logits, log_softmax
 
-    lm = load_model()
+    lm = default_lm
     text = "The quick brown fox jumps over the lazy dog. In the morning, the farmer"
     ids = lm.tokenizer(text)["input_ids"]
     layer = 10

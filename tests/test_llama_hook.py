@@ -198,7 +198,7 @@ def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_fil
 
 
 @pytest.mark.slow
-def test_ab_probabilities_match_the_pytorch_path(tmp_path):
+def test_ab_probabilities_match_the_pytorch_path(tmp_path, default_lm):
     """A trained INN steerer: CAA test-split A/B probabilities through llama.cpp (Q4_1 + C hook)
     match the PyTorch path (the same GGUF dequantized, torch op) within 0.03 mean abs difference,
     at alphas that move the scores by more than that."""
@@ -206,11 +206,10 @@ def test_ab_probabilities_match_the_pytorch_path(tmp_path):
     from innsteer.data import load_ab
     from innsteer.evaluate import behaviour_scores as torch_scores
     from innsteer.llama_cpp import behaviour_scores as llama_scores
-    from innsteer.models import load_model
     from innsteer.train import TrainConfig, train_innsteer
 
     behavior, layer = "corrigible-neutral-HHH", 12
-    lm = load_model()
+    lm = default_lm
     train_items = load_ab(behavior, "generate", limit=48)
     pos, neg = contrastive_activations(lm, train_items, layer, behavior=behavior, split="generate",
                                        progress=False)[layer]
