@@ -76,6 +76,8 @@ def test_control_vector_file_is_the_stock_format(tmp_path):
 def test_export_refuses_what_it_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="cannot steer layer 0"):
         export_control_vector(LinearSteerer(torch.ones(8), 0), tmp_path / "a.gguf")
+    with pytest.raises(ValueError, match="negative"):
+        export(random_inn_steerer(8, hidden=4, layer=-2), tmp_path / "n.gguf")
     with pytest.raises(TypeError, match="nonlinear"):
         export(random_inn_steerer(8, hidden=4), tmp_path / "b.gguf", format="controlvector")
     with pytest.raises(TypeError, match="no 1-D `vector`"):

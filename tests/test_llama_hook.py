@@ -175,6 +175,12 @@ def test_refuses_bad_layers_and_incompatible_steers(gguf_path, tmp_path, random_
         llm.steering.add(random_steer_file, expect_model_id="SmolLM2-135M-Instruct.Q4_1")
     with pytest.raises(SteerFileError, match="hidden size is 576"):
         llm.steering.set_control_vector({5: np.ones(10, np.float32)})
+    from innsteer.export import export_control_vector
+    from innsteer.linear import LinearSteerer
+
+    export_control_vector(LinearSteerer(torch.ones(SMOLLM_DIM), 5), tmp_path / "cv.gguf", model_hint="qwen2")
+    with pytest.raises(SteerFileError, match="control vector for a 'qwen2' model"):
+        llm.steering.set_control_vector(tmp_path / "cv.gguf")
 
 
 def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_file):

@@ -76,6 +76,8 @@ def export_steer_gguf(steerer: Any, path: str | os.PathLike, *, weight_dtype: st
                         "linear steerers export with format='controlvector'")
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if steerer.layer < 0:
+        raise ValueError(f"steerer layer {steerer.layer} is negative; export needs the absolute layer index")
     inn = steerer.inn
     config = inn.config
     writer = gguf.GGUFWriter(os.fspath(path), arch="innsteer")
