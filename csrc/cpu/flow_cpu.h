@@ -14,10 +14,6 @@
 namespace innsteer {
 namespace cpu {
 
-// Below this many weights per coupling layer a single token's GEMV is too short to split
-// across threads: fork/join would cost more than it saves.
-constexpr int64_t kColumnSplitMinWeights = int64_t(1) << 18;
-
 template <class Acc, class W>
 struct FlowShape {
   int64_t max_cond = 0;
@@ -114,24 +110,6 @@ void coupling_tile(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>&
   affine_columns(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, 0, c.n_trans, inverse, logdet);
 }
 
-// One coupling for a single tile, its two matrix products split by columns across workers
-// (decode: too few tokens to split by rows).  Log-det partials go to each worker's buffer.
-template <class Acc, class W, class ParallelFor>
-void coupling_tile_split(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>& buf, int nt, bool inverse,
-                         Acc* workspace, int64_t per_worker, bool with_logdet, ParallelFor&& pfor) {
-  const CouplingView<Acc, W>& c = f.couplings[k];
-  gather_conditioner(c, buf.u, f.dim, buf.gathered, nt);
-  constexpr int64_t kChunk = 64;  // columns per task; 64 floats = a few cache lines per row
-  pfor((f.hidden + kChunk - 1) / kChunk, 1, [&](int64_t b, int64_t e, int) {
-    hidden_columns(c, f.hidden, buf.gathered, buf.hidden, nt, b * kChunk, std::min(e * kChunk, f.hidden));
-  });
-  pfor((c.n_trans + kChunk - 1) / kChunk, 1, [&](int64_t b, int64_t e, int worker) {
-    Acc* partial = with_logdet ? TileBuffers<Acc>(workspace + worker * per_worker, f).logdet : nullptr;
-    affine_columns(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, b * kChunk,
-                   std::min(e * kChunk, c.n_trans), inverse, partial);
-  });
-}
-
 // Runs `mode` over `rows` rows of `dim` values.
 //   kForward: output = z (standardized, then couplings 0..K-1), logdet_out[r] = log|det J|.
 //   kInverse: output = x from z (couplings K-1..0, then de-standardized).
@@ -185,56 +163,31 @@ void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const I
     }
   };
 
-  const int64_t n_tiles = (rows + kTileTokens - 1) / kTileTokens;
-  const CouplingView<Acc, W>& first = f.couplings[0];
-  const bool split_columns = !identity && n_workers > 1 && n_tiles == 1 &&
-                             first.n_cond * f.hidden >= kColumnSplitMinWeights;
-
-  if (!split_columns) {
-    pfor(n_tiles, 1, [&](int64_t b, int64_t e, int worker) {
-      const TileBuffers<Acc> buf(workspace + worker * per_worker, f);
-      for (int64_t tile = b; tile < e; ++tile) {
-        const int64_t r0 = tile * kTileTokens;
-        const int nt = static_cast<int>(std::min<int64_t>(kTileTokens, rows - r0));
-        load(r0, nt, buf.u);
-        if (identity) continue;
-        std::fill(buf.logdet, buf.logdet + nt, base_logdet);
-        if (mode != FlowMode::kInverse) {
-          for (int64_t k = 0; k < f.n_couplings; ++k) coupling_tile(f, k, buf, nt, false, buf.logdet);
-        }
-        if (mode == FlowMode::kSteer) shift_latent(nt, buf.u);
-        if (mode != FlowMode::kForward) {
-          for (int64_t k = f.n_couplings - 1; k >= 0; --k) coupling_tile(f, k, buf, nt, true, static_cast<Acc*>(nullptr));
-        }
-        store(r0, nt, buf.u, buf.logdet);
+  // Rows are independent: workers take whole tiles, one fork/join per call. A tile is never
+  // split across threads: splitting decode's 1-8 tokens (by rows, or one token's products by
+  // columns with a join per layer) measured no faster on 2 cores and stalled badly whenever
+  // another process held a core.
+  const int64_t tile_rows = kTileTokens;
+  const int64_t n_tiles = (rows + tile_rows - 1) / tile_rows;
+  pfor(n_tiles, 1, [&](int64_t b, int64_t e, int worker) {
+    const TileBuffers<Acc> buf(workspace + worker * per_worker, f);
+    for (int64_t tile = b; tile < e; ++tile) {
+      const int64_t r0 = tile * tile_rows;
+      const int nt = static_cast<int>(std::min<int64_t>(tile_rows, rows - r0));
+      load(r0, nt, buf.u);
+      if (identity) continue;
+      std::fill(buf.logdet, buf.logdet + nt, base_logdet);
+      if (mode != FlowMode::kInverse) {
+        for (int64_t k = 0; k < f.n_couplings; ++k) coupling_tile(f, k, buf, nt, false, buf.logdet);
       }
-    });
-    return;
-  }
-
-  const TileBuffers<Acc> buf(workspace, f);
-  const int nt = static_cast<int>(rows);
-  const bool with_logdet = mode == FlowMode::kForward;
-  for (int w = 0; w < n_workers; ++w) {
-    Acc* partial = TileBuffers<Acc>(workspace + w * per_worker, f).logdet;
-    std::fill(partial, partial + kTileTokens, Acc(0));
-  }
-  load(0, nt, buf.u);
-  if (mode != FlowMode::kInverse) {
-    for (int64_t k = 0; k < f.n_couplings; ++k)
-      coupling_tile_split(f, k, buf, nt, false, workspace, per_worker, with_logdet, pfor);
-  }
-  if (mode == FlowMode::kSteer) shift_latent(nt, buf.u);
-  if (mode != FlowMode::kForward) {
-    for (int64_t k = f.n_couplings - 1; k >= 0; --k)
-      coupling_tile_split(f, k, buf, nt, true, workspace, per_worker, false, pfor);
-  }
-  Acc logdet[kTileTokens];
-  for (int t = 0; t < nt; ++t) {
-    logdet[t] = base_logdet;
-    for (int w = 0; w < n_workers; ++w) logdet[t] += TileBuffers<Acc>(workspace + w * per_worker, f).logdet[t];
-  }
-  store(0, nt, buf.u, logdet);
+      if (mode == FlowMode::kSteer) shift_latent(nt, buf.u);
+      if (mode != FlowMode::kForward) {
+        for (int64_t k = f.n_couplings - 1; k >= 0; --k)
+          coupling_tile(f, k, buf, nt, true, static_cast<Acc*>(nullptr));
+      }
+      store(r0, nt, buf.u, buf.logdet);
+    }
+  });
 }
 
 }  // namespace cpu
