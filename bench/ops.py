@@ -61,6 +61,7 @@ def bench_row(dim, tokens, hidden, couplings, repeats, with_compile):
         row["op_bf16w"] = median_ms(lambda: op(h, None, direction, 1.0, *flow16), repeats)
         row["eager"] = median_ms(lambda: reference.steer(h, None, direction, 1.0, *flow32), max(5, repeats // 4))
         if with_compile:
+            torch._dynamo.reset()  # a fresh cache per shape: past the recompile limit it would silently run eager
             compiled = torch.compile(reference.steer, dynamic=False)
             row["compiled"] = median_ms(lambda: compiled(h, None, direction, 1.0, *flow32), max(5, repeats // 4))
     weights = sum(w.numel() for w in list(inn.w1) + list(inn.w2))
@@ -130,6 +131,7 @@ def bench_row_cuda(dim, tokens, hidden, couplings, repeats, compile_mode):
         row["eager"] = cuda_median_ms(lambda: reference.steer(h, residual, direction, 1.0, *flow16),
                                       max(5, repeats // 4))
         if compile_mode:
+            torch._dynamo.reset()
             compiled = torch.compile(reference.steer, mode=compile_mode, dynamic=False)
             row["compiled"] = cuda_median_ms(lambda: compiled(h, residual, direction, 1.0, *flow16),
                                              max(5, repeats // 4))
