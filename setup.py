@@ -30,7 +30,8 @@ def with_cuda() -> bool:
 
 def extensions():
     cpu_sources = ["csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp", "csrc/cpu/gemm_cpu.cpp"]
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # -Wno-psabi: the vector helpers pass AVX values between always-inlined functions only
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     link_flags = ["-fopenmp"]  # resolves to torch's own libgomp.so.1 (same soname)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if with_cuda() and cuda_sources:
