@@ -87,7 +87,7 @@ def llama_hook_extensions():
             library_dirs=[lib_dir],
             runtime_library_dirs=[lib_dir],
             libraries=["ggml-base"],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall"]},
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-psabi"]},
             language="c++",
         )
     ]
