@@ -7,7 +7,6 @@ so hooks, evaluation and ``load_steerer`` treat every method alike.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Optional
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .steerer import _META_KEYS, FORMAT_VERSION, SteerFileError, check_compatible, read_steer_file
+from .steerer import _META_KEYS, FORMAT_VERSION, SteerFileError, check_compatible, check_steer_call, read_steer_file
 
 
 class _PerDimensionSteerer(nn.Module):
@@ -50,14 +49,7 @@ class _PerDimensionSteerer(nn.Module):
         raise NotImplementedError
 
     def _prepare(self, h: Tensor, alpha: Optional[float], residual: Optional[Tensor]) -> tuple[Tensor, float]:
-        alpha = self.alpha if alpha is None else float(alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
-        if h.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"this steerer was made for hidden size {self.hidden_size} "
-                f"({self.model_id or 'unknown model'}, layer {self.layer}); got activations of shape {tuple(h.shape)}"
-            )
+        alpha = check_steer_call(self, h, alpha)
         if residual is not None and residual.shape != h.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match hidden {tuple(h.shape)}")
         return (h if residual is None else h + residual), alpha

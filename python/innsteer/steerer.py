@@ -21,6 +21,19 @@ class SteerFileError(ValueError):
     """A steer file that is corrupted, of another format version, or for another model."""
 
 
+def check_steer_call(steerer, h: Tensor, alpha: Optional[float]) -> float:
+    """The alpha a call of any steerer kind uses (its default when None), after checking alpha and h's hidden size."""
+    alpha = steerer.alpha if alpha is None else float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if h.shape[-1] != steerer.hidden_size:
+        raise ValueError(
+            f"this steerer was trained for hidden size {steerer.hidden_size} "
+            f"({steerer.model_id or 'unknown model'}, layer {steerer.layer}); got activations of shape {tuple(h.shape)}"
+        )
+    return alpha
+
+
 class Steerer(nn.Module):
     """``steerer(h, alpha)`` steers hidden states h [..., dim] at one layer.
 
@@ -63,15 +76,7 @@ class Steerer(nn.Module):
         return self.inn.dim
 
     def _args(self, h: Tensor, alpha: Optional[float]) -> tuple[Tensor, float, tuple]:
-        alpha = self.alpha if alpha is None else float(alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
-        if h.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"this steerer was trained for hidden size {self.hidden_size} "
-                f"({self.model_id or 'unknown model'}, layer {self.layer}); got activations of shape {tuple(h.shape)}"
-            )
-        return self.direction, alpha, self.inn.flow_args(self.weight_dtype)
+        return self.direction, check_steer_call(self, h, alpha), self.inn.flow_args(self.weight_dtype)
 
     def forward(self, h: Tensor, alpha: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
         direction, alpha, flow = self._args(h, alpha)
