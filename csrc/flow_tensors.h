@@ -145,6 +145,33 @@ struct FlowHolder {
   }
 };
 
+template <class AccT, class InT, class WT>
+struct FlowTypes {
+  using Acc = AccT;  // compute type
+  using In = InT;    // activation storage type
+  using W = WT;      // weight storage type
+};
+
+// Calls fn(FlowTypes<Acc, In, W>{}) for the types of an op call: float64 activations compute in
+// float64 (with float64 weights); float32/bfloat16/float16 ones in float32 with float32 or
+// bfloat16 weights. Shared by the CPU and CUDA glue so both support the same combinations.
+template <class Fn>
+void dispatch_flow_types(at::ScalarType activations, at::ScalarType weights, Fn&& fn) {
+  const bool bf16_weights = weights == at::kBFloat16;
+  switch (activations) {
+    case at::kDouble:
+      return fn(FlowTypes<double, double, double>{});
+    case at::kFloat:
+      return bf16_weights ? fn(FlowTypes<float, float, bf16_t>{}) : fn(FlowTypes<float, float, float>{});
+    case at::kBFloat16:
+      return bf16_weights ? fn(FlowTypes<float, bf16_t, bf16_t>{}) : fn(FlowTypes<float, bf16_t, float>{});
+    case at::kHalf:
+      return bf16_weights ? fn(FlowTypes<float, half_t, bf16_t>{}) : fn(FlowTypes<float, half_t, float>{});
+    default:
+      TORCH_CHECK(false, "innsteer: unsupported activation dtype ", activations);
+  }
+}
+
 inline void check_steer_args(const at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                              const at::Tensor& direction, double alpha, int64_t dim) {
   TORCH_CHECK(std::isfinite(alpha), "innsteer: alpha must be finite, got ", alpha);

@@ -83,24 +83,11 @@ void launch(const FlowArgs& args, FlowMode mode, const at::Tensor& input, const 
 
 void dispatch(const FlowArgs& args, FlowMode mode, const at::Tensor& input, const at::Tensor* residual,
               at::Tensor& output, at::Tensor* logdet, double alpha, const at::Tensor* direction) {
-  const bool bf16_weights = args.w1[0].scalar_type() == at::kBFloat16;
-  switch (input.scalar_type()) {
-    case at::kDouble:
-      return launch<double, double, double>(args, mode, input, residual, output, logdet, alpha, direction);
-    case at::kFloat:
-      return bf16_weights ? launch<float, float, bf16_t>(args, mode, input, residual, output, logdet, alpha, direction)
-                          : launch<float, float, float>(args, mode, input, residual, output, logdet, alpha, direction);
-    case at::kBFloat16:
-      return bf16_weights
-                 ? launch<float, bf16_t, bf16_t>(args, mode, input, residual, output, logdet, alpha, direction)
-                 : launch<float, bf16_t, float>(args, mode, input, residual, output, logdet, alpha, direction);
-    case at::kHalf:
-      return bf16_weights
-                 ? launch<float, half_t, bf16_t>(args, mode, input, residual, output, logdet, alpha, direction)
-                 : launch<float, half_t, float>(args, mode, input, residual, output, logdet, alpha, direction);
-    default:
-      TORCH_CHECK(false, "innsteer: unsupported activation dtype ", input.scalar_type());
-  }
+  dispatch_flow_types(input.scalar_type(), args.w1[0].scalar_type(), [&](auto types) {
+    using T = decltype(types);
+    launch<typename T::Acc, typename T::In, typename T::W>(args, mode, input, residual, output, logdet, alpha,
+                                                          direction);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> coupling_forward_cuda(const at::Tensor& x, const at::Tensor& mean,
