@@ -7,17 +7,9 @@ from safetensors.torch import load_file, save_file
 
 from innsteer import AffineSteerer, LinearSteerer, SteerFileError, Steerer, load_steerer
 from innsteer.baselines import METHODS, fit_caa, fit_linear_act, fit_pca, fit_probe
-from test_train import synthetic_pairs
+from test_train import one_thread, synthetic_pairs  # noqa: F401  (autouse fixture applies here too)
 
 D = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
