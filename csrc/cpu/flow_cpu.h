@@ -167,13 +167,12 @@ void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const I
   // split across threads: splitting decode's 1-8 tokens (by rows, or one token's products by
   // columns with a join per layer) measured no faster on 2 cores and stalled badly whenever
   // another process held a core.
-  const int64_t tile_rows = kTileTokens;
-  const int64_t n_tiles = (rows + tile_rows - 1) / tile_rows;
+  const int64_t n_tiles = (rows + kTileTokens - 1) / kTileTokens;
   pfor(n_tiles, 1, [&](int64_t b, int64_t e, int worker) {
     const TileBuffers<Acc> buf(workspace + worker * per_worker, f);
     for (int64_t tile = b; tile < e; ++tile) {
-      const int64_t r0 = tile * tile_rows;
-      const int nt = static_cast<int>(std::min<int64_t>(tile_rows, rows - r0));
+      const int64_t r0 = tile * kTileTokens;
+      const int nt = static_cast<int>(std::min<int64_t>(kTileTokens, rows - r0));
       load(r0, nt, buf.u);
       if (identity) continue;
       std::fill(buf.logdet, buf.logdet + nt, base_logdet);

@@ -10,7 +10,8 @@
 namespace innsteer {
 namespace cpu {
 
-// Tokens per tile: a tile's accumulators fit in registers (see gemm_cpu.cpp).
+// Rows (tokens) per tile: a tile's column block of outputs (8 x 256 floats) stays in L1 while
+// the weights stream past (see gemm_cpu.cpp).
 constexpr int kTileTokens = 8;
 
 // y[t, c] += sum_i x[t, i] * w[i, c]   for t < n_tokens, c < n_cols, i < n_in.
