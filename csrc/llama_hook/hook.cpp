@@ -5,11 +5,13 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -25,12 +27,19 @@ using innsteer::bf16_t;
 using innsteer::half_t;
 using innsteer::llama_hook::SteerModel;
 
+// An entry owns a reference to its steer, so the steer outlives it whatever the caller frees.
 struct Entry {
+  innsteer_steer* steer;
   const SteerModel* model;
   int32_t layer;
   std::atomic<float> alpha;
   std::atomic<bool> enabled;
-  Entry(const SteerModel* m, int32_t l, float a) : model(m), layer(l), alpha(a), enabled(true) {}
+  Entry(innsteer_steer* s, int32_t l, float a) : steer(s), model(&s->model), layer(l), alpha(a), enabled(true) {
+    steer->retain();
+  }
+  ~Entry() { innsteer_steer::release(steer); }
+  Entry(const Entry&) = delete;
+  Entry& operator=(const Entry&) = delete;
   bool active() const { return enabled.load() && alpha.load() != 0.0f; }
 };
 
@@ -54,6 +63,9 @@ void copy_message(char* err, size_t err_len, const std::string& message) {
 }  // namespace
 
 struct innsteer_hook {
+  // Guards entries and the per-layer vectors below: the API may add entries from another thread
+  // while the callback runs (ctypes releases the GIL during llama_decode).
+  std::mutex mutex;
   std::vector<std::unique_ptr<Entry>> entries;
   // Per call, by layer: whether l_out-L appeared, rows of l_out-L seen so far (a call may run
   // several ubatches) and the row offset of the tensor being computed.
@@ -61,6 +73,7 @@ struct innsteer_hook {
   std::vector<int64_t> rows_done, tensor_offset;
   int64_t first_row = 0;  // rows (tokens) of this call before it are left unsteered
   int64_t nodes_asked = 0;
+  std::atomic<bool> in_call{false};  // between innsteer_hook_begin and innsteer_hook_end
   std::atomic<int> n_threads{1};
   std::atomic<int64_t> applied{0};
   std::atomic<int64_t> apply_ns{0};  // time spent reading, steering and writing l_out tensors
@@ -147,57 +160,88 @@ innsteer_hook* innsteer_hook_new(void) {
 
 void innsteer_hook_free(innsteer_hook* hook) { delete hook; }
 
-int innsteer_hook_add(innsteer_hook* hook, const innsteer_steer* steer, int32_t layer, float alpha, char* err,
+int innsteer_hook_add(innsteer_hook* hook, innsteer_steer* steer, int32_t layer, float alpha, char* err,
                       size_t err_len) {
   if (!hook || !steer) {
     copy_message(err, err_len, "innsteer_hook_add: null hook or steer");
     return -1;
   }
-  if (layer < 0 || layer > (1 << 16)) {
-    copy_message(err, err_len, "layer " + std::to_string(layer) + " is out of range");
+  if (layer < 0 || layer > INNSTEER_MAX_LAYER) {
+    copy_message(err, err_len, "layer " + std::to_string(layer) + " is outside 0.." +
+                                   std::to_string(INNSTEER_MAX_LAYER));
     return -1;
   }
   if (!std::isfinite(alpha)) {
-    copy_message(err, err_len, "alpha must be finite");
+    copy_message(err, err_len, "alpha must be finite (as a float32)");
     return -1;
   }
-  hook->entries.push_back(std::make_unique<Entry>(&steer->model, layer, alpha));
-  if (hook->seen.size() <= static_cast<size_t>(layer)) {
-    hook->seen.resize(layer + 1, 0);
-    hook->rows_done.resize(layer + 1, 0);
-    hook->tensor_offset.resize(layer + 1, 0);
+  try {
+    std::lock_guard<std::mutex> lock(hook->mutex);
+    if (hook->entries.size() >= static_cast<size_t>(INT32_MAX)) {
+      copy_message(err, err_len, "innsteer_hook_add: too many entries");
+      return -1;
+    }
+    if (hook->seen.size() <= static_cast<size_t>(layer)) {
+      hook->seen.resize(layer + 1, 0);
+      hook->rows_done.resize(layer + 1, 0);
+      hook->tensor_offset.resize(layer + 1, 0);
+    }
+    hook->entries.push_back(std::make_unique<Entry>(steer, layer, alpha));
+    return static_cast<int>(hook->entries.size() - 1);
+  } catch (const std::bad_alloc&) {
+    copy_message(err, err_len, "innsteer_hook_add: out of memory");
+    return -1;
   }
-  return static_cast<int>(hook->entries.size() - 1);
 }
 
 int innsteer_hook_set_alpha(innsteer_hook* hook, int entry, float alpha) {
-  if (!hook || entry < 0 || static_cast<size_t>(entry) >= hook->entries.size() || !std::isfinite(alpha)) return 1;
+  if (!hook || !std::isfinite(alpha)) return 1;
+  std::lock_guard<std::mutex> lock(hook->mutex);
+  if (entry < 0 || static_cast<size_t>(entry) >= hook->entries.size()) return 1;
   hook->entries[entry]->alpha.store(alpha);
   return 0;
 }
 
 int innsteer_hook_set_enabled(innsteer_hook* hook, int entry, bool enabled) {
-  if (!hook || entry < 0 || static_cast<size_t>(entry) >= hook->entries.size()) return 1;
+  if (!hook) return 1;
+  std::lock_guard<std::mutex> lock(hook->mutex);
+  if (entry < 0 || static_cast<size_t>(entry) >= hook->entries.size()) return 1;
   hook->entries[entry]->enabled.store(enabled);
   return 0;
 }
 
-void innsteer_hook_set_threads(innsteer_hook* hook, int n_threads) { hook->n_threads.store(n_threads < 1 ? 1 : n_threads); }
+int innsteer_hook_set_threads(innsteer_hook* hook, int n_threads) {
+  if (!hook || n_threads < 1 || n_threads > INNSTEER_MAX_THREADS) return 1;
+  hook->n_threads.store(n_threads);
+  return 0;
+}
 
-int64_t innsteer_hook_applied_count(const innsteer_hook* hook) { return hook->applied.load(); }
+int64_t innsteer_hook_applied_count(const innsteer_hook* hook) { return hook ? hook->applied.load() : -1; }
 
-double innsteer_hook_apply_seconds(const innsteer_hook* hook) { return 1e-9 * hook->apply_ns.load(); }
+double innsteer_hook_apply_seconds(const innsteer_hook* hook) { return hook ? 1e-9 * hook->apply_ns.load() : -1.0; }
 
-void innsteer_hook_begin(innsteer_hook* hook, int64_t first_row) {
+int innsteer_hook_begin(innsteer_hook* hook, int64_t first_row) {
+  if (!hook || first_row < 0) return 1;
+  if (hook->in_call.exchange(true)) return 1;  // another decode is between its begin and end
+  std::lock_guard<std::mutex> lock(hook->mutex);
   std::fill(hook->seen.begin(), hook->seen.end(), 0);
   std::fill(hook->rows_done.begin(), hook->rows_done.end(), 0);
-  hook->first_row = std::max<int64_t>(0, first_row);
+  hook->first_row = first_row;
   hook->nodes_asked = 0;
-  std::lock_guard<std::mutex> lock(hook->error_mutex);
+  std::lock_guard<std::mutex> error_lock(hook->error_mutex);
   hook->error.clear();
+  return 0;
 }
 
 int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len) {
+  if (!hook) {
+    copy_message(err, err_len, "innsteer_hook_end: null hook");
+    return 1;
+  }
+  struct EndCall {
+    innsteer_hook* hook;
+    ~EndCall() { hook->in_call.store(false); }
+  } end_call{hook};
   {
     std::lock_guard<std::mutex> lock(hook->error_mutex);
     if (!hook->error.empty()) {
@@ -205,6 +249,7 @@ int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len) {
       return 1;
     }
   }
+  std::lock_guard<std::mutex> lock(hook->mutex);
   if (hook->nodes_asked == 0) return 0;  // nothing was computed (e.g. an empty batch)
   for (const auto& e : hook->entries) {
     if (e->enabled.load() && !hook->seen[e->layer]) {
@@ -219,14 +264,19 @@ int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len) {
 
 bool innsteer_hook_eval_callback(struct ggml_tensor* t, bool ask, void* user_data) {
   innsteer_hook* hook = static_cast<innsteer_hook*>(user_data);
+  if (!hook || !t) return !ask;  // nothing to observe; never abandon the graph
   const int32_t layer = lout_layer(t->name);
   if (ask) {
     ++hook->nodes_asked;
-    if (layer < 0 || static_cast<size_t>(layer) >= hook->seen.size()) return false;
+    if (layer < 0) return false;
+    std::lock_guard<std::mutex> lock(hook->mutex);
+    if (static_cast<size_t>(layer) >= hook->seen.size()) return false;
     hook->seen[layer] = 1;
     return hook->wants_rows(layer, ggml_nrows(t));
   }
-  if (layer >= 0 && hook->wants(layer)) {
+  if (layer < 0) return true;
+  std::lock_guard<std::mutex> lock(hook->mutex);
+  if (hook->wants(layer)) {
     const auto start = std::chrono::steady_clock::now();
     try {
       hook->apply(t, layer);

@@ -6,7 +6,14 @@
  * layer L. llama.cpp ignores a callback's failure, so errors are recorded in the hook: call
  * innsteer_hook_begin before and innsteer_hook_end after each llama_decode.
  *
- * Functions returning int return 0 on success, nonzero with a message in err[0, err_len).
+ * Functions returning int return 0 on success, nonzero (with a message in err[0, err_len) where
+ * they take err) on failure. Every function checks its pointer arguments: a NULL steer or hook is a
+ * failure (getters return -1, NaN, false or NULL), never a crash.
+ *
+ * Ownership: a steer is reference-counted. Loading returns it with one reference (the caller's);
+ * innsteer_hook_add takes one more for the entry, released when the hook is freed. So
+ * innsteer_steer_free (which drops the caller's reference) is safe at any time, also while hooks
+ * still use the steer.
  */
 #ifndef INNSTEER_LLAMA_HOOK_H
 #define INNSTEER_LLAMA_HOOK_H
@@ -20,12 +27,18 @@ extern "C" {
 #endif
 
 struct ggml_tensor;
+
+/* n_threads accepted by innsteer_steer_apply and innsteer_hook_set_threads: 1..INNSTEER_MAX_THREADS. */
+#define INNSTEER_MAX_THREADS 256
+/* Layers accepted by innsteer_hook_add: 0..INNSTEER_MAX_LAYER. */
+#define INNSTEER_MAX_LAYER 65536
 typedef struct innsteer_steer innsteer_steer;
 typedef struct innsteer_hook innsteer_hook;
 
 /* Loading; NULL on failure with the reason in err. */
 innsteer_steer* innsteer_steer_load_file(const char* path, char* err, size_t err_len);
 innsteer_steer* innsteer_steer_load_buffer(const uint8_t* data, size_t len, char* err, size_t err_len);
+/* Drops the caller's reference (see Ownership); NULL is ignored. */
 void innsteer_steer_free(innsteer_steer* steer);
 
 /* What the file says. key: "model_id", "model_hint", "method", "behavior" (NULL for others). */
@@ -37,28 +50,37 @@ int64_t innsteer_steer_mlp_hidden(const innsteer_steer* steer);
 bool innsteer_steer_bf16_weights(const innsteer_steer* steer);
 const char* innsteer_steer_meta(const innsteer_steer* steer, const char* key);
 
-/* Steers n_rows rows of hidden_size float32 values in place (what the callback does to l_out). */
+/* Steers n_rows rows of hidden_size float32 values in place (what the callback does to l_out).
+ * alpha must be finite, n_rows >= 0, n_threads in 1..INNSTEER_MAX_THREADS. */
 int innsteer_steer_apply(const innsteer_steer* steer, float* rows, int64_t n_rows, float alpha, int n_threads,
                          char* err, size_t err_len);
 
-/* Hooks. An entry borrows its steer: free the hook before the steers it uses. */
+/* Hooks. An entry owns a reference to its steer (see Ownership); the hook's own functions may be
+ * called from several threads (entries are guarded by a mutex). */
 innsteer_hook* innsteer_hook_new(void);
+/* Frees the hook and releases its entries' steers. Must not run during a decode that uses it. */
 void innsteer_hook_free(innsteer_hook* hook);
-/* Adds an entry at `layer`; returns its index (>= 0), or -1 with err set. */
-int innsteer_hook_add(innsteer_hook* hook, const innsteer_steer* steer, int32_t layer, float alpha, char* err,
+/* Adds an entry at `layer` (0..INNSTEER_MAX_LAYER) with a finite alpha, taking a reference to the
+ * steer; returns the entry's index (>= 0), or -1 with err set. */
+int innsteer_hook_add(innsteer_hook* hook, innsteer_steer* steer, int32_t layer, float alpha, char* err,
                       size_t err_len);
+/* Nonzero (and nothing changed) for a NULL hook, an entry index out of range or a non-finite alpha. */
 int innsteer_hook_set_alpha(innsteer_hook* hook, int entry, float alpha);
 int innsteer_hook_set_enabled(innsteer_hook* hook, int entry, bool enabled);
-void innsteer_hook_set_threads(innsteer_hook* hook, int n_threads);
-/* Number of l_out tensors rewritten since innsteer_hook_new (to check the hook really ran). */
+/* Nonzero (and nothing changed) for a NULL hook or n_threads outside 1..INNSTEER_MAX_THREADS. */
+int innsteer_hook_set_threads(innsteer_hook* hook, int n_threads);
+/* Number of l_out tensors rewritten since innsteer_hook_new (to check the hook really ran); -1 for NULL. */
 int64_t innsteer_hook_applied_count(const innsteer_hook* hook);
-/* Seconds spent rewriting l_out tensors (read, steer, write) since innsteer_hook_new. */
+/* Seconds spent rewriting l_out tensors (read, steer, write) since innsteer_hook_new; -1 for NULL. */
 double innsteer_hook_apply_seconds(const innsteer_hook* hook);
 
 /* Around each decode: begin clears the per-call state and leaves the call's first `first_row`
  * tokens unsteered (0: steer all); end returns nonzero (and the message) if the callback failed or
- * a graph ran in which an enabled entry's tensor `l_out-L` never appeared. */
-void innsteer_hook_begin(innsteer_hook* hook, int64_t first_row);
+ * a graph ran in which an enabled entry's tensor `l_out-L` never appeared, and ends the call.
+ * begin returns nonzero (and the decode must not run) for a NULL hook, a negative first_row, or
+ * while another call on this hook is between its begin and end (concurrent decodes); so call end
+ * after every successful begin, also when the decode fails. */
+int innsteer_hook_begin(innsteer_hook* hook, int64_t first_row);
 int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len);
 
 /* llama.cpp's ggml_backend_sched_eval_callback; user_data is the innsteer_hook*. */

@@ -1,4 +1,6 @@
 // The torch- and ggml-free half of the C API: loading steer files and steering rows.
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -42,6 +44,10 @@ innsteer_steer* innsteer_steer_load_buffer(const uint8_t* data, size_t len, char
 }
 
 innsteer_steer* innsteer_steer_load_file(const char* path, char* err, size_t err_len) {
+  if (!path) {
+    set_error(err, err_len, "no path");
+    return nullptr;
+  }
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   if (!file) {
     set_error(err, err_len, std::string("cannot open ") + path);
@@ -61,16 +67,19 @@ innsteer_steer* innsteer_steer_load_file(const char* path, char* err, size_t err
   return innsteer_steer_load_buffer(bytes.data(), bytes.size(), err, err_len);
 }
 
-void innsteer_steer_free(innsteer_steer* steer) { delete steer; }
+void innsteer_steer_free(innsteer_steer* steer) { innsteer_steer::release(steer); }
 
-int64_t innsteer_steer_hidden_size(const innsteer_steer* s) { return s->model.dim; }
-int32_t innsteer_steer_layer(const innsteer_steer* s) { return s->model.layer; }
-float innsteer_steer_alpha(const innsteer_steer* s) { return s->model.alpha; }
-int64_t innsteer_steer_num_couplings(const innsteer_steer* s) { return static_cast<int64_t>(s->model.couplings.size()); }
-int64_t innsteer_steer_mlp_hidden(const innsteer_steer* s) { return s->model.mlp_hidden; }
-bool innsteer_steer_bf16_weights(const innsteer_steer* s) { return s->model.bf16_weights; }
+int64_t innsteer_steer_hidden_size(const innsteer_steer* s) { return s ? s->model.dim : -1; }
+int32_t innsteer_steer_layer(const innsteer_steer* s) { return s ? s->model.layer : -1; }
+float innsteer_steer_alpha(const innsteer_steer* s) { return s ? s->model.alpha : std::nanf(""); }
+int64_t innsteer_steer_num_couplings(const innsteer_steer* s) {
+  return s ? static_cast<int64_t>(s->model.couplings.size()) : -1;
+}
+int64_t innsteer_steer_mlp_hidden(const innsteer_steer* s) { return s ? s->model.mlp_hidden : -1; }
+bool innsteer_steer_bf16_weights(const innsteer_steer* s) { return s && s->model.bf16_weights; }
 
 const char* innsteer_steer_meta(const innsteer_steer* s, const char* key) {
+  if (!s || !key) return nullptr;
   if (!std::strcmp(key, "model_id")) return s->model.model_id.c_str();
   if (!std::strcmp(key, "model_hint")) return s->model.model_hint.c_str();
   if (!std::strcmp(key, "method")) return s->model.method.c_str();
@@ -80,14 +89,26 @@ const char* innsteer_steer_meta(const innsteer_steer* s, const char* key) {
 
 int innsteer_steer_apply(const innsteer_steer* s, float* rows, int64_t n_rows, float alpha, int n_threads, char* err,
                          size_t err_len) {
-  if (n_rows < 0 || (n_rows > 0 && !rows)) {
-    set_error(err, err_len, "bad rows");
+  if (!s) {
+    set_error(err, err_len, "innsteer_steer_apply: null steer");
+    return 1;
+  }
+  if (n_rows < 0 || (n_rows > 0 && !rows) || n_rows > INT64_MAX / s->model.dim) {
+    set_error(err, err_len, "innsteer_steer_apply: bad rows (n_rows " + std::to_string(n_rows) + ")");
+    return 1;
+  }
+  if (!std::isfinite(alpha)) {
+    set_error(err, err_len, "alpha must be finite (as a float32)");
+    return 1;
+  }
+  if (n_threads < 1 || n_threads > INNSTEER_MAX_THREADS) {
+    set_error(err, err_len, "n_threads " + std::to_string(n_threads) + " is outside 1.." +
+                                std::to_string(INNSTEER_MAX_THREADS));
     return 1;
   }
   try {
-    const int workers = n_threads < 1 ? 1 : n_threads;
-    std::vector<float> workspace(workers * s->model.workspace_per_worker());
-    innsteer::llama_hook::steer_rows(s->model, rows, n_rows, alpha, workspace.data(), workers);
+    std::vector<float> workspace(n_threads * s->model.workspace_per_worker());
+    innsteer::llama_hook::steer_rows(s->model, rows, n_rows, alpha, workspace.data(), n_threads);
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return 1;

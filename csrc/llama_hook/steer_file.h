@@ -4,6 +4,7 @@
 // error message, never an out-of-bounds read.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -54,7 +55,15 @@ void steer_rows(const SteerModel& model, In* rows, int64_t n_rows, float alpha, 
 }  // namespace llama_hook
 }  // namespace innsteer
 
-// The opaque handle of the C API (innsteer_llama_hook.h).
+// The opaque handle of the C API (innsteer_llama_hook.h), reference-counted: the loader's caller
+// holds one reference and every hook entry using the steer holds one.
 struct innsteer_steer {
   innsteer::llama_hook::SteerModel model;
+  std::atomic<int64_t> references{1};
+
+  void retain() { references.fetch_add(1); }
+  // Drops one reference; the last one deletes the steer.
+  static void release(innsteer_steer* steer) {
+    if (steer && steer->references.fetch_sub(1) == 1) delete steer;
+  }
 };
