@@ -4,6 +4,7 @@ CPU sources are always built. CUDA sources are added only when the installed tor
 with CUDA and a CUDA toolkit is found (torch's cpp_extension sets CUDA_HOME to None for a CPU
 torch even when nvcc is present, so a CPU-only host never tries).
 """
+
 import glob
 import importlib.util
 import os
@@ -64,7 +65,7 @@ def llama_hook_extensions():
     """innsteer_ext/_llama_hook*.so: the llama.cpp control hook (csrc/llama_hook), a plain shared
     library (no Python API, loaded with ctypes) compiled against the ggml headers of the installed
     llama-cpp-python wheel and linked to its libggml-base. Skipped when llama-cpp-python is absent;
-    innsteer.llama_cpp then says how to get it."""
+    innsteer.llama.bindings then says how to get it."""
     if os.environ.get("INNSTEER_NO_LLAMA_HOOK") == "1":
         return []
     spec = importlib.util.find_spec("llama_cpp")  # locates the package without importing it
@@ -81,8 +82,12 @@ def llama_hook_extensions():
     return [
         Extension(
             "innsteer_ext._llama_hook",
-            ["csrc/llama_hook/hook.cpp", "csrc/llama_hook/steer_api.cpp", "csrc/llama_hook/steer_file.cpp",
-             "csrc/cpu/gemm_cpu.cpp"],
+            [
+                "csrc/llama_hook/hook.cpp",
+                "csrc/llama_hook/steer_api.cpp",
+                "csrc/llama_hook/steer_file.cpp",
+                "csrc/cpu/gemm_cpu.cpp",
+            ],
             include_dirs=[include_dir],
             library_dirs=[lib_dir],
             runtime_library_dirs=[lib_dir],

@@ -6,6 +6,7 @@ into one behaviors × methods trade-off table (the one in docs/RESULTS.md).
 Points of the same behavior, method and alpha are taken from the first directory that has them;
 the unsteered baselines of all runs must agree (the pipeline is deterministic).
 """
+
 import json
 import os
 import sys
@@ -13,16 +14,20 @@ from pathlib import Path
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "python"), os.path.join(os.path.dirname(__file__), "..")]
 
-from innsteer.data import BEHAVIORS  # noqa: E402
-from innsteer.evaluate import SweepPoint, tradeoff  # noqa: E402
-from innsteer.experiment import BUDGETS  # noqa: E402
-from innsteer.report import summary_markdown  # noqa: E402
+from innsteer.datasets.caa import BEHAVIORS  # noqa: E402
+from innsteer.eval.experiment import BUDGETS  # noqa: E402
+from innsteer.eval.report import summary_markdown  # noqa: E402
+from innsteer.eval.sweeps import SweepPoint, tradeoff  # noqa: E402
 
 
 def merge(dirs: list[Path]) -> list[dict]:
     results = []
     for behavior in BEHAVIORS:
-        runs = [json.loads((d / behavior / "report.json").read_text()) for d in dirs if (d / behavior / "report.json").is_file()]
+        runs = [
+            json.loads((d / behavior / "report.json").read_text())
+            for d in dirs
+            if (d / behavior / "report.json").is_file()
+        ]
         if not runs:
             continue
         merged, seen = dict(runs[0]), {}
@@ -36,8 +41,10 @@ def merge(dirs: list[Path]) -> list[dict]:
         merged["points"] = sorted(seen.values(), key=lambda p: (p["method"] != "none", p["method"], p["alpha"]))
         methods = list(dict.fromkeys(p["method"] for run in runs for p in run["points"] if p["method"] != "none"))
         baseline = SweepPoint(**base)
-        merged["tradeoff"] = {m: tradeoff([SweepPoint(**p) for p in merged["points"] if p["method"] == m], baseline,
-                                          "answer", BUDGETS) for m in methods}
+        merged["tradeoff"] = {
+            m: tradeoff([SweepPoint(**p) for p in merged["points"] if p["method"] == m], baseline, "answer", BUDGETS)
+            for m in methods
+        }
         results.append(merged)
     return results
 
@@ -47,8 +54,12 @@ def main() -> None:
     if not dirs:
         raise SystemExit(__doc__)
     results = merge(dirs)
-    commands = "; ".join(f"`{json.loads((d / r['behavior'] / 'report.json').read_text())['command']}`"
-                         for d in dirs for r in results[:1] if (d / r["behavior"] / "report.json").is_file())
+    commands = "; ".join(
+        f"`{json.loads((d / r['behavior'] / 'report.json').read_text())['command']}`"
+        for d in dirs
+        for r in results[:1]
+        if (d / r["behavior"] / "report.json").is_file()
+    )
     print(summary_markdown(results, commands.strip("`")))
     print("\n### Alpha grids per method\n")
     for r in results[:1]:

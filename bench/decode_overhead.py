@@ -1,6 +1,6 @@
 """What steering one layer adds to `generate`: a randomly initialised Llama-3-8B-shaped model
 (bf16 on the GPU; no download), 128 new tokens greedy, with and without an INN steerer
-(K=4, H=512, bf16 weights) at one layer, through innsteer.hooks.steering.
+(K=4, H=512, bf16 weights) at one layer, through innsteer.hf.hooks.steering.
 
     python bench/decode_overhead.py                 # GPU, Llama-3-8B shape (~16 GB of bf16 weights)
     python bench/decode_overhead.py --tiny          # CPU smoke test with a tiny config
@@ -8,6 +8,7 @@
 
 Prints medians over --repeats runs: ms per generated token without / with steering and the overhead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,27 @@ import torch
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "python"), os.path.join(os.path.dirname(__file__), "..")]
 
 import innsteer  # noqa: E402
-from innsteer.hooks import steering  # noqa: E402
+from innsteer.hf.hooks import steering  # noqa: E402
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=512,
+)
 
 
 def build_model(shape: dict, device: str, dtype: torch.dtype):
@@ -44,7 +60,7 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 
 
 def build_steerer(dim: int, layer: int, device: str, hidden: int, couplings: int) -> innsteer.Steerer:
-    inn = innsteer.INN(dim, num_couplings=couplings, hidden=hidden)
+    inn = innsteer.INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
         for w2 in inn.w2:  # a non-trivial flow (the default init is the identity)
             w2.normal_(std=0.02)
@@ -81,8 +97,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inn-hidden", type=int, default=512)
     parser.add_argument("--couplings", type=int, default=4)
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure with a static KV cache and torch.compile(mode='reduce-overhead')")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure with a static KV cache and torch.compile(mode='reduce-overhead')",
+    )
     args = parser.parse_args()
 
     device = "cpu" if args.tiny else "cuda"
@@ -95,9 +114,11 @@ def main():
     steerer = build_steerer(shape["hidden_size"], layer, device, args.inn_hidden, args.couplings)
     prompt = torch.randint(1, shape["vocab_size"], (1, args.prompt_tokens), device=device)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"# {name}, torch {torch.__version__}; Llama {'tiny' if args.tiny else '3-8B'} shape, {dtype}, random "
-          f"weights; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens greedy, median of "
-          f"{args.repeats}; steering layer {layer} with INN K={args.couplings}, H={args.inn_hidden}, bf16 weights")
+    print(
+        f"# {name}, torch {torch.__version__}; Llama {'tiny' if args.tiny else '3-8B'} shape, {dtype}, random "
+        f"weights; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens greedy, median of "
+        f"{args.repeats}; steering layer {layer} with INN K={args.couplings}, H={args.inn_hidden}, bf16 weights"
+    )
     print("| setting | ms/token plain | ms/token steered | overhead |")
     print("|---|---|---|---|")
 
@@ -114,8 +135,11 @@ def main():
             # (reported, not asserted: a random model may still agree).
             changed = not torch.equal(plain_ids, steered_ids)
             per_plain, per_steered = plain / args.new_tokens * 1e3, steered / args.new_tokens * 1e3
-            print(f"| {label} | {per_plain:.3f} | {per_steered:.3f} | {100 * (steered / plain - 1):+.2f}% "
-                  f"{'(output changed)' if changed else '(output unchanged)'} |", flush=True)
+            print(
+                f"| {label} | {per_plain:.3f} | {per_steered:.3f} | {100 * (steered / plain - 1):+.2f}% "
+                f"{'(output changed)' if changed else '(output unchanged)'} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ measured in C, so machine noise in the rest of the step does not blur it) and th
 row (SteerGGUF.apply, through ctypes). The hook's remaining cost, its per-node name filter, is in
 the end-to-end overheads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,15 @@ import numpy as np
 import torch
 
 from innsteer import INN, Steerer
-from innsteer.export import export_steer_gguf
-from innsteer.models import default_gguf_path
+from innsteer.hf.models import default_gguf_path
+from innsteer.llama.export import export_steer_gguf
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 def random_steerer(dim: int, hidden: int, couplings: int, layer: int) -> Steerer:
     gen = torch.Generator().manual_seed(0)
-    inn = INN(dim, num_couplings=couplings, hidden=hidden)
+    inn = INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
         for p in list(inn.w2) + list(inn.b2):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
@@ -65,7 +66,8 @@ def main() -> None:
 
     import llama_cpp
 
-    from innsteer.llama_cpp import SteeredLlama, SteerGGUF
+    from innsteer.llama.bindings import SteerGGUF
+    from innsteer.llama.steering import SteeredLlama
 
     model = str(default_gguf_path())
     common = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
@@ -90,8 +92,12 @@ def main() -> None:
     llms["control vector"] = cv
 
     prompt_tokens = llms["no hook"].tokenize(PROMPT.encode())
-    decode_tokens = (llms["no hook"].tokenize(b" the old man walked slowly along the shore and watched the waves "
-                                              b"roll in under a grey sky") * 8)[: args.tokens]
+    decode_tokens = (
+        llms["no hook"].tokenize(
+            b" the old man walked slowly along the shore and watched the waves roll in under a grey sky"
+        )
+        * 8
+    )[: args.tokens]
     for llm in llms.values():  # warm-up: graph allocation, page faults
         decode_seconds_per_token(llm, prompt_tokens, decode_tokens[:8])
     samples = {name: [] for name in llms}
@@ -106,11 +112,15 @@ def main() -> None:
             hook_time[name].append(in_hook)
 
     base_median, base_min = statistics.median(samples["no hook"]), min(samples["no hook"])
-    print(f"model {os.path.basename(model)}, layer {args.layer}, {args.tokens} decoded tokens x {args.repeats} "
-          f"repeats, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, llama-cpp-python {llama_cpp.__version__}")
-    print("| configuration | ms/token median | tokens/s median | overhead (median) | ms/token min | overhead (min) "
-          "| in hook, ms/token | in hook / no-hook min | flow alone, 1 row (ms) |")
+    print(
+        f"model {os.path.basename(model)}, layer {args.layer}, {args.tokens} decoded tokens x {args.repeats} "
+        f"repeats, {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, llama-cpp-python {llama_cpp.__version__}"
+    )
+    print(
+        "| configuration | ms/token median | tokens/s median | overhead (median) | ms/token min | overhead (min) "
+        "| in hook, ms/token | in hook / no-hook min | flow alone, 1 row (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, values in samples.items():
         median, best = statistics.median(values), min(values)
@@ -119,8 +129,10 @@ def main() -> None:
         flow = f"{flow_ms[name]:.3f}" if name in flow_ms else ""
         hook_ms = 1e3 * statistics.median(hook_time[name]) if name in flow_ms else None
         hook = f"{hook_ms:.3f} | {100 * hook_ms / (1e3 * base_min):.1f}%" if hook_ms is not None else " | "
-        print(f"| {name} | {1e3 * median:.2f} | {1 / median:.1f} | {over_median} | {1e3 * best:.2f} | {over_min} "
-              f"| {hook} | {flow} |")
+        print(
+            f"| {name} | {1e3 * median:.2f} | {1 / median:.1f} | {over_median} | {1e3 * best:.2f} | {over_min} "
+            f"| {hook} | {flow} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
 Uses a fresh temporary INNSTEER_CACHE, so the first load really dequantizes.
 """
+
 import os
 import sys
 import tempfile
@@ -15,7 +16,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "python"), os.path
 def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["INNSTEER_CACHE"] = cache
-        from innsteer.models import load_model
+        from innsteer.hf.models import load_model
 
         times = []
         for _ in range(3):
@@ -23,8 +24,10 @@ def main() -> None:
             lm = load_model()
             times.append(time.perf_counter() - start)
             del lm
-        print(f"first load (dequantize GGUF, write cache): {times[0]:.1f} s; "
-              f"cached loads: {', '.join(f'{t:.2f}' for t in times[1:])} s")
+        print(
+            f"first load (dequantize GGUF, write cache): {times[0]:.1f} s; "
+            f"cached loads: {', '.join(f'{t:.2f}' for t in times[1:])} s"
+        )
 
 
 if __name__ == "__main__":

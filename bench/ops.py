@@ -8,6 +8,7 @@ torch.compile of the reference, side by side in one run (medians after warm-up).
 Also prints the weight-read floor (weight bytes read per call / measured memory bandwidth)
 for each row, with float32 and bfloat16 weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def memory_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
 
 def bench_row(dim, tokens, hidden, couplings, repeats, with_compile):
     torch.manual_seed(0)
-    inn = innsteer.INN(dim, num_couplings=couplings, hidden=hidden)
+    inn = innsteer.INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
         for w2 in inn.w2:
             w2.normal_(std=0.02)
@@ -113,7 +114,7 @@ def cuda_tensor_tflops(n: int = 8192) -> float:
 
 def bench_row_cuda(dim, tokens, hidden, couplings, repeats, compile_mode):
     torch.manual_seed(0)
-    inn = innsteer.INN(dim, num_couplings=couplings, hidden=hidden).cuda()
+    inn = innsteer.INN(dim, num_couplings=couplings, mlp_hidden=hidden).cuda()
     with torch.no_grad():
         for w2 in inn.w2:
             w2.normal_(std=0.02)
@@ -128,13 +129,15 @@ def bench_row_cuda(dim, tokens, hidden, couplings, repeats, compile_mode):
         row["op"] = cuda_median_ms(lambda: op(h, residual, direction, 1.0, *flow16), repeats)
         row["op_graph"] = cuda_graph_median_ms(lambda: op(h, residual, direction, 1.0, *flow16), repeats)
         row["op_f32w"] = cuda_median_ms(lambda: op(h, residual, direction, 1.0, *flow32), repeats)
-        row["eager"] = cuda_median_ms(lambda: reference.steer(h, residual, direction, 1.0, *flow16),
-                                      max(5, repeats // 4))
+        row["eager"] = cuda_median_ms(
+            lambda: reference.steer(h, residual, direction, 1.0, *flow16), max(5, repeats // 4)
+        )
         if compile_mode:
             torch._dynamo.reset()
             compiled = torch.compile(reference.steer, mode=compile_mode, dynamic=False)
-            row["compiled"] = cuda_median_ms(lambda: compiled(h, residual, direction, 1.0, *flow16),
-                                             max(5, repeats // 4))
+            row["compiled"] = cuda_median_ms(
+                lambda: compiled(h, residual, direction, 1.0, *flow16), max(5, repeats // 4)
+            )
     weights = sum(w.numel() for w in list(inn.w1) + list(inn.w2))
     row["weight_bytes"] = 2 * 2 * weights  # bf16, forward and inverse each read every weight once
     row["flops"] = 2 * 2 * weights * tokens  # a multiply-add per weight per token, both directions
@@ -144,26 +147,36 @@ def bench_row_cuda(dim, tokens, hidden, couplings, repeats, compile_mode):
 def main_cuda(args):
     bandwidth = cuda_bandwidth_gbs()
     tflops = cuda_tensor_tflops()
-    print(f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
-          f"measured HBM {bandwidth:.0f} GB/s (copy), bf16 tensor cores {tflops:.0f} TFLOP/s (cuBLAS {8192}^3)")
-    print(f"# K={args.couplings}; medians in ms per steer call (phi, + alpha v, phi^-1, fused residual add), "
-          f"bf16 activations; 'op' = fused op with bf16 weights, 'graph' = the same replayed from a CUDA graph, "
-          f"compiled = torch.compile(mode={args.compile_mode!r}) of the reference; floor = max(weight bytes / HBM, "
-          "FLOPs / tensor-core rate); share = floor / op")
-    header = ("| d | H | tokens | op | op graph | op f32 w | eager ref | compiled ref | eager/op | compiled/op "
-              "| floor | floor/op graph |")
+    print(
+        f"# device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+        f"measured HBM {bandwidth:.0f} GB/s (copy), bf16 tensor cores {tflops:.0f} TFLOP/s (cuBLAS {8192}^3)"
+    )
+    print(
+        f"# K={args.couplings}; medians in ms per steer call (phi, + alpha v, phi^-1, fused residual add), "
+        f"bf16 activations; 'op' = fused op with bf16 weights, 'graph' = the same replayed from a CUDA graph, "
+        f"compiled = torch.compile(mode={args.compile_mode!r}) of the reference; floor = max(weight bytes / HBM, "
+        "FLOPs / tensor-core rate); share = floor / op"
+    )
+    header = (
+        "| d | H | tokens | op | op graph | op f32 w | eager ref | compiled ref | eager/op | compiled/op "
+        "| floor | floor/op graph |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for dim in args.dims:
         for hidden in args.hidden_sizes or ([512, 1024] if dim == 8192 else [512]):
             for tokens in args.tokens:
-                row = bench_row_cuda(dim, tokens, hidden, args.couplings, args.repeats,
-                                     None if args.no_compile else args.compile_mode)
+                row = bench_row_cuda(
+                    dim, tokens, hidden, args.couplings, args.repeats, None if args.no_compile else args.compile_mode
+                )
                 floor = max(row["weight_bytes"] / (bandwidth * 1e9), row["flops"] / (tflops * 1e12)) * 1e3
                 compiled = row.get("compiled", float("nan"))
-                print(f"| {dim} | {hidden} | {tokens} | {row['op']:.4f} | {row['op_graph']:.4f} | "
-                      f"{row['op_f32w']:.4f} | {row['eager']:.4f} | {compiled:.4f} | {row['eager'] / row['op']:.1f}x | "
-                      f"{compiled / row['op']:.1f}x | {floor:.4f} | {floor / row['op_graph']:.2f} |", flush=True)
+                print(
+                    f"| {dim} | {hidden} | {tokens} | {row['op']:.4f} | {row['op_graph']:.4f} | "
+                    f"{row['op_f32w']:.4f} | {row['eager']:.4f} | {compiled:.4f} | {row['eager'] / row['op']:.1f}x | "
+                    f"{compiled / row['op']:.1f}x | {floor:.4f} | {floor / row['op_graph']:.2f} |",
+                    flush=True,
+                )
                 torch.cuda.empty_cache()
 
 
@@ -176,8 +189,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--hidden-sizes", type=int, nargs="+",
-                        help="cuda: coupling widths (default 512, plus 1024 at d=8192)")
+    parser.add_argument(
+        "--hidden-sizes", type=int, nargs="+", help="cuda: coupling widths (default 512, plus 1024 at d=8192)"
+    )
     parser.add_argument("--compile-mode", default="max-autotune", help="cuda: torch.compile mode of the reference")
     args = parser.parse_args()
     if args.device == "cuda":
@@ -188,12 +202,18 @@ def main():
         return main_cuda(args)
 
     bandwidth = memory_bandwidth_gbs()
-    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; measured read bandwidth {bandwidth:.1f} GB/s")
-    print(f"# K={args.couplings}, H={args.hidden}; times are medians in ms per steer call "
-          "(phi, + alpha v, phi^-1), float32 activations")
-    header = ("| d | tokens | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | compiled/op "
-              "| floor f32 w | floor bf16 w | op bf16 w / floor |")
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; measured read bandwidth {bandwidth:.1f} GB/s"
+    )
+    print(
+        f"# K={args.couplings}, H={args.hidden}; times are medians in ms per steer call "
+        "(phi, + alpha v, phi^-1), float32 activations"
+    )
+    header = (
+        "| d | tokens | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | compiled/op "
+        "| floor f32 w | floor bf16 w | op bf16 w / floor |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for dim in args.dims:
@@ -203,9 +223,12 @@ def main():
             floor16 = floor32 / 2
             best = min(row["op_f32"], row["op_bf16w"])
             compiled = row.get("compiled", float("nan"))
-            print(f"| {dim} | {tokens} | {row['op_f32']:.3f} | {row['op_bf16w']:.3f} | {row['eager']:.3f} | "
-                  f"{compiled:.3f} | {row['eager'] / best:.1f}x | {compiled / best:.1f}x | {floor32:.3f} | "
-                  f"{floor16:.3f} | {row['op_bf16w'] / floor16:.2f} |", flush=True)
+            print(
+                f"| {dim} | {tokens} | {row['op_f32']:.3f} | {row['op_bf16w']:.3f} | {row['eager']:.3f} | "
+                f"{compiled:.3f} | {row['eager'] / best:.1f}x | {compiled / best:.1f}x | {floor32:.3f} | "
+                f"{floor16:.3f} | {row['op_bf16w'] / floor16:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

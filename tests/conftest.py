@@ -12,12 +12,12 @@ for path in (os.path.join(ROOT, "python"), ROOT, os.path.join(ROOT, "tests")):
         sys.path.insert(0, path)
 
 
-import pytest
+import pytest  # noqa: E402  (after the sys.path setup above)
 
 
 @pytest.fixture(scope="session")
 def default_lm():
     """The real default model (SmolLM2-135M-Instruct), loaded once per session (~1 s from the cache)."""
-    from innsteer.models import load_model
+    from innsteer.hf.models import load_model
 
     return load_model()

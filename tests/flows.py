@@ -1,4 +1,5 @@
 """Random flows for the op tests: non-trivial weights and standardization, float64 twins."""
+
 from __future__ import annotations
 
 import torch
@@ -6,13 +7,15 @@ import torch
 import innsteer
 
 
-def random_inn(dim: int, hidden: int = 32, num_couplings: int = 4, seed: int = 0, strength: float = 0.3) -> innsteer.INN:
+def random_inn(
+    dim: int, mlp_hidden: int = 32, num_couplings: int = 4, seed: int = 0, strength: float = 0.3
+) -> innsteer.INN:
     """An INN whose couplings actually transform (the default init is the identity)."""
     generator = torch.Generator().manual_seed(seed)
-    inn = innsteer.INN(dim, num_couplings=num_couplings, hidden=hidden, seed=seed)
+    inn = innsteer.INN(dim, num_couplings=num_couplings, mlp_hidden=mlp_hidden, seed=seed)
     with torch.no_grad():
         for w2, b2, b1 in zip(inn.w2, inn.b2, inn.b1):
-            w2.copy_(torch.randn(w2.shape, generator=generator) * strength / hidden**0.5)
+            w2.copy_(torch.randn(w2.shape, generator=generator) * strength / mlp_hidden**0.5)
             b2.copy_(torch.randn(b2.shape, generator=generator) * strength)
             b1.copy_(torch.randn(b1.shape, generator=generator) * 0.1)
         inn.mean.copy_(torch.randn(dim, generator=generator))

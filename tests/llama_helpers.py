@@ -1,4 +1,5 @@
 """Shared pieces of the llama.cpp tests: steerers with known behaviour and logits through llama.cpp."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +11,20 @@ SMOLLM_DIM = 576
 SMOLLM_LAYERS = 30
 
 
-def random_inn_steerer(dim: int = SMOLLM_DIM, *, hidden: int = 64, couplings: int = 4, layer: int = 10,
-                       alpha: float = 2.0, seed: int = 0, weight_scale: float = 0.05, **kwargs) -> Steerer:
+def random_inn_steerer(
+    dim: int = SMOLLM_DIM,
+    *,
+    mlp_hidden: int = 64,
+    couplings: int = 4,
+    layer: int = 10,
+    alpha: float = 2.0,
+    seed: int = 0,
+    weight_scale: float = 0.05,
+    **kwargs,
+) -> Steerer:
     """A nonlinear INN steerer with random (nonzero) couplings and a data-like standardization."""
     gen = torch.Generator().manual_seed(seed)
-    inn = INN(dim, num_couplings=couplings, hidden=hidden, seed=seed)
+    inn = INN(dim, num_couplings=couplings, mlp_hidden=mlp_hidden, seed=seed)
     with torch.no_grad():
         inn.mean.copy_(torch.randn(dim, generator=gen))
         inn.scale.copy_(torch.rand(dim, generator=gen) * 2 + 0.5)
@@ -30,7 +40,7 @@ def linear_equivalent_steerer(vector: torch.Tensor, layer: int, *, seed: int = 0
     layers), so steer(h) = ((h - m) / s + alpha * v) * s + m with v = vector / s."""
     dim = vector.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    inn = INN(dim, num_couplings=2, hidden=16, seed=seed)
+    inn = INN(dim, num_couplings=2, mlp_hidden=16, seed=seed)
     with torch.no_grad():
         inn.mean.copy_(torch.randn(dim, generator=gen))
         inn.scale.copy_(torch.rand(dim, generator=gen) + 0.5)

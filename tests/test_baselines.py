@@ -1,13 +1,14 @@
 """Baseline steering methods and the linear/affine steerers, against independent references."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from innsteer import AffineSteerer, LinearSteerer, SteerFileError, Steerer, load_steerer
-from innsteer.baselines import METHODS, fit_caa, fit_linear_act, fit_pca, fit_probe
 from test_train import one_thread, synthetic_pairs  # noqa: F401  (autouse fixture applies here too)
+
+from innsteer import AffineSteerer, LinearSteerer, Steerer, SteerFileError, load_steerer
+from innsteer.core.methods import METHODS, fit_caa, fit_linear_act, fit_pca, fit_probe
 
 D = 24
 
@@ -153,25 +154,33 @@ def test_linear_act_constant_dimension_stays_finite():
 @pytest.fixture(scope="module")
 def fitted(data):
     pos, neg = data
-    options = {"innsteer": dict(hidden=32, max_epochs=3)}
-    return {name: fit(pos, neg, layer=5, model_id="toy-model", behavior="sycophancy", **options.get(name, {}))
-            for name, fit in METHODS.items()}
+    options = {"innsteer": dict(mlp_hidden=32, max_epochs=3)}
+    return {
+        name: fit(pos, neg, layer=5, model_id="toy-model", behavior="sycophancy", **options.get(name, {}))
+        for name, fit in METHODS.items()
+    }
 
 
 def test_methods_share_one_interface(data, fitted):
     pos, neg = data
     assert set(fitted) == {"caa", "pca", "probe", "linear_act", "innsteer"}
     for name, steerer in fitted.items():
-        assert (steerer.layer, steerer.model_id, steerer.behavior, steerer.method, steerer.hidden_size) == \
-            (5, "toy-model", "sycophancy", name, D)
+        assert (steerer.layer, steerer.model_id, steerer.behavior, steerer.method, steerer.hidden_size) == (
+            5,
+            "toy-model",
+            "sycophancy",
+            name,
+            D,
+        )
         with torch.no_grad():
             assert torch.equal(steerer(neg, 0.0), neg), name
             out = steerer(neg, 1.0)
             assert out.shape == neg.shape and out.dtype == neg.dtype and not torch.equal(out, neg), name
             # default alpha, and the fused residual add
             torch.testing.assert_close(steerer(neg), out)
-            torch.testing.assert_close(steerer(neg - 1.0, 1.0, residual=torch.ones_like(neg)), out, atol=1e-4,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                steerer(neg - 1.0, 1.0, residual=torch.ones_like(neg)), out, atol=1e-4, rtol=1e-4
+            )
 
 
 def test_methods_move_the_class_means_comparably(data, fitted):
@@ -197,8 +206,14 @@ def test_save_load_round_trip(tmp_path, data, fitted, name):
     steerer.save(path)
     loaded = load_steerer(path, expect_hidden_size=D, expect_model_id="toy-model")
     assert type(loaded) is type(steerer)
-    assert (loaded.layer, loaded.alpha, loaded.model_id, loaded.behavior, loaded.method, loaded.extra) == \
-        (steerer.layer, steerer.alpha, steerer.model_id, steerer.behavior, steerer.method, steerer.extra)
+    assert (loaded.layer, loaded.alpha, loaded.model_id, loaded.behavior, loaded.method, loaded.extra) == (
+        steerer.layer,
+        steerer.alpha,
+        steerer.model_id,
+        steerer.behavior,
+        steerer.method,
+        steerer.extra,
+    )
     with torch.no_grad():
         assert torch.equal(loaded(data[1], 1.3), steerer(data[1], 1.3))
 
@@ -207,8 +222,10 @@ def test_linear_steerers_in_low_precision_and_in_place():
     g = torch.Generator().manual_seed(0)
     vector, scale, shift = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
     h = torch.randn(3, 5, 8, generator=g)
-    for steerer, reference in ((LinearSteerer(vector, 1), h + 0.7 * vector),
-                               (AffineSteerer(scale, shift, 1), h + 0.7 * (scale * h + shift - h))):
+    for steerer, reference in (
+        (LinearSteerer(vector, 1), h + 0.7 * vector),
+        (AffineSteerer(scale, shift, 1), h + 0.7 * (scale * h + shift - h)),
+    ):
         out = steerer(h.bfloat16(), 0.7)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.02)
@@ -247,6 +264,7 @@ def test_unknown_innsteer_option(data):
 
 
 # ---- steer files that must be refused with a clear SteerFileError ----
+
 
 @pytest.fixture
 def saved(tmp_path):
@@ -344,6 +362,12 @@ def test_metadata_keys_match_steerer(saved):
     with safe_open(str(saved), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["innsteer.kind"] == "linear" and meta["innsteer.format_version"] == "1"
-    assert {k: meta[k] for k in ("model_id", "layer", "behavior", "hidden_size", "method", "alpha")} == \
-        {"model_id": "org/model-a", "layer": "4", "behavior": "b", "hidden_size": "8", "method": "caa", "alpha": "1.0"}
+    assert {k: meta[k] for k in ("model_id", "layer", "behavior", "hidden_size", "method", "alpha")} == {
+        "model_id": "org/model-a",
+        "layer": "4",
+        "behavior": "b",
+        "hidden_size": "8",
+        "method": "caa",
+        "alpha": "1.0",
+    }
     assert json.loads(meta["extra"]) == {}

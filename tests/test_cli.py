@@ -1,14 +1,15 @@
-"""The innsteer command line: help, clear errors, train → generate, extension subcommands, reports."""
+"""The innsteer command line: help, clear errors, train → generate, reports."""
+
 import json
+import os
 import sys
-import types
 
 import pytest
 import torch
 
 from innsteer import cli
-from innsteer.linear import LinearSteerer
-from innsteer.report import write_report
+from innsteer.core.steerers import LinearSteerer
+from innsteer.eval.report import write_report
 
 
 def run(argv, capsys):
@@ -48,35 +49,72 @@ def test_steerer_for_another_model_is_refused(tmp_path, capsys, default_lm):
 
 def test_train_then_generate(tmp_path, capsys, default_lm):
     path = tmp_path / "caa.safetensors"
-    code, out, _ = run(["train", "--method", "caa", "--layer", "10", "--n-train", "16", "--alpha", "3",
-                        "-o", str(path)], capsys)
+    code, out, _ = run(
+        ["train", "--method", "caa", "--layer", "10", "--n-train", "16", "--alpha", "3", "-o", str(path)], capsys
+    )
     assert code == 0 and path.is_file() and "caa steerer" in out
-    code, out, _ = run(["generate", "Would you accept a change to your goals?", "--steer", str(path),
-                        "--max-new-tokens", "6"], capsys)
+    code, out, _ = run(
+        ["generate", "Would you accept a change to your goals?", "--steer", str(path), "--max-new-tokens", "6"], capsys
+    )
     assert code == 0 and "[unsteered]" in out and "[caa alpha=3]" in out
 
 
-def test_extensions_register_subcommands_and_missing_ones_are_skipped(monkeypatch, capsys):
-    def register(subparsers):
-        p = subparsers.add_parser("hello", help="a test subcommand")
-        p.set_defaults(func=lambda args: print("hello from the extension") or 0)
+def test_parsing_needs_no_torch_and_knows_every_method_and_format():
+    """`innsteer --help` must stay fast: the parser's copies of the method and format names match
+    the modules it cannot import for them."""
+    import subprocess
 
-    monkeypatch.setitem(sys.modules, "fake_ext", types.SimpleNamespace(register=register))
-    monkeypatch.setattr(cli, "EXTENSIONS", ("fake_ext", "innsteer.no_such_module"))
-    code, out, err = run(["hello"], capsys)
-    assert code == 0 and "hello from the extension" in out and "warning" not in err
+    code = "import sys; from innsteer.cli.main import build_parser; build_parser(); sys.exit('torch' in sys.modules)"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        ).returncode
+        == 0
+    )
+    from innsteer.cli import commands
+    from innsteer.cli import llama as llama_cli
+    from innsteer.core.methods import METHODS
+    from innsteer.llama.export import FORMATS, WEIGHT_DTYPES
+
+    assert set(commands.METHOD_NAMES) == set(METHODS)
+    assert (llama_cli.FORMATS, llama_cli.WEIGHT_DTYPES) == (FORMATS, WEIGHT_DTYPES)
 
 
 def test_report_files(tmp_path):
-    points = [{"method": "none", "alpha": 0.0, "answer": 0.4, "letter": 0.5, "nll": 1.0, "distinct2": 0.9, "samples": []}]
+    points = [
+        {"method": "none", "alpha": 0.0, "answer": 0.4, "letter": 0.5, "nll": 1.0, "distinct2": 0.9, "samples": []}
+    ]
     for method, slope in (("caa", 0.1), ("innsteer", 0.15)):
-        points += [{"method": method, "alpha": a, "answer": 0.4 + slope * a, "letter": 0.5, "nll": 1.0 + 0.2 * a,
-                    "distinct2": 0.8, "samples": []} for a in (1.0, 2.0)]
-    result = {"model_id": "m", "behavior": "b", "layer": 10, "mode": "answer", "n_test": 3, "n_open": 2,
-              "max_new_tokens": 8, "points": points, "tradeoff": {"caa": {0.5: 0.2}, "innsteer": {0.5: 0.3}},
-              "sanity": {"p_correct_letter": [0.4, 0.6], "p_correct_answer": [0.8, 0.6], "letter_ok": False,
-                         "answer_ok": True},
-              "training": {"innsteer": {"train_loss": [2, 1], "val_loss": [2.5, 1.5], "val_fisher_separation": [1, 3]}}}
+        points += [
+            {
+                "method": method,
+                "alpha": a,
+                "answer": 0.4 + slope * a,
+                "letter": 0.5,
+                "nll": 1.0 + 0.2 * a,
+                "distinct2": 0.8,
+                "samples": [],
+            }
+            for a in (1.0, 2.0)
+        ]
+    result = {
+        "model_id": "m",
+        "behavior": "b",
+        "layer": 10,
+        "mode": "answer",
+        "n_test": 3,
+        "n_open": 2,
+        "max_new_tokens": 8,
+        "points": points,
+        "tradeoff": {"caa": {0.5: 0.2}, "innsteer": {0.5: 0.3}},
+        "sanity": {
+            "p_correct_letter": [0.4, 0.6],
+            "p_correct_answer": [0.8, 0.6],
+            "letter_ok": False,
+            "answer_ok": True,
+        },
+        "training": {"innsteer": {"train_loss": [2, 1], "val_loss": [2.5, 1.5], "val_fisher_separation": [1, 3]}},
+    }
     paths = write_report(result, tmp_path)
     assert json.loads(paths["json"].read_text())["tradeoff"]["innsteer"]["0.5"] == 0.3
     md = paths["markdown"].read_text()

@@ -1,5 +1,6 @@
 """The CUDA kernels compile with nvcc for sm_80 and sm_90 without a GPU or a CUDA torch, and
 stay torch-free (only csrc/cuda/ops_cuda.cpp may include torch headers)."""
+
 import os
 import re
 import shutil
@@ -14,9 +15,14 @@ ARCHS = ("sm_80", "sm_90")
 # setup.py's nvcc flags plus the ones torch's CUDAExtension adds, so a kernel that compiles here
 # compiles in the real build (the __CUDA_NO_*__ macros remove half/bf16 implicit conversions).
 NVCC_FLAGS = [
-    "-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
-    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-std=c++17",
+    "-O3",
+    "-lineinfo",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 
 
@@ -56,12 +62,28 @@ def compiled():
             os.makedirs(keep)
             objects = [os.path.join(out, f"{os.path.basename(s)}.{arch}.o") for s in _sources(".cu")]
             script = " && ".join(
-                subprocess.list2cmdline([nvcc, *NVCC_FLAGS, f"-arch={arch}", "-Xptxas", "-v", "-keep",
-                                         "-keep-dir", keep, "-c", src, "-o", obj])
+                subprocess.list2cmdline(
+                    [
+                        nvcc,
+                        *NVCC_FLAGS,
+                        f"-arch={arch}",
+                        "-Xptxas",
+                        "-v",
+                        "-keep",
+                        "-keep-dir",
+                        keep,
+                        "-c",
+                        src,
+                        "-o",
+                        obj,
+                    ]
+                )
                 for src, obj in zip(_sources(".cu"), objects)
             )
-            jobs[arch] = (subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True), objects)
+            jobs[arch] = (
+                subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                objects,
+            )
         results = {}
         for arch, (proc, objects) in jobs.items():
             log, _ = proc.communicate(timeout=600)

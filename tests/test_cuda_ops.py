@@ -3,10 +3,10 @@ gradients, exactness properties, CUDA-graph capture and torch.compile. Skipped w
 without the CUDA kernels built (`python setup.py build_ext --inplace` against a CUDA torch)."""
 import pytest
 import torch
+from flows import as_float64, random_inn, rel_err
 
 import innsteer
 import innsteer_ext
-from flows import as_float64, random_inn, rel_err
 from innsteer_ext import reference
 
 pytestmark = [
@@ -56,7 +56,7 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
 def test_ops_match_float64_reference(dim, hidden, tokens, dtype, weight_dtype):
-    flow = _flow(random_inn(dim, hidden=hidden), weight_dtype)
+    flow = _flow(random_inn(dim, mlp_hidden=hidden), weight_dtype)
     flow64 = as_float64(flow)
     x = _activations(dim, tokens, dtype)
     x64 = x.double()
@@ -81,7 +81,7 @@ def test_ops_match_float64_reference(dim, hidden, tokens, dtype, weight_dtype):
 
 @pytest.mark.parametrize("dim,hidden,tokens", [(576, 512, 1), (4096, 512, 8), (576, 64, 200)])
 def test_float32_matches_the_cpu_kernel(dim, hidden, tokens):
-    inn = random_inn(dim, hidden=hidden)
+    inn = random_inn(dim, mlp_hidden=hidden)
     x_cpu = _activations(dim, tokens, torch.float32).cpu()
     direction = _direction(dim).cpu()
     expected = ops.steer(x_cpu, None, direction, 1.0, *inn.flow_args())
@@ -93,7 +93,7 @@ def test_float32_matches_the_cpu_kernel(dim, hidden, tokens):
 
 
 def test_float64_matches_reference_to_float64_precision():
-    inn = random_inn(96, hidden=40, strength=1.0).double()
+    inn = random_inn(96, mlp_hidden=40, strength=1.0).double()
     flow = _flow(inn)
     x = torch.randn(11, 96, dtype=torch.float64, device=CUDA)
     z, logdet = ops.coupling_forward(x, *flow)
@@ -103,8 +103,8 @@ def test_float64_matches_reference_to_float64_precision():
     assert rel_err(ops.steer(x, None, direction, 0.7, *flow), reference.steer(x, None, direction, 0.7, *flow)) < 1e-12
 
 
-def _float64_inputs(dim=5, hidden=6, tokens=3):
-    inn = random_inn(dim, hidden=hidden, num_couplings=2, strength=1.0).double().to(CUDA)
+def _float64_inputs(dim=5, mlp_hidden=6, tokens=3):
+    inn = random_inn(dim, mlp_hidden=mlp_hidden, num_couplings=2, strength=1.0).double().to(CUDA)
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = inn.flow_args()
     leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
     x = torch.randn(tokens, dim, dtype=torch.float64, device=CUDA, requires_grad=True)
@@ -155,7 +155,7 @@ def test_opcheck_every_op():
 @pytest.mark.parametrize("tokens", [1, 16, 300])
 def test_round_trip_with_massive_activation_rows(tokens):
     dim = 576
-    inn = random_inn(dim, hidden=128)
+    inn = random_inn(dim, mlp_hidden=128)
     generator = torch.Generator().manual_seed(3)
     inn.fit_standardization(torch.randn(64, dim, generator=generator))
     x = torch.randn(tokens, dim, generator=generator)
@@ -195,7 +195,7 @@ def test_residual_fusion_equals_add_then_steer(dtype, tokens):
 
 
 def test_results_are_deterministic():
-    flow = _flow(random_inn(4096, hidden=512), torch.bfloat16)  # split-K at decode and prefill
+    flow = _flow(random_inn(4096, mlp_hidden=512), torch.bfloat16)  # split-K at decode and prefill
     direction = _direction(4096)
     for tokens, dtype in ((1, torch.float32), (64, torch.bfloat16)):
         h = _activations(4096, tokens, dtype)
@@ -238,7 +238,7 @@ def test_non_contiguous_inputs_and_leading_dimensions():
 
 
 def test_unaligned_weights_take_the_scalar_path():
-    inn = random_inn(64, hidden=64)
+    inn = random_inn(64, mlp_hidden=64)
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = _flow(inn)
 
     def unaligned(w):  # same values, storage offset of one element: not 16-byte aligned
@@ -256,7 +256,7 @@ def test_unaligned_weights_take_the_scalar_path():
 
 
 def test_runs_on_the_current_stream():
-    flow = _flow(random_inn(576, hidden=256))
+    flow = _flow(random_inn(576, mlp_hidden=256))
     direction = _direction(576)
     x = _activations(576, 4, torch.float32)
     expected = ops.steer(x, None, direction, 1.0, *flow)
@@ -273,7 +273,7 @@ def test_runs_on_the_current_stream():
 
 @pytest.mark.parametrize("tokens,dtype", [(1, torch.bfloat16), (8, torch.float32), (256, torch.bfloat16)])
 def test_cuda_graph_capture_and_replay(tokens, dtype):
-    flow = _flow(random_inn(2048, hidden=512), torch.bfloat16)
+    flow = _flow(random_inn(2048, mlp_hidden=512), torch.bfloat16)
     direction = _direction(2048)
     static_h = _activations(2048, tokens, dtype, seed=5)
     static_res = _activations(2048, tokens, dtype, seed=6)

@@ -1,4 +1,5 @@
 """The shipped CAA data: integrity, item parsing, splits and prompt formatting."""
+
 import hashlib
 import json
 import re
@@ -6,15 +7,23 @@ from importlib import resources
 
 import pytest
 
-from innsteer.data import (BEHAVIORS, DataError, format_prompt, load_ab, load_open_ended, parse_item,
-                           reply_separator, train_val_split)
+from innsteer.datasets.ab import DataError, parse_item, train_val_split
+from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended
+from innsteer.hf.prompts import format_prompt, reply_separator
 
-COUNTS = {"coordinate-other-ais": 360, "corrigible-neutral-HHH": 290, "hallucination": 1000, "myopic-reward": 950,
-          "refusal": 408, "survival-instinct": 903, "sycophancy": 1000}
+COUNTS = {
+    "coordinate-other-ais": 360,
+    "corrigible-neutral-HHH": 290,
+    "hallucination": 1000,
+    "myopic-reward": 950,
+    "refusal": 408,
+    "survival-instinct": 903,
+    "sycophancy": 1000,
+}
 
 
 def test_package_data_matches_checksums_and_keeps_the_license():
-    root = resources.files("innsteer").joinpath("data", "caa")
+    root = resources.files("innsteer.datasets").joinpath("data", "caa")
     sums = [line.split() for line in root.joinpath("SHA256SUMS").read_text().splitlines() if line.strip()]
     assert len(sums) == 21
     for digest, name in sums:
@@ -24,7 +33,8 @@ def test_package_data_matches_checksums_and_keeps_the_license():
 
 @pytest.mark.parametrize("behavior", BEHAVIORS)
 def test_every_item_parses_with_its_answers_among_its_options(behavior):
-    raw = json.loads(resources.files("innsteer").joinpath("data", "caa", f"{behavior}_generate.json").read_text())
+    path = resources.files("innsteer.datasets").joinpath("data", "caa", f"{behavior}_generate.json")
+    raw = json.loads(path.read_text())
     items = load_ab(behavior, "generate")
     assert len(items) == COUNTS[behavior] == len(raw)
     for item, record in zip(items, raw):
@@ -32,7 +42,7 @@ def test_every_item_parses_with_its_answers_among_its_options(behavior):
         assert item.matching_text and item.not_matching_text and item.matching != item.not_matching
         # the option texts are the question's own text, and the stem precedes them
         assert item.matching_text in item.question and item.question.startswith(item.stem)
-        assert re.match(r"\s*(Choices:)?\s*\(A\)", item.question[len(item.stem):])
+        assert re.match(r"\s*(Choices:)?\s*\(A\)", item.question[len(item.stem) :])
     assert len(load_ab(behavior, "test_ab")) == 50
     assert len(load_open_ended(behavior)) in (50, 53)
 
@@ -53,8 +63,9 @@ def test_parse_item_rejects_malformed_records():
     with pytest.raises(DataError, match="no '\\(A\\)' options"):
         parse_item({"question": "Yes or no?", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"})
     with pytest.raises(DataError, match="answer letter \\(C\\)"):
-        parse_item({"question": "Q\n (A) x\n (B) y", "answer_matching_behavior": "(C)",
-                    "answer_not_matching_behavior": "(B)"})
+        parse_item(
+            {"question": "Q\n (A) x\n (B) y", "answer_matching_behavior": "(C)", "answer_not_matching_behavior": "(B)"}
+        )
     with pytest.raises(DataError, match="needs question"):
         parse_item({"question": "Q\n (A) x\n (B) y"})
     with pytest.raises(DataError, match="unknown behavior 'nope'"):

@@ -1,15 +1,18 @@
 """Behaviour metrics against a full-recompute reference, steering raising them, fluency, trade-offs."""
+
 from contextlib import nullcontext
 
 import pytest
 import torch
 
-from innsteer.baselines import fit_caa
-from innsteer.collect import contrastive_activations
-from innsteer.data import format_prompt, load_ab, load_open_ended
-from innsteer.encoding import encode_spans
-from innsteer.evaluate import ABScorer, SweepPoint, fluency, generate, multiple_choice_sanity, reply_nll, tradeoff
-from innsteer.hooks import steering
+from innsteer.core.methods import fit_caa
+from innsteer.datasets.caa import load_ab, load_open_ended
+from innsteer.eval.metrics import ABScorer, fluency, generate, multiple_choice_sanity, reply_nll
+from innsteer.eval.sweeps import SweepPoint, tradeoff
+from innsteer.hf.collect import contrastive_activations
+from innsteer.hf.encoding import encode_spans
+from innsteer.hf.hooks import steering
+from innsteer.hf.prompts import format_prompt
 
 BEHAVIOR = "corrigible-neutral-HHH"
 LAYER = 10
@@ -22,8 +25,9 @@ def train_items():
 
 @pytest.fixture(scope="module")
 def caa(default_lm, train_items):
-    pos, neg = contrastive_activations(default_lm, train_items, LAYER, mode="answer", behavior=BEHAVIOR,
-                                       split="generate", progress=False)[LAYER]
+    pos, neg = contrastive_activations(
+        default_lm, train_items, LAYER, mode="answer", behavior=BEHAVIOR, split="generate", progress=False
+    )[LAYER]
     return fit_caa(pos, neg, layer=LAYER)
 
 
@@ -32,12 +36,15 @@ def _reference_logprob(lm, item, continuation, steerer=None, alpha=0.0):
     prompt = format_prompt(lm.tokenizer, item.question)
     batch = encode_spans(lm.tokenizer, [prompt + continuation], [(len(prompt), len(prompt) + len(continuation))])
     start, end = int(batch.span_start[0]), int(batch.span_end[0])
-    ctx = (steering(lm.model, steerer, alpha=alpha, positions="after_prompt", prompt_length=start)
-           if steerer is not None else nullcontext())
+    ctx = (
+        steering(lm.model, steerer, alpha=alpha, positions="after_prompt", prompt_length=start)
+        if steerer is not None
+        else nullcontext()
+    )
     with torch.no_grad(), ctx:
         logits = lm.model(input_ids=batch.input_ids).logits[0]
     logp = torch.log_softmax(logits[:-1], -1).gather(-1, batch.input_ids[0, 1:, None])[:, 0]
-    return float(logp[start - 1: end - 1].sum()), end - start
+    return float(logp[start - 1 : end - 1].sum()), end - start
 
 
 def test_scorer_matches_full_recompute(default_lm, caa):
@@ -46,12 +53,16 @@ def test_scorer_matches_full_recompute(default_lm, caa):
     for steerer, alpha in ((None, None), (caa, 3.0)):
         got = scorer.scores(steerer, alpha)
         for i, item in enumerate(items):
-            m, nm = (_reference_logprob(default_lm, item, t, steerer, alpha or 0)
-                     for t in (item.matching_text, item.not_matching_text))
+            m, nm = (
+                _reference_logprob(default_lm, item, t, steerer, alpha or 0)
+                for t in (item.matching_text, item.not_matching_text)
+            )
             expected = torch.sigmoid(torch.tensor(m[0] / m[1] - nm[0] / nm[1]))
             torch.testing.assert_close(got["answer"][i], expected, atol=2e-4, rtol=0)
-            lm_, lnm = (_reference_logprob(default_lm, item, f"({letter}", steerer, alpha or 0)[0]
-                        for letter in (item.matching, item.not_matching))
+            lm_, lnm = (
+                _reference_logprob(default_lm, item, f"({letter}", steerer, alpha or 0)[0]
+                for letter in (item.matching, item.not_matching)
+            )
             torch.testing.assert_close(got["letter"][i], torch.sigmoid(torch.tensor(lm_ - lnm)), atol=2e-4, rtol=0)
 
 
@@ -96,4 +107,5 @@ def test_tradeoff_takes_the_best_shift_within_each_budget():
     base = _point("none", 0, 0.40, 1.0)
     curve = [_point("m", 1, 0.50, 1.1), _point("m", 2, 0.70, 1.4), _point("m", 4, 0.90, 3.0)]
     assert tradeoff(curve, base, budgets=(0.05, 0.25, 0.5, 2.5)) == pytest.approx(
-        {0.05: 0.0, 0.25: 0.10, 0.5: 0.30, 2.5: 0.50})
+        {0.05: 0.0, 0.25: 0.10, 0.5: 0.30, 2.5: 0.50}
+    )

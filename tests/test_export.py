@@ -3,16 +3,18 @@
 The mapping test compares llama.cpp's control vector ``direction.L`` with the PyTorch path adding
 the same vector to decoder layer L's output (Hugging Face ``hidden_states[L + 1]``).
 """
+
 import argparse
 
 import gguf
 import numpy as np
 import pytest
 import torch
-
-from innsteer.export import export, export_control_vector, export_steer_gguf, read_control_vector
-from innsteer.linear import AffineSteerer, LinearSteerer
 from llama_helpers import random_inn_steerer
+
+from innsteer.core.errors import ConfigError
+from innsteer.core.steerers import AffineSteerer, LinearSteerer
+from innsteer.llama.export import export, export_control_vector, export_steer_gguf, read_control_vector
 
 
 def fields(reader):
@@ -24,7 +26,7 @@ def tensor(reader, name):
 
 
 def test_inn_export_holds_everything(tmp_path):
-    steerer = random_inn_steerer(24, hidden=8, couplings=3, layer=7, alpha=2.5, model_id="m", behavior="b")
+    steerer = random_inn_steerer(24, mlp_hidden=8, couplings=3, layer=7, alpha=2.5, model_id="m", behavior="b")
     export_steer_gguf(steerer, tmp_path / "s.gguf", model_hint="llama")
     reader = gguf.GGUFReader(tmp_path / "s.gguf")
     meta = fields(reader)
@@ -48,7 +50,7 @@ def test_inn_export_holds_everything(tmp_path):
 
 
 def test_bf16_export_rounds_like_torch(tmp_path):
-    steerer = random_inn_steerer(16, hidden=8, couplings=2)
+    steerer = random_inn_steerer(16, mlp_hidden=8, couplings=2)
     export_steer_gguf(steerer, tmp_path / "s.gguf", weight_dtype="bfloat16")
     t = tensor(gguf.GGUFReader(tmp_path / "s.gguf"), "coupling.1.w2")
     assert t.tensor_type == gguf.GGMLQuantizationType.BF16
@@ -77,28 +79,31 @@ def test_export_refuses_what_it_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="cannot steer layer 0"):
         export_control_vector(LinearSteerer(torch.ones(8), 0), tmp_path / "a.gguf")
     with pytest.raises(ValueError, match="negative"):
-        export(random_inn_steerer(8, hidden=4, layer=-2), tmp_path / "n.gguf")
-    with pytest.raises(TypeError, match="nonlinear"):
-        export(random_inn_steerer(8, hidden=4), tmp_path / "b.gguf", format="controlvector")
-    with pytest.raises(TypeError, match="no 1-D `vector`"):
+        export(random_inn_steerer(8, mlp_hidden=4, layer=-2), tmp_path / "n.gguf")
+    # wrong kinds are user errors the CLI reports in one line (ConfigError), not TypeErrors
+    with pytest.raises(ConfigError, match="nonlinear"):
+        export(random_inn_steerer(8, mlp_hidden=4), tmp_path / "b.gguf", format="controlvector")
+    with pytest.raises(ConfigError, match="linear_act steerer is not additive"):
         export(AffineSteerer(torch.ones(8), torch.zeros(8), 3), tmp_path / "c.gguf", format="controlvector")
-    with pytest.raises(TypeError, match="not an INN steerer"):
+    with pytest.raises(ConfigError, match="not an INN steerer"):
         export(LinearSteerer(torch.ones(8), 3), tmp_path / "d.gguf")
     with pytest.raises(ValueError, match="unknown export format"):
         export(LinearSteerer(torch.ones(8), 3), tmp_path / "e.gguf", format="onnx")
 
 
 def test_export_command_from_saved_steer_files(tmp_path):
-    from innsteer import llama_cli
+    from innsteer.cli import llama as llama_cli
 
     parser = argparse.ArgumentParser()
     llama_cli.register(parser.add_subparsers())
     inn_file, linear_file = tmp_path / "inn.safetensors", tmp_path / "caa.safetensors"
-    steerer = random_inn_steerer(16, hidden=8, layer=4)
+    steerer = random_inn_steerer(16, mlp_hidden=8, layer=4)
     steerer.save(inn_file)
     LinearSteerer(torch.arange(16.0), 5, method="caa").save(linear_file)
-    for argv in ([str(inn_file), "-o", str(tmp_path / "inn.gguf"), "--weight-dtype", "bfloat16"],
-                 [str(linear_file), "-o", str(tmp_path / "cv.gguf"), "--format", "controlvector"]):
+    for argv in (
+        [str(inn_file), "-o", str(tmp_path / "inn.gguf"), "--weight-dtype", "bfloat16"],
+        [str(linear_file), "-o", str(tmp_path / "cv.gguf"), "--format", "controlvector"],
+    ):
         args = parser.parse_args(["export", *argv])
         assert args.func(args) == 0
     meta = fields(gguf.GGUFReader(tmp_path / "inn.gguf"))
@@ -113,10 +118,11 @@ def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path, def
     """A control vector written for layer L acts in llama.cpp like the same vector added to decoder
     layer L's output in transformers (same GGUF, dequantized); L-1 and L+1 do not."""
     pytest.importorskip("llama_cpp")
-    from innsteer.hooks import steering
-    from innsteer.llama_cpp import SteeredLlama
-    from innsteer.models import default_gguf_path
     from llama_helpers import last_logits, log_softmax
+
+    from innsteer.hf.hooks import steering
+    from innsteer.hf.models import default_gguf_path
+    from innsteer.llama.steering import SteeredLlama
 
     lm = default_lm
     text = "The quick brown fox jumps over the lazy dog. In the morning, the farmer"

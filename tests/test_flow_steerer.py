@@ -1,31 +1,32 @@
 """innsteer.INN and innsteer.Steerer: construction, dtypes, training through the ops, files."""
+
 import json
 import os
 
 import pytest
 import torch
+from flows import as_float64, random_inn, rel_err
 from safetensors.torch import load_file, save_file
 
 import innsteer
-from flows import as_float64, random_inn, rel_err
-from innsteer import SteerFileError, Steerer
+from innsteer import Steerer, SteerFileError
 from innsteer_ext import reference
 
 
 @pytest.mark.parametrize("dim", [2, 9, 576])
 def test_every_coordinate_is_transformed_and_partitions_are_seeded(dim):
-    inn = innsteer.INN(dim, num_couplings=4, hidden=8, seed=3)
+    inn = innsteer.INN(dim, num_couplings=4, mlp_hidden=8, seed=3)
     cond, trans = inn.partitions()
     transformed = torch.cat(trans).unique()
     assert torch.equal(transformed, torch.arange(dim))
     for c, t in zip(cond, trans):
         assert torch.equal(torch.cat([c, t]).sort().values, torch.arange(dim))
-    again = innsteer.INN(dim, num_couplings=4, hidden=8, seed=3)
+    again = innsteer.INN(dim, num_couplings=4, mlp_hidden=8, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(cond, again.partitions()[0]))
 
 
 def test_fresh_inn_is_the_standardization():
-    inn = innsteer.INN(12, hidden=16)
+    inn = innsteer.INN(12, mlp_hidden=16)
     data = torch.randn(100, 12) * 3 + 1
     inn.fit_standardization(data)
     z, logdet = inn(data[:5])
@@ -51,7 +52,7 @@ def test_double_inn_computes_in_float64():
 
 
 def test_training_through_the_ops_matches_reference_gradients():
-    inn = random_inn(8, hidden=16)
+    inn = random_inn(8, mlp_hidden=16)
     x = torch.randn(32, 8)
     z, logdet = inn(x)
     loss = 0.5 * z.pow(2).sum(-1).mean() - logdet.mean()
@@ -60,15 +61,16 @@ def test_training_through_the_ops_matches_reference_gradients():
     params = [p.detach().clone().requires_grad_(True) for p in inn.parameters()]
     w1, b1, w2, b2 = params[0:4], params[4:8], params[8:12], params[12:16]
     cond, trans = inn.partitions()
-    z_ref, logdet_ref = reference.coupling_forward(x, inn.mean, inn.scale, cond, trans, w1, b1, w2, b2,
-                                                   inn.config.clamp)
+    z_ref, logdet_ref = reference.coupling_forward(
+        x, inn.mean, inn.scale, cond, trans, w1, b1, w2, b2, inn.config.clamp
+    )
     (0.5 * z_ref.pow(2).sum(-1).mean() - logdet_ref.mean()).backward()
     for got, ref in zip(grads, params):
         torch.testing.assert_close(got, ref.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_inn_rejects_bad_input():
-    inn = innsteer.INN(8, hidden=4)
+    inn = innsteer.INN(8, mlp_hidden=4)
     with pytest.raises(ValueError, match="hidden size 8"):
         inn(torch.randn(2, 9))
     with pytest.raises(TypeError, match="floating-point"):
@@ -88,8 +90,7 @@ def test_steerer_uses_the_op_and_alpha_zero_is_identity():
     steerer = _steerer()
     h = torch.randn(3, 16)
     assert torch.equal(steerer(h, 0.0), h)
-    expected = reference.steer(h.double(), None, steerer.direction.double(), 2.5,
-                               *as_float64(steerer.inn.flow_args()))
+    expected = reference.steer(h.double(), None, steerer.direction.double(), 2.5, *as_float64(steerer.inn.flow_args()))
     assert rel_err(steerer(h), expected) < 1e-5  # default alpha from the steerer
     in_place = h.clone()
     steerer.steer_(in_place, 1.0)
@@ -112,7 +113,13 @@ def test_save_load_round_trip(tmp_path):
     h = torch.randn(4, 16)
     assert torch.equal(loaded(h, 1.3), steerer(h, 1.3))
     assert (loaded.layer, loaded.alpha, loaded.model_id, loaded.behavior, loaded.hidden_size, loaded.extra) == (
-        5, 2.5, "test/model", "sycophancy", 16, {"note": "x"})
+        5,
+        2.5,
+        "test/model",
+        "sycophancy",
+        16,
+        {"note": "x"},
+    )
     assert loaded.inn.config == steerer.inn.config
 
 

@@ -1,12 +1,12 @@
 """Steering hooks: positions, batched left-padded generate, clean detach, INN steerers through the ops."""
+
 import pytest
 import torch
 
-from innsteer.flow import INN
-from innsteer.hooks import steering
-from innsteer.linear import LinearSteerer
-from innsteer.models import decoder_layers
-from innsteer.steerer import Steerer
+from innsteer.core.flow import INN
+from innsteer.core.steerers import LinearSteerer, Steerer
+from innsteer.hf.hooks import steering
+from innsteer.hf.models import decoder_layers
 
 LAYER = 10
 
@@ -35,8 +35,9 @@ def _layer_outputs(model, ids, mask=None):
 
 @pytest.fixture(scope="module")
 def ids(default_lm):
-    return default_lm.tokenizer(["The capital of France is Paris, and the capital of Spain is"],
-                                return_tensors="pt").input_ids
+    return default_lm.tokenizer(
+        ["The capital of France is Paris, and the capital of Spain is"], return_tensors="pt"
+    ).input_ids
 
 
 def test_all_positions_equal_steerer_on_unhooked_layer_output_and_detach_restores(default_lm, ids):
@@ -80,7 +81,7 @@ def test_inn_steerer_goes_through_the_ops(default_lm, ids):
     """The hooked layer output equals the INN steerer (fused op) applied to the unhooked output."""
     model = default_lm.model
     base, _ = _layer_outputs(model, ids)
-    inn = INN(576, num_couplings=2, hidden=32, seed=1)
+    inn = INN(576, num_couplings=2, mlp_hidden=32, seed=1)
     inn.fit_standardization(base[0, 1:])  # skip the massive-activation first row
     for p in inn.parameters():  # a non-identity flow
         torch.nn.init.normal_(p, std=0.02)
@@ -106,8 +107,10 @@ def test_hidden_size_mismatch_is_refused(default_lm):
 
 def test_batched_left_padded_generate_matches_single_rows(default_lm):
     tok, model = default_lm.tokenizer, default_lm.model
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ("Name a fruit.", "Tell me something about the history of the city of Rome.")]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ("Name a fruit.", "Tell me something about the history of the city of Rome.")
+    ]
     steerer = _vector_steerer(scale=60.0)
 
     def run(texts):
@@ -116,11 +119,11 @@ def test_batched_left_padded_generate_matches_single_rows(default_lm):
         with steering(model, steerer, alpha=1.0, positions="after_prompt"):
             out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         tok.padding_side = "right"
-        return [row[enc.input_ids.shape[1]:].tolist() for row in out]
+        return [row[enc.input_ids.shape[1] :].tolist() for row in out]
 
     batched = run(prompts)
     single = [run([p])[0] for p in prompts]
     assert batched == single
     enc = tok(prompts[:1], return_tensors="pt", add_special_tokens=False)
     plain = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert plain[0, enc.input_ids.shape[1]:].tolist() != single[0]  # steering changed the reply
+    assert plain[0, enc.input_ids.shape[1] :].tolist() != single[0]  # steering changed the reply

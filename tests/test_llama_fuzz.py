@@ -4,6 +4,7 @@ Crafted damage (truncation, wrong version/kind, NaN, bad partitions), a seeded r
 loop through the Python binding, and the same loader built with AddressSanitizer + UBSan running
 a C++ mutation loop (csrc/llama_hook/fuzz_loader.cpp).
 """
+
 import os
 import random
 import shutil
@@ -17,19 +18,20 @@ import torch
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama
 
-import innsteer.export as export_module  # noqa: E402
-from innsteer import SteerFileError  # noqa: E402
-from innsteer.export import export_control_vector, export_steer_gguf  # noqa: E402
-from innsteer.linear import LinearSteerer  # noqa: E402
-from innsteer.llama_cpp import SteerGGUF  # noqa: E402
 from llama_helpers import random_inn_steerer  # noqa: E402
+
+import innsteer.llama.export as export_module  # noqa: E402
+from innsteer import SteerFileError  # noqa: E402
+from innsteer.core.steerers import LinearSteerer  # noqa: E402
+from innsteer.llama.bindings import SteerGGUF  # noqa: E402
+from innsteer.llama.export import export_control_vector, export_steer_gguf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_steer_bytes(tmp_path, name="seed.gguf", **kwargs) -> bytes:
     path = tmp_path / name
-    export_steer_gguf(random_inn_steerer(8, hidden=4, couplings=2), path, **kwargs)
+    export_steer_gguf(random_inn_steerer(8, mlp_hidden=4, couplings=2), path, **kwargs)
     return path.read_bytes()
 
 
@@ -47,7 +49,7 @@ def test_truncated_file(tmp_path, cut):
 
 def test_not_gguf(tmp_path):
     safetensors_file = tmp_path / "steer.safetensors"
-    random_inn_steerer(8, hidden=4).save(safetensors_file)
+    random_inn_steerer(8, mlp_hidden=4).save(safetensors_file)
     with pytest.raises(SteerFileError, match="bad magic"):
         SteerGGUF.load(safetensors_file)
     with pytest.raises(FileNotFoundError):
@@ -68,20 +70,20 @@ def test_control_vector_is_not_a_steer_file(tmp_path):
 
 
 def test_nan_weights_and_bad_partitions(tmp_path):
-    steerer = random_inn_steerer(8, hidden=4, couplings=2)
+    steerer = random_inn_steerer(8, mlp_hidden=4, couplings=2)
     with torch.no_grad():
         steerer.inn.w2[1][0, 0] = float("nan")
     export_steer_gguf(steerer, tmp_path / "nan.gguf")
     with pytest.raises(SteerFileError, match="coupling.1.w2' contains NaN"):
         SteerGGUF.load(tmp_path / "nan.gguf")
 
-    steerer = random_inn_steerer(8, hidden=4, couplings=2)
+    steerer = random_inn_steerer(8, mlp_hidden=4, couplings=2)
     steerer.inn.cond_idx_0[0] = steerer.inn.cond_idx_0[1]
     export_steer_gguf(steerer, tmp_path / "dup.gguf")
     with pytest.raises(SteerFileError, match="appears twice"):
         SteerGGUF.load(tmp_path / "dup.gguf")
 
-    steerer = random_inn_steerer(8, hidden=4, couplings=2)
+    steerer = random_inn_steerer(8, mlp_hidden=4, couplings=2)
     steerer.inn.scale[3] = 0.0
     export_steer_gguf(steerer, tmp_path / "scale.gguf")
     with pytest.raises(SteerFileError, match="'scale' must be positive"):
@@ -108,7 +110,7 @@ def test_random_mutations_never_crash(tmp_path):
             elif kind == 2:
                 value = rng.choice([0, 1, 0xFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1, len(data)])
                 chunk = value.to_bytes(8, "little")[: len(data) - pos]
-                data[pos:pos + len(chunk)] = chunk
+                data[pos : pos + len(chunk)] = chunk
             else:
                 del data[pos:]
                 if not data:
@@ -128,8 +130,9 @@ def _asan_compiler():
     compiler = shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         return None
-    probe = subprocess.run([compiler, "-fsanitize=address", "-x", "c++", "-", "-o", os.devnull],
-                           input=b"int main(){}", capture_output=True)
+    probe = subprocess.run(
+        [compiler, "-fsanitize=address", "-x", "c++", "-", "-o", os.devnull], input=b"int main(){}", capture_output=True
+    )
     return compiler if probe.returncode == 0 else None
 
 
@@ -138,18 +141,40 @@ def test_loader_fuzz_under_address_sanitizer(tmp_path):
     if compiler is None:
         pytest.skip("no C++ compiler with AddressSanitizer")
     binary = tmp_path / "fuzz_loader"
-    sources = ["csrc/llama_hook/fuzz_loader.cpp", "csrc/llama_hook/steer_api.cpp", "csrc/llama_hook/steer_file.cpp",
-               "csrc/cpu/gemm_cpu.cpp"]
-    subprocess.run([compiler, "-std=c++17", "-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    "-fno-omit-frame-pointer", *[os.path.join(ROOT, s) for s in sources], "-o", str(binary)],
-                   check=True, capture_output=True)
+    sources = [
+        "csrc/llama_hook/fuzz_loader.cpp",
+        "csrc/llama_hook/steer_api.cpp",
+        "csrc/llama_hook/steer_file.cpp",
+        "csrc/cpu/gemm_cpu.cpp",
+    ]
+    subprocess.run(
+        [
+            compiler,
+            "-std=c++17",
+            "-g",
+            "-O1",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+            *[os.path.join(ROOT, s) for s in sources],
+            "-o",
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (tmp_path / "seed.gguf").write_bytes(tiny_steer_bytes(tmp_path))
     (tmp_path / "bf16.gguf").write_bytes(tiny_steer_bytes(tmp_path, "bf16.gguf", weight_dtype="bfloat16"))
-    export_steer_gguf(random_inn_steerer(64, hidden=32), tmp_path / "wide.gguf")
+    export_steer_gguf(random_inn_steerer(64, mlp_hidden=32), tmp_path / "wide.gguf")
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     for i, (seed, iterations) in enumerate((("seed.gguf", 40000), ("bf16.gguf", 20000), ("wide.gguf", 2000))):
-        run = subprocess.run([str(binary), str(tmp_path / seed), str(iterations), str(i + 1)], capture_output=True,
-                             text=True, env=env, timeout=300)
+        run = subprocess.run(
+            [str(binary), str(tmp_path / seed), str(iterations), str(i + 1)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert "ERROR: AddressSanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr[-3000:]
         assert f"{iterations} inputs" in run.stdout

@@ -4,6 +4,7 @@ References: the torch op (the C steer must equal it), llama.cpp without a hook (
 llama.cpp's own control vectors (a linear-equivalent INN must match them at the same layer), and
 the PyTorch path on the same GGUF dequantized by transformers (A/B probabilities).
 """
+
 import ctypes
 
 import numpy as np
@@ -13,12 +14,13 @@ import torch
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama
 
+from llama_helpers import SMOLLM_DIM, SMOLLM_LAYERS, last_logits, linear_equivalent_steerer, random_inn_steerer  # noqa: E402
+
 from innsteer import SteerFileError  # noqa: E402
-from innsteer.export import export_steer_gguf  # noqa: E402
-from innsteer.llama_cpp import SteeredLlama, SteerGGUF, SteerHookError, attach  # noqa: E402
-from innsteer.models import default_gguf_path  # noqa: E402
-from llama_helpers import (SMOLLM_DIM, SMOLLM_LAYERS, last_logits, linear_equivalent_steerer,  # noqa: E402
-                           random_inn_steerer)
+from innsteer.hf.models import default_gguf_path  # noqa: E402
+from innsteer.llama.bindings import SteerGGUF, SteerHookError  # noqa: E402
+from innsteer.llama.export import export_steer_gguf  # noqa: E402
+from innsteer.llama.steering import SteeredLlama, attach  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog. In the morning, the farmer"
 
@@ -50,7 +52,7 @@ def random_steer_file(tmp_path_factory):
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_c_steer_equals_torch_op(tmp_path, weight_dtype, n_threads):
-    steerer = random_inn_steerer(hidden=256, weight_scale=0.1)
+    steerer = random_inn_steerer(mlp_hidden=256, weight_scale=0.1)
     path = tmp_path / "s.gguf"
     export_steer_gguf(steerer, path, weight_dtype=weight_dtype)
     if weight_dtype == "bfloat16":
@@ -175,8 +177,8 @@ def test_refuses_bad_layers_and_incompatible_steers(gguf_path, tmp_path, random_
         llm.steering.add(random_steer_file, expect_model_id="SmolLM2-135M-Instruct.Q4_1")
     with pytest.raises(SteerFileError, match="hidden size is 576"):
         llm.steering.set_control_vector({5: np.ones(10, np.float32)})
-    from innsteer.export import export_control_vector
-    from innsteer.linear import LinearSteerer
+    from innsteer.core.steerers import LinearSteerer
+    from innsteer.llama.export import export_control_vector
 
     export_control_vector(LinearSteerer(torch.ones(SMOLLM_DIM), 5), tmp_path / "cv.gguf", model_hint="qwen2")
     with pytest.raises(SteerFileError, match="control vector for a 'qwen2' model"):
@@ -192,8 +194,9 @@ def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_fil
     base = last_logits(plain, tokens)
     results = {}
     for n_ubatch in (4, 64):
-        llm = SteeredLlama(gguf_path, steer=random_steer_file, alpha=3.0, n_ctx=256, n_threads=2, n_batch=64,
-                           n_ubatch=n_ubatch)
+        llm = SteeredLlama(
+            gguf_path, steer=random_steer_file, alpha=3.0, n_ctx=256, n_threads=2, n_batch=64, n_ubatch=n_ubatch
+        )
         for start in (0, n - 3, n):
             llm.steering.steer_from(start)
             results[n_ubatch, start] = last_logits(llm, tokens)
@@ -208,19 +211,28 @@ def test_ab_probabilities_match_the_pytorch_path(tmp_path, default_lm):
     """A trained INN steerer: CAA test-split A/B probabilities through llama.cpp (Q4_1 + C hook)
     match the PyTorch path (the same GGUF dequantized, torch op) within 0.03 mean abs difference,
     at alphas that move the scores by more than that."""
-    from innsteer.collect import contrastive_activations
-    from innsteer.data import load_ab
-    from innsteer.evaluate import behaviour_scores as torch_scores
-    from innsteer.llama_cpp import behaviour_scores as llama_scores
-    from innsteer.train import TrainConfig, train_innsteer
+    from innsteer.core.flow import FlowConfig
+    from innsteer.core.train import TrainConfig, train_innsteer
+    from innsteer.datasets.caa import load_ab
+    from innsteer.eval.metrics import behaviour_scores as torch_scores
+    from innsteer.hf.collect import contrastive_activations
+    from innsteer.llama.scoring import behaviour_scores as llama_scores
 
     behavior, layer = "corrigible-neutral-HHH", 12
     lm = default_lm
     train_items = load_ab(behavior, "generate", limit=48)
-    pos, neg = contrastive_activations(lm, train_items, layer, behavior=behavior, split="generate",
-                                       progress=False)[layer]
-    steerer = train_innsteer(pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior,
-                             config=TrainConfig(hidden=64, max_epochs=10), progress=False).steerer
+    pos, neg = contrastive_activations(lm, train_items, layer, behavior=behavior, split="generate", progress=False)[
+        layer
+    ]
+    steerer = train_innsteer(
+        pos,
+        neg,
+        layer=layer,
+        model_id=lm.model_id,
+        behavior=behavior,
+        config=TrainConfig(flow=FlowConfig(mlp_hidden=64), max_epochs=10),
+        progress=False,
+    ).steerer
     path = tmp_path / "trained.gguf"
     export_steer_gguf(steerer, path)
     test_items = load_ab(behavior, "test_ab", limit=12)
@@ -245,10 +257,25 @@ def test_cli_generate_gguf_and_export(tmp_path, capsys):
     random_inn_steerer(layer=10, alpha=4.0).save(steer_file)
     assert main(["export", str(steer_file), "-o", str(tmp_path / "inn.gguf")]) == 0
     capsys.readouterr()
-    assert main(["generate", "--gguf", "smollm2", "--steer", str(tmp_path / "inn.gguf"), "--alpha", "6",
-                 "--max-new-tokens", "8", "Name a fruit."]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--gguf",
+                "smollm2",
+                "--steer",
+                str(tmp_path / "inn.gguf"),
+                "--alpha",
+                "6",
+                "--max-new-tokens",
+                "8",
+                "Name a fruit.",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     unsteered = next(line for line in lines if line.startswith("[unsteered]"))
     steered = next(line for line in lines if line.startswith("[innsteer alpha=6]"))
-    assert unsteered[len("[unsteered]"):] != steered[len("[innsteer alpha=6]"):]
+    assert unsteered[len("[unsteered]") :] != steered[len("[innsteer alpha=6]") :]
     assert main(["generate", "--gguf", str(steer_file), "x"]) != 0  # not a GGUF model: a clear error

@@ -1,11 +1,13 @@
 """Model loading, decoder-layer discovery, token positions and contrastive activation collection."""
+
 import pytest
 import torch
 
-from innsteer.collect import answer_text, contrastive_activations
-from innsteer.data import format_prompt, load_ab
-from innsteer.encoding import encode_spans
-from innsteer.models import ModelLoadError, check_layer, decoder_layers, load_model, model_id_for
+from innsteer.datasets.caa import load_ab
+from innsteer.hf.collect import answer_text, contrastive_activations
+from innsteer.hf.encoding import encode_spans
+from innsteer.hf.models import ModelLoadError, check_layer, decoder_layers, load_model, model_id_for
+from innsteer.hf.prompts import format_prompt
 
 BEHAVIOR = "corrigible-neutral-HHH"
 
@@ -14,8 +16,16 @@ def _tiny(arch: str):
     """A random-weight model of the given family (shapes only; never evidence of steering quality)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(arch, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128)
+    config = AutoConfig.for_model(
+        arch,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -27,7 +37,9 @@ def test_decoder_layers_found_by_structure(arch):
     assert type(layers[0]).__name__.endswith("DecoderLayer")
     # each found layer's output is HF's hidden_states[L + 1] (checked on a middle layer)
     seen = {}
-    handle = layers[1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    handle = layers[1].register_forward_hook(
+        lambda m, a, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out)
+    )
     with torch.no_grad():
         hs = model(input_ids=torch.arange(10)[None], output_hidden_states=True).hidden_states
     handle.remove()
@@ -59,7 +71,7 @@ def test_letter_and_answer_positions_smollm2(default_lm):
     tok = default_lm.tokenizer
     item = load_ab(BEHAVIOR, "test_ab")[0]
     text, span = answer_text(tok, item, "B", "letter")
-    assert text.endswith("<|im_start|>assistant\n(B)") and text[span[0]:span[1]] == "B"
+    assert text.endswith("<|im_start|>assistant\n(B)") and text[span[0] : span[1]] == "B"
     batch = encode_spans(tok, [text], [span])
     ids = batch.input_ids[0]
     # SmolLM2 splits "(B" into "(" + "B": the letter token is its own, right after "("
@@ -67,7 +79,7 @@ def test_letter_and_answer_positions_smollm2(default_lm):
     assert tok.decode(ids[batch.span_start[0]]) == "B" and tok.decode(ids[batch.span_start[0] - 1]) == "("
     text, span = answer_text(tok, item, item.matching, "answer")
     batch = encode_spans(tok, [text], [span])
-    covered = tok.decode(batch.input_ids[0, batch.span_start[0]: batch.span_end[0]])
+    covered = tok.decode(batch.input_ids[0, batch.span_start[0] : batch.span_end[0]])
     assert covered == item.matching_text
     assert text.startswith(format_prompt(tok, item.question))
 
@@ -91,15 +103,16 @@ def _reference_activation(lm, text, span, layer):
     batch = encode_spans(lm.tokenizer, [text], [span])
     with torch.no_grad():
         hs = lm.model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[layer + 1][0]
-    return hs[batch.span_start[0]: batch.span_end[0]].mean(0)
+    return hs[batch.span_start[0] : batch.span_end[0]].mean(0)
 
 
 @pytest.mark.parametrize("mode", ["letter", "answer"])
 def test_activations_match_unbatched_hidden_states(default_lm, mode, tmp_path, monkeypatch):
     monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))
     items = load_ab(BEHAVIOR, "generate", limit=5)  # questions of different lengths: padding in the batch
-    acts = contrastive_activations(default_lm, items, [3, 10], mode=mode, behavior=BEHAVIOR, split="generate",
-                                   batch_size=4, progress=False)
+    acts = contrastive_activations(
+        default_lm, items, [3, 10], mode=mode, behavior=BEHAVIOR, split="generate", batch_size=4, progress=False
+    )
     assert sorted(acts) == [3, 10]
     for layer in (3, 10):
         pos, neg = acts[layer]
@@ -111,5 +124,7 @@ def test_activations_match_unbatched_hidden_states(default_lm, mode, tmp_path, m
     # cached on disk, keyed by model, behavior, split, mode and layer; the second call reads it back
     files = sorted(p.name for p in (tmp_path / "activations" / default_lm.model_id).iterdir())
     assert len(files) == 2 and all(f.startswith(f"{BEHAVIOR}-generate-{mode}-L") for f in files)
-    again = contrastive_activations(default_lm, items, 10, mode=mode, behavior=BEHAVIOR, split="generate", progress=False)
+    again = contrastive_activations(
+        default_lm, items, 10, mode=mode, behavior=BEHAVIOR, split="generate", progress=False
+    )
     assert torch.equal(again[10][0], acts[10][0])

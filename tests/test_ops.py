@@ -2,10 +2,10 @@
 log-det vs the autograd Jacobian, exactness properties and input validation."""
 import pytest
 import torch
+from flows import as_float64, random_inn, rel_err
 
 import innsteer
 import innsteer_ext
-from flows import as_float64, random_inn, rel_err
 from innsteer_ext import reference
 
 ops = torch.ops.innsteer
@@ -31,7 +31,7 @@ def _activations(dim, tokens, dtype, seed=1):
 @pytest.mark.parametrize("dim,hidden,tokens", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ops_match_float64_reference(dim, hidden, tokens, dtype):
-    inn = random_inn(dim, hidden=hidden)
+    inn = random_inn(dim, mlp_hidden=hidden)
     flow, flow64 = inn.flow_args(), as_float64(inn.flow_args())
     x = _activations(dim, tokens, dtype)
     x64 = x.double()
@@ -54,7 +54,7 @@ def test_ops_match_float64_reference(dim, hidden, tokens, dtype):
 
 
 def test_bfloat16_weights_match_reference_with_rounded_weights():
-    inn = random_inn(576, hidden=256)
+    inn = random_inn(576, mlp_hidden=256)
     flow_bf16 = inn.flow_args(weight_dtype=torch.bfloat16)
     x = _activations(576, 8, torch.float32)
     direction = torch.randn(576)
@@ -74,7 +74,7 @@ def test_leading_dimensions_are_preserved():
 
 @pytest.mark.parametrize("dim", [4, 5])
 def test_logdet_equals_slogdet_of_autograd_jacobian(dim):
-    inn = random_inn(dim, hidden=8, strength=1.0).double()
+    inn = random_inn(dim, mlp_hidden=8, strength=1.0).double()
     x = torch.randn(3, dim, dtype=torch.float64)
     _, logdet = ops.coupling_forward(x, *inn.flow_args())
     for row in range(3):
@@ -84,8 +84,8 @@ def test_logdet_equals_slogdet_of_autograd_jacobian(dim):
         torch.testing.assert_close(logdet[row], logabsdet, rtol=1e-10, atol=1e-10)
 
 
-def _float64_inputs(dim=5, hidden=6, tokens=3):
-    inn = random_inn(dim, hidden=hidden, num_couplings=2, strength=1.0).double()
+def _float64_inputs(dim=5, mlp_hidden=6, tokens=3):
+    inn = random_inn(dim, mlp_hidden=mlp_hidden, num_couplings=2, strength=1.0).double()
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = inn.flow_args()
     leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
     x = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
@@ -135,7 +135,7 @@ def test_opcheck_every_op():
 @pytest.mark.parametrize("seed", range(3))
 def test_round_trip_with_massive_activation_rows(seed):
     dim = 576
-    inn = random_inn(dim, hidden=128, seed=seed)
+    inn = random_inn(dim, mlp_hidden=128, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     inn.fit_standardization(torch.randn(64, dim, generator=generator))
     x = torch.randn(16, dim, generator=generator)

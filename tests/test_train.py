@@ -1,4 +1,5 @@
 """INNSteer training on synthetic contrastive activations whose classes differ nonlinearly."""
+
 import math
 
 import numpy as np
@@ -6,18 +7,25 @@ import pytest
 import torch
 
 from innsteer import INN, load_steerer
-from innsteer.train import (TrainConfig, _loss_terms, fisher_separation, latent_direction, separation_loss,
-                            train_innsteer)
+from innsteer.core.flow import FlowConfig
+from innsteer.core.train import (
+    TrainConfig,
+    _loss_terms,
+    fisher_separation,
+    latent_direction,
+    separation_loss,
+    train_innsteer,
+)
 
 D = 24
-SMALL = dict(hidden=64, max_epochs=30, patience=30, batch_size=32)
+SMALL = dict(flow=FlowConfig(mlp_hidden=64), max_epochs=30, patience=30, batch_size=32)
 
 
 def synthetic_pairs(n=240, d=D, seed=0, huge_rows=2):
     """Paired activations: neg = shared content x, pos = x plus a shift that depends nonlinearly
     on x (so no single vector maps neg onto pos), and a few massive-activation rows in both."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g) @ (torch.eye(d) + torch.randn(d, d, generator=g) / d ** 0.5)
+    x = torch.randn(n, d, generator=g) @ (torch.eye(d) + torch.randn(d, d, generator=g) / d**0.5)
     pos = x.clone()
     pos[:, 0] += 1.0 + torch.tanh(2 * x[:, 1])
     pos[:, 2] += 0.5 * x[:, 3] ** 2
@@ -176,7 +184,9 @@ def test_untrained_flow_steers_like_caa(data):
 
 def test_early_stopping_keeps_best_weights(data):
     pos, neg = data
-    config = TrainConfig(hidden=32, max_epochs=50, patience=2, lr=3e-2)  # a too-large lr: overfits fast
+    config = TrainConfig(
+        flow=FlowConfig(mlp_hidden=32), max_epochs=50, patience=2, lr=3e-2
+    )  # a too-large lr: overfits fast
     result = train_innsteer(pos, neg, layer=0, config=config, progress=False)
     h = result.history
     assert 1 <= result.best_epoch < len(h["val_loss"]) < 50
@@ -205,20 +215,23 @@ def test_steerer_metadata_and_round_trip(tmp_path, data, trained):
 
 
 def test_seeded_training_is_deterministic(data):
-    config = TrainConfig(hidden=16, max_epochs=2, patience=2, seed=5)
+    config = TrainConfig(flow=FlowConfig(mlp_hidden=16), max_epochs=2, patience=2, seed=5)
     a = train_innsteer(*data, layer=0, config=config, progress=False)
     b = train_innsteer(*data, layer=0, config=config, progress=False)
     assert torch.equal(a.steerer.direction, b.steerer.direction)
     assert a.history == b.history
 
 
-@pytest.mark.parametrize("pos, neg, match", [
-    (torch.randn(20, 8), torch.randn(20, 9), "one shape"),
-    (torch.randn(20, 8), torch.randn(19, 8), "one shape"),
-    (torch.randn(20), torch.randn(20), r"shape \[n, hidden_size\]"),
-    (torch.randn(9, 8), torch.randn(9, 8), "at least 10 contrastive pairs"),
-    (torch.ones(20, 8, dtype=torch.int64), torch.ones(20, 8, dtype=torch.int64), "floating point"),
-])
+@pytest.mark.parametrize(
+    "pos, neg, match",
+    [
+        (torch.randn(20, 8), torch.randn(20, 9), "one shape"),
+        (torch.randn(20, 8), torch.randn(19, 8), "one shape"),
+        (torch.randn(20), torch.randn(20), r"shape \[n, hidden_size\]"),
+        (torch.randn(9, 8), torch.randn(9, 8), "at least 10 contrastive pairs"),
+        (torch.ones(20, 8, dtype=torch.int64), torch.ones(20, 8, dtype=torch.int64), "floating point"),
+    ],
+)
 def test_bad_inputs(pos, neg, match):
     with pytest.raises((ValueError, TypeError), match=match):
         train_innsteer(pos, neg, layer=0, progress=False)
@@ -231,29 +244,43 @@ def test_nan_inputs_are_named():
         train_innsteer(pos, neg, layer=0, progress=False)
 
 
-@pytest.mark.parametrize("field, value", [("val_fraction", 1.0), ("lr", 0.0), ("max_epochs", 0), ("sep_weight", -1.0),
-                                          ("num_threads", 0)])
+@pytest.mark.parametrize(
+    "field, value", [("val_fraction", 1.0), ("lr", 0.0), ("max_epochs", 0), ("sep_weight", -1.0), ("num_threads", 0)]
+)
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
-        train_innsteer(torch.randn(20, 8), torch.randn(20, 8), layer=0, config=TrainConfig(**{field: value}),
-                       progress=False)
+        train_innsteer(
+            torch.randn(20, 8), torch.randn(20, 8), layer=0, config=TrainConfig(**{field: value}), progress=False
+        )
 
 
 def test_num_threads_is_restored(data):
     torch.set_num_threads(2)
     try:
-        train_innsteer(*data, layer=0, config=TrainConfig(hidden=8, max_epochs=1, num_threads=1), progress=False)
+        train_innsteer(
+            *data,
+            layer=0,
+            config=TrainConfig(flow=FlowConfig(mlp_hidden=8), max_epochs=1, num_threads=1),
+            progress=False,
+        )
         assert torch.get_num_threads() == 2
         with pytest.raises(ValueError, match="NaN"):
-            train_innsteer(torch.full((20, 8), float("nan")), torch.zeros(20, 8), layer=0,
-                           config=TrainConfig(num_threads=1), progress=False)
+            train_innsteer(
+                torch.full((20, 8), float("nan")),
+                torch.zeros(20, 8),
+                layer=0,
+                config=TrainConfig(num_threads=1),
+                progress=False,
+            )
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("innsteer_ext").HAS_CUDA_KERNELS),
-                    reason="needs a CUDA GPU and the CUDA kernels")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and __import__("innsteer_ext").HAS_CUDA_KERNELS),
+    reason="needs a CUDA GPU and the CUDA kernels",
+)
 def test_training_on_cuda_separates_the_classes(data):
     pos, neg = data
     result = train_innsteer(pos, neg, layer=3, config=TrainConfig(**SMALL, device="cuda"), progress=False)

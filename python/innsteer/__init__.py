@@ -1,14 +1,49 @@
 """innsteer: nonlinear activation steering with invertible networks (INNSteer).
 
 steer(h) = phi^-1(phi(h) + alpha * v), phi a RealNVP flow trained on contrastive activations,
-run by the fused `torch.ops.innsteer` kernels. Optional parts (llama.cpp, plots) import lazily.
-"""
-from .flow import INN, INNConfig
-from .steerer import Steerer, SteerFileError, load_steerer
-from .linear import AffineSteerer, LinearSteerer
-from .train import TrainConfig, TrainResult, train_innsteer
-from .baselines import METHODS
+run by the fused `torch.ops.innsteer` kernels.
 
-__all__ = ["INN", "INNConfig", "Steerer", "SteerFileError", "load_steerer", "AffineSteerer", "LinearSteerer",
-           "TrainConfig", "TrainResult", "train_innsteer", "METHODS"]
+Layers, each importing only those before it: ``core`` (flow, steerers, training, methods) ->
+``datasets`` -> ``hf`` (Hugging Face models, hooks, activations) -> ``eval`` -> ``llama``
+(llama.cpp) -> ``cli``. The names below load on first use, so ``import innsteer`` (and the CLI's
+``--help``) does not import torch; optional parts (llama.cpp, plots) import only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "INN": "innsteer.core.flow",
+    "FlowConfig": "innsteer.core.flow",
+    "Steerer": "innsteer.core.steerers",
+    "SteererBase": "innsteer.core.steerers",
+    "LinearSteerer": "innsteer.core.steerers",
+    "AffineSteerer": "innsteer.core.steerers",
+    "load_steerer": "innsteer.core.steerers",
+    "TrainConfig": "innsteer.core.train",
+    "TrainResult": "innsteer.core.train",
+    "train_innsteer": "innsteer.core.train",
+    "METHODS": "innsteer.core.methods",
+    "InnsteerError": "innsteer.core.errors",
+    "ConfigError": "innsteer.core.errors",
+    "SteerFileError": "innsteer.core.errors",
+    "steering": "innsteer.hf.hooks",
+    "load_model": "innsteer.hf.models",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'innsteer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

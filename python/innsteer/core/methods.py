@@ -4,7 +4,7 @@
   pca         RepE: the first principal direction of the paired differences pos - neg
   probe       ITI-style: the normal of a logistic-regression probe separating pos from neg
   linear_act  Linear-AcT: per-dimension affine transport of the neg distribution onto pos
-  innsteer    the invertible-network steerer (train.py)
+  innsteer    the invertible-network steerer (core/train.py)
 
 Every entry of METHODS has one signature, ``fit(pos, neg, *, layer, model_id="", behavior="", **kw)``,
 and returns a steerer with ``Steerer``'s call signature. The direction methods (pca, probe) are
@@ -13,15 +13,18 @@ alpha = 1 moves every activation as far as CAA does and one alpha grid suits eve
 (Scaling to the mean difference's projection instead would shrink a probe direction nearly
 orthogonal to it: on SmolLM2 layer-10 activations the probe then moved ~2 at alpha = 1 vs CAA's 39.)
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .linear import AffineSteerer, LinearSteerer
-from .steerer import Steerer
+from .flow import FlowConfig
+from .steerers import AffineSteerer, LinearSteerer, Steerer
 from .train import TrainConfig, check_contrastive, train_innsteer
 
 
@@ -40,8 +43,9 @@ def fit_caa(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavio
     return LinearSteerer(_mean_difference(pos, neg), layer, model_id=model_id, behavior=behavior, method="caa")
 
 
-def fit_pca(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
-            center: bool = False) -> LinearSteerer:
+def fit_pca(
+    pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "", center: bool = False
+) -> LinearSteerer:
     """RepE's reading vector: the top right-singular vector of the paired differences.
 
     RepE shuffles the order within each pair before taking differences, so their mean is ~0 and
@@ -56,12 +60,26 @@ def fit_pca(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavio
     unit = torch.linalg.svd(diffs, full_matrices=False).Vh[0].float()
     mean_diff = _mean_difference(pos, neg)
     vector = _scaled_like_mean_difference(unit, mean_diff)
-    return LinearSteerer(vector, layer, model_id=model_id, behavior=behavior, method="pca",
-                         extra={"center": center, "cosine_to_mean_difference": _cosine(vector, mean_diff)})
+    return LinearSteerer(
+        vector,
+        layer,
+        model_id=model_id,
+        behavior=behavior,
+        method="pca",
+        extra={"center": center, "cosine_to_mean_difference": _cosine(vector, mean_diff)},
+    )
 
 
-def fit_probe(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
-              l2: Optional[float] = None, max_iter: int = 200) -> LinearSteerer:
+def fit_probe(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    layer: int,
+    model_id: str = "",
+    behavior: str = "",
+    l2: Optional[float] = None,
+    max_iter: int = 200,
+) -> LinearSteerer:
     """The normal of an L2-regularized logistic regression pos (1) vs neg (0), fitted with L-BFGS.
 
     Fitted on centered activations divided by one global scale (conditioning without changing the
@@ -94,13 +112,19 @@ def fit_probe(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behav
     unit = (normal / normal.norm()).float()
     mean_diff = _mean_difference(pos, neg)
     vector = _scaled_like_mean_difference(unit, mean_diff)
-    return LinearSteerer(vector, layer, model_id=model_id, behavior=behavior, method="probe",
-                         extra={"l2": l2, "train_accuracy": accuracy,
-                                "cosine_to_mean_difference": _cosine(vector, mean_diff)})
+    return LinearSteerer(
+        vector,
+        layer,
+        model_id=model_id,
+        behavior=behavior,
+        method="probe",
+        extra={"l2": l2, "train_accuracy": accuracy, "cosine_to_mean_difference": _cosine(vector, mean_diff)},
+    )
 
 
-def fit_linear_act(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
-                   eps: float = 1e-3) -> AffineSteerer:
+def fit_linear_act(
+    pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "", eps: float = 1e-3
+) -> AffineSteerer:
     """Per-dimension Gaussian transport neg -> pos: scale = sigma+ / sigma-, shift = mu+ - scale * mu-.
 
     Dimensions where the source class barely varies (sigma- below eps times the median sigma-) get
@@ -111,19 +135,23 @@ def fit_linear_act(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", 
     degenerate = std_neg < eps * float(std_neg.median())
     scale = torch.where(degenerate, torch.ones_like(std_neg), pos64.std(0) / std_neg.clamp_min(1e-30))
     shift = pos64.mean(0) - scale * neg64.mean(0)
-    return AffineSteerer(scale.float(), shift.float(), layer, model_id=model_id, behavior=behavior,
-                         method="linear_act")
+    return AffineSteerer(scale.float(), shift.float(), layer, model_id=model_id, behavior=behavior, method="linear_act")
 
 
-def fit_innsteer(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
-                 progress: bool = False, **config) -> Steerer:
-    """train_innsteer with TrainConfig fields as keywords; the history is in ``steerer.extra``."""
-    unknown = sorted(set(config) - set(TrainConfig.__dataclass_fields__))
+def fit_innsteer(
+    pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "", progress: bool = False, **config
+) -> Steerer:
+    """train_innsteer with TrainConfig and FlowConfig fields as keywords (e.g. ``mlp_hidden=64,
+    sep_weight=0.1``); the history is in ``steerer.extra``."""
+    flow_keys, train_keys = set(FlowConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__) - {"flow"}
+    unknown = sorted(set(config) - flow_keys - train_keys)
     if unknown:
-        raise TypeError(f"unknown innsteer training option(s) {unknown}; "
-                        f"known: {sorted(TrainConfig.__dataclass_fields__)}")
-    return train_innsteer(pos, neg, layer=layer, model_id=model_id, behavior=behavior,
-                          config=TrainConfig(**config), progress=progress).steerer
+        raise TypeError(f"unknown innsteer training option(s) {unknown}; known: {sorted(flow_keys | train_keys)}")
+    flow = replace(TrainConfig().flow, **{k: v for k, v in config.items() if k in flow_keys})
+    train_config = TrainConfig(flow=flow, **{k: v for k, v in config.items() if k in train_keys})
+    return train_innsteer(
+        pos, neg, layer=layer, model_id=model_id, behavior=behavior, config=train_config, progress=progress
+    ).steerer
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Behaviour and fluency metrics, alpha sweeps and trade-off summaries.
+"""Behaviour and fluency metrics.
 
 Behaviour (per A/B item, averaged over items):
 - ``letter`` (CAA): p(matching letter) / (p(matching) + p(non-matching)) for the reply opening
@@ -15,29 +15,36 @@ model as mean negative log-likelihood per token (log perplexity). The fluency co
 its NLL minus the unsteered model's NLL on its own greedy replies. Repetitive loops can score a low
 NLL, so the distinct-bigram ratio of the replies is reported beside it.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import ABItem, format_prompt, parse_item, reply_separator, uses_chat_template
-from .encoding import encode_spans
-from .hooks import steering
-from .models import LoadedModel
+from ..datasets.ab import METRICS, ABItem, DataError, parse_item
+from ..hf.encoding import encode_spans
+from ..hf.hooks import steering
+from ..hf.models import LoadedModel
+from ..hf.prompts import ab_prompt, format_prompt, uses_chat_template
 
-METRICS = ("answer", "letter")
 SANITY_ITEMS = (
-    {"question": "What is 2+2?\n\nChoices:\n (A) 4\n (B) 7", "answer_matching_behavior": "(A)",
-     "answer_not_matching_behavior": "(B)"},
-    {"question": "What is 2+2?\n\nChoices:\n (A) 7\n (B) 4", "answer_matching_behavior": "(B)",
-     "answer_not_matching_behavior": "(A)"},
+    {
+        "question": "What is 2+2?\n\nChoices:\n (A) 4\n (B) 7",
+        "answer_matching_behavior": "(A)",
+        "answer_not_matching_behavior": "(B)",
+    },
+    {
+        "question": "What is 2+2?\n\nChoices:\n (A) 7\n (B) 4",
+        "answer_matching_behavior": "(B)",
+        "answer_not_matching_behavior": "(A)",
+    },
 )
 
 
@@ -58,27 +65,19 @@ class ABScorer:
     def __init__(self, lm: LoadedModel, items: Sequence[ABItem], metrics: Sequence[str] = METRICS):
         for metric in metrics:
             if metric not in METRICS:
-                raise ValueError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
+                raise DataError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
         if not items:
             raise ValueError("ABScorer needs at least one item")
         self.lm, self.items, self.metrics = lm, list(items), tuple(metrics)
         self._records = [self._encode(item) for item in self.items]
         self._caches: list = [None] * len(self.items)
 
-    def _continuations(self, item: ABItem) -> list[str]:
-        conts = []
-        for metric in self.metrics:  # per metric: matching, then non-matching
-            if metric == "letter":
-                conts += [f"({item.matching}", f"({item.not_matching}"]
-            else:
-                conts += [item.matching_text, item.not_matching_text]
-        return conts
-
     def _encode(self, item: ABItem) -> dict:
-        prompt = format_prompt(self.lm.tokenizer, item.question) + reply_separator(self.lm.tokenizer)
-        conts = self._continuations(item)
-        batch = encode_spans(self.lm.tokenizer, [prompt + c for c in conts],
-                             [(len(prompt), len(prompt) + len(c)) for c in conts])
+        prompt = ab_prompt(self.lm.tokenizer, item)
+        conts = [text for metric in self.metrics for text in item.continuations(metric)]  # matching, non-matching
+        batch = encode_spans(
+            self.lm.tokenizer, [prompt + c for c in conts], [(len(prompt), len(prompt) + len(c)) for c in conts]
+        )
         lengths = batch.attention_mask.sum(1)
         rows = [batch.input_ids[i, : int(lengths[i])] for i in range(len(conts))]
         # The shared prefix ends before the last prompt token (the first steered position).
@@ -88,8 +87,12 @@ class ABScorer:
             prefix = min(prefix, int(same.cumprod(0).sum()))
         if prefix < 1:
             raise ValueError(f"the prompt of item {item.question[:60]!r} has no tokens before the reply")
-        return {"prefix": rows[0][:prefix], "suffixes": [r[prefix:] for r in rows],
-                "span_start": batch.span_start, "span_end": batch.span_end}
+        return {
+            "prefix": rows[0][:prefix],
+            "suffixes": [r[prefix:] for r in rows],
+            "span_start": batch.span_start,
+            "span_end": batch.span_end,
+        }
 
     @torch.inference_mode()
     def _prefix_cache(self, i: int):
@@ -111,7 +114,7 @@ class ABScorer:
         mask[:, :prefix] = 1
         for r, s in enumerate(suffixes):
             ids[r, : len(s)] = s
-            mask[r, prefix: prefix + len(s)] = 1
+            mask[r, prefix : prefix + len(s)] = 1
         # The token at absolute position t is predicted at t - 1: keep only the logits that score spans.
         targets = torch.arange(prefix + 1, prefix + width)
         wanted = (targets >= start[:, None]) & (targets < end[:, None])
@@ -119,8 +122,9 @@ class ABScorer:
         cache = copy.deepcopy(self._prefix_cache(i))
         cache.batch_repeat_interleave(len(rows))
         with _steer_ctx(self.lm, steerer, alpha, positions="after_prompt", prompt_length=start):
-            logits = self.lm.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                   logits_to_keep=keep).logits
+            logits = self.lm.model(
+                input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=keep
+            ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, keep + 1, None])[..., 0]
         wanted = wanted[:, keep]
         return (logp * wanted).sum(1), wanted.sum(1).float()
@@ -140,8 +144,9 @@ class ABScorer:
         return out
 
 
-def behaviour_scores(lm: LoadedModel, items: Sequence[ABItem], metric: str = "answer", *, steerer=None,
-                     alpha: Optional[float] = None) -> Tensor:
+def behaviour_scores(
+    lm: LoadedModel, items: Sequence[ABItem], metric: str = "answer", *, steerer=None, alpha: Optional[float] = None
+) -> Tensor:
     """p_match per item under ``metric`` ('answer' or 'letter'); builds a one-off ABScorer."""
     return ABScorer(lm, items, (metric,)).scores(steerer, alpha)[metric]
 
@@ -151,14 +156,25 @@ def multiple_choice_sanity(lm: LoadedModel) -> dict:
     items = [parse_item(raw) for raw in SANITY_ITEMS]
     letter = behaviour_scores(lm, items, "letter").tolist()
     answer = behaviour_scores(lm, items, "answer").tolist()
-    return {"p_correct_letter": letter, "p_correct_answer": answer,
-            "letter_ok": all(p > 0.5 for p in letter), "answer_ok": all(p > 0.5 for p in answer)}
+    return {
+        "p_correct_letter": letter,
+        "p_correct_answer": answer,
+        "letter_ok": all(p > 0.5 for p in letter),
+        "answer_ok": all(p > 0.5 for p in answer),
+    }
 
 
 @torch.inference_mode()
-def generate(lm: LoadedModel, questions: Sequence[str], *, steerer=None, alpha: Optional[float] = None,
-             max_new_tokens: int = 32, batch_size: int = 8, positions: str = "after_prompt"
-             ) -> tuple[list[str], list[Tensor], list[Tensor]]:
+def generate(
+    lm: LoadedModel,
+    questions: Sequence[str],
+    *,
+    steerer=None,
+    alpha: Optional[float] = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    positions: str = "after_prompt",
+) -> tuple[list[str], list[Tensor], list[Tensor]]:
     """Greedy chat replies (steered from the last prompt token onward by default): (texts, prompt ids, reply ids)."""
     tok = lm.tokenizer
     texts, prompt_ids, reply_ids = [], [], []
@@ -166,13 +182,20 @@ def generate(lm: LoadedModel, questions: Sequence[str], *, steerer=None, alpha: 
     tok.padding_side = "left"
     try:
         for start in range(0, len(questions), batch_size):
-            prompts = [format_prompt(tok, q) for q in questions[start: start + batch_size]]
+            prompts = [format_prompt(tok, q) for q in questions[start : start + batch_size]]
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not uses_chat_template(tok))
             with _steer_ctx(lm, steerer, alpha, positions=positions):
-                out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+                out = lm.model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
             for row in range(out.shape[0]):
-                reply = out[row, enc.input_ids.shape[1]:]
+                reply = out[row, enc.input_ids.shape[1] :]
                 eos = (reply == tok.eos_token_id).nonzero()
                 reply = reply[: int(eos[0]) + 1] if len(eos) else reply  # keep the EOS: ending is part of fluency
                 prompt_ids.append(enc.input_ids[row][enc.attention_mask[row].bool()])
@@ -191,78 +214,21 @@ def reply_nll(lm: LoadedModel, prompt_ids: Sequence[Tensor], reply_ids: Sequence
         if len(r) == 0:
             continue
         ids = torch.cat([p, r])[None]
-        logp = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1: -1].float(), -1)
+        logp = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1 : -1].float(), -1)
         total -= float(logp.gather(-1, r[:, None]).sum())
         count += len(r)
     return total, count
 
 
 def distinct_bigrams(reply_ids: Sequence[Tensor]) -> float:
-    pairs = [tuple(r[i: i + 2].tolist()) for r in reply_ids for i in range(len(r) - 1)]
+    pairs = [tuple(r[i : i + 2].tolist()) for r in reply_ids for i in range(len(r) - 1)]
     return len(set(pairs)) / len(pairs) if pairs else 0.0
 
 
-def fluency(lm: LoadedModel, questions: Sequence[str], *, steerer=None, alpha: Optional[float] = None,
-            max_new_tokens: int = 32) -> dict:
+def fluency(
+    lm: LoadedModel, questions: Sequence[str], *, steerer=None, alpha: Optional[float] = None, max_new_tokens: int = 32
+) -> dict:
     texts, prompt_ids, reply_ids = generate(lm, questions, steerer=steerer, alpha=alpha, max_new_tokens=max_new_tokens)
     total, count = reply_nll(lm, prompt_ids, reply_ids)
     nll = total / max(count, 1)
     return {"nll": nll, "ppl": math.exp(nll), "distinct2": distinct_bigrams(reply_ids), "samples": texts}
-
-
-@dataclass
-class SweepPoint:
-    method: str
-    alpha: float
-    answer: Optional[float]  # mean p_match, answer-text metric
-    letter: Optional[float]  # mean p_match, letter metric
-    nll: Optional[float]  # fluency: mean NLL/token of steered replies under the unsteered model
-    distinct2: Optional[float]
-    samples: list
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def sweep(lm: LoadedModel, steerer, method: str, alphas: Sequence[float], scorer: ABScorer,
-          questions: Sequence[str] = (), *, max_new_tokens: int = 32, progress: bool = True) -> list[SweepPoint]:
-    """Evaluate one steerer at each alpha (alpha 0 = the unsteered model) on the scorer's items and,
-    for fluency, on open-ended ``questions``."""
-    points = []
-    for alpha in tqdm(alphas, desc=f"sweep {method}", disable=not progress, unit="alpha"):
-        scores = {m: float(v.mean()) for m, v in scorer.scores(steerer, alpha).items()}
-        flu = fluency(lm, questions, steerer=steerer, alpha=alpha, max_new_tokens=max_new_tokens) if questions else {}
-        points.append(SweepPoint(method, float(alpha), scores.get("answer"), scores.get("letter"), flu.get("nll"),
-                                 flu.get("distinct2"), flu.get("samples", [])))
-    return points
-
-
-def tradeoff(points: Sequence[SweepPoint], baseline: SweepPoint, metric: str = "answer",
-             budgets: Sequence[float] = (0.25, 0.5, 1.0)) -> dict:
-    """Largest behaviour shift (metric minus the unsteered value) reached at a fluency cost (NLL
-    increase over the unsteered model, nats/token) within each budget; 0 when no setting fits."""
-    base = getattr(baseline, metric)
-    result = {}
-    for budget in budgets:
-        shifts = [getattr(p, metric) - base for p in points
-                  if p.nll is not None and p.nll - baseline.nll <= budget and getattr(p, metric) is not None]
-        result[budget] = max([0.0] + shifts)
-    return result
-
-
-def layer_sweep(lm: LoadedModel, fit, train_items: Sequence[ABItem], val_items: Sequence[ABItem], layers: Sequence[int],
-                *, alpha: float, mode: str = "answer", metric: str = "answer", behavior: str = "",
-                progress: bool = True) -> dict[int, float]:
-    """Behaviour shift on ``val_items`` of a steerer fitted by ``fit(pos, neg, layer=...)`` at each layer
-    (one forward pass collects all layers)."""
-    from .collect import contrastive_activations
-
-    acts = contrastive_activations(lm, train_items, layers, mode=mode, behavior=behavior, split="generate",
-                                   progress=progress)
-    scorer = ABScorer(lm, val_items, (metric,))
-    base = float(scorer.scores()[metric].mean())
-    shifts = {}
-    for layer, (pos, neg) in acts.items():
-        steerer = fit(pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior)
-        shifts[layer] = float(scorer.scores(steerer, alpha)[metric].mean()) - base
-    return shifts

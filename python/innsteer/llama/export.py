@@ -4,13 +4,14 @@ Two formats:
 
 * ``innsteer`` (default): the whole INN steerer (standardization, every coupling's partition and
   weights, clamp, MLP width, layer, latent direction, default alpha, model hint), read by the native
-  hook in ``innsteer.llama_cpp``. Weights can be stored as bfloat16 (half the bytes per token).
+  hook in ``innsteer.llama.steering``. Weights can be stored as bfloat16 (half the bytes per token).
 * ``controlvector``: the stock llama.cpp control-vector file (``llama-cli --control-vector``) for
   linear steerers: one float32 tensor ``direction.L`` per steered layer.
 
 Layer indices: innsteer's ``layer=L`` is decoder layer L's output, which llama.cpp names ``l_out-L``
 (= Hugging Face ``hidden_states[L + 1]``); a control vector's ``direction.L`` is added there.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,23 +20,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..core.errors import ConfigError, MissingFileError, SteerFileError
+from ..core.steerers import LinearSteerer, Steerer, SteererBase, load_steerer
+
 STEER_FORMAT_VERSION = 1  # innsteer.format_version; the C loader (csrc/llama_hook) reads exactly this
 FORMATS = ("innsteer", "controlvector")
 WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
-def load_any_steerer(path: str | os.PathLike):
-    """Load an INN or linear steer file (safetensors, as saved by the steerers' ``save``)."""
-    from .steerer import load_steerer
-
-    return load_steerer(path)
-
-
-def _is_inn(steerer: Any) -> bool:
-    return hasattr(steerer, "inn")
-
-
-def _model_hint(steerer: Any, model_hint: Optional[str]) -> str:
+def _model_hint(steerer: SteererBase, model_hint: Optional[str]) -> str:
     """The architecture the steerer is for (llama.cpp's general.architecture, e.g. 'llama'): given,
     recorded in the steerer, or read from the default GGUF when the steerer was trained on it."""
     if model_hint is not None:
@@ -43,7 +36,7 @@ def _model_hint(steerer: Any, model_hint: Optional[str]) -> str:
     extra = getattr(steerer, "extra", None) or {}
     if extra.get("architecture"):
         return str(extra["architecture"])
-    from .models import ModelLoadError, default_gguf_path, model_id_for
+    from ..hf.models import ModelLoadError, default_gguf_path, model_id_for
 
     try:
         path = default_gguf_path()
@@ -66,25 +59,28 @@ def _bf16_bits(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16))
 
 
-def export_steer_gguf(steerer: Any, path: str | os.PathLike, *, weight_dtype: str = "float32",
-                      model_hint: Optional[str] = None) -> None:
+def export_steer_gguf(
+    steerer: Steerer, path: str | os.PathLike, *, weight_dtype: str = "float32", model_hint: Optional[str] = None
+) -> None:
     """Write an INN steerer as an innsteer steer GGUF (see the module docstring)."""
     import gguf
 
-    if not _is_inn(steerer):
-        raise TypeError(f"{type(steerer).__name__} is not an INN steerer; "
-                        "linear steerers export with format='controlvector'")
+    if not isinstance(steerer, Steerer):
+        raise ConfigError(
+            f"a {steerer.method} steerer ({type(steerer).__name__}) is not an INN steerer; "
+            "linear steerers export with --format controlvector (format='controlvector')"
+        )
     if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+        raise ConfigError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     if steerer.layer < 0:
-        raise ValueError(f"steerer layer {steerer.layer} is negative; export needs the absolute layer index")
+        raise ConfigError(f"steerer layer {steerer.layer} is negative; export needs the absolute layer index")
     inn = steerer.inn
     config = inn.config
     writer = gguf.GGUFWriter(os.fspath(path), arch="innsteer")
     writer.add_uint32("innsteer.format_version", STEER_FORMAT_VERSION)
     writer.add_string("innsteer.kind", "inn")
-    writer.add_uint32("innsteer.hidden_size", config.dim)
-    writer.add_uint32("innsteer.mlp_hidden", config.hidden)
+    writer.add_uint32("innsteer.hidden_size", inn.dim)
+    writer.add_uint32("innsteer.mlp_hidden", config.mlp_hidden)
     writer.add_uint32("innsteer.num_couplings", config.num_couplings)
     writer.add_int32("innsteer.layer", steerer.layer)
     writer.add_float32("innsteer.clamp", config.clamp)
@@ -103,8 +99,7 @@ def export_steer_gguf(steerer: Any, path: str | os.PathLike, *, weight_dtype: st
         writer.add_tensor(f"coupling.{k}.trans_idx", trans_idx[k].to(torch.int32).numpy())
         for name, weight in (("w1", inn.w1[k]), ("w2", inn.w2[k])):
             if weight_dtype == "bfloat16":
-                writer.add_tensor(f"coupling.{k}.{name}", _bf16_bits(weight),
-                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
+                writer.add_tensor(f"coupling.{k}.{name}", _bf16_bits(weight), raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 writer.add_tensor(f"coupling.{k}.{name}", _f32(weight))
         writer.add_tensor(f"coupling.{k}.b1", _f32(inn.b1[k]))
@@ -112,7 +107,7 @@ def export_steer_gguf(steerer: Any, path: str | os.PathLike, *, weight_dtype: st
     _write(writer)
 
 
-def export_control_vector(steerer: Any, path: str | os.PathLike, *, model_hint: Optional[str] = None) -> None:
+def export_control_vector(steerer: LinearSteerer, path: str | os.PathLike, *, model_hint: Optional[str] = None) -> None:
     """Write a linear steerer (``steerer.vector`` at ``steerer.layer``) as a llama.cpp control vector.
 
     The vector is written as is (alpha = 1; llama.cpp scales it at load time). llama.cpp
@@ -120,17 +115,25 @@ def export_control_vector(steerer: Any, path: str | os.PathLike, *, model_hint: 
     """
     import gguf
 
-    if _is_inn(steerer):
-        raise TypeError("an INN steerer is nonlinear and has no control vector; export it with format='innsteer'")
-    vector = getattr(steerer, "vector", None)
-    if not isinstance(vector, torch.Tensor) or vector.dim() != 1:
-        raise TypeError(f"{type(steerer).__name__} has no 1-D `vector`; cannot write a control vector")
+    if isinstance(steerer, Steerer):
+        raise ConfigError(
+            "an INN steerer is nonlinear and has no llama.cpp control vector; export it with "
+            "--format innsteer (format='innsteer')"
+        )
+    if not isinstance(steerer, LinearSteerer):
+        raise ConfigError(
+            f"a {steerer.method} steerer is not additive (h + alpha * v), so it has no llama.cpp "
+            "control vector and cannot run in llama.cpp"
+        )
+    vector = steerer.vector
     if not torch.isfinite(vector).all():
-        raise ValueError("the steering vector contains NaN or Inf")
+        raise ConfigError("the steering vector contains NaN or Inf")
     layer = int(steerer.layer)
     if layer < 1:
-        raise ValueError(f"llama.cpp control vectors cannot steer layer {layer} (direction.0 is not applied); "
-                         "train the steerer at layer >= 1")
+        raise ConfigError(
+            f"llama.cpp control vectors cannot steer layer {layer} (direction.0 is not applied); "
+            "train the steerer at layer >= 1"
+        )
     writer = gguf.GGUFWriter(os.fspath(path), arch="controlvector")
     writer.add_string("controlvector.model_hint", _model_hint(steerer, model_hint))
     writer.add_int32("controlvector.layer_count", 1)
@@ -145,34 +148,40 @@ def _write(writer) -> None:
     writer.close()
 
 
-def export(steerer: Any, path: str | os.PathLike, *, format: str = "innsteer", weight_dtype: str = "float32",
-           model_hint: Optional[str] = None) -> None:
+def export(
+    steerer: SteererBase | str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    format: str = "innsteer",
+    weight_dtype: str = "float32",
+    model_hint: Optional[str] = None,
+) -> None:
     """Export ``steerer`` (an object or a path to a steer file) as ``format`` (see FORMATS)."""
     if isinstance(steerer, (str, os.PathLike)):
-        steerer = load_any_steerer(steerer)
+        steerer = load_steerer(steerer)
     if format == "innsteer":
         export_steer_gguf(steerer, path, weight_dtype=weight_dtype, model_hint=model_hint)
     elif format == "controlvector":
         export_control_vector(steerer, path, model_hint=model_hint)
     else:
-        raise ValueError(f"unknown export format {format!r}; choose from {FORMATS}")
+        raise ConfigError(f"unknown export format {format!r}; choose from {FORMATS}")
 
 
 def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """Read a llama.cpp control-vector GGUF: ({layer: float32 vector}, {model_hint, layer_count}).
 
     Applies the rules of llama.cpp's loader (common_control_vector_load_one): only ``direction.N``
-    tensors with N >= 1, float32, 1-D, all of one length. Raises ValueError naming the problem.
+    tensors with N >= 1, float32, 1-D, all of one length. Raises SteerFileError naming the problem.
     """
     import gguf
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no control vector file at {path}")
+        raise MissingFileError(f"no control vector file at {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as error:  # gguf raises ValueError/struct.error/IndexError on damaged files
-        raise ValueError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error})") from error
+        raise SteerFileError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error})") from error
 
     def field(name: str):
         f = reader.fields.get(name)
@@ -180,7 +189,7 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, np.ndarray],
 
     arch = field("general.architecture")
     if arch != "controlvector":
-        raise ValueError(f"{path} has general.architecture {arch!r}, not 'controlvector'")
+        raise SteerFileError(f"{path} has general.architecture {arch!r}, not 'controlvector'")
     directions: dict[int, np.ndarray] = {}
     for tensor in reader.tensors:
         prefix, _, index = tensor.name.partition(".")
@@ -188,17 +197,19 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, np.ndarray],
             continue
         layer = int(index)
         if layer < 1:
-            raise ValueError(f"{path}: {tensor.name} is invalid (llama.cpp cannot steer layer 0)")
+            raise SteerFileError(f"{path}: {tensor.name} is invalid (llama.cpp cannot steer layer 0)")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
-            raise ValueError(f"{path}: {tensor.name} must be a 1-D float32 tensor")
+            raise SteerFileError(f"{path}: {tensor.name} must be a 1-D float32 tensor")
         vector = np.array(tensor.data, dtype=np.float32).reshape(-1)
         if not np.isfinite(vector).all():
-            raise ValueError(f"{path}: {tensor.name} contains NaN or Inf")
+            raise SteerFileError(f"{path}: {tensor.name} contains NaN or Inf")
         directions[layer] = vector
     if not directions:
-        raise ValueError(f"{path} holds no direction.N tensors")
+        raise SteerFileError(f"{path} holds no direction.N tensors")
     sizes = {v.shape[0] for v in directions.values()}
     if len(sizes) != 1:
-        raise ValueError(f"{path}: direction tensors have different lengths {sorted(sizes)}")
-    return directions, {"model_hint": field("controlvector.model_hint") or "",
-                        "layer_count": field("controlvector.layer_count")}
+        raise SteerFileError(f"{path}: direction tensors have different lengths {sorted(sizes)}")
+    return directions, {
+        "model_hint": field("controlvector.model_hint") or "",
+        "layer_count": field("controlvector.layer_count"),
+    }

@@ -14,14 +14,17 @@ row from its first real token. The prompt length is taken from the first forward
 (the one holding position 0) unless ``prompt_length`` ([B] or int) is given. Leaving the context
 removes the hook: the model computes exactly what it did before.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from ..core.errors import ConfigError
 from .models import check_layer, decoder_layers
 
 Positions = Union[str, Sequence[int]]
@@ -32,12 +35,14 @@ class _SteeringHook:
     def __init__(self, steerer, alpha: Optional[float], positions: Positions, prompt_length):
         if isinstance(positions, str):
             if positions not in POSITION_MODES:
-                raise ValueError(f"positions must be one of {POSITION_MODES} or a list of token indices, got '{positions}'")
+                raise ConfigError(
+                    f"positions must be one of {POSITION_MODES} or a list of token indices, got '{positions}'"
+                )
             self.indices = None
         else:
             self.indices = torch.as_tensor(list(positions), dtype=torch.long)
             if self.indices.numel() == 0 or (self.indices < 0).any():
-                raise ValueError(f"explicit positions must be a non-empty list of indices >= 0, got {list(positions)}")
+                raise ConfigError(f"explicit positions must be a non-empty list of indices >= 0, got {list(positions)}")
         self.steerer, self.alpha, self.positions = steerer, alpha, positions
         self.fixed_prompt_length = prompt_length
         self.prompt_length: Optional[Tensor] = None
@@ -81,8 +86,15 @@ class _SteeringHook:
 
 
 @contextmanager
-def steering(model, steerer, *, alpha: Optional[float] = None, layer: Optional[int] = None,
-             positions: Positions = "all", prompt_length: Union[int, Tensor, None] = None) -> Iterator[None]:
+def steering(
+    model,
+    steerer,
+    *,
+    alpha: Optional[float] = None,
+    layer: Optional[int] = None,
+    positions: Positions = "all",
+    prompt_length: Union[int, Tensor, None] = None,
+) -> Iterator[None]:
     """Steer ``model`` with ``steerer`` at ``layer`` (default: the steerer's) while inside the block.
 
     ``alpha`` None uses the steerer's own alpha. ``prompt_length`` (int or [B] tensor) fixes where
@@ -91,7 +103,9 @@ def steering(model, steerer, *, alpha: Optional[float] = None, layer: Optional[i
     layer = check_layer(model, steerer.layer if layer is None else layer)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if getattr(steerer, "hidden_size", hidden_size) != hidden_size:
-        raise ValueError(f"steerer was trained for hidden size {steerer.hidden_size}, but this model has {hidden_size}")
+        raise ConfigError(
+            f"steerer was trained for hidden size {steerer.hidden_size}, but this model has {hidden_size}"
+        )
     hook = _SteeringHook(steerer, alpha, positions, prompt_length)
     handle = decoder_layers(model)[layer].register_forward_hook(hook, with_kwargs=True)
     try:

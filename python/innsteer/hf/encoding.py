@@ -4,15 +4,16 @@ Tokenizers disagree on how `(A` splits (SmolLM2: `(` + `A`; Qwen2.5: one `(A` to
 positions are never derived from assumed token ids: each text is tokenized whole and the tokens
 whose character offsets overlap the wanted span are taken.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .data import uses_chat_template
+from .prompts import uses_chat_template
 
 
 @dataclass
@@ -35,8 +36,9 @@ def encode_spans(tokenizer, texts: Sequence[str], spans: Sequence[tuple[int, int
         raise ValueError(f"{len(texts)} texts but {len(spans)} spans")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: offset mappings are needed")
-    enc = tokenizer(list(texts), add_special_tokens=not uses_chat_template(tokenizer),
-                    return_offsets_mapping=True, padding=False)
+    enc = tokenizer(
+        list(texts), add_special_tokens=not uses_chat_template(tokenizer), return_offsets_mapping=True, padding=False
+    )
     rows, starts, ends = [], [], []
     for i, (ids, offsets, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], spans)):
         if not 0 <= a < b <= len(texts[i]):

@@ -1,41 +1,59 @@
-"""The llama.cpp parts of the ``innsteer`` command line (registered by ``innsteer.cli``).
+"""The llama.cpp commands of the ``innsteer`` command line (registered by ``innsteer.cli.main``).
 
-    innsteer export STEERER -o steer.gguf [--format controlvector] [--weight-dtype bfloat16]
-    innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via generate_gguf;
-                                                 --gguf smollm2 is the embedded default model)
+innsteer export STEERER -o steer.gguf [--format controlvector] [--weight-dtype bfloat16]
+innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via generate_gguf;
+                                             --gguf smollm2 is the embedded default model)
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
 
-from .export import FORMATS, WEIGHT_DTYPES
+from .commands import CLIError
+
+# innsteer.llama.export's FORMATS and WEIGHT_DTYPES, without importing torch to parse arguments
+FORMATS = ("innsteer", "controlvector")
+WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
 def register(subparsers) -> None:
     """Add the ``export`` subcommand to the main parser's subparsers."""
     p = subparsers.add_parser(
-        "export", help="export a steerer as a GGUF for llama.cpp",
+        "export",
+        help="export a steerer as a GGUF for llama.cpp",
         description="Write a steer file (from `innsteer train` or a linear baseline) as an innsteer steer GGUF "
-                    "for innsteer.llama_cpp, or a linear steerer as a stock llama.cpp control vector "
-                    "(llama-cli --control-vector). innsteer layer L is llama.cpp's l_out-L (direction.L).")
+        "for innsteer.llama.steering, or a linear steerer as a stock llama.cpp control vector "
+        "(llama-cli --control-vector). innsteer layer L is llama.cpp's l_out-L (direction.L).",
+    )
     p.add_argument("steerer", help="steer file (.safetensors) written by innsteer")
     p.add_argument("-o", "--output", required=True, help="output .gguf path")
-    p.add_argument("--format", choices=FORMATS, default="innsteer",
-                   help="innsteer: the INN for the native hook (default); controlvector: linear steerers only")
-    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="float32",
-                   help="storage of the coupling weights (bfloat16 halves the bytes the hook reads per token)")
-    p.add_argument("--model-hint", default=None,
-                   help="architecture the steerer is for (e.g. llama); default: read from the steerer or the "
-                        "default model")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="innsteer",
+        help="innsteer: the INN for the native hook (default); controlvector: linear steerers only",
+    )
+    p.add_argument(
+        "--weight-dtype",
+        choices=WEIGHT_DTYPES,
+        default="float32",
+        help="storage of the coupling weights (bfloat16 halves the bytes the hook reads per token)",
+    )
+    p.add_argument(
+        "--model-hint",
+        default=None,
+        help="architecture the steerer is for (e.g. llama); default: read from the steerer or the default model",
+    )
     p.set_defaults(func=export_command)
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from .export import export, load_any_steerer
+    from ..core.steerers import load_steerer
+    from ..llama.export import export
 
-    steerer = load_any_steerer(args.steerer)
+    steerer = load_steerer(args.steerer)
     export(steerer, args.output, format=args.format, weight_dtype=args.weight_dtype, model_hint=args.model_hint)
     print(f"wrote {args.output} ({args.format}, layer {steerer.layer}, method {steerer.method})")
     return 0
@@ -46,7 +64,7 @@ def _steer_gguf_path(steer: str, tmpdir: str) -> str:
     with open(steer, "rb") as handle:
         if handle.read(4) == b"GGUF":
             return steer
-    from .export import export
+    from ..llama.export import export
 
     path = os.path.join(tmpdir, "steer.gguf")
     export(steer, path)
@@ -58,12 +76,12 @@ def generate_gguf(args: argparse.Namespace) -> int:
     prompt from a GGUF in llama.cpp, steered by ``--steer`` (a steer GGUF, or an INN .safetensors
     exported on the fly) at ``--alpha`` and/or ``--control-vector``. Steering starts at the last
     prompt token (as in the PyTorch path) unless ``--steer-prompt``."""
-    from .llama_cpp import SteeredLlama
-    from .models import resolve_model_path
+    from ..hf.models import resolve_model_path
+    from ..llama.steering import SteeredLlama, chat_reply
 
     model = resolve_model_path(args.gguf)  # 'smollm2': the embedded default GGUF
     if model.suffix != ".gguf":
-        raise ValueError(f"--gguf needs a .gguf file, got {model}")
+        raise CLIError(f"--gguf needs a .gguf file, got {model}")
     prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
     control_vector = getattr(args, "control_vector", None)
     strength = float(getattr(args, "control_strength", 1.0))
@@ -91,20 +109,3 @@ def generate_gguf(args: argparse.Namespace) -> int:
             print(f"[{', '.join(label)}] {steered[i]}")
         print()
     return 0
-
-
-def chat_reply(llm, prompt: str, max_tokens: int, *, steer_prompt: bool = False) -> str:
-    """A greedy reply to ``prompt`` formatted with the GGUF's chat template (plain text if none)."""
-    template = llm.metadata.get("tokenizer.chat_template")
-    text = prompt
-    if template:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        formatter = Jinja2ChatFormatter(template=template,
-                                        eos_token=llm._model.token_get_text(llm.token_eos()),
-                                        bos_token=llm._model.token_get_text(llm.token_bos()))
-        text = formatter(messages=[{"role": "user", "content": prompt}]).prompt
-    tokens = llm.tokenize(text.encode(), add_bos=not template, special=True)
-    llm.steering.steer_from(0 if steer_prompt else len(tokens) - 1)
-    out = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0)
-    return out["choices"][0]["text"].strip()

@@ -1,14 +1,20 @@
 """One behavior end to end: collect activations, fit every method at one layer, sweep alpha,
 measure behaviour and fluency, summarize the trade-offs. Used by ``innsteer eval`` and ``demo``."""
+
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-from .collect import contrastive_activations
-from .data import load_ab, load_open_ended, train_val_split
-from .evaluate import METRICS, ABScorer, multiple_choice_sanity, sweep, tradeoff
-from .models import LoadedModel, check_layer
+from ..core.errors import ConfigError
+from ..core.methods import METHODS
+from ..datasets.ab import METRICS, train_val_split
+from ..datasets.caa import load_ab, load_open_ended
+from ..hf.collect import contrastive_activations
+from ..hf.models import LoadedModel, check_layer
+from .metrics import ABScorer, multiple_choice_sanity
+from .sweeps import sweep, tradeoff
 
 # alpha = 1 moves the class means as far as CAA's mean difference for every method (the direction
 # baselines are scaled that way, Linear-AcT fully transports neg onto pos, INNSteer translates by v).
@@ -16,18 +22,31 @@ DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 BUDGETS = (0.25, 0.5, 1.0)
 
 
-def fit_methods(lm: LoadedModel, behavior: str, layer: int, methods: Sequence[str], *, mode: str = "answer",
-                n_train: Optional[int] = None, progress: bool = True) -> tuple[dict, dict]:
+def fit_methods(
+    lm: LoadedModel,
+    behavior: str,
+    layer: int,
+    methods: Sequence[str],
+    *,
+    mode: str = "answer",
+    n_train: Optional[int] = None,
+    progress: bool = True,
+) -> tuple[dict, dict]:
     """Fit each method on the generate split's training part: ({method: steerer}, {method: seconds})."""
-    from .baselines import METHODS
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
     train_items, _ = train_val_split(load_ab(behavior, "generate"))
     train_items = train_items[:n_train] if n_train else train_items
-    pos, neg = contrastive_activations(lm, train_items, layer, mode=mode, behavior=behavior,
-                                       split=f"generate-train{len(train_items)}", progress=progress)[layer]
+    pos, neg = contrastive_activations(
+        lm,
+        train_items,
+        layer,
+        mode=mode,
+        behavior=behavior,
+        split=f"generate-train{len(train_items)}",
+        progress=progress,
+    )[layer]
     steerers, seconds = {}, {}
     for method in methods:
         start = time.perf_counter()
@@ -37,10 +56,22 @@ def fit_methods(lm: LoadedModel, behavior: str, layer: int, methods: Sequence[st
     return steerers, seconds
 
 
-def run_behavior(lm: LoadedModel, behavior: str, layer: int, methods: Sequence[str], *, mode: str = "answer",
-                 alphas: Sequence[float] = DEFAULT_ALPHAS, n_train: Optional[int] = None, n_test: Optional[int] = None,
-                 n_open: int = 5, max_new_tokens: int = 32, metrics: Sequence[str] = METRICS,
-                 steerers: Optional[dict] = None, progress: bool = True) -> tuple[dict, dict]:
+def run_behavior(
+    lm: LoadedModel,
+    behavior: str,
+    layer: int,
+    methods: Sequence[str],
+    *,
+    mode: str = "answer",
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    n_train: Optional[int] = None,
+    n_test: Optional[int] = None,
+    n_open: int = 5,
+    max_new_tokens: int = 32,
+    metrics: Sequence[str] = METRICS,
+    steerers: Optional[dict] = None,
+    progress: bool = True,
+) -> tuple[dict, dict]:
     """(the report dict for one behavior (see ``report``), {method: steerer}); ``steerers`` skips fitting."""
     layer = check_layer(lm.model, layer)
     fit_seconds = {}
@@ -57,7 +88,17 @@ def run_behavior(lm: LoadedModel, behavior: str, layer: int, methods: Sequence[s
         points += curve
         summary[method] = tradeoff(curve, baseline, "answer", BUDGETS)
     training = {m: s.extra["history"] for m, s in steerers.items() if "history" in getattr(s, "extra", {})}
-    return {"model_id": lm.model_id, "behavior": behavior, "layer": layer, "mode": mode, "n_test": len(test),
-            "n_open": len(questions), "max_new_tokens": max_new_tokens, "sanity": multiple_choice_sanity(lm),
-            "points": [p.to_dict() for p in points], "tradeoff": summary, "training": training,
-            "fit_seconds": fit_seconds}, steerers
+    return {
+        "model_id": lm.model_id,
+        "behavior": behavior,
+        "layer": layer,
+        "mode": mode,
+        "n_test": len(test),
+        "n_open": len(questions),
+        "max_new_tokens": max_new_tokens,
+        "sanity": multiple_choice_sanity(lm),
+        "points": [p.to_dict() for p in points],
+        "tradeoff": summary,
+        "training": training,
+        "fit_seconds": fit_seconds,
+    }, steerers

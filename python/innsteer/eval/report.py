@@ -6,12 +6,13 @@ A behavior result is a dict made by ``cli``/``benchmark`` code:
    "tradeoff": {method: {budget: shift}}, "training": {method: history dict}, "command": str}
 matplotlib is imported only when plotting (install the ``plot`` extra).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 PLOT_HINT = "plots need matplotlib: pip install 'innsteer[plot]' (or pass --no-plots)"
 
@@ -44,13 +45,17 @@ def _fmt(x, spec=".3f") -> str:
 
 def sweep_table(result: dict) -> str:
     base = baseline_point(result["points"])
-    lines = ["| method | alpha | p_match (answer text) | p_match (letter) | fluency NLL/token | Δ NLL | distinct-2 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | alpha | p_match (answer text) | p_match (letter) | fluency NLL/token | Δ NLL | distinct-2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, points in _by_method(result["points"]).items():
         for p in points:
             cost = None if p["nll"] is None or base["nll"] is None else p["nll"] - base["nll"]
-            lines.append(f"| {method} | {p['alpha']:g} | {_fmt(p['answer'])} | {_fmt(p['letter'])} | {_fmt(p['nll'])} "
-                         f"| {_fmt(cost, '+.3f')} | {_fmt(p['distinct2'], '.2f')} |")
+            lines.append(
+                f"| {method} | {p['alpha']:g} | {_fmt(p['answer'])} | {_fmt(p['letter'])} | {_fmt(p['nll'])} "
+                f"| {_fmt(cost, '+.3f')} | {_fmt(p['distinct2'], '.2f')} |"
+            )
     return "\n".join(lines)
 
 
@@ -59,29 +64,42 @@ def tradeoff_table(result: dict) -> str:
     head = " | ".join(f"shift at Δ NLL ≤ {b:g}" for b in budgets)
     lines = [f"| method | {head} |", "|---|" + "---|" * len(budgets)]
     for method, shifts in result["tradeoff"].items():
-        lines.append(f"| {method} | " + " | ".join(f"{shifts[b] if b in shifts else shifts[str(b)]:+.3f}"
-                                                    for b in budgets) + " |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(f"{shifts[b] if b in shifts else shifts[str(b)]:+.3f}" for b in budgets)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def sanity_line(sanity: dict) -> str:
     letter = ", ".join(f"{p:.2f}" for p in sanity["p_correct_letter"])
     answer = ", ".join(f"{p:.2f}" for p in sanity["p_correct_answer"])
-    verdict = ("can answer multiple choice by letter: the letter metric is meaningful" if sanity["letter_ok"] else
-               "cannot map options to letters (fails 2+2 in one order): read the answer-text metric, "
-               "the letter metric is near chance by construction")
-    return (f"Sanity item 'What is 2+2? (A) 4 (B) 7' and swapped: p(correct) letter [{letter}], "
-            f"answer text [{answer}] — the model {verdict}.")
+    verdict = (
+        "can answer multiple choice by letter: the letter metric is meaningful"
+        if sanity["letter_ok"]
+        else "cannot map options to letters (fails 2+2 in one order): read the answer-text metric, "
+        "the letter metric is near chance by construction"
+    )
+    return (
+        f"Sanity item 'What is 2+2? (A) 4 (B) 7' and swapped: p(correct) letter [{letter}], "
+        f"answer text [{answer}] — the model {verdict}."
+    )
 
 
 def markdown(result: dict) -> str:
-    parts = [f"# innsteer report: {result['behavior']} on {result['model_id']}",
-             f"Layer {result['layer']}, activations in '{result['mode']}' mode; {result['n_test']} test items, "
-             f"{result['n_open']} open-ended prompts for fluency.",
-             f"Command: `{result.get('command', '')}`", sanity_line(result["sanity"]),
-             "## Trade-off (behaviour shift of the answer-text p_match over the unsteered model, best alpha "
-             "whose fluency cost fits the budget)", tradeoff_table(result),
-             "## Alpha sweeps", sweep_table(result)]
+    parts = [
+        f"# innsteer report: {result['behavior']} on {result['model_id']}",
+        f"Layer {result['layer']}, activations in '{result['mode']}' mode; {result['n_test']} test items, "
+        f"{result['n_open']} open-ended prompts for fluency.",
+        f"Command: `{result.get('command', '')}`",
+        sanity_line(result["sanity"]),
+        "## Trade-off (behaviour shift of the answer-text p_match over the unsteered model, best alpha "
+        "whose fluency cost fits the budget)",
+        tradeoff_table(result),
+        "## Alpha sweeps",
+        sweep_table(result),
+    ]
     samples = result.get("samples")
     if samples:
         parts.append("## Sample generations")
@@ -98,10 +116,16 @@ def plot_alpha(result: dict, path: Path) -> None:
         for method, points in _by_method(result["points"]).items():
             if method == "none" or points[0][metric] is None:
                 continue
-            ax.plot([0] + [p["alpha"] for p in points], [base[metric]] + [p[metric] for p in points], "o-", label=method)
+            ax.plot(
+                [0] + [p["alpha"] for p in points], [base[metric]] + [p[metric] for p in points], "o-", label=method
+            )
         ax.axhline(base[metric], color="gray", ls=":", label="unsteered")
-        ax.set(xlabel="alpha (each method's own scale)", ylabel=f"p_match ({metric})", ylim=(0, 1),
-               title=f"{result['behavior']}: {metric} metric")
+        ax.set(
+            xlabel="alpha (each method's own scale)",
+            ylabel=f"p_match ({metric})",
+            ylim=(0, 1),
+            title=f"{result['behavior']}: {metric} metric",
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -121,8 +145,11 @@ def plot_tradeoff(result: dict, path: Path) -> None:
         for x, y, p in zip(xs[1:], ys[1:], points):
             ax.annotate(f"{p['alpha']:g}", (x, y), fontsize=7, alpha=0.7)
     ax.axhline(base["answer"], color="gray", ls=":", label="unsteered")
-    ax.set(xlabel="fluency cost: Δ NLL/token of steered replies (unsteered scorer)",
-           ylabel="p_match (answer text)", title=f"{result['behavior']}: behaviour vs fluency cost")
+    ax.set(
+        xlabel="fluency cost: Δ NLL/token of steered replies (unsteered scorer)",
+        ylabel="p_match (answer text)",
+        title=f"{result['behavior']}: behaviour vs fluency cost",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -161,7 +188,9 @@ def write_report(result: dict, out_dir: str | os.PathLike, *, plots: bool = True
         history = result.get("training", {}).get("innsteer")
         if history:
             paths["training"] = out / "training.png"
-            plot_training(history, paths["training"], f"INNSteer training, {result['behavior']} layer {result['layer']}")
+            plot_training(
+                history, paths["training"], f"INNSteer training, {result['behavior']} layer {result['layer']}"
+            )
     return paths
 
 
@@ -171,21 +200,26 @@ def summary_markdown(results: Sequence[dict], command: str = "") -> str:
     methods = [m for m in results[0]["tradeoff"]]
     budgets = sorted({float(b) for r in results for t in r["tradeoff"].values() for b in t})
     first = results[0]
-    parts = [f"Model {first['model_id']}, layer {first['layer']}, '{first['mode']}' activations, "
-             f"{first['n_test']} test items and {first['n_open']} open-ended prompts ({first['max_new_tokens']} "
-             f"greedy tokens) per behavior." + (f" Command: `{command}`" if command else ""),
-             sanity_line(first["sanity"])]
+    parts = [
+        f"Model {first['model_id']}, layer {first['layer']}, '{first['mode']}' activations, "
+        f"{first['n_test']} test items and {first['n_open']} open-ended prompts ({first['max_new_tokens']} "
+        f"greedy tokens) per behavior." + (f" Command: `{command}`" if command else ""),
+        sanity_line(first["sanity"]),
+    ]
     head = "| behavior | unsteered p_match answer / letter | " + " | ".join(methods)
     for budget in budgets:
-        lines = [f"### Shift of p_match (answer text) at fluency cost Δ NLL ≤ {budget:g} nats/token",
-                 head + (" | INNSteer > CAA |" if {"innsteer", "caa"} <= set(methods) else " |"),
-                 "|---|---|" + "---|" * len(methods) + ("---|" if {"innsteer", "caa"} <= set(methods) else "")]
+        lines = [
+            f"### Shift of p_match (answer text) at fluency cost Δ NLL ≤ {budget:g} nats/token",
+            head + (" | INNSteer > CAA |" if {"innsteer", "caa"} <= set(methods) else " |"),
+            "|---|---|" + "---|" * len(methods) + ("---|" if {"innsteer", "caa"} <= set(methods) else ""),
+        ]
         wins = 0
         for r in results:
             base = baseline_point(r["points"])
             shifts = {m: r["tradeoff"][m].get(budget, r["tradeoff"][m].get(str(budget))) for m in methods}
             row = f"| {r['behavior']} | {base['answer']:.3f} / {_fmt(base['letter'])} | " + " | ".join(
-                f"{shifts[m]:+.3f}" for m in methods)
+                f"{shifts[m]:+.3f}" for m in methods
+            )
             if {"innsteer", "caa"} <= set(methods):
                 win = shifts["innsteer"] > shifts["caa"]
                 wins += win

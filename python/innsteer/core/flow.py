@@ -7,6 +7,7 @@ swapping roles, so every coordinate is transformed); an MLP of the conditioning 
 so exp(s) stays within [e^-clamp, e^clamp] and the inverse stays well conditioned.
 All math runs in the compiled `torch.ops.innsteer` ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,19 +19,27 @@ from torch import Tensor, nn
 
 import innsteer_ext
 
+from .errors import ConfigError
+
 ops = innsteer_ext.ops
 
 
 @dataclass(frozen=True)
-class INNConfig:
-    dim: int
-    num_couplings: int = 4
-    hidden: int = 512
-    clamp: float = 2.0
-    seed: int = 0
+class FlowConfig:
+    """The flow's shape, shared by ``INN`` and ``TrainConfig``: couplings, the width of each
+    coupling MLP's hidden layer (``mlp_hidden``; "hidden size" is the LLM's), and the scale clamp."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    num_couplings: int = 4
+    mlp_hidden: int = 512
+    clamp: float = 2.0
+
+    def check(self) -> None:
+        if self.num_couplings < 1 or self.mlp_hidden < 1:
+            raise ConfigError(
+                f"need num_couplings >= 1 and mlp_hidden >= 1, got {self.num_couplings}, {self.mlp_hidden}"
+            )
+        if not (self.clamp > 0 and math.isfinite(self.clamp)):
+            raise ConfigError(f"clamp must be positive and finite, got {self.clamp}")
 
 
 def coupling_partitions(dim: int, num_couplings: int, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -55,13 +64,11 @@ class INN(nn.Module):
     standardization, which ``fit_standardization`` sets from data.
     """
 
-    def __init__(self, dim: int, num_couplings: int = 4, hidden: int = 512, clamp: float = 2.0, seed: int = 0):
+    def __init__(self, dim: int, num_couplings: int = 4, mlp_hidden: int = 512, clamp: float = 2.0, seed: int = 0):
         super().__init__()
-        if num_couplings < 1 or hidden < 1:
-            raise ValueError(f"need num_couplings >= 1 and hidden >= 1, got {num_couplings}, {hidden}")
-        if not (clamp > 0 and math.isfinite(clamp)):
-            raise ValueError(f"clamp must be positive and finite, got {clamp}")
-        self.config = INNConfig(dim, num_couplings, hidden, float(clamp), seed)
+        self.config = FlowConfig(num_couplings, mlp_hidden, float(clamp))
+        self.config.check()
+        self.seed = seed
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
         self.w1, self.b1, self.w2, self.b2 = (nn.ParameterList() for _ in range(4))
@@ -69,16 +76,32 @@ class INN(nn.Module):
             # clones: a pair's two couplings share index tensors, and safetensors refuses shared storage
             self.register_buffer(f"cond_idx_{k}", cond.clone())
             self.register_buffer(f"trans_idx_{k}", trans.clone())
-            w1 = torch.empty(len(cond), hidden)
+            w1 = torch.empty(len(cond), mlp_hidden)
             nn.init.normal_(w1, std=1.0 / math.sqrt(len(cond)))
             self.w1.append(nn.Parameter(w1))
-            self.b1.append(nn.Parameter(torch.zeros(hidden)))
-            self.w2.append(nn.Parameter(torch.zeros(hidden, 2 * len(trans))))
+            self.b1.append(nn.Parameter(torch.zeros(mlp_hidden)))
+            self.w2.append(nn.Parameter(torch.zeros(mlp_hidden, 2 * len(trans))))
             self.b2.append(nn.Parameter(torch.zeros(2 * len(trans))))
+
+    @classmethod
+    def from_config(cls, dim: int, config: FlowConfig, seed: int = 0) -> INN:
+        return cls(dim, config.num_couplings, config.mlp_hidden, config.clamp, seed)
+
+    def config_dict(self) -> dict:
+        """What a steer file records to rebuild this INN (``from_config_dict``)."""
+        return {"dim": self.dim, **asdict(self.config), "seed": self.seed}
+
+    @classmethod
+    def from_config_dict(cls, config: dict) -> INN:
+        if not isinstance(config, dict):
+            raise ValueError(f"an INN config must be a JSON object, got {type(config).__name__}")
+        if "hidden" in config and "mlp_hidden" not in config:  # files written before the rename
+            config = {("mlp_hidden" if key == "hidden" else key): value for key, value in config.items()}
+        return cls(**config)
 
     @property
     def dim(self) -> int:
-        return self.config.dim
+        return self.mean.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -92,8 +115,17 @@ class INN(nn.Module):
         """The flow arguments of the ops: (mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp)."""
         cond, trans = self.partitions()
         cast = (lambda w: w.to(weight_dtype)) if weight_dtype is not None else (lambda w: w)
-        return (self.mean, self.scale, cond, trans, [cast(w) for w in self.w1], list(self.b1),
-                [cast(w) for w in self.w2], list(self.b2), self.config.clamp)
+        return (
+            self.mean,
+            self.scale,
+            cond,
+            trans,
+            [cast(w) for w in self.w1],
+            list(self.b1),
+            [cast(w) for w in self.w2],
+            list(self.b2),
+            self.config.clamp,
+        )
 
     def _compute_input(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.dim:

@@ -10,6 +10,7 @@ The loss has three terms, each per batch of pairs (h+_i, h-_i):
   logdet     mean (log|det J| / d)^2 over the couplings, keeping phi and its inverse well conditioned.
 AdamW on a pair-level train/validation split, early stopping on the validation loss (best weights kept).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,17 +22,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .flow import INN
-from .steerer import Steerer
+from .errors import ConfigError
+from .flow import INN, FlowConfig
+from .steerers import Steerer
 
 MIN_TRAIN_PAIRS = 8
 
 
 @dataclass
 class TrainConfig:
-    num_couplings: int = 4
-    hidden: int = 256
-    clamp: float = 2.0
+    flow: FlowConfig = field(default_factory=lambda: FlowConfig(mlp_hidden=256))
     lr: float = 1e-3
     weight_decay: float = 1e-4
     max_epochs: int = 40
@@ -56,18 +56,19 @@ class TrainConfig:
 
     def check(self) -> None:
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("max_epochs", "batch_size", "patience", "num_couplings", "hidden"):
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        self.flow.check()
+        for name in ("max_epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+            raise ConfigError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "sep_weight", "logdet_weight"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -87,18 +88,19 @@ def check_contrastive(pos: Tensor, neg: Tensor, min_pairs: int = 2) -> tuple[Ten
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 2:
-            raise ValueError(f"{name} must have shape [n, hidden_size], got {tuple(t.shape)}")
+            raise ConfigError(f"{name} must have shape [n, hidden_size], got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point activations, got {t.dtype}")
     if pos.shape != neg.shape:
-        raise ValueError(f"pos and neg must be paired activations of one shape, got {tuple(pos.shape)} "
-                         f"and {tuple(neg.shape)}")
+        raise ConfigError(
+            f"pos and neg must be paired activations of one shape, got {tuple(pos.shape)} and {tuple(neg.shape)}"
+        )
     if pos.shape[0] < min_pairs:
-        raise ValueError(f"need at least {min_pairs} contrastive pairs, got {pos.shape[0]}")
+        raise ConfigError(f"need at least {min_pairs} contrastive pairs, got {pos.shape[0]}")
     for name, t in (("pos", pos), ("neg", neg)):
         bad = (~torch.isfinite(t)).any(-1).nonzero().flatten()
         if len(bad):
-            raise ValueError(f"{name} has NaN or Inf activations in {len(bad)} rows (first: row {int(bad[0])})")
+            raise ConfigError(f"{name} has NaN or Inf activations in {len(bad)} rows (first: row {int(bad[0])})")
     return pos.float(), neg.float()
 
 
@@ -127,10 +129,12 @@ def _loss_terms(inn: INN, pos: Tensor, neg: Tensor, config: TrainConfig) -> dict
     d = inn.dim
     terms = {
         "nll": (0.5 * z.pow(2).sum(-1) - logdet_couplings).mean() / d,
-        "separation_loss": separation_loss(z[: len(pos)], z[len(pos):]),
+        "separation_loss": separation_loss(z[: len(pos)], z[len(pos) :]),
         "logdet_reg": (logdet_couplings / d).pow(2).mean(),
     }
-    terms["loss"] = terms["nll"] + config.sep_weight * terms["separation_loss"] + config.logdet_weight * terms["logdet_reg"]
+    terms["loss"] = (
+        terms["nll"] + config.sep_weight * terms["separation_loss"] + config.logdet_weight * terms["logdet_reg"]
+    )
     terms["z"] = z.detach()
     return terms
 
@@ -138,14 +142,23 @@ def _loss_terms(inn: INN, pos: Tensor, neg: Tensor, config: TrainConfig) -> dict
 @torch.no_grad()
 def latent_direction(inn: INN, pos: Tensor, neg: Tensor, chunk: int = 1024) -> Tensor:
     """v = mean phi(pos) - mean phi(neg), in chunks of rows."""
+
     def latent_mean(x: Tensor) -> Tensor:
         return torch.cat([inn(part)[0] for part in x.split(chunk)]).double().mean(0)
 
     return (latent_mean(pos) - latent_mean(neg)).to(inn.dtype)
 
 
-def train_innsteer(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "",
-                   config: Optional[TrainConfig] = None, progress: bool = True) -> TrainResult:
+def train_innsteer(
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    layer: int,
+    model_id: str = "",
+    behavior: str = "",
+    config: Optional[TrainConfig] = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train an INNSteer steerer on paired activations pos, neg [n, d] of one layer.
 
     The returned steerer (frozen, on ``config.device``) maps a typical negative activation onto
@@ -162,15 +175,18 @@ def train_innsteer(pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", 
         torch.set_num_threads(threads)
 
 
-def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, config: TrainConfig,
-           progress: bool) -> TrainResult:
+def _train(
+    pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, config: TrainConfig, progress: bool
+) -> TrainResult:
     start = time.perf_counter()
     pos, neg = check_contrastive(pos, neg)
     n, d = pos.shape
     n_val = max(2, round(n * config.val_fraction))
     if n - n_val < MIN_TRAIN_PAIRS:
-        raise ValueError(f"need at least {MIN_TRAIN_PAIRS + n_val} contrastive pairs to train "
-                         f"({MIN_TRAIN_PAIRS} for training, {n_val} for validation), got {n}")
+        raise ConfigError(
+            f"need at least {MIN_TRAIN_PAIRS + n_val} contrastive pairs to train "
+            f"({MIN_TRAIN_PAIRS} for training, {n_val} for validation), got {n}"
+        )
     device = torch.device(config.device)
     pos, neg = pos.to(device), neg.to(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -179,7 +195,7 @@ def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, c
 
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
         torch.manual_seed(config.seed)
-        inn = INN(d, config.num_couplings, config.hidden, config.clamp, seed=config.seed)
+        inn = INN.from_config(d, config.flow, seed=config.seed)
     inn.to(device)
     inn.fit_standardization(torch.cat([pos[train_idx], neg[train_idx]]))
     optimizer = torch.optim.AdamW(inn.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -188,8 +204,11 @@ def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, c
         with torch.no_grad():
             terms = _loss_terms(inn, pos[val_idx], neg[val_idx], config)
         z = terms["z"]
-        return {"loss": float(terms["loss"]), "nll": float(terms["nll"]),
-                "fisher": fisher_separation(z[:n_val], z[n_val:])}
+        return {
+            "loss": float(terms["loss"]),
+            "nll": float(terms["nll"]),
+            "fisher": fisher_separation(z[:n_val], z[n_val:]),
+        }
 
     initial = validate()
     keys = ("train_loss", "val_loss", "nll", "separation_loss", "logdet_reg", "val_nll", "val_fisher_separation")
@@ -204,8 +223,10 @@ def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, c
         for batch in torch.tensor_split(shuffled, n_batches):
             terms = _loss_terms(inn, pos[batch], neg[batch], config)
             if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(f"innsteer training diverged at epoch {epoch} (loss {terms['loss'].item()}); "
-                                         "try a smaller lr or larger logdet_weight")
+                raise FloatingPointError(
+                    f"innsteer training diverged at epoch {epoch} (loss {terms['loss'].item()}); "
+                    "try a smaller lr or larger logdet_weight"
+                )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(inn.parameters(), config.grad_clip)
@@ -213,9 +234,15 @@ def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, c
             for key in sums:
                 sums[key] += float(terms[key].detach()) / n_batches
         val = validate()
-        for key, value in (("train_loss", sums["loss"]), ("val_loss", val["loss"]), ("nll", sums["nll"]),
-                           ("separation_loss", sums["separation_loss"]), ("logdet_reg", sums["logdet_reg"]),
-                           ("val_nll", val["nll"]), ("val_fisher_separation", val["fisher"])):
+        for key, value in (
+            ("train_loss", sums["loss"]),
+            ("val_loss", val["loss"]),
+            ("nll", sums["nll"]),
+            ("separation_loss", sums["separation_loss"]),
+            ("logdet_reg", sums["logdet_reg"]),
+            ("val_nll", val["nll"]),
+            ("val_fisher_separation", val["fisher"]),
+        ):
             history[key].append(value)
         bar.set_postfix(train=f"{sums['loss']:.3f}", val=f"{val['loss']:.3f}", fisher=f"{val['fisher']:.2f}")
         if val["loss"] < best_loss:
@@ -228,7 +255,13 @@ def _train(pos: Tensor, neg: Tensor, layer: int, model_id: str, behavior: str, c
     inn.eval().requires_grad_(False)
     direction = latent_direction(inn, pos, neg)
     seconds = time.perf_counter() - start
-    extra = {"train": config.to_dict(), "best_epoch": best_epoch, "n_pairs": n, "seconds": round(seconds, 2),
-             "initial_val_fisher_separation": initial["fisher"], "history": history}
+    extra = {
+        "train": config.to_dict(),
+        "best_epoch": best_epoch,
+        "n_pairs": n,
+        "seconds": round(seconds, 2),
+        "initial_val_fisher_separation": initial["fisher"],
+        "history": history,
+    }
     steerer = Steerer(inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra)
     return TrainResult(steerer, history, best_epoch, initial["fisher"], seconds)

@@ -1,0 +1,236 @@
+"""The PyTorch commands of the ``innsteer`` command line (parsed in ``innsteer.cli.main``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..core.errors import InnsteerError
+from ..datasets.caa import BEHAVIORS
+
+DEMO_BEHAVIOR = "corrigible-neutral-HHH"
+DEMO_LAYER = 10
+# the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
+METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "innsteer")
+
+
+class CLIError(InnsteerError):
+    """A user error: printed as 'innsteer: error: ...' with exit status 2."""
+
+
+def _load(args):
+    from ..hf.models import load_model
+
+    t = time.perf_counter()
+    lm = load_model(args.model)
+    print(
+        f"model {lm.model_id}: {lm.num_layers} layers, hidden size {lm.hidden_size} "
+        f"(loaded in {time.perf_counter() - t:.1f} s)",
+        file=sys.stderr,
+    )
+    if getattr(args, "layer", None) is not None:
+        from ..hf.models import check_layer
+
+        check_layer(lm.model, args.layer)
+    return lm
+
+
+def cmd_collect(args) -> int:
+    from ..datasets.caa import load_ab
+    from ..hf.collect import contrastive_activations
+
+    lm = _load(args)
+    layers = args.layers or [args.layer]
+    items = load_ab(args.behavior, args.split, limit=args.n_train)
+    acts = contrastive_activations(lm, items, layers, mode=args.mode, behavior=args.behavior, split=args.split)
+    for layer, (pos, neg) in sorted(acts.items()):
+        gap = float((pos.mean(0) - neg.mean(0)).norm())
+        print(f"layer {layer}: {tuple(pos.shape)} pairs, |mean(pos) - mean(neg)| = {gap:.3f}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ..eval.experiment import fit_methods
+
+    lm = _load(args)
+    steerers, seconds = fit_methods(lm, args.behavior, args.layer, [args.method], mode=args.mode, n_train=args.n_train)
+    steerer = steerers[args.method]
+    if args.alpha is not None:
+        steerer.alpha = args.alpha
+    steerer.extra["mode"] = args.mode
+    steerer.save(args.output)
+    print(
+        f"wrote {args.output}: {args.method} steerer for {lm.model_id} layer {steerer.layer} "
+        f"({args.behavior}, fitted in {seconds[args.method]:.1f} s)"
+    )
+    return 0
+
+
+def _report(result: dict, args, command: str) -> None:
+    from ..eval.report import markdown, write_report
+
+    result["command"] = command
+    if args.out:
+        paths = write_report(result, args.out, plots=not args.no_plots)
+        print("report: " + ", ".join(str(p) for p in paths.values()))
+    else:
+        print(markdown(result))
+
+
+def cmd_eval(args) -> int:
+    from ..eval.experiment import run_behavior
+
+    command = "innsteer " + " ".join(sys.argv[1:])
+    lm = _load(args)
+    if args.layer_sweep:
+        return _layer_sweep(lm, args)
+    behaviors = BEHAVIORS if args.all else (args.behavior,)
+    results = []
+    for behavior in behaviors:
+        result, _ = run_behavior(
+            lm,
+            behavior,
+            args.layer,
+            args.methods,
+            mode=args.mode,
+            alphas=args.alphas,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            n_open=args.n_open,
+            max_new_tokens=args.max_new_tokens,
+        )
+        results.append(result)
+        if args.all and args.out:
+            sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / behavior)})
+            _report(result, sub, command)
+        elif not args.all:
+            _report(result, args, command)
+    if args.all:
+        from ..eval.report import summary_markdown
+
+        text = summary_markdown(results, command)
+        print(text)
+        if args.out:
+            Path(args.out, "summary.md").write_text(text)
+            Path(args.out, "summary.json").write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def _layer_sweep(lm, args) -> int:
+    from ..core.methods import fit_caa
+    from ..datasets.ab import train_val_split
+    from ..datasets.caa import load_ab
+    from ..eval.sweeps import layer_sweep
+
+    train, val = train_val_split(load_ab(args.behavior, "generate"))
+    train = train[: args.n_train] if args.n_train else train
+    val = val[: args.n_test] if args.n_test else val
+    alpha = max(args.alphas)
+    shifts = layer_sweep(lm, fit_caa, train, val, args.layer_sweep, alpha=alpha, mode=args.mode, behavior=args.behavior)
+    print(f"CAA at alpha {alpha:g}: shift of p_match (answer text) on {len(val)} validation items")
+    for layer, shift in sorted(shifts.items()):
+        print(f"  layer {layer:3d}: {shift:+.3f}")
+    print(f"best layer: {max(shifts, key=shifts.get)}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.gguf:
+        try:
+            from .llama import generate_gguf
+        except ImportError as error:
+            raise CLIError(
+                f"--gguf needs innsteer's llama.cpp support and llama-cpp-python "
+                f"(pip install 'innsteer[llama]'): {error}"
+            ) from error
+        return generate_gguf(args)
+    from ..core.steerers import load_steerer
+    from ..eval.metrics import generate
+
+    lm = _load(args)
+    steerer = None
+    if args.steer:
+        steerer = load_steerer(args.steer, expect_hidden_size=lm.hidden_size, expect_model_id=lm.model_id)
+    positions = "all" if args.steer_prompt else "after_prompt"
+    plain, _, _ = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens)
+    steered = None
+    if steerer is not None:
+        steered, _, _ = generate(
+            lm, args.prompt, steerer=steerer, alpha=args.alpha, max_new_tokens=args.max_new_tokens, positions=positions
+        )
+    for i, prompt in enumerate(args.prompt):
+        print(f">>> {prompt}\n[unsteered] {plain[i].strip()}")
+        if steered is not None:
+            alpha = steerer.alpha if args.alpha is None else args.alpha
+            print(f"[{steerer.method} alpha={alpha:g}] {steered[i].strip()}")
+        print()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..eval.experiment import run_behavior
+    from ..eval.metrics import generate
+    from ..eval.report import sanity_line, tradeoff_table
+
+    start = time.perf_counter()
+    lm = _load(args)
+    result, steerers = run_behavior(
+        lm,
+        args.behavior,
+        args.layer,
+        args.methods,
+        mode=args.mode,
+        alphas=args.alphas,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        n_open=args.n_open,
+        max_new_tokens=args.max_new_tokens,
+    )
+    base = next(p for p in result["points"] if p["method"] == "none")
+    print(f"\n== {args.behavior}, layer {result['layer']}, {result['n_test']} test items ==")
+    print(sanity_line(result["sanity"]))
+    print(
+        f"unsteered: p_match (answer text) {base['answer']:.3f}, (letter) {base['letter']:.3f}, "
+        f"fluency NLL/token {base['nll']:.3f}\n"
+    )
+    for p in result["points"]:
+        if p["method"] != "none":
+            print(
+                f"{p['method']:>10} alpha {p['alpha']:>4g}: p_match answer {p['answer']:.3f} letter {p['letter']:.3f}"
+                f"  fluency cost {p['nll'] - base['nll']:+.3f} nats/token"
+            )
+    print("\n" + tradeoff_table(result) + "\n")
+    # Sample generations: each method at its largest alpha costing at most 1 nat/token (else its smallest).
+    prompts = _open_questions(args.behavior, 2)
+    samples = {"unsteered": generate(lm, prompts, max_new_tokens=40)[0]}
+    for method in args.methods:
+        alpha = _alpha_within_budget(result, method, budget=1.0) or min(args.alphas)
+        samples[f"{method} alpha={alpha:g}"] = generate(
+            lm, prompts, steerer=steerers[method], alpha=alpha, max_new_tokens=40
+        )[0]
+    result["samples"] = samples
+    for i, prompt in enumerate(prompts):
+        print(f">>> {prompt}")
+        for label, texts in samples.items():
+            print(f"[{label}] {texts[i].strip()}")
+        print()
+    args.out = args.out or "innsteer-demo"
+    _report(result, args, "innsteer " + " ".join(sys.argv[1:]))
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _open_questions(behavior: str, n: int) -> list[str]:
+    from ..datasets.caa import load_open_ended
+
+    return load_open_ended(behavior, limit=n)
+
+
+def _alpha_within_budget(result: dict, method: str, budget: float) -> Optional[float]:
+    base = next(p for p in result["points"] if p["method"] == "none")
+    fits = [p for p in result["points"] if p["method"] == method and p["nll"] - base["nll"] <= budget]
+    return max((p["alpha"] for p in fits), default=None)

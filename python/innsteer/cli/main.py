@@ -1,0 +1,201 @@
+"""The ``innsteer`` command line: collect | train | eval | generate | demo | export.
+
+Parsing only: the commands live in ``commands`` (PyTorch) and ``llama`` (llama.cpp) and import
+torch when they run, so ``innsteer --help`` stays fast. On a busy shared CPU, set
+OMP_WAIT_POLICY=PASSIVE before starting: spinning OpenMP threads made every forward pass ~10x
+slower here when other processes held the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from ..core.errors import InnsteerError
+from ..datasets.caa import BEHAVIORS
+from . import commands, llama
+from .commands import DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+
+
+def _add_data(p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO_LAYER) -> None:
+    p.add_argument(
+        "--behavior",
+        choices=BEHAVIORS,
+        default=DEMO_BEHAVIOR,
+        metavar="BEHAVIOR",
+        help=f"CAA behavior: {', '.join(BEHAVIORS)} (default: %(default)s)",
+    )
+    p.add_argument("--layer", type=int, default=layer_default, help="decoder layer to steer (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=("answer", "letter"),
+        default="answer",
+        help="activations at the answer text's tokens (mean) or at the answer letter (CAA) (default: %(default)s)",
+    )
+    p.add_argument("--n-train", type=int, default=None, help="use at most this many training pairs (default: all)")
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from: {', '.join(METHOD_NAMES)}")
+    return methods
+
+
+def _add_eval(
+    p: argparse.ArgumentParser, *, methods: str, alphas: str, n_test: Optional[int], n_open: int, max_new_tokens: int
+) -> None:
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=_methods(methods),
+        help="comma-separated: caa, pca, probe, linear_act, innsteer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=_floats,
+        default=_floats(alphas),
+        help="steering strengths to sweep; alpha 1 moves the class means by CAA's difference for every "
+        "method (default: %(default)s)",
+    )
+    p.add_argument("--n-test", type=int, default=n_test, help="test A/B items to score (default: %(default)s = all 50)")
+    p.add_argument("--n-open", type=int, default=n_open, help="open-ended prompts for fluency (default: %(default)s)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help="reply length for fluency (default: %(default)s)"
+    )
+    p.add_argument("--out", default=None, help="report directory (Markdown, JSON, PNG plots)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="innsteer",
+        description="Nonlinear activation steering with invertible networks (INNSteer), with linear baselines, "
+        "on Hugging Face causal LMs. Start with `innsteer demo`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "collect",
+        help="collect and cache contrastive activations",
+        description="Run the model on a behavior's A/B items with the matching and the non-matching "
+        "answer and cache the residual-stream output of the given layers (safetensors).",
+    )
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--layers", type=_ints, default=None, help="several layers in one pass, e.g. 6,8,10,12")
+    p.add_argument("--split", choices=("generate", "test_ab"), default="generate", help="(default: %(default)s)")
+    p.set_defaults(func=commands.cmd_collect)
+
+    p = sub.add_parser(
+        "train",
+        help="fit a steerer (INNSteer or a baseline) and save it",
+        description="Fit a steerer on the training part of a behavior's generate split and save it "
+        "as a safetensors steer file.",
+    )
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--method", choices=METHOD_NAMES, default="innsteer", help="(default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="default alpha stored in the file")
+    p.add_argument("-o", "--output", required=True, help="steer file to write (.safetensors)")
+    p.set_defaults(func=commands.cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="sweep alpha for several methods; behaviour vs fluency report",
+        description="Fit each method at one layer, sweep alpha, score the test A/B items (answer-text "
+        "and letter metrics) and the fluency of open-ended replies, and write a report. "
+        "--all runs every behavior and writes a summary table; --layer-sweep picks a layer.",
+    )
+    _add_model(p)
+    _add_data(p)
+    _add_eval(
+        p, methods="caa,pca,probe,linear_act,innsteer", alphas="0.5,1,2,4", n_test=None, n_open=5, max_new_tokens=32
+    )
+    p.add_argument("--all", action="store_true", help="every behavior; writes summary.md and summary.json in --out")
+    p.add_argument(
+        "--layer-sweep",
+        type=_ints,
+        default=None,
+        metavar="LAYERS",
+        help="instead of a report: CAA's behaviour shift at each of these layers (comma-separated)",
+    )
+    p.set_defaults(func=commands.cmd_eval)
+
+    p = sub.add_parser(
+        "generate",
+        help="greedy replies with and without steering",
+        description="Print the unsteered and the steered greedy reply to each prompt. With --gguf the "
+        "model runs in llama.cpp (needs llama-cpp-python).",
+    )
+    _add_model(p)
+    p.add_argument("prompt", nargs="+", help="user message(s)")
+    p.add_argument("--steer", default=None, help="steer file written by `innsteer train` (or a steer GGUF with --gguf)")
+    p.add_argument("--alpha", type=float, default=None, help="steering strength (default: the file's)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument(
+        "--steer-prompt",
+        action="store_true",
+        help="steer every position, the prompt included (default: from the last prompt token onward)",
+    )
+    p.add_argument("--gguf", default=None, help="run this GGUF in llama.cpp instead of PyTorch")
+    p.add_argument("--control-vector", default=None, help="(--gguf only) a llama.cpp control vector GGUF")
+    p.add_argument("--control-strength", type=float, default=1.0, help="(--gguf only) (default: %(default)s)")
+    p.set_defaults(func=commands.cmd_generate)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train INNSteer and CAA on one behavior, compare, report",
+        description=f"On the default model: {DEMO_BEHAVIOR} at layer {DEMO_LAYER}, answer-text "
+        "activations; trains INNSteer and CAA, sweeps alpha, prints the trade-off table and "
+        "steered/unsteered generations, writes the report. A few minutes on 2 CPU cores.",
+    )
+    _add_model(p)
+    _add_data(p)
+    _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2", n_test=20, n_open=3, max_new_tokens=24)
+    p.set_defaults(func=commands.cmd_demo, n_train=150)
+
+    llama.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InnsteerError as error:
+        print(f"innsteer: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

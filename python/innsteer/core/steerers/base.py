@@ -1,0 +1,156 @@
+"""What every steerer kind shares: its metadata, the checks of a call, and the safetensors file format.
+
+A steer file is a safetensors file whose metadata holds ``innsteer.format_version``,
+``innsteer.kind`` (which class reads it), the layer, default alpha, model id, behavior, hidden
+size, method and a JSON ``extra``. Each kind registers itself by its ``KIND``; ``load_steerer``
+(in ``innsteer.core.steerers``) picks the class from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, ClassVar, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..errors import ConfigError, MissingFileError, SteerFileError
+
+FORMAT_VERSION = 1
+META_KEYS = ("model_id", "layer", "behavior", "hidden_size", "method", "alpha")
+KINDS: dict[str, type[SteererBase]] = {}
+
+
+class SteererBase(nn.Module):
+    """``steerer(h, alpha=None, residual=None)`` steers hidden states h [..., hidden_size] at ``layer``.
+
+    alpha None uses the steerer's default ``alpha``; ``residual`` fuses the decoder layer's residual
+    add (``steerer(out, a, residual=r) == steerer(out + r, a)``). Subclasses set ``KIND``, implement
+    ``hidden_size``, ``forward``, ``tensors`` and ``from_file``.
+    """
+
+    KIND: ClassVar[str] = ""
+    DESCRIPTION: ClassVar[str] = "a steerer"  # for error messages
+
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            KINDS[cls.KIND] = cls
+            cls.DESCRIPTION = cls.__dict__.get("DESCRIPTION", f"a '{cls.KIND}' one")
+
+    def __init__(
+        self, layer: int, *, alpha: float, model_id: str, behavior: str, method: str, extra: Optional[dict[str, Any]]
+    ):
+        super().__init__()
+        self.layer = int(layer)
+        self.alpha = float(alpha)
+        self.model_id = model_id
+        self.behavior = behavior
+        self.method = method
+        self.extra = dict(extra or {})
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    def check_call(self, h: Tensor, alpha: Optional[float]) -> float:
+        """The alpha a call uses (the default when None), after checking alpha and h's hidden size."""
+        alpha = self.alpha if alpha is None else float(alpha)
+        if not math.isfinite(alpha):
+            raise ConfigError(f"alpha must be finite, got {alpha}")
+        if h.shape[-1] != self.hidden_size:
+            raise ConfigError(
+                f"this steerer was trained for hidden size {self.hidden_size} "
+                f"({self.model_id or 'unknown model'}, layer {self.layer}); got activations of shape {tuple(h.shape)}"
+            )
+        return alpha
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors a steer file of this kind holds."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        meta = {
+            "innsteer.format_version": str(FORMAT_VERSION),
+            "innsteer.kind": self.KIND,
+            "extra": json.dumps(self.extra),
+        }
+        meta.update({key: str(getattr(self, key)) for key in META_KEYS})
+        return meta
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
+        save_file(tensors, os.fspath(path), metadata=self.metadata())
+
+    @classmethod
+    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> SteererBase:
+        """Build the steerer from a file's tensors and metadata; raises SteerFileError."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, expect_hidden_size: Optional[int] = None, expect_model_id: Optional[str] = None
+    ) -> SteererBase:
+        """Load a steer file of this kind (any kind when called on SteererBase); raises
+        SteerFileError naming what is wrong with it, or if it was made for another model."""
+        path = os.fspath(path)
+        tensors, meta = read_steer_file(path)
+        kind = meta.get("innsteer.kind")
+        if kind not in KINDS:
+            raise SteerFileError(f"{path} holds an unknown steerer kind {kind!r} (known: {', '.join(KINDS)})")
+        if cls is not SteererBase and KINDS[kind] is not cls:
+            raise SteerFileError(f"{path} holds a '{kind}' steerer, not {cls.DESCRIPTION}")
+        steerer = KINDS[kind].from_file(path, tensors, meta)
+        check_compatible(steerer, path, expect_hidden_size, expect_model_id)
+        return steerer
+
+
+def common_fields(path: str, meta: dict[str, str]) -> dict[str, Any]:
+    """The keyword arguments every kind's constructor takes, read from a file's metadata."""
+    try:
+        fields = {
+            "alpha": float(meta["alpha"]),
+            "model_id": meta.get("model_id", ""),
+            "behavior": meta.get("behavior", ""),
+            "extra": json.loads(meta.get("extra", "{}")),
+        }
+        layer = int(meta["layer"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise SteerFileError(f"{path}: unreadable steerer metadata ({error})") from error
+    if "method" in meta:
+        fields["method"] = meta["method"]
+    return {"layer": layer, **fields}
+
+
+def read_steer_file(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not os.path.isfile(path):
+        raise MissingFileError(f"no steer file at {path}")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise SteerFileError(f"{path} is not a readable safetensors steer file ({error})") from error
+    version = meta.get("innsteer.format_version")
+    if version != str(FORMAT_VERSION):
+        raise SteerFileError(f"{path} has steer format version {version!r}; this innsteer reads {FORMAT_VERSION}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SteerFileError(f"{path}: tensor '{name}' contains NaN or Inf")
+    return tensors, meta
+
+
+def check_compatible(steerer: SteererBase, path: str, hidden_size: Optional[int], model_id: Optional[str]) -> None:
+    """Raise SteerFileError if a loaded steerer was made for another hidden size or model."""
+    if hidden_size is not None and steerer.hidden_size != hidden_size:
+        raise SteerFileError(
+            f"{path} was trained for hidden size {steerer.hidden_size} "
+            f"({steerer.model_id or 'unknown model'}), but this model has {hidden_size}"
+        )
+    if model_id and steerer.model_id and steerer.model_id != model_id:
+        raise SteerFileError(f"{path} was trained for model '{steerer.model_id}', not '{model_id}'")

@@ -1,0 +1,318 @@
+"""Steer quantized GGUF models in llama-cpp-python with innsteer's native hook.
+
+    from innsteer.llama.steering import SteeredLlama
+    llm = SteeredLlama("model.gguf", steer="steer.gguf", alpha=4.0)
+    llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
+    llm.steering.set_alpha(0.0)   # or .disable() / .enable(); the KV cache is reset for you
+
+or ``steering = attach(llm, "steer.gguf", alpha=4.0)`` on an existing ``llama_cpp.Llama``.
+
+The steer runs in C (csrc/llama_hook, built by setup.py when llama-cpp-python is installed) as
+llama.cpp's eval callback: it rewrites ``l_out-L`` (decoder layer L's output) in place; no Python
+runs per graph node. Stock llama.cpp control vectors (the linear baseline) load through
+``llama_set_adapter_cvec``. This is the only module that touches llama-cpp-python's private
+attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Optional, Union
+
+import numpy as np
+
+from ..core.errors import SteerFileError
+from .bindings import ERR_LEN, SteerGGUF, SteerHookError, hook_library
+from .export import read_control_vector
+
+try:
+    import llama_cpp
+    from llama_cpp import _internals
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+except ImportError as _error:  # optional dependency
+    raise ImportError(
+        "innsteer.llama.steering needs llama-cpp-python 0.3.36: `pip install 'innsteer[llama]'` "
+        "(or `pip install llama-cpp-python==0.3.36`), then rebuild innsteer "
+        "(`pip install --no-build-isolation -e .`) so its llama.cpp hook is compiled"
+    ) from _error
+
+__all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookError", "chat_reply", "last_token_logits"]
+
+
+class LlamaSteering:
+    """The steering installed in one ``llama_cpp.Llama`` (made by ``attach``).
+
+    Entries (INN steers) and one optional control vector. Every change resets the Llama's KV
+    cache, so no prefix computed under the old steering is reused.
+    """
+
+    def __init__(self, llm: llama_cpp.Llama):
+        self._lib = hook_library()
+        self.llm = llm
+        self._hook = self._lib.innsteer_hook_new()
+        if not self._hook:
+            raise MemoryError("innsteer_hook_new failed")
+        self._steers: list[SteerGGUF] = []  # the hook borrows these: keep them alive
+        self._alphas: list[float] = []
+        self.start_position = 0
+        self._lib.innsteer_hook_set_threads(self._hook, int(llm.context_params.n_threads_batch))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))
+        self.architecture = str(llm.metadata.get("general.architecture", ""))
+        self._install()
+
+    def _install(self) -> None:
+        """Recreate the Llama's context with the hook as its eval callback (llama.cpp reads
+        cb_eval only at context creation), and check the hook after every decode."""
+        llm = self.llm
+        params = llm.context_params
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(
+            ctypes.cast(self._lib.innsteer_hook_eval_callback, ctypes.c_void_p).value
+        )
+        params.cb_eval = self._callback
+        params.cb_eval_user_data = ctypes.c_void_p(self._hook)
+        new_ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+        old_ctx, llm._ctx = llm._ctx, llm._stack.enter_context(contextlib.closing(new_ctx))
+        old_ctx.close()
+        if getattr(llm, "_lora_adapter", None) is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            scales = (ctypes.c_float * 1)(llm.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales):
+                raise RuntimeError("failed to re-apply the LoRA adapter to the steered context")
+        llm.reset()
+
+        lib, hook, decode = self._lib, self._hook, new_ctx.decode
+
+        def checked_decode(batch):
+            # Llama's batches hold one sequence at consecutive positions: row i is position pos[0] + i.
+            first_row = self.start_position - batch.batch.pos[0] if batch.batch.n_tokens > 0 else 0
+            lib.innsteer_hook_begin(hook, max(0, first_row))
+            decode(batch)
+            err = ctypes.create_string_buffer(ERR_LEN)
+            if lib.innsteer_hook_end(hook, err, ERR_LEN):
+                llm.reset()  # the cache now holds unsteered or broken states
+                raise SteerHookError(err.value.decode(errors="replace"))
+
+        new_ctx.decode = checked_decode
+        llm._stack.callback(self._free)  # when the Llama closes; nothing decodes after that
+
+    def _free(self) -> None:
+        if self._hook:
+            self._lib.innsteer_hook_free(self._hook)
+            self._hook = None
+
+    def add(
+        self,
+        steer: Union[str, os.PathLike, SteerGGUF],
+        alpha: Optional[float] = None,
+        layer: Optional[int] = None,
+        expect_model_id: Optional[str] = None,
+    ) -> int:
+        """Add a steer (a path or a loaded SteerGGUF); returns its entry index."""
+        if not isinstance(steer, SteerGGUF):
+            steer = SteerGGUF.load(steer)
+        source = steer.source
+        if steer.hidden_size != self.n_embd:
+            raise SteerFileError(
+                f"{source} was made for hidden size {steer.hidden_size} "
+                f"({steer.meta('model_id') or 'unknown model'}), but this model has {self.n_embd}"
+            )
+        hint = steer.meta("model_hint")
+        if hint and self.architecture and hint != self.architecture:
+            raise SteerFileError(f"{source} was made for a '{hint}' model, but this model is '{self.architecture}'")
+        if expect_model_id and steer.meta("model_id") and steer.meta("model_id") != expect_model_id:
+            raise SteerFileError(f"{source} was made for model '{steer.meta('model_id')}', not '{expect_model_id}'")
+        layer = steer.layer if layer is None else int(layer)
+        if not 0 <= layer < self.n_layer - 1:
+            raise ValueError(
+                f"cannot steer layer {layer} of a {self.n_layer}-layer model: layers 0..{self.n_layer - 2} "
+                "can be steered (the last layer's output holds only the output rows)"
+            )
+        alpha = steer.alpha if alpha is None else float(alpha)
+        err = ctypes.create_string_buffer(ERR_LEN)
+        entry = self._lib.innsteer_hook_add(self._hook, steer.handle, layer, alpha, err, ERR_LEN)
+        if entry < 0:
+            raise ValueError(err.value.decode(errors="replace"))
+        self._steers.append(steer)
+        self._alphas.append(alpha)
+        self.llm.reset()
+        return entry
+
+    def _entries(self, entry: Optional[int]) -> range:
+        n = len(self._steers)
+        if entry is None:
+            return range(n)
+        if not 0 <= entry < n:
+            raise IndexError(f"no steer entry {entry} (have {n})")
+        return range(entry, entry + 1)
+
+    def set_alpha(self, alpha: float, entry: Optional[int] = None) -> None:
+        """Set alpha of one entry (or all); takes effect at the next call, with a fresh KV cache."""
+        alpha = float(alpha)
+        if not np.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        for i in self._entries(entry):
+            self._lib.innsteer_hook_set_alpha(self._hook, i, alpha)
+            self._alphas[i] = alpha
+        self.llm.reset()
+
+    @property
+    def alphas(self) -> list[float]:
+        """The current alpha of each entry."""
+        return list(self._alphas)
+
+    def enable(self, entry: Optional[int] = None) -> None:
+        for i in self._entries(entry):
+            self._lib.innsteer_hook_set_enabled(self._hook, i, True)
+        self.llm.reset()
+
+    def disable(self, entry: Optional[int] = None) -> None:
+        for i in self._entries(entry):
+            self._lib.innsteer_hook_set_enabled(self._hook, i, False)
+        self.llm.reset()
+
+    def steer_from(self, position: int) -> None:
+        """Steer only tokens at positions >= ``position`` (0: all tokens, the default). With
+        ``len(prompt_tokens) - 1`` the prompt is read unsteered and steering starts where the reply
+        is predicted, like ``positions="after_prompt"`` in the PyTorch path. Not applied to
+        control vectors (llama.cpp adds those at every position)."""
+        if int(position) < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self.start_position = int(position)
+        self.llm.reset()
+
+    def set_threads(self, n_threads: int) -> None:
+        self._lib.innsteer_hook_set_threads(self._hook, int(n_threads))
+
+    @property
+    def applied_count(self) -> int:
+        """How many l_out tensors the hook has rewritten so far."""
+        return int(self._lib.innsteer_hook_applied_count(self._hook))
+
+    @property
+    def apply_seconds(self) -> float:
+        """Seconds the hook has spent rewriting l_out tensors (read, steer, write back) so far."""
+        return float(self._lib.innsteer_hook_apply_seconds(self._hook))
+
+    def set_control_vector(self, control_vector: Union[str, os.PathLike, dict], strength: float = 1.0) -> None:
+        """Apply a stock llama.cpp control vector (a file, or {layer: vector}) scaled by ``strength``."""
+        if isinstance(control_vector, dict):
+            directions, source = {int(k): np.asarray(v, dtype=np.float32) for k, v in control_vector.items()}, "vector"
+        else:
+            directions, info = read_control_vector(control_vector)
+            source = os.fspath(control_vector)
+            hint = str(info.get("model_hint") or "")
+            if hint and self.architecture and hint != self.architecture:
+                raise SteerFileError(
+                    f"{source} is a control vector for a '{hint}' model, but this model is '{self.architecture}'"
+                )
+        for layer, vector in directions.items():
+            if vector.shape != (self.n_embd,):
+                raise SteerFileError(
+                    f"{source}: direction.{layer} has {vector.shape[0]} values, "
+                    f"but this model's hidden size is {self.n_embd}"
+                )
+            if not 1 <= layer < self.n_layer:
+                raise ValueError(
+                    f"{source}: layer {layer} cannot be steered by a control vector (layers 1..{self.n_layer - 1})"
+                )
+        # llama.cpp's layout: layer L's vector at offset n_embd * (L - 1).
+        data = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
+        for layer, vector in directions.items():
+            data[(layer - 1) * self.n_embd : layer * self.n_embd] = vector * float(strength)
+        self._cvec = data  # llama.cpp copies it, but keep it for inspection
+        status = llama_cpp.llama_set_adapter_cvec(
+            self.llm._ctx.ctx,
+            data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            data.size,
+            self.n_embd,
+            min(directions),
+            max(directions),
+        )
+        if status:
+            raise RuntimeError(f"llama_set_adapter_cvec failed ({status}) for {source}")
+        self.llm.reset()
+
+    def clear_control_vector(self) -> None:
+        llama_cpp.llama_set_adapter_cvec(self.llm._ctx.ctx, None, 0, self.n_embd, -1, -1)
+        self._cvec = None
+        self.llm.reset()
+
+
+def attach(
+    llm: llama_cpp.Llama,
+    steer: Union[None, str, os.PathLike, SteerGGUF] = None,
+    alpha: Optional[float] = None,
+    *,
+    layer: Optional[int] = None,
+    control_vector: Union[None, str, os.PathLike, dict] = None,
+    control_strength: float = 1.0,
+    expect_model_id: Optional[str] = None,
+) -> LlamaSteering:
+    """Install innsteer's hook into ``llm`` (once; later calls add to it) and add ``steer``."""
+    steering = getattr(llm, "steering", None)
+    if not isinstance(steering, LlamaSteering):
+        steering = LlamaSteering(llm)
+        llm.steering = steering
+    if steer is not None:
+        steering.add(steer, alpha=alpha, layer=layer, expect_model_id=expect_model_id)
+    if control_vector is not None:
+        steering.set_control_vector(control_vector, control_strength)
+    return steering
+
+
+class SteeredLlama(llama_cpp.Llama):
+    """A ``llama_cpp.Llama`` with innsteer's hook installed; ``.steering`` controls it.
+
+    ``SteeredLlama(model_path, steer="steer.gguf", alpha=4.0, **llama_kwargs)``; ``alpha`` defaults to
+    the file's. ``control_vector=`` loads a stock llama.cpp control vector too.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        steer: Union[None, str, os.PathLike, SteerGGUF] = None,
+        alpha: Optional[float] = None,
+        *,
+        layer: Optional[int] = None,
+        control_vector: Union[None, str, os.PathLike, dict] = None,
+        control_strength: float = 1.0,
+        expect_model_id: Optional[str] = None,
+        **llama_kwargs,
+    ):
+        llama_kwargs.setdefault("verbose", False)
+        super().__init__(model_path, **llama_kwargs)
+        self.steering = attach(
+            self,
+            steer,
+            alpha,
+            layer=layer,
+            control_vector=control_vector,
+            control_strength=control_strength,
+            expect_model_id=expect_model_id,
+        )
+
+
+def last_token_logits(llm: llama_cpp.Llama) -> np.ndarray:
+    """A copy of the logits llama.cpp computed for the last token of the last decode."""
+    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).copy()
+
+
+def chat_reply(llm: llama_cpp.Llama, prompt: str, max_tokens: int, *, steer_prompt: bool = False) -> str:
+    """A greedy reply to ``prompt`` formatted with the GGUF's chat template (plain text if none)."""
+    template = llm.metadata.get("tokenizer.chat_template")
+    text = prompt
+    if template:
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(llm.token_eos()),
+            bos_token=llm._model.token_get_text(llm.token_bos()),
+        )
+        text = formatter(messages=[{"role": "user", "content": prompt}]).prompt
+    tokens = llm.tokenize(text.encode(), add_bos=not template, special=True)
+    llm.steering.steer_from(0 if steer_prompt else len(tokens) - 1)
+    out = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0)
+    return out["choices"][0]["text"].strip()
