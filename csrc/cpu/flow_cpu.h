@@ -68,31 +68,30 @@ void gather_conditioner(const CouplingView<Acc, W>& c, const Acc* u, int64_t dim
   }
 }
 
-// hidden[:, j0:j1] = tanh(gathered @ w1[:, j0:j1] + b1[j0:j1]).  A bounded activation keeps
-// (s, t) locally constant for rows far outside the training data, so the flow stays well
-// conditioned (invertible to float32 precision) on LLMs' massive-activation rows.
+// hidden = tanh(gathered @ w1 + b1).  A bounded activation keeps (s, t) locally constant for
+// rows far outside the training data, so the flow stays well conditioned (invertible to float32
+// precision) on LLMs' massive-activation rows.
 template <class Acc, class W>
-void hidden_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* gathered, Acc* hidden, int nt,
-                    int64_t j0, int64_t j1) {
-  for (int t = 0; t < nt; ++t) std::copy(c.b1 + j0, c.b1 + j1, hidden + t * n_hidden + j0);
-  gemm_accumulate(c.w1 + j0, n_hidden, gathered, c.n_cond, hidden + j0, n_hidden, c.n_cond, j1 - j0, nt);
-  for (int t = 0; t < nt; ++t) tanh_inplace(hidden + t * n_hidden + j0, j1 - j0);
+void hidden_layer(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* gathered, Acc* hidden, int nt) {
+  for (int t = 0; t < nt; ++t) std::copy(c.b1, c.b1 + n_hidden, hidden + t * n_hidden);
+  gemm_accumulate(c.w1, n_hidden, gathered, c.n_cond, hidden, n_hidden, c.n_cond, n_hidden, nt);
+  for (int t = 0; t < nt; ++t) tanh_inplace(hidden + t * n_hidden, n_hidden);
 }
 
-// For transformed coordinates j0..j1: (s, t) = bounded(hidden @ w2 + b2), then the affine step
-// u = u * e^s + t (or its inverse), adding sum(s) (or -sum(s)) to logdet when given.
+// (s, t) = bounded(hidden @ w2 + b2), then the affine step u = u * e^s + t (or its inverse) on the
+// transformed coordinates, adding sum(s) (or -sum(s)) to logdet when given.
 template <class Acc, class W>
-void affine_columns(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st,
-                    Acc* u, int64_t dim, int nt, int64_t j0, int64_t j1, bool inverse, Acc* logdet) {
+void affine_step(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st, Acc* u,
+                 int64_t dim, int nt, bool inverse, Acc* logdet) {
   const int64_t n_st = 2 * c.n_trans;
-  for (int t = 0; t < nt; ++t) std::copy(c.b2 + 2 * j0, c.b2 + 2 * j1, st + t * n_st + 2 * j0);
-  gemm_accumulate(c.w2 + 2 * j0, n_st, hidden, n_hidden, st + 2 * j0, n_st, n_hidden, 2 * (j1 - j0), nt);
+  for (int t = 0; t < nt; ++t) std::copy(c.b2, c.b2 + n_st, st + t * n_st);
+  gemm_accumulate(c.w2, n_st, hidden, n_hidden, st, n_st, n_hidden, n_st, nt);
   const Acc shift_clamp = static_cast<Acc>(kShiftClampFactor) * clamp;
   for (int t = 0; t < nt; ++t) {
     Acc* st_t = st + t * n_st;
     Acc* u_t = u + t * dim;
-    const Acc s_sum = scale_shift_inplace(st_t + 2 * j0, j1 - j0, clamp, shift_clamp, inverse);
-    for (int64_t j = j0; j < j1; ++j) {
+    const Acc s_sum = scale_shift_inplace(st_t, c.n_trans, clamp, shift_clamp, inverse);
+    for (int64_t j = 0; j < c.n_trans; ++j) {
       const Acc factor = st_t[2 * j], shift = st_t[2 * j + 1];  // exp(+-s), t
       Acc& v = u_t[c.trans_idx[j]];
       v = inverse ? (v - shift) * factor : v * factor + shift;
@@ -106,8 +105,8 @@ void coupling_tile(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>&
                    Acc* logdet) {
   const CouplingView<Acc, W>& c = f.couplings[k];
   gather_conditioner(c, buf.u, f.dim, buf.gathered, nt);
-  hidden_columns(c, f.hidden, buf.gathered, buf.hidden, nt, 0, f.hidden);
-  affine_columns(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, 0, c.n_trans, inverse, logdet);
+  hidden_layer(c, f.hidden, buf.gathered, buf.hidden, nt);
+  affine_step(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, inverse, logdet);
 }
 
 // Runs `mode` over `rows` rows of `dim` values.
