@@ -2,11 +2,15 @@
 // Device-agnostic torch glue shared by the CPU and CUDA implementations.
 #pragma once
 
-#include <torch/library.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flow_types.h"
@@ -19,6 +23,12 @@ struct FlowArgs {
   std::vector<at::Tensor> cond_idx, trans_idx, w1, b1, w2, b2;
   double clamp;
 };
+
+inline FlowArgs pack_flow_args(const at::Tensor& mean, const at::Tensor& scale, at::TensorList cond_idx,
+                               at::TensorList trans_idx, at::TensorList w1, at::TensorList b1, at::TensorList w2,
+                               at::TensorList b2, double clamp) {
+  return FlowArgs{mean, scale, cond_idx.vec(), trans_idx.vec(), w1.vec(), b1.vec(), w2.vec(), b2.vec(), clamp};
+}
 
 inline std::string shape_str(const at::Tensor& t) {
   std::string s = "[";
@@ -57,8 +67,8 @@ inline int64_t check_flow(const at::Tensor& x, const char* x_name, const FlowArg
   const at::ScalarType acc = accumulate_dtype(x.scalar_type());
   check_param(f.mean, "mean", -1, {dim}, acc, device);
   check_param(f.scale, "scale", -1, {dim}, acc, device);
-  TORCH_CHECK(std::isfinite(f.clamp) && f.clamp > 0, "innsteer: clamp must be a positive finite number, got ",
-              f.clamp);
+  TORCH_CHECK(f.clamp >= kMinClamp && f.clamp <= kMaxClamp, "innsteer: clamp must be in [", kMinClamp, ", ",
+              kMaxClamp, "] (larger clamps overflow float32 or make the steer NaN), got ", f.clamp);
 
   const size_t n = f.cond_idx.size();
   TORCH_CHECK(n >= 1, "innsteer: the flow needs at least one coupling");
@@ -172,9 +182,17 @@ void dispatch_flow_types(at::ScalarType activations, at::ScalarType weights, Fn&
   }
 }
 
+// alpha must be finite in the dtype the flow computes in: 1e39 is a finite double but inf in float32.
+inline void check_alpha(double alpha, at::ScalarType acc) {
+  const double largest =
+      acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  TORCH_CHECK(std::isfinite(alpha) && std::abs(alpha) <= largest, "innsteer: alpha must be finite in ", acc,
+              " (|alpha| <= ", largest, "), got ", alpha);
+}
+
 inline void check_steer_args(const at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
                              const at::Tensor& direction, double alpha, int64_t dim) {
-  TORCH_CHECK(std::isfinite(alpha), "innsteer: alpha must be finite, got ", alpha);
+  check_alpha(alpha, accumulate_dtype(hidden.scalar_type()));
   check_param(direction, "direction", -1, {dim}, accumulate_dtype(hidden.scalar_type()), hidden.device());
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
@@ -184,6 +202,66 @@ inline void check_steer_args(const at::Tensor& hidden, const c10::optional<at::T
                 " but hidden has shape ", shape_str(hidden));
     TORCH_CHECK(r.scalar_type() == hidden.scalar_type(), "innsteer: residual has dtype ", r.scalar_type(),
                 " but hidden has dtype ", hidden.scalar_type());
+  }
+}
+
+// Host memory only (reads the values): direction is finite and alpha * direction fits Acc.
+template <class Acc>
+void check_latent_shift(const Acc* direction, int64_t n, double alpha) {
+  double largest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(std::isfinite(direction[i]), "innsteer: direction contains NaN or Inf");
+    largest = std::max(largest, std::abs(static_cast<double>(direction[i])));
+  }
+  const double limit = static_cast<double>(std::numeric_limits<Acc>::max());
+  TORCH_CHECK(alpha == 0 || largest <= limit / std::abs(alpha), "innsteer: alpha * direction overflows ",
+              c10::CppTypeToScalarType<Acc>::value, ": alpha = ", alpha, " and the largest |direction| is ",
+              largest);
+}
+
+// Whether two elements of t may share memory. ATen answers for contiguous and stride-0 layouts;
+// otherwise, with the size > 1 dims sorted by stride, each stride must step past all that the
+// smaller dims span, which holds for every view made by slicing, transposing or permuting.
+inline bool may_overlap_itself(const at::Tensor& t) {
+  const at::MemOverlap answer = at::has_internal_overlap(t);
+  if (answer != at::MemOverlap::TooHard) return answer == at::MemOverlap::Yes;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // the largest offset the smaller dims reach
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;
+    span += stride * (size - 1);
+  }
+  return false;
+}
+
+// steer_ writes hidden while it reads the other arguments: hidden must not overlap itself, and no
+// other argument may share its memory, except a residual that is hidden itself (each row is read
+// before it is written).
+inline void check_steer_inplace_memory(const at::Tensor& hidden, const c10::optional<at::Tensor>& residual,
+                                       const at::Tensor& direction, const FlowArgs& f) {
+  TORCH_CHECK(!may_overlap_itself(hidden), "innsteer: steer_ cannot write hidden in place: several of its elements "
+              "share memory (e.g. an expanded tensor, strides ", hidden.strides(), "); steer a clone() or use steer()");
+  if (residual.has_value()) {
+    TORCH_CHECK(at::get_overlap_status(hidden, *residual) != at::MemOverlapStatus::Partial,
+                "innsteer: residual partly overlaps hidden, which steer_ overwrites; pass a clone() of residual");
+  }
+  auto check_apart = [&](const at::Tensor& t, const std::string& name) {
+    const at::MemOverlapStatus status = at::get_overlap_status(hidden, t);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, "innsteer: ", name,
+                " shares memory with hidden, which steer_ overwrites; pass a clone() of it");
+  };
+  check_apart(direction, "direction");
+  check_apart(f.mean, "mean");
+  check_apart(f.scale, "scale");
+  const std::pair<const std::vector<at::Tensor>*, const char*> lists[] = {
+      {&f.cond_idx, "cond_idx"}, {&f.trans_idx, "trans_idx"}, {&f.w1, "w1"},
+      {&f.b1, "b1"},             {&f.w2, "w2"},               {&f.b2, "b2"}};
+  for (const auto& [list, name] : lists) {
+    for (size_t k = 0; k < list->size(); ++k) check_apart((*list)[k], std::string(name) + "[" + std::to_string(k) + "]");
   }
 }
 

@@ -118,6 +118,15 @@ struct FlowView {
 // The shift bound in units of clamp (see FlowView::clamp).
 constexpr double kShiftClampFactor = 2.0;
 
+// The clamps every loader accepts (the torch ops, INN(...) in Python, the llama.cpp hook).
+// At most kMaxClamp, one coupling scales a coordinate by at most e^20 (~4.9e8) and shifts it by
+// at most 40, so neither exp(s) nor a steer of any ordinary activation can overflow float32
+// (exp(88.7) already does; a clamp of 1e39 is inf in float32 and makes every steer NaN). At
+// least kMinClamp, clamp stays a normal float32 far from 0: s = clamp * tanh(raw_s / clamp) is
+// NaN once clamp rounds (or a denormal flushes) to 0. The default clamp is 2.
+constexpr double kMinClamp = 1e-3;
+constexpr double kMaxClamp = 20.0;
+
 enum class FlowMode { kForward, kInverse, kSteer };
 
 }  // namespace innsteer

@@ -6,14 +6,15 @@ as ground truth, and the ops' backward recomputes through it. Same argument orde
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-# Shifts are bounded like the log-scales: |t| <= SHIFT_CLAMP_FACTOR * clamp (csrc/flow_types.h),
-# so rows far outside the training data still invert to float32 precision.
-SHIFT_CLAMP_FACTOR = 2.0
+# Shifts are bounded like the log-scales: |t| <= SHIFT_CLAMP_FACTOR * clamp, so rows far outside
+# the training data still invert to float32 precision. The kernels' constant (csrc/flow_types.h).
+from ._C import SHIFT_CLAMP_FACTOR
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -27,7 +27,7 @@ def _fake_check(x: torch.Tensor, name: str, **tensors) -> None:
             where = f"{arg}[{k}]" if isinstance(value, (list, tuple)) else arg
             torch._check(
                 t is None or t.device == x.device,
-                lambda: f"innsteer: {where} is on {t.device} but the activations are on {x.device}",
+                lambda where=where, t=t: f"innsteer: {where} is on {t.device} but the activations are on {x.device}",
             )
 
 
@@ -56,14 +56,44 @@ def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, 
                 cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
 
 
+def _save_inputs(ctx, inputs) -> None:
+    """Saves the tensor inputs (lists flattened) with save_for_backward, so autograd refuses a
+    backward through an input that was modified in place since; other arguments stay on ctx."""
+    tensors, layout = [], []  # layout: per input, a list length, "tensor", or ("value", arg)
+    for arg in inputs:
+        if isinstance(arg, (list, tuple)):
+            layout.append(len(arg))
+            tensors.extend(arg)
+        elif isinstance(arg, torch.Tensor):
+            layout.append("tensor")
+            tensors.append(arg)
+        else:
+            layout.append(("value", arg))
+    ctx.save_for_backward(*tensors)
+    ctx.input_layout = layout
+
+
+def _saved_inputs(ctx) -> list:
+    saved = iter(ctx.saved_tensors)
+    inputs = []
+    for entry in ctx.input_layout:
+        if isinstance(entry, int):
+            inputs.append([next(saved) for _ in range(entry)])
+        elif entry == "tensor":
+            inputs.append(next(saved))
+        else:
+            inputs.append(entry[1])
+    return inputs
+
+
 def _recompute_backward(reference):
     """A backward that re-runs `reference` on the saved inputs and differentiates it."""
 
     def setup_context(ctx, inputs, output):
-        ctx.inputs = inputs
+        _save_inputs(ctx, inputs)
 
     def backward(ctx, *grad_outputs):
-        inputs = ctx.inputs
+        inputs = _saved_inputs(ctx)
         detached = []
         wanted = []  # (position in inputs, list index or None, leaf)
         for pos, (arg, needs) in enumerate(zip(inputs, ctx.needs_input_grad)):

@@ -126,7 +126,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.coupling_inverse, (x, *flow))
     torch.library.opcheck(ops.steer, (x, residual, direction, 0.5, *flow))
     torch.library.opcheck(ops.steer, (x, None, direction, 0.0, *flow))
-    inn = random_inn(8)
+    inn = random_inn(8).requires_grad_(False)  # steer_ refuses arguments that require grad under grad mode
     hidden = torch.randn(4, 8)
     torch.library.opcheck(ops.steer_, (hidden, torch.randn(4, 8), torch.randn(8), 0.5, *inn.flow_args()))
     torch.library.opcheck(ops.coupling_forward, (hidden.bfloat16(), *inn.flow_args()))
@@ -185,7 +185,8 @@ def test_in_place_equals_out_of_place(contiguous, with_residual):
     expected = ops.steer(h, residual, direction, 1.2, *inn.flow_args())
     inplace = h.clone() if contiguous else torch.randn(48, 7).t().copy_(h)
     assert inplace.is_contiguous() == contiguous
-    ops.steer_(inplace, residual, direction, 1.2, *inn.flow_args())
+    with torch.no_grad():
+        ops.steer_(inplace, residual, direction, 1.2, *inn.flow_args())
     assert torch.equal(inplace, expected)
 
 
@@ -237,7 +238,7 @@ class TestBadInput:
             ops.steer(h, None, torch.randn(16), 1.0, *self.flow)
         residual = torch.zeros(3, 16)
         residual[2, 0] = bad
-        with pytest.raises(RuntimeError, match="residual contains NaN or Inf"):
+        with pytest.raises(RuntimeError, match="residual contains NaN or Inf"), torch.no_grad():
             ops.steer_(torch.randn(3, 16), residual, torch.randn(16), 1.0, *self.flow)
 
     def test_residual_shape_mismatch(self):
