@@ -121,10 +121,43 @@ def test_activations_match_unbatched_hidden_states(default_lm, mode, tmp_path, m
         for letter, rows in ((items[i].matching, acts[10][0]), (items[i].not_matching, acts[10][1])):
             text, span = answer_text(default_lm.tokenizer, items[i], letter, mode)
             torch.testing.assert_close(rows[i], _reference_activation(default_lm, text, span, 10), atol=1e-3, rtol=1e-4)
-    # cached on disk, keyed by model, behavior, split, mode and layer; the second call reads it back
+    # cached on disk, keyed by model, behavior, split, mode, reduction and layer; the second call reads it back
     files = sorted(p.name for p in (tmp_path / "activations" / default_lm.model_id).iterdir())
-    assert len(files) == 2 and all(f.startswith(f"{BEHAVIOR}-generate-{mode}-L") for f in files)
+    assert len(files) == 2 and all(f.startswith(f"{BEHAVIOR}-generate-{mode}-mean-L") for f in files)
     again = contrastive_activations(
         default_lm, items, 10, mode=mode, behavior=BEHAVIOR, split="generate", progress=False
     )
     assert torch.equal(again[10][0], acts[10][0])
+
+
+def _reference_span_rows(lm, text, span, layer):
+    """Unbatched, unpadded hidden_states[layer + 1] at each of the span's tokens."""
+    batch = encode_spans(lm.tokenizer, [text], [span])
+    with torch.no_grad():
+        hs = lm.model(input_ids=batch.input_ids, output_hidden_states=True).hidden_states[layer + 1][0]
+    return hs[batch.span_start[0] : batch.span_end[0]]
+
+
+def test_last_and_every_token_reductions_match_unbatched_hidden_states(default_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))
+    items = load_ab(BEHAVIOR, "generate", limit=4)
+    common = dict(mode="answer", behavior=BEHAVIOR, split="generate", batch_size=3, progress=False)
+    last_pos, last_neg = contrastive_activations(default_lm, items, 10, reduce="last", **common)[10]
+    refs = {
+        (i, side): _reference_span_rows(default_lm, *answer_text(default_lm.tokenizer, item, letter, "answer"), 10)
+        for i, item in enumerate(items)
+        for side, letter in (("pos", item.matching), ("neg", item.not_matching))
+    }
+    for i in range(len(items)):
+        torch.testing.assert_close(last_pos[i], refs[i, "pos"][-1], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(last_neg[i], refs[i, "neg"][-1], atol=1e-3, rtol=1e-4)
+    pos, neg = contrastive_activations(default_lm, items, 10, reduce="tokens", seed=3, **common)[10]
+    all_pos = torch.cat([refs[i, "pos"] for i in range(len(items))])
+    all_neg = torch.cat([refs[i, "neg"] for i in range(len(items))])
+    n = min(len(all_pos), len(all_neg))
+    assert pos.shape == neg.shape == (n, 576) and len(all_pos) != len(all_neg)  # the larger class subsampled
+    for rows, reference in ((pos, all_pos), (neg, all_neg)):
+        # every row is one of the class's token states (a subsample keeps rows, never mixes them)
+        distance = torch.cdist(rows, reference).min(1).values
+        assert distance.max() < 1e-2 * reference.norm(dim=1).min()
+    assert torch.equal(contrastive_activations(default_lm, items, 10, reduce="tokens", seed=3, **common)[10][0], pos)

@@ -1,13 +1,17 @@
 """Contrastive activations: the residual-stream output of decoder layer L (HF ``hidden_states[L+1]``)
-for the behavior-matching vs the non-matching answer of each A/B item.
+at the tokens of a positive vs a negative completion.
 
-Two modes:
-- ``"letter"`` (CAA): the prompt, then the assistant turn opening with ``(X)``; the activation at
-  the token(s) holding the letter X.
-- ``"answer"``: the prompt, then the option's own text as the assistant's reply; the mean over the
-  tokens of that text.
+Which completion (for CAA A/B items, ``mode``):
+- ``"letter"`` (CAA): the prompt, then the assistant turn opening with ``(X)``; the token(s) holding X;
+- ``"answer"``: the prompt, then the option's own text as the assistant's reply.
+Which tokens give the activation (``reduce``):
+- ``"mean"``: one row per completion, the mean over its tokens;
+- ``"last"``: one row per completion, its last token;
+- ``"tokens"``: one row per completion token. Steering acts on every position after the prompt,
+  so training on these rows trains on the distribution the steerer is applied to. The classes
+  then have different row counts; ``contrastive_activations`` subsamples the larger one (seeded).
 One forward pass serves several layers (for layer sweeps) and stops after the deepest one.
-Results are cached as safetensors keyed by model, behavior, split, mode, layer and item content.
+Results are cached as safetensors keyed by model, data, mode, reduction, layer and the texts' hash.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .models import LoadedModel, cache_dir, check_layer, decoder_layers
 from .prompts import ab_prompt
 
 MODES = ("letter", "answer")
+REDUCTIONS = ("mean", "last", "tokens")
 
 
 class _StopForward(Exception):
@@ -41,6 +46,12 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_reduce(reduce: str) -> str:
+    if reduce not in REDUCTIONS:
+        raise ConfigError(f"unknown token reduction '{reduce}'; choose one of: {', '.join(REDUCTIONS)}")
+    return reduce
+
+
 def answer_text(tokenizer, item: ABItem, letter: str, mode: str) -> tuple[str, tuple[int, int]]:
     """The full text for one answer and the character span whose tokens give its activation."""
     prompt = ab_prompt(tokenizer, item)
@@ -50,18 +61,21 @@ def answer_text(tokenizer, item: ABItem, letter: str, mode: str) -> tuple[str, t
     return prompt + reply, (len(prompt), len(prompt) + len(reply))
 
 
-def layer_outputs(
+def span_activations(
     model,
     tokenizer,
     texts: Sequence[str],
     spans: Sequence[tuple[int, int]],
     layers: Iterable[int],
     *,
+    reduce: str = "mean",
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "activations",
-) -> dict[int, Tensor]:
-    """Mean over each span's tokens of decoder layer outputs: {layer: [len(texts), hidden]} (float32)."""
+) -> tuple[dict[int, Tensor], Tensor]:
+    """Decoder layer outputs at each text's span: ``({layer: rows [R, hidden]}, owner [R])`` (float32),
+    ``owner[r]`` the text row r came from; rows in text order. ``reduce`` as in the module docstring."""
+    check_reduce(reduce)
     layers = sorted({check_layer(model, layer) for layer in layers})
     blocks = decoder_layers(model)
     captured: dict[int, Tensor] = {}
@@ -76,7 +90,7 @@ def layer_outputs(
 
     # Longest first, batched by length: little padding, and memory problems show up at once.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    result = {layer: torch.empty(len(texts), model.get_input_embeddings().weight.shape[1]) for layer in layers}
+    per_text: dict[int, list] = {layer: [None] * len(texts) for layer in layers}
     handles = [blocks[layer].register_forward_hook(capture(layer)) for layer in layers]
     try:
         with torch.inference_mode():
@@ -87,49 +101,54 @@ def layer_outputs(
                     model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
                 except _StopForward:
                     pass
-                weights = batch.span_mask().float()
-                weights /= weights.sum(1, keepdim=True)
+                mask = batch.span_mask()
                 for layer in layers:
-                    result[layer][idx] = torch.einsum("bt,btd->bd", weights, captured[layer].float())
+                    hidden = captured[layer].float()
+                    for row, i in enumerate(idx):
+                        tokens = hidden[row, mask[row]]
+                        if reduce == "mean":
+                            tokens = tokens.mean(0, keepdim=True)
+                        elif reduce == "last":
+                            tokens = tokens[-1:]
+                        per_text[layer][i] = tokens
     finally:
         for handle in handles:
             handle.remove()
-    return result
+    counts = torch.tensor([len(rows) for rows in per_text[layers[0]]])
+    owner = torch.repeat_interleave(torch.arange(len(texts)), counts)
+    return {layer: torch.cat(rows) for layer, rows in per_text.items()}, owner
 
 
-def _cache_path(model_id: str, behavior: str, split: str, mode: str, layer: int, key: str) -> Path:
-    return cache_dir() / "activations" / model_id / f"{behavior}-{split}-{mode}-L{layer}-{key}.safetensors"
+def balance_classes(pos: Tensor, neg: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Equal row counts (unpaired token rows): a seeded subsample of the larger class, in order."""
+    n = min(len(pos), len(neg))
+    generator = torch.Generator().manual_seed(seed)
+
+    def take(rows: Tensor) -> Tensor:
+        if len(rows) == n:
+            return rows
+        return rows[torch.randperm(len(rows), generator=generator)[:n].sort().values]
+
+    return take(pos), take(neg)
 
 
-def contrastive_activations(
+def contrast_activations(
     lm: LoadedModel,
-    items: Sequence[ABItem],
-    layers: int | Iterable[int],
+    texts: Sequence[str],
+    spans: Sequence[tuple[int, int]],
+    layers: Sequence[int],
     *,
-    mode: str = "answer",
-    behavior: str = "",
-    split: str = "",
-    batch_size: int = 16,
+    reduce: str,
+    cache_name: str,
     use_cache: bool = True,
+    batch_size: int = 16,
     progress: bool = True,
 ) -> dict[int, tuple[Tensor, Tensor]]:
-    """{layer: (pos [N, d], neg [N, d])} for the matching / non-matching answers of ``items``.
-
-    Cached on disk when ``use_cache`` (key: model id, behavior, split, mode, layer, a hash of the texts).
-    """
-    check_mode(mode)
-    if not items:
-        raise ValueError("contrastive_activations needs at least one item")
-    single = isinstance(layers, int)
-    layers = sorted({check_layer(lm.model, layer) for layer in ([layers] if single else layers)})
-    pairs = [answer_text(lm.tokenizer, item, item.matching, mode) for item in items] + [
-        answer_text(lm.tokenizer, item, item.not_matching, mode) for item in items
-    ]
-    texts, spans = [p[0] for p in pairs], [p[1] for p in pairs]
+    """{layer: (pos, neg)} from texts whose first half are positive and second half negative
+    completions (``spans``: the completions' characters). Cached under ``cache_name`` and the texts' hash."""
+    n = len(texts) // 2
     key = hashlib.sha256("\x00".join(f"{t}\x01{s}" for t, s in zip(texts, spans)).encode()).hexdigest()[:12]
-    paths = {
-        layer: _cache_path(lm.model_id, behavior or "custom", split or "items", mode, layer, key) for layer in layers
-    }
+    paths = {layer: _cache_path(lm.model_id, f"{cache_name}-{reduce}", layer, key) for layer in layers}
     out: dict[int, tuple[Tensor, Tensor]] = {}
     if use_cache:
         for layer, path in paths.items():
@@ -138,34 +157,72 @@ def contrastive_activations(
                 out[layer] = (tensors["pos"], tensors["neg"])
     missing = [layer for layer in layers if layer not in out]
     if missing:
-        acts = layer_outputs(
+        acts, owner = span_activations(
             lm.model,
             lm.tokenizer,
             texts,
             spans,
             missing,
+            reduce=reduce,
             batch_size=batch_size,
             progress=progress,
-            desc=f"{behavior or 'items'} {mode} L{','.join(map(str, missing))}",
+            desc=f"{cache_name} {reduce} L{','.join(map(str, missing))}",
         )
-        n = len(items)
         for layer in missing:
-            pos, neg = acts[layer][:n].contiguous(), acts[layer][n:].contiguous()
+            pos, neg = acts[layer][owner < n].contiguous(), acts[layer][owner >= n].contiguous()
             out[layer] = (pos, neg)
             if use_cache:
                 paths[layer].parent.mkdir(parents=True, exist_ok=True)
-                tmp = paths[layer].with_suffix(".tmp")
-                save_file(
-                    {"pos": pos, "neg": neg},
-                    str(tmp),
-                    metadata={
-                        "model_id": lm.model_id,
-                        "behavior": behavior,
-                        "split": split,
-                        "mode": mode,
-                        "layer": str(layer),
-                        "n_items": str(n),
-                    },
-                )
+                tmp = paths[layer].with_suffix(f".{os.getpid()}.tmp")
+                save_file({"pos": pos, "neg": neg}, str(tmp), metadata={"model_id": lm.model_id, "layer": str(layer)})
                 os.replace(tmp, paths[layer])  # atomic: concurrent runs never read half a file
     return out
+
+
+def _cache_path(model_id: str, name: str, layer: int, key: str) -> Path:
+    return cache_dir() / "activations" / model_id / f"{name}-L{layer}-{key}.safetensors"
+
+
+def contrastive_activations(
+    lm: LoadedModel,
+    items: Sequence[ABItem],
+    layers: int | Iterable[int],
+    *,
+    mode: str = "answer",
+    reduce: str = "mean",
+    behavior: str = "",
+    split: str = "",
+    batch_size: int = 16,
+    use_cache: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """{layer: (pos, neg)} for the matching / non-matching answers of A/B ``items``: [N, d] each
+    (paired by item) for ``reduce`` 'mean' / 'last'; for 'tokens', every answer token's row with the
+    larger class subsampled to the smaller one's count (seeded by ``seed``; rows are not paired).
+
+    Cached on disk when ``use_cache`` (key: model id, behavior, split, mode, reduction, layer, a hash of the texts).
+    """
+    check_mode(mode)
+    check_reduce(reduce)
+    if not items:
+        raise ConfigError("contrastive_activations needs at least one item")
+    single = isinstance(layers, int)
+    layers = sorted({check_layer(lm.model, layer) for layer in ([layers] if single else layers)})
+    pairs = [answer_text(lm.tokenizer, item, item.matching, mode) for item in items] + [
+        answer_text(lm.tokenizer, item, item.not_matching, mode) for item in items
+    ]
+    acts = contrast_activations(
+        lm,
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        layers,
+        reduce=reduce,
+        cache_name=f"{behavior or 'custom'}-{split or 'items'}-{mode}",
+        use_cache=use_cache,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if reduce == "tokens":
+        return {layer: balance_classes(pos, neg, seed) for layer, (pos, neg) in acts.items()}
+    return acts
