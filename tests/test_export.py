@@ -5,6 +5,11 @@ the same vector to decoder layer L's output (Hugging Face ``hidden_states[L + 1]
 """
 
 import argparse
+import os
+import signal
+import stat
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -140,3 +145,103 @@ def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path, def
         llm.steering.set_control_vector(path)
         distance[shift] = np.abs(log_softmax(last_logits(llm, ids)) - log_softmax(hf)).mean()
     assert distance[0] < 0.5 * min(distance[-1], distance[1]), distance
+
+
+# --- an export never destroys a file ---------------------------------------------------------------
+
+
+def test_export_replaces_the_output_whole_never_in_place(tmp_path):
+    """The old output's inode is never written: a second name for it (a hard link) keeps the old
+    bytes, the new file appears whole under the output's name, and no partial file is left."""
+    out = tmp_path / "s.gguf"
+    export(random_inn_steerer(16, mlp_hidden=8, layer=3), out)
+    old_bytes = out.read_bytes()
+    (tmp_path / "old.gguf").hardlink_to(out)
+    export(random_inn_steerer(16, mlp_hidden=8, layer=5, seed=1), out)
+    assert (tmp_path / "old.gguf").read_bytes() == old_bytes
+    assert fields(gguf.GGUFReader(out))["innsteer.layer"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.gguf", "s.gguf"]
+
+
+def test_failed_export_leaves_the_existing_output_untouched(tmp_path):
+    out = tmp_path / "s.gguf"
+    export(random_inn_steerer(16, mlp_hidden=8, layer=3), out)
+    before = out.read_bytes()
+    for name, value, problem in (
+        ("layer", 2**31, "does not fit"),  # the GGUF field is int32
+        ("alpha", 1e39, "not a finite float32"),  # finite as a double, inf as the float32 field
+    ):
+        steerer = random_inn_steerer(16, mlp_hidden=8)
+        setattr(steerer, name, value)
+        with pytest.raises(ConfigError, match=problem):
+            export(steerer, out)
+        assert out.read_bytes() == before
+    infinite = LinearSteerer(torch.ones(16), 3, method="caa")
+    infinite.vector.fill_(float("inf"))
+    with pytest.raises(ConfigError, match="NaN, Inf"):
+        export(infinite, out, format="controlvector")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]
+
+
+def test_export_refuses_to_replace_its_own_input(tmp_path):
+    source = tmp_path / "inn.safetensors"
+    random_inn_steerer(16, mlp_hidden=8).save(source)
+    content = source.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(source)
+    (tmp_path / "hard.safetensors").hardlink_to(source)
+    for output in (source, tmp_path / "link.safetensors", tmp_path / "hard.safetensors", tmp_path / "." / source.name):
+        with pytest.raises(ConfigError, match="is the input steer file"):
+            export(source, output)
+        assert source.read_bytes() == content
+
+
+def test_export_output_must_be_a_file_in_an_existing_directory(tmp_path):
+    steerer = random_inn_steerer(16, mlp_hidden=8)
+    with pytest.raises(ConfigError, match="is a directory"):
+        export(steerer, tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        export(steerer, tmp_path / "missing" / "s.gguf")
+
+
+def test_export_writes_through_a_symlink_with_the_usual_permissions(tmp_path):
+    target = tmp_path / "real.gguf"
+    target.write_bytes(b"old")
+    (tmp_path / "link.gguf").symlink_to(target)
+    old_umask = os.umask(0o027)
+    try:
+        export(random_inn_steerer(16, mlp_hidden=8, layer=6), tmp_path / "link.gguf")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "link.gguf").is_symlink()
+    assert fields(gguf.GGUFReader(target))["innsteer.layer"] == 6
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0o666 less the umask, as any new file
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+import gguf
+from innsteer.llama.export import export
+
+def killed(self, *args, **kwargs):  # the header and metadata are out; die before the tensors
+    os.kill(os.getpid(), signal.SIGKILL)
+
+gguf.GGUFWriter.write_tensors_to_file = killed
+export(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_an_export_killed_mid_write_leaves_the_old_file(tmp_path):
+    """SIGKILL while the GGUF is being written: the old output is intact, one predictable partial
+    file is left, and the next export replaces it."""
+    source, out = tmp_path / "inn.safetensors", tmp_path / "s.gguf"
+    random_inn_steerer(16, mlp_hidden=8, layer=2).save(source)
+    export(random_inn_steerer(16, mlp_hidden=8, layer=7), out)
+    before = out.read_bytes()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(source), str(out)], env=env)
+    assert run.returncode == -signal.SIGKILL
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.gguf.partial", "inn.safetensors", "s.gguf"]
+    export(source, out)
+    assert fields(gguf.GGUFReader(out))["innsteer.layer"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inn.safetensors", "s.gguf"]

@@ -50,11 +50,11 @@ def register(subparsers) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from ..core.steerers import load_steerer
     from ..llama.export import export
 
-    steerer = load_steerer(args.steerer)
-    export(steerer, args.output, format=args.format, weight_dtype=args.weight_dtype, model_hint=args.model_hint)
+    steerer = export(
+        args.steerer, args.output, format=args.format, weight_dtype=args.weight_dtype, model_hint=args.model_hint
+    )
     print(f"wrote {args.output} ({args.format}, layer {steerer.layer}, method {steerer.method})")
     return 0
 

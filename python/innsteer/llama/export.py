@@ -10,10 +10,16 @@ Two formats:
 
 Layer indices: innsteer's ``layer=L`` is decoder layer L's output, which llama.cpp names ``l_out-L``
 (= Hugging Face ``hidden_states[L + 1]``); a control vector's ``direction.L`` is added there.
+
+Writing never destroys a file: everything is checked before any output is opened, the GGUF is
+written to ``.NAME.partial`` beside the output and renamed over it only when complete (a killed
+export leaves the old file intact and that one orphan, which the next export replaces), and the
+output may not be the steer file it is made from.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional
 
@@ -26,6 +32,8 @@ from ..core.steerers import LinearSteerer, Steerer, SteererBase, load_steerer
 STEER_FORMAT_VERSION = 1  # innsteer.format_version; the C loader (csrc/llama_hook) reads exactly this
 FORMATS = ("innsteer", "controlvector")
 WEIGHT_DTYPES = ("float32", "bfloat16")
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _model_hint(steerer: SteererBase, model_hint: Optional[str]) -> str:
@@ -50,19 +58,107 @@ def _model_hint(steerer: SteererBase, model_hint: Optional[str]) -> str:
     return str(field.contents()) if field is not None else ""
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
+def _f32(name: str, t: torch.Tensor) -> np.ndarray:
+    """``t`` as a float32 array; ConfigError if a value is NaN, Inf, or overflows float32."""
+    values = t.detach().to(torch.float32).cpu()
+    if not torch.isfinite(values).all():
+        raise ConfigError(f"tensor '{name}' has values that are NaN, Inf or beyond float32's range")
+    return np.ascontiguousarray(values.numpy())
 
 
-def _bf16_bits(t: torch.Tensor) -> np.ndarray:
+def _bf16_bits(name: str, t: torch.Tensor) -> np.ndarray:
     """bfloat16 values as uint16 bit patterns (gguf stores BF16 raw); rounding as torch's cast."""
-    return np.ascontiguousarray(t.detach().to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16))
+    values = t.detach().to(torch.bfloat16).cpu()
+    if not torch.isfinite(values).all():
+        raise ConfigError(f"tensor '{name}' has values that are NaN, Inf or beyond bfloat16's range")
+    return np.ascontiguousarray(values.view(torch.int16).numpy().view(np.uint16))
+
+
+def _float32_value(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise ConfigError(f"{name} {value} is not a finite float32 value")
+    return value
+
+
+def _int_in(name: str, value: int, low: int, high: int) -> int:
+    if not low <= int(value) <= high:
+        raise ConfigError(f"{name} {value} does not fit the GGUF field (must be {low}..{high})")
+    return int(value)
+
+
+def _text(name: str, value: Any) -> str:
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} {text!r} is not valid UTF-8") from None
+    return text
+
+
+def check_output_path(path: str | os.PathLike, source: Optional[str | os.PathLike] = None) -> str:
+    """The file to write for ``path`` (through a symlink: its target), after checking that it can be
+    a file in an existing directory and is not ``source`` (the steer file it is made from)."""
+    path = os.fspath(path)
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise ConfigError(f"output {path} is a directory; name the .gguf file to write")
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise ConfigError(f"output {path}: directory {directory} does not exist")
+    source = None if source is None else os.fspath(source)
+    if source is not None and os.path.exists(source) and os.path.exists(target) and os.path.samefile(source, target):
+        raise ConfigError(f"output {path} is the input steer file {source}; write to another file")
+    return target
+
+
+def partial_path(target: str) -> str:
+    """Where the GGUF for ``target`` is written before it is renamed into place."""
+    directory, name = os.path.split(target)
+    return os.path.join(directory, f".{name}.partial")
+
+
+def _write(writer, path: str | os.PathLike, source: Optional[str | os.PathLike]) -> None:
+    """Write the GGUF to a fresh partial file and rename it over the output (see the module docstring)."""
+    target = check_output_path(path, source)
+    partial = partial_path(target)
+    try:
+        os.unlink(partial)  # an orphan of a killed export
+    except FileNotFoundError:
+        pass
+    try:
+        # O_EXCL: a fresh file of ours (never through a symlink); 0o666 minus the umask, like any new file
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        raise ConfigError(f"cannot write {os.fspath(path)}: {error.strerror} ({partial})") from error
+    try:
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.flush()
+        for handle in writer.fout:
+            os.fsync(handle.fileno())
+        writer.close()
+        os.replace(partial, target)
+    except BaseException:
+        writer.close()
+        try:
+            os.unlink(partial)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def export_steer_gguf(
-    steerer: Steerer, path: str | os.PathLike, *, weight_dtype: str = "float32", model_hint: Optional[str] = None
+    steerer: Steerer,
+    path: str | os.PathLike,
+    *,
+    weight_dtype: str = "float32",
+    model_hint: Optional[str] = None,
+    source: Optional[str | os.PathLike] = None,
 ) -> None:
-    """Write an INN steerer as an innsteer steer GGUF (see the module docstring)."""
+    """Write an INN steerer as an innsteer steer GGUF (see the module docstring). ``source``: the
+    steer file it was loaded from, which the output may not replace."""
     import gguf
 
     if not isinstance(steerer, Steerer):
@@ -74,44 +170,59 @@ def export_steer_gguf(
         raise ConfigError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     if steerer.layer < 0:
         raise ConfigError(f"steerer layer {steerer.layer} is negative; export needs the absolute layer index")
+    check_output_path(path, source)
     inn = steerer.inn
     config = inn.config
-    writer = gguf.GGUFWriter(os.fspath(path), arch="innsteer")
-    writer.add_uint32("innsteer.format_version", STEER_FORMAT_VERSION)
-    writer.add_string("innsteer.kind", "inn")
-    writer.add_uint32("innsteer.hidden_size", inn.dim)
-    writer.add_uint32("innsteer.mlp_hidden", config.mlp_hidden)
-    writer.add_uint32("innsteer.num_couplings", config.num_couplings)
-    writer.add_int32("innsteer.layer", steerer.layer)
-    writer.add_float32("innsteer.clamp", config.clamp)
-    writer.add_float32("innsteer.alpha", steerer.alpha)
-    writer.add_string("innsteer.model_id", steerer.model_id)
-    writer.add_string("innsteer.model_hint", _model_hint(steerer, model_hint))
-    writer.add_string("innsteer.method", steerer.method)
-    writer.add_string("innsteer.behavior", steerer.behavior)
-
-    writer.add_tensor("mean", _f32(inn.mean))
-    writer.add_tensor("scale", _f32(inn.scale))
-    writer.add_tensor("direction", _f32(steerer.direction))
+    # Everything is converted and checked before the output is opened: gguf packs values only while writing.
+    uint32_max = 2**32 - 1
+    fields = [
+        ("add_uint32", "innsteer.format_version", STEER_FORMAT_VERSION),
+        ("add_string", "innsteer.kind", "inn"),
+        ("add_uint32", "innsteer.hidden_size", _int_in("hidden size", inn.dim, 1, uint32_max)),
+        ("add_uint32", "innsteer.mlp_hidden", _int_in("mlp_hidden", config.mlp_hidden, 1, uint32_max)),
+        ("add_uint32", "innsteer.num_couplings", _int_in("num_couplings", config.num_couplings, 1, uint32_max)),
+        ("add_int32", "innsteer.layer", _int_in("steerer layer", steerer.layer, 0, INT32_MAX)),
+        ("add_float32", "innsteer.clamp", _float32_value("clamp", config.clamp)),
+        ("add_float32", "innsteer.alpha", _float32_value("alpha", steerer.alpha)),
+        ("add_string", "innsteer.model_id", _text("model id", steerer.model_id)),
+        ("add_string", "innsteer.model_hint", _text("model hint", _model_hint(steerer, model_hint))),
+        ("add_string", "innsteer.method", _text("method", steerer.method)),
+        ("add_string", "innsteer.behavior", _text("behavior", steerer.behavior)),
+    ]
+    tensors = [(name, _f32(name, t), None) for name, t in (("mean", inn.mean), ("scale", inn.scale))]
+    tensors.append(("direction", _f32("direction", steerer.direction), None))
     cond_idx, trans_idx = inn.partitions()
     for k in range(config.num_couplings):
-        writer.add_tensor(f"coupling.{k}.cond_idx", cond_idx[k].to(torch.int32).numpy())
-        writer.add_tensor(f"coupling.{k}.trans_idx", trans_idx[k].to(torch.int32).numpy())
-        for name, weight in (("w1", inn.w1[k]), ("w2", inn.w2[k])):
+        tensors.append((f"coupling.{k}.cond_idx", cond_idx[k].to(torch.int32).numpy(), None))
+        tensors.append((f"coupling.{k}.trans_idx", trans_idx[k].to(torch.int32).numpy(), None))
+        for name, weight in ((f"coupling.{k}.w1", inn.w1[k]), (f"coupling.{k}.w2", inn.w2[k])):
             if weight_dtype == "bfloat16":
-                writer.add_tensor(f"coupling.{k}.{name}", _bf16_bits(weight), raw_dtype=gguf.GGMLQuantizationType.BF16)
+                tensors.append((name, _bf16_bits(name, weight), gguf.GGMLQuantizationType.BF16))
             else:
-                writer.add_tensor(f"coupling.{k}.{name}", _f32(weight))
-        writer.add_tensor(f"coupling.{k}.b1", _f32(inn.b1[k]))
-        writer.add_tensor(f"coupling.{k}.b2", _f32(inn.b2[k]))
-    _write(writer)
+                tensors.append((name, _f32(name, weight), None))
+        tensors.append((f"coupling.{k}.b1", _f32(f"coupling.{k}.b1", inn.b1[k]), None))
+        tensors.append((f"coupling.{k}.b2", _f32(f"coupling.{k}.b2", inn.b2[k]), None))
+
+    writer = gguf.GGUFWriter(None, arch="innsteer")
+    for method, key, value in fields:
+        getattr(writer, method)(key, value)
+    for name, array, raw_dtype in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    _write(writer, path, source)
 
 
-def export_control_vector(steerer: LinearSteerer, path: str | os.PathLike, *, model_hint: Optional[str] = None) -> None:
+def export_control_vector(
+    steerer: LinearSteerer,
+    path: str | os.PathLike,
+    *,
+    model_hint: Optional[str] = None,
+    source: Optional[str | os.PathLike] = None,
+) -> None:
     """Write a linear steerer (``steerer.vector`` at ``steerer.layer``) as a llama.cpp control vector.
 
     The vector is written as is (alpha = 1; llama.cpp scales it at load time). llama.cpp
     cannot steer layer 0 with a control vector (``direction.0`` is ignored by its loader).
+    ``source``: the steer file it was loaded from, which the output may not replace.
     """
     import gguf
 
@@ -125,27 +236,21 @@ def export_control_vector(steerer: LinearSteerer, path: str | os.PathLike, *, mo
             f"a {steerer.method} steerer is not additive (h + alpha * v), so it has no llama.cpp "
             "control vector and cannot run in llama.cpp"
         )
-    vector = steerer.vector
-    if not torch.isfinite(vector).all():
-        raise ConfigError("the steering vector contains NaN or Inf")
     layer = int(steerer.layer)
     if layer < 1:
         raise ConfigError(
             f"llama.cpp control vectors cannot steer layer {layer} (direction.0 is not applied); "
             "train the steerer at layer >= 1"
         )
-    writer = gguf.GGUFWriter(os.fspath(path), arch="controlvector")
-    writer.add_string("controlvector.model_hint", _model_hint(steerer, model_hint))
+    _int_in("steerer layer", layer, 1, INT32_MAX)
+    vector = _f32("the steering vector", steerer.vector)
+    hint = _text("model hint", _model_hint(steerer, model_hint))
+    check_output_path(path, source)
+    writer = gguf.GGUFWriter(None, arch="controlvector")
+    writer.add_string("controlvector.model_hint", hint)
     writer.add_int32("controlvector.layer_count", 1)
-    writer.add_tensor(f"direction.{layer}", _f32(vector))
-    _write(writer)
-
-
-def _write(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    writer.add_tensor(f"direction.{layer}", vector)
+    _write(writer, path, source)
 
 
 def export(
@@ -155,16 +260,21 @@ def export(
     format: str = "innsteer",
     weight_dtype: str = "float32",
     model_hint: Optional[str] = None,
-) -> None:
-    """Export ``steerer`` (an object or a path to a steer file) as ``format`` (see FORMATS)."""
-    if isinstance(steerer, (str, os.PathLike)):
-        steerer = load_steerer(steerer)
-    if format == "innsteer":
-        export_steer_gguf(steerer, path, weight_dtype=weight_dtype, model_hint=model_hint)
-    elif format == "controlvector":
-        export_control_vector(steerer, path, model_hint=model_hint)
-    else:
+) -> SteererBase:
+    """Export ``steerer`` (an object or a path to a steer file) as ``format`` (see FORMATS); returns
+    the steerer. A steer file is never replaced by its own export."""
+    if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose from {FORMATS}")
+    source = None
+    if isinstance(steerer, (str, os.PathLike)):
+        source = steerer
+        check_output_path(path, source)  # before reading a possibly large file
+        steerer = load_steerer(source)
+    if format == "innsteer":
+        export_steer_gguf(steerer, path, weight_dtype=weight_dtype, model_hint=model_hint, source=source)
+    else:
+        export_control_vector(steerer, path, model_hint=model_hint, source=source)
+    return steerer
 
 
 def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
