@@ -17,17 +17,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-import innsteer_ext
+from innsteer_ext import MAX_CLAMP, MIN_CLAMP, FlowParams, coupling_forward, coupling_inverse
 
 from .errors import ConfigError
-
-ops = innsteer_ext.ops
 
 
 @dataclass(frozen=True)
 class FlowConfig:
     """The flow's shape, shared by ``INN`` and ``TrainConfig``: couplings, the width of each
-    coupling MLP's hidden layer (``mlp_hidden``; "hidden size" is the LLM's), and the scale clamp."""
+    coupling MLP's hidden layer (``mlp_hidden``; "hidden size" is the LLM's), and the scale clamp
+    (within [innsteer_ext.MIN_CLAMP, innsteer_ext.MAX_CLAMP], the bounds the kernels accept)."""
 
     num_couplings: int = 4
     mlp_hidden: int = 512
@@ -38,8 +37,11 @@ class FlowConfig:
             raise ConfigError(
                 f"need num_couplings >= 1 and mlp_hidden >= 1, got {self.num_couplings}, {self.mlp_hidden}"
             )
-        if not (self.clamp > 0 and math.isfinite(self.clamp)):
-            raise ConfigError(f"clamp must be positive and finite, got {self.clamp}")
+        if not MIN_CLAMP <= self.clamp <= MAX_CLAMP:
+            raise ConfigError(
+                f"clamp must be in [{MIN_CLAMP}, {MAX_CLAMP}] (exp(clamp) scales the activations; larger "
+                f"clamps overflow float32), got {self.clamp}"
+            )
 
 
 def coupling_partitions(dim: int, num_couplings: int, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -83,6 +85,19 @@ class INN(nn.Module):
             self.w2.append(nn.Parameter(torch.zeros(mlp_hidden, 2 * len(trans))))
             self.b2.append(nn.Parameter(torch.zeros(2 * len(trans))))
 
+    @staticmethod
+    def state_shapes(dim: int, num_couplings: int, mlp_hidden: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of the state_dict of ``INN(dim, num_couplings, mlp_hidden)``, without building it."""
+        shapes = {"mean": (dim,), "scale": (dim,)}
+        first, second = dim // 2, dim - dim // 2  # coupling_partitions' halves, swapped every other coupling
+        for k in range(num_couplings):
+            n_cond, n_trans = (first, second) if k % 2 == 0 else (second, first)
+            shapes.update({
+                f"cond_idx_{k}": (n_cond,), f"trans_idx_{k}": (n_trans,), f"w1.{k}": (n_cond, mlp_hidden),
+                f"b1.{k}": (mlp_hidden,), f"w2.{k}": (mlp_hidden, 2 * n_trans), f"b2.{k}": (2 * n_trans,),
+            })
+        return shapes
+
     @classmethod
     def from_config(cls, dim: int, config: FlowConfig, seed: int = 0) -> INN:
         return cls(dim, config.num_couplings, config.mlp_hidden, config.clamp, seed)
@@ -111,11 +126,11 @@ class INN(nn.Module):
         n = self.config.num_couplings
         return [getattr(self, f"cond_idx_{k}") for k in range(n)], [getattr(self, f"trans_idx_{k}") for k in range(n)]
 
-    def flow_args(self, weight_dtype: Optional[torch.dtype] = None) -> tuple:
-        """The flow arguments of the ops: (mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp)."""
+    def flow_args(self, weight_dtype: Optional[torch.dtype] = None) -> FlowParams:
+        """The flow as the ops take it (weights cast to ``weight_dtype`` when given)."""
         cond, trans = self.partitions()
         cast = (lambda w: w.to(weight_dtype)) if weight_dtype is not None else (lambda w: w)
-        return (
+        return FlowParams(
             self.mean,
             self.scale,
             cond,
@@ -137,11 +152,11 @@ class INN(nn.Module):
         return x.float() if x.dtype == torch.float64 else x
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z, logdet = ops.coupling_forward(self._compute_input(x), *self.flow_args())
+        z, logdet = coupling_forward(self._compute_input(x), self.flow_args())
         return z.to(x.dtype), logdet
 
     def inverse(self, z: Tensor) -> Tensor:
-        return ops.coupling_inverse(self._compute_input(z), *self.flow_args()).to(z.dtype)
+        return coupling_inverse(self._compute_input(z), self.flow_args()).to(z.dtype)
 
     @torch.no_grad()
     def fit_standardization(self, x: Tensor, eps: float = 1e-4) -> None:

@@ -170,7 +170,9 @@ def train_innsteer(
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        return _train(pos, neg, layer, model_id, behavior, config, progress)
+        # training needs autograd even when the caller runs under no_grad / inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            return _train(pos, neg, layer, model_id, behavior, config, progress)
     finally:
         torch.set_num_threads(threads)
 

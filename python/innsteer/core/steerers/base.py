@@ -8,14 +8,16 @@ size, method and a JSON ``extra``. Each kind registers itself by its ``KIND``; `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from typing import Any, ClassVar, Optional
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MissingFileError, SteerFileError
@@ -47,6 +49,10 @@ class SteererBase(nn.Module):
         self, layer: int, *, alpha: float, model_id: str, behavior: str, method: str, extra: Optional[dict[str, Any]]
     ):
         super().__init__()
+        if not math.isfinite(float(alpha)):
+            raise ConfigError(f"alpha must be finite, got {alpha}")
+        if extra is not None and not isinstance(extra, dict):
+            raise ConfigError(f"extra must be a dict, got {type(extra).__name__}")
         self.layer = int(layer)
         self.alpha = float(alpha)
         self.model_id = model_id
@@ -70,6 +76,14 @@ class SteererBase(nn.Module):
             )
         return alpha
 
+    def apply(self, model: nn.Module, alpha: Optional[float] = None, *, positions="after_prompt", layer=None):
+        """``with steerer.apply(model, alpha=2.0):`` steers ``model``'s forward and ``generate`` at this
+        steerer's layer; ``positions``: 'after_prompt' (default), 'all' or token indices (see
+        ``innsteer.core.hooks.steering``)."""
+        from ..hooks import steering
+
+        return steering(model, self, alpha=alpha, layer=layer, positions=positions)
+
     def tensors(self) -> dict[str, Tensor]:
         """The tensors a steer file of this kind holds."""
         raise NotImplementedError
@@ -84,8 +98,9 @@ class SteererBase(nn.Module):
         return meta
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the steer file atomically: an interrupted save leaves the previous file intact."""
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors().items()}
-        save_file(tensors, os.fspath(path), metadata=self.metadata())
+        write_atomically(os.fspath(path), safetensors.torch.save(tensors, metadata=self.metadata()))
 
     @classmethod
     def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> SteererBase:
@@ -110,6 +125,27 @@ class SteererBase(nn.Module):
         return steerer
 
 
+def write_atomically(path: str, data: bytes) -> None:
+    """Write data to path through ``.<name>.partial`` beside it, fsynced, then renamed over path: a
+    kill mid-write leaves the old file intact and at most one orphan, which the next save of that
+    path replaces. The file is created afresh, so it gets the usual 0666 & ~umask permissions."""
+    directory, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(directory, f".{name}.partial")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # an orphan of a killed save (a fresh file, never an old one's mode or link)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
 def common_fields(path: str, meta: dict[str, str]) -> dict[str, Any]:
     """The keyword arguments every kind's constructor takes, read from a file's metadata."""
     try:
@@ -117,11 +153,18 @@ def common_fields(path: str, meta: dict[str, str]) -> dict[str, Any]:
             "alpha": float(meta["alpha"]),
             "model_id": meta.get("model_id", ""),
             "behavior": meta.get("behavior", ""),
-            "extra": json.loads(meta.get("extra", "{}")),
         }
         layer = int(meta["layer"])
     except (KeyError, TypeError, ValueError) as error:
         raise SteerFileError(f"{path}: unreadable steerer metadata ({error})") from error
+    if not math.isfinite(fields["alpha"]):
+        raise SteerFileError(f"{path}: the default alpha {fields['alpha']} is not finite")
+    try:
+        fields["extra"] = json.loads(meta.get("extra", "{}"))
+    except (ValueError, RecursionError) as error:
+        raise SteerFileError(f"{path}: unreadable steerer metadata 'extra' ({error})") from error
+    if not isinstance(fields["extra"], dict):
+        raise SteerFileError(f"{path}: metadata 'extra' must be a JSON object, got {type(fields['extra']).__name__}")
     if "method" in meta:
         fields["method"] = meta["method"]
     return {"layer": layer, **fields}

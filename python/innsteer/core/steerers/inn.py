@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+import innsteer_ext
+
 from ..errors import SteerFileError
-from ..flow import INN, ops
+from ..flow import INN, FlowParams
 from .base import SteererBase, common_fields
+
+# The weight dtypes a float32 flow can run with (``weight_dtype``), by their name in a steer file.
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Steerer(SteererBase):
@@ -18,8 +24,8 @@ class Steerer(SteererBase):
 
     alpha = 0 returns h bit for bit. ``residual`` fuses the decoder layer's residual add:
     ``steerer(out, alpha, residual=res) == steerer(out + res, alpha)``.
-    Metadata (model id, layer, behavior, hidden size, method, default alpha, extra) travels
-    with ``save``/``load``.
+    Metadata (model id, layer, behavior, hidden size, method, default alpha, extra, weight_dtype)
+    travels with ``save``/``load``; a float64 steerer loads back as float64.
     """
 
     KIND = "inn"
@@ -43,6 +49,11 @@ class Steerer(SteererBase):
             raise ValueError(f"direction must have shape ({inn.dim},), got {tuple(direction.shape)}")
         if not torch.isfinite(direction).all():
             raise ValueError("direction contains NaN or Inf")
+        if weight_dtype is not None and (weight_dtype not in WEIGHT_DTYPES.values() or inn.dtype == torch.float64):
+            raise ValueError(
+                "weight_dtype must be None, torch.float32 or torch.bfloat16 (None for a float64 flow), "
+                f"got {weight_dtype}"
+            )
         self.inn = inn
         self.register_buffer("direction", direction.detach().to(inn.dtype).clone())
         self.weight_dtype = weight_dtype  # e.g. torch.bfloat16: half the weight bytes per call
@@ -51,7 +62,7 @@ class Steerer(SteererBase):
     def hidden_size(self) -> int:
         return self.inn.dim
 
-    def _args(self, h: Tensor, alpha: Optional[float]) -> tuple[Tensor, float, tuple]:
+    def _args(self, h: Tensor, alpha: Optional[float]) -> tuple[Tensor, float, FlowParams]:
         return self.direction, self.check_call(h, alpha), self.inn.flow_args(self.weight_dtype)
 
     def forward(self, h: Tensor, alpha: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
@@ -59,18 +70,20 @@ class Steerer(SteererBase):
         if (h.dtype == torch.float64) != (self.inn.dtype == torch.float64):
             dtype = self.inn.dtype if self.inn.dtype == torch.float64 else torch.float32
             res = None if residual is None else residual.to(dtype)
-            return ops.steer(h.to(dtype), res, direction, alpha, *flow).to(h.dtype)
-        return ops.steer(h, residual, direction, alpha, *flow)
+            return innsteer_ext.steer(h.to(dtype), res, direction, alpha, flow).to(h.dtype)
+        return innsteer_ext.steer(h, residual, direction, alpha, flow)
 
     @torch.no_grad()
     def steer_(self, h: Tensor, alpha: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
         """In-place steer of h (float32/bfloat16/float16 activations); returns h."""
         direction, alpha, flow = self._args(h, alpha)
-        ops.steer_(h, residual, direction, alpha, *flow)
-        return h
+        return innsteer_ext.steer_(h, residual, direction, alpha, flow)
 
     def metadata(self) -> dict[str, str]:
-        return {**super().metadata(), "inn_config": json.dumps(self.inn.config_dict())}
+        meta = {**super().metadata(), "inn_config": json.dumps(self.inn.config_dict())}
+        if self.weight_dtype is not None:
+            meta["weight_dtype"] = next(name for name, dtype in WEIGHT_DTYPES.items() if dtype == self.weight_dtype)
+        return meta
 
     def tensors(self) -> dict[str, Tensor]:
         tensors = {f"inn.{name}": t for name, t in self.inn.state_dict().items()}
@@ -80,13 +93,14 @@ class Steerer(SteererBase):
     @classmethod
     def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> Steerer:
         fields = common_fields(path, meta)
+        weight_dtype = meta.get("weight_dtype")
+        if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
+            raise SteerFileError(f"{path}: weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
         try:
             config = json.loads(meta["inn_config"])
-            inn = INN.from_config_dict(config)
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, ValueError, RecursionError) as error:
             raise SteerFileError(f"{path}: unreadable INN config ({error})") from error
-        expected = {f"inn.{name}": t for name, t in inn.state_dict().items()}
-        expected["direction"] = torch.empty(inn.dim)
+        expected = expected_shapes(path, config, tensors)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
@@ -94,15 +108,49 @@ class Steerer(SteererBase):
                 f"{path}: tensors do not match the INN config {config}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        for name, ref in expected.items():
-            if tensors[name].shape != ref.shape or tensors[name].dtype != ref.dtype:
+        for name, shape in expected.items():  # before INN allocates them
+            if tuple(tensors[name].shape) != shape:
                 raise SteerFileError(
-                    f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)} "
-                    f"{tensors[name].dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+                    f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {shape} "
+                    f"for the INN config {config}"
                 )
+        try:
+            inn = INN.from_config_dict(config)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as error:
+            raise SteerFileError(f"{path}: unreadable INN config ({error})") from error
+        if tensors["direction"].dtype == torch.float64:  # a float64 steerer's file
+            inn.double()
+        state = {f"inn.{name}": t for name, t in inn.state_dict().items()}
+        state["direction"] = inn.mean
+        for name, ref in state.items():
+            if tensors[name].dtype != ref.dtype:
+                raise SteerFileError(f"{path}: tensor '{name}' has dtype {tensors[name].dtype}, expected {ref.dtype}")
         inn.load_state_dict({name[len("inn.") :]: t for name, t in tensors.items() if name.startswith("inn.")})
         check_partitions(inn, path)
-        return cls(inn, tensors["direction"], **fields)
+        return cls(inn, tensors["direction"], **fields, weight_dtype=WEIGHT_DTYPES.get(weight_dtype))
+
+
+def expected_shapes(path: str, config: Any, tensors: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a steer file with this INN config holds, computed without allocating them
+    (a config claiming a huge hidden size, MLP width or coupling count must not allocate)."""
+    if not isinstance(config, dict):
+        raise SteerFileError(f"{path}: the INN config must be a JSON object, got {type(config).__name__}")
+    sizes = {key: config.get(key) for key in ("dim", "num_couplings")}
+    sizes["mlp_hidden"] = config.get("mlp_hidden", config.get("hidden"))  # files written before the rename
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SteerFileError(f"{path}: INN config {key} must be an integer, got {value!r}")
+    # the distinct coupling indices among the tensor names bound how many names to list
+    per_coupling = re.compile(r"inn\.(?:(?:w1|b1|w2|b2)\.|(?:cond|trans)_idx_)(\d+)")
+    couplings = len({match.group(1) for match in map(per_coupling.fullmatch, tensors) if match})
+    if sizes["num_couplings"] > couplings:
+        raise SteerFileError(
+            f"{path}: the file holds tensors of {couplings} couplings, but its INN config says "
+            f"num_couplings {sizes['num_couplings']}"
+        )
+    shapes = {f"inn.{name}": shape for name, shape in
+              INN.state_shapes(sizes["dim"], sizes["num_couplings"], sizes["mlp_hidden"]).items()}
+    return {**shapes, "direction": (sizes["dim"],)}
 
 
 def check_partitions(inn: INN, path: str) -> None:
