@@ -36,7 +36,8 @@ CASES = [
 
 
 def _flow(inn, weight_dtype=None):
-    return inn.to(CUDA).flow_args(weight_dtype)
+    # no requires_grad: steer_ refuses arguments that require grad under grad mode
+    return inn.to(CUDA).requires_grad_(False).flow_args(weight_dtype)
 
 
 def _activations(dim, tokens, dtype, seed=1):
