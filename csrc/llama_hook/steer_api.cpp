@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../cpu/flow_cpu.h"
 #include "innsteer_llama_hook.h"
 #include "steer_file.h"
 
@@ -99,6 +100,10 @@ int innsteer_steer_apply(const innsteer_steer* s, float* rows, int64_t n_rows, f
   }
   if (!std::isfinite(alpha)) {
     set_error(err, err_len, "alpha must be finite (as a float32)");
+    return 1;
+  }
+  if (!innsteer::cpu::all_finite(rows, n_rows * s->model.dim)) {  // the hook leaves such rows unsteered too
+    set_error(err, err_len, "rows contain NaN or Inf");
     return 1;
   }
   if (n_threads < 1 || n_threads > INNSTEER_MAX_THREADS) {

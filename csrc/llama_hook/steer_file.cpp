@@ -1,6 +1,7 @@
 #include "steer_file.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 
@@ -77,6 +78,12 @@ class Reader {
   size_t len_;
   size_t pos_ = 0;
 };
+
+std::string short_real(double v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", v);
+  return text;
+}
 
 bool fail(std::string& error, const std::string& message) {
   error = message;
@@ -332,7 +339,9 @@ bool parse_steer_gguf(const uint8_t* data, size_t len, SteerModel& m, std::strin
       !keys.string("innsteer.model_hint", m.model_hint, false) || !keys.string("innsteer.method", m.method, false) ||
       !keys.string("innsteer.behavior", m.behavior, false))
     return false;
-  if (!(m.clamp > 0)) return fail(error, "innsteer.clamp must be positive");
+  if (!(m.clamp >= kMinClamp && m.clamp <= kMaxClamp))  // a clamp of 3e38 makes every steer NaN
+    return fail(error, "innsteer.clamp = " + short_real(m.clamp) + " is outside [" + short_real(kMinClamp) + ", " +
+                           short_real(kMaxClamp) + "]");
   m.dim = dim;
   m.mlp_hidden = hidden;
   m.layer = static_cast<int32_t>(layer);
