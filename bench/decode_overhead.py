@@ -1,6 +1,6 @@
 """What steering one layer adds to `generate`: a randomly initialised Llama-3-8B-shaped model
 (bf16 on the GPU; no download), 128 new tokens greedy, with and without an INN steerer
-(K=4, H=512, bf16 weights) at one layer, through innsteer.hf.hooks.steering.
+(K=4, H=512, bf16 weights) at one layer, through innsteer.core.hooks.steering.
 
     python bench/decode_overhead.py                 # GPU, Llama-3-8B shape (~16 GB of bf16 weights)
     python bench/decode_overhead.py --tiny          # CPU smoke test with a tiny config
@@ -22,7 +22,7 @@ import torch
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "python"), os.path.join(os.path.dirname(__file__), "..")]
 
 import innsteer  # noqa: E402
-from innsteer.hf.hooks import steering  # noqa: E402
+from innsteer.core.hooks import steering  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096,

@@ -5,13 +5,13 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from innsteer.core.hooks import steering
 from innsteer.core.methods import fit_caa
 from innsteer.datasets.caa import load_ab, load_open_ended
 from innsteer.eval.metrics import ABScorer, fluency, generate, multiple_choice_sanity, reply_nll
 from innsteer.eval.sweeps import SweepPoint, tradeoff
 from innsteer.hf.collect import contrastive_activations
 from innsteer.hf.encoding import encode_spans
-from innsteer.hf.hooks import steering
 from innsteer.hf.prompts import format_prompt
 
 BEHAVIOR = "corrigible-neutral-HHH"

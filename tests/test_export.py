@@ -125,7 +125,7 @@ def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path, def
     pytest.importorskip("llama_cpp")
     from llama_helpers import last_logits, log_softmax
 
-    from innsteer.hf.hooks import steering
+    from innsteer.core.hooks import steering
     from innsteer.hf.models import default_gguf_path
     from innsteer.llama.steering import SteeredLlama
 

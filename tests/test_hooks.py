@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from innsteer.core.flow import INN
+from innsteer.core.hooks import decoder_layers, steering
 from innsteer.core.steerers import LinearSteerer, Steerer
-from innsteer.hf.hooks import steering
-from innsteer.hf.models import decoder_layers
 
 LAYER = 10
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from innsteer.core.hooks import check_layer, decoder_layers
 from innsteer.datasets.caa import load_ab
 from innsteer.hf.collect import answer_text, contrastive_activations
 from innsteer.hf.encoding import encode_spans
-from innsteer.hf.models import ModelLoadError, check_layer, decoder_layers, load_model, model_id_for
+from innsteer.hf.models import ModelLoadError, load_model, model_id_for
 from innsteer.hf.prompts import format_prompt
 
 BEHAVIOR = "corrigible-neutral-HHH"
@@ -142,7 +143,7 @@ def test_last_and_every_token_reductions_match_unbatched_hidden_states(default_l
     monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))
     items = load_ab(BEHAVIOR, "generate", limit=4)
     common = dict(mode="answer", behavior=BEHAVIOR, split="generate", batch_size=3, progress=False)
-    last_pos, last_neg = contrastive_activations(default_lm, items, 10, reduce="last", **common)[10]
+    last_pos, last_neg = contrastive_activations(default_lm, items, 10, tokens="last", **common)[10]
     refs = {
         (i, side): _reference_span_rows(default_lm, *answer_text(default_lm.tokenizer, item, letter, "answer"), 10)
         for i, item in enumerate(items)
@@ -151,7 +152,7 @@ def test_last_and_every_token_reductions_match_unbatched_hidden_states(default_l
     for i in range(len(items)):
         torch.testing.assert_close(last_pos[i], refs[i, "pos"][-1], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(last_neg[i], refs[i, "neg"][-1], atol=1e-3, rtol=1e-4)
-    pos, neg = contrastive_activations(default_lm, items, 10, reduce="tokens", seed=3, **common)[10]
+    pos, neg = contrastive_activations(default_lm, items, 10, tokens="all", seed=3, **common)[10]
     all_pos = torch.cat([refs[i, "pos"] for i in range(len(items))])
     all_neg = torch.cat([refs[i, "neg"] for i in range(len(items))])
     n = min(len(all_pos), len(all_neg))
@@ -160,4 +161,4 @@ def test_last_and_every_token_reductions_match_unbatched_hidden_states(default_l
         # every row is one of the class's token states (a subsample keeps rows, never mixes them)
         distance = torch.cdist(rows, reference).min(1).values
         assert distance.max() < 1e-2 * reference.norm(dim=1).min()
-    assert torch.equal(contrastive_activations(default_lm, items, 10, reduce="tokens", seed=3, **common)[10][0], pos)
+    assert torch.equal(contrastive_activations(default_lm, items, 10, tokens="all", seed=3, **common)[10][0], pos)

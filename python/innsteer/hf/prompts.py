@@ -24,5 +24,8 @@ def uses_chat_template(tokenizer) -> bool:
 
 
 def ab_prompt(tokenizer, item) -> str:
-    """An A/B item's prompt up to where the reply text starts (what its continuations follow)."""
+    """An A/B item's prompt up to where the reply text starts (what its continuations follow); ""
+    for an item without a prompt (bare contrastive texts, no chat template)."""
+    if not item.question:
+        return ""
     return format_prompt(tokenizer, item.question) + reply_separator(tokenizer)

@@ -38,7 +38,6 @@ class SteererBase(nn.Module):
     KIND: ClassVar[str] = ""
     DESCRIPTION: ClassVar[str] = "a steerer"  # for error messages
 
-
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.KIND:

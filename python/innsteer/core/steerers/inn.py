@@ -148,8 +148,10 @@ def expected_shapes(path: str, config: Any, tensors: dict[str, Tensor]) -> dict[
             f"{path}: the file holds tensors of {couplings} couplings, but its INN config says "
             f"num_couplings {sizes['num_couplings']}"
         )
-    shapes = {f"inn.{name}": shape for name, shape in
-              INN.state_shapes(sizes["dim"], sizes["num_couplings"], sizes["mlp_hidden"]).items()}
+    shapes = {
+        f"inn.{name}": shape
+        for name, shape in INN.state_shapes(sizes["dim"], sizes["num_couplings"], sizes["mlp_hidden"]).items()
+    }
     return {**shapes, "direction": (sizes["dim"],)}
 
 

@@ -1,4 +1,5 @@
-"""Steering a Hugging Face model during forward passes and ``model.generate``.
+"""Steering a model (a Hugging Face causal LM, or any torch module with a stack of decoder layers)
+during forward passes and ``model.generate``.
 
     with steering(model, steerer, alpha=4.0, positions="after_prompt"):
         out = model.generate(**batch)
@@ -18,14 +19,39 @@ removes the hook: the model computes exactly what it did before.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..core.errors import ConfigError
-from .models import check_layer, decoder_layers
+from .errors import ConfigError, SteerFileError
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (llama, qwen2, gemma, ... layouts): the one whose length is
+    ``config.num_hidden_layers``; found by structure, not by class or attribute name."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    if hasattr(config, "get_text_config"):
+        n = getattr(config.get_text_config(), "num_hidden_layers", n)
+    candidates = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)
+    ]
+    if not candidates:
+        raise ConfigError(f"{type(model).__name__}: found no ModuleList of {n} decoder layers to steer")
+    # Prefer the shallowest match (the model's own layer stack, not a nested per-layer list).
+    return min(candidates, key=lambda item: item[0].count("."))[1]
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if not -n <= layer < n:
+        raise ConfigError(f"layer {layer} is out of range: this model has {n} decoder layers (0..{n - 1})")
+    return layer % n
+
 
 Positions = Union[str, Sequence[int]]
 POSITION_MODES = ("all", "after_prompt")
@@ -101,6 +127,9 @@ def steering(
     "after_prompt" starts; by default it is read from the first forward pass of each sequence.
     """
     layer = check_layer(model, steerer.layer if layer is None else layer)
+    model_id = getattr(model, "innsteer_model_id", "")  # set by innsteer.hf.models.load_model
+    if model_id and steerer.model_id and steerer.model_id != model_id:
+        raise SteerFileError(f"this steerer was trained on '{steerer.model_id}', not on '{model_id}'")
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if getattr(steerer, "hidden_size", hidden_size) != hidden_size:
         raise ConfigError(
@@ -112,3 +141,11 @@ def steering(
         yield
     finally:
         handle.remove()
+
+
+def steering_unless_identity(model, steerer, alpha: Optional[float], **kwargs):
+    """``steering(...)``, or no hook at all when there is nothing to steer (no steerer, alpha 0:
+    the identity for every method)."""
+    if steerer is None or alpha == 0:
+        return nullcontext()
+    return steering(model, steerer, alpha=alpha, **kwargs)
