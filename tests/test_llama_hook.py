@@ -207,46 +207,53 @@ def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_fil
 
 
 @pytest.mark.slow
-def test_ab_probabilities_match_the_pytorch_path(tmp_path, default_lm):
-    """A trained INN steerer: CAA test-split A/B probabilities through llama.cpp (Q4_1 + C hook)
-    match the PyTorch path (the same GGUF dequantized, torch op) within 0.03 mean abs difference,
-    at alphas that move the scores by more than that."""
+def test_steering_shifts_ab_probabilities_as_the_pytorch_path_does(tmp_path, default_lm):
+    """A trained INN steerer moves the CAA test-split A/B probabilities through llama.cpp (Q4_1 +
+    C hook) as it moves them in the PyTorch path (the same GGUF dequantized, torch op).
+
+    The two paths differ by quantization already at alpha = 0, by an amount that depends on which
+    quantized kernels llama.cpp picks for the host's SIMD level. So each path's steering shift is
+    taken against its own alpha = 0 scores, and the shifts are compared over all 50 items: the
+    hook must add nothing beyond that quantization noise, whatever the host."""
     from innsteer.core.flow import FlowConfig
     from innsteer.core.train import TrainConfig, train_innsteer
     from innsteer.datasets.caa import load_ab
-    from innsteer.eval.metrics import behaviour_scores as torch_scores
+    from innsteer.eval.metrics import ABScorer
     from innsteer.hf.collect import contrastive_activations
     from innsteer.llama.scoring import behaviour_scores as llama_scores
 
     behavior, layer = "corrigible-neutral-HHH", 12
     lm = default_lm
     train_items = load_ab(behavior, "generate", limit=48)
-    pos, neg = contrastive_activations(lm, train_items, layer, behavior=behavior, split="generate", progress=False)[
-        layer
-    ]
-    steerer = train_innsteer(
-        pos,
-        neg,
-        layer=layer,
-        model_id=lm.model_id,
-        behavior=behavior,
-        config=TrainConfig(flow=FlowConfig(mlp_hidden=64), max_epochs=10),
-        progress=False,
-    ).steerer
+    acts = contrastive_activations(lm, train_items, layer, behavior=behavior, split="generate", progress=False)
+    config = TrainConfig(flow=FlowConfig(mlp_hidden=64), max_epochs=10)
+    steerer = train_innsteer(*acts[layer], layer=layer, model_id=lm.model_id, config=config, progress=False).steerer
     path = tmp_path / "trained.gguf"
     export_steer_gguf(steerer, path)
-    test_items = load_ab(behavior, "test_ab", limit=12)
+    test_items = load_ab(behavior, "test_ab")
+    scorer = ABScorer(lm, test_items, ("letter",))
     llm = SteeredLlama(str(default_gguf_path()), steer=str(path), n_ctx=512, n_threads=2)
-    unsteered = torch_scores(lm, test_items, "letter").numpy()
-    for alpha in (0.0, -6.0, 6.0):  # alpha 0: the gap that quantization alone leaves
-        reference = torch_scores(lm, test_items, "letter", steerer=steerer, alpha=alpha).numpy()
+    torch_p, llama_p = {}, {}
+    for alpha in (0.0, -6.0, 6.0):
+        torch_p[alpha] = scorer.scores(steerer, alpha)["letter"].numpy()
         llm.steering.set_alpha(alpha)
-        through_llama = llama_scores(llm, lm.tokenizer, test_items, "letter")
-        difference = np.abs(through_llama - reference).mean()
-        moved = np.abs(reference - unsteered).mean()
-        print(f"alpha {alpha}: mean |llama.cpp - pytorch| = {difference:.4f}; steering moved p by {moved:.4f}")
-        assert difference <= 0.03
-        assert alpha == 0 or moved > difference
+        llama_p[alpha] = llama_scores(llm, lm.tokenizer, test_items, "letter")
+    quantization_gap = np.abs(llama_p[0.0] - torch_p[0.0]).mean()
+    for alpha in (-6.0, 6.0):
+        torch_shift, llama_shift = torch_p[alpha] - torch_p[0.0], llama_p[alpha] - llama_p[0.0]
+        disagreement = np.abs(llama_shift - torch_shift).mean()
+        moved = np.abs(torch_shift).mean()
+        correlation = np.corrcoef(torch_shift, llama_shift)[0, 1]
+        print(
+            f"alpha {alpha}: quantization gap {quantization_gap:.4f}; mean shift pytorch {torch_shift.mean():+.4f} "
+            f"llama.cpp {llama_shift.mean():+.4f}; mean |shift difference| {disagreement:.4f} of |shift| {moved:.4f}; "
+            f"per-item correlation {correlation:.3f}"
+        )
+        # measured on an AVX-512 host: |shift difference| 0.028 / 0.024 of |shift| 0.155 / 0.091, correlation
+        # 0.98 / 0.96, quantization gap 0.021 (AVX2 hosts: gap 0.023)
+        assert moved > 0.05  # steering really moved the scores
+        assert disagreement <= 0.5 * moved
+        assert correlation >= 0.7
 
 
 def test_cli_generate_gguf_and_export(tmp_path, capsys):
