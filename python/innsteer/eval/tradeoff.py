@@ -1,0 +1,100 @@
+"""Behaviour-vs-fluency trade-off curves, their summaries, and paired bootstrap intervals.
+
+A curve is a method's points (fluency cost, behaviour shift) over an alpha grid on one side (alpha
+> 0 steers toward the behavior; for alpha < 0 the shift is measured away from it), starting at
+the unsteered (0, 0) and joined in order of |alpha| by straight segments. Its summaries:
+- the shift at a fluency budget b: the largest shift on the curve at cost <= b (vertices, and the
+  point where a segment crosses b), 0 if none;
+- the area under that budget function for b in [0, 1] nats/token (``auc``).
+``paired_bootstrap`` resamples test items and fluency prompts with replacement, the same draws for
+both methods, and averages each summary over seeds within a draw: the 95 % interval of the
+difference of two methods at the same fluency budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+BUDGETS = (0.25, 0.5, 1.0)
+_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def budget_shift(costs: Sequence[float], shifts: Sequence[float], budget: float) -> float:
+    """The largest shift reachable at fluency cost <= budget on the polyline (0, 0) -> points."""
+    cost = np.concatenate([[0.0], np.asarray(costs, float)])
+    shift = np.concatenate([[0.0], np.asarray(shifts, float)])
+    best = float(shift[cost <= budget].max()) if (cost <= budget).any() else 0.0
+    for i in range(len(cost) - 1):
+        low, high = sorted((cost[i], cost[i + 1]))
+        if low <= budget < high:
+            t = (budget - cost[i]) / (cost[i + 1] - cost[i])
+            best = max(best, float(shift[i] + t * (shift[i + 1] - shift[i])))
+    return max(best, 0.0)
+
+
+def summarize(costs: Sequence[float], shifts: Sequence[float], budgets: Sequence[float] = BUDGETS) -> dict:
+    """{"at<b>": shift at budget b, ..., "auc": area under the budget function on [0, 1]}."""
+    out = {f"at{b:g}": budget_shift(costs, shifts, b) for b in budgets}
+    out["auc"] = float(np.trapezoid([budget_shift(costs, shifts, b) for b in _GRID], _GRID))
+    return out
+
+
+def curve_summary(run: dict, item_idx: np.ndarray, prompt_idx: np.ndarray, sign: int, metric: str) -> dict:
+    """Summaries of one measured run on a resample of its items and prompts.
+
+    ``run``: {"alphas": [...], "scores": {metric: [alphas x items]}, "nll": [alphas x prompts],
+    "tokens": [alphas x prompts], "base_scores": {metric: [items]}, "base_nll": [prompts],
+    "base_tokens": [prompts]} (per-item p_match and per-prompt reply NLL sums / token counts)."""
+    alphas = np.asarray(run["alphas"], float)
+    side = np.sign(alphas) == sign
+    order = np.argsort(np.abs(alphas[side]))
+    scores = np.asarray(run["scores"][metric], float)[side][order][:, item_idx].mean(1)
+    base = np.asarray(run["base_scores"][metric], float)[item_idx].mean()
+    nll = np.asarray(run["nll"], float)[side][order][:, prompt_idx].sum(1)
+    tokens = np.asarray(run["tokens"], float)[side][order][:, prompt_idx].sum(1)
+    base_nll = np.asarray(run["base_nll"], float)[prompt_idx].sum() / np.asarray(run["base_tokens"])[prompt_idx].sum()
+    return summarize(nll / tokens - base_nll, sign * (scores - base))
+
+
+def seed_mean_summary(runs: Sequence[dict], item_idx, prompt_idx, sign: int, metric: str) -> dict:
+    summaries = [curve_summary(run, item_idx, prompt_idx, sign, metric) for run in runs]
+    return {key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]}
+
+
+def paired_bootstrap(
+    runs_a: Sequence[dict],
+    runs_b: Sequence[dict],
+    *,
+    sign: int = 1,
+    metric: str = "answer",
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Method A minus method B: {summary: {"diff", "low", "high"}} with the 95 % percentile interval
+    over resamples of items and prompts (shared by both methods and every seed); also each method's
+    own point estimates ``"a"`` and ``"b"``."""
+    n_items = len(runs_a[0]["base_scores"][metric])
+    n_prompts = len(runs_a[0]["base_nll"])
+    every_item, every_prompt = np.arange(n_items), np.arange(n_prompts)
+    point_a = seed_mean_summary(runs_a, every_item, every_prompt, sign, metric)
+    point_b = seed_mean_summary(runs_b, every_item, every_prompt, sign, metric)
+    rng = np.random.default_rng(seed)
+    draws = {key: [] for key in point_a}
+    for _ in range(n_resamples):
+        items, prompts = rng.integers(0, n_items, n_items), rng.integers(0, n_prompts, n_prompts)
+        a = seed_mean_summary(runs_a, items, prompts, sign, metric)
+        b = seed_mean_summary(runs_b, items, prompts, sign, metric)
+        for key in draws:
+            draws[key].append(a[key] - b[key])
+    return {
+        key: {
+            "a": point_a[key],
+            "b": point_b[key],
+            "diff": point_a[key] - point_b[key],
+            "low": float(np.percentile(values, 2.5)),
+            "high": float(np.percentile(values, 97.5)),
+        }
+        for key, values in draws.items()
+    }

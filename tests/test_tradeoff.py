@@ -1,0 +1,69 @@
+"""Trade-off summaries against a brute-force walk of the curve, and the paired bootstrap's intervals."""
+
+import numpy as np
+import pytest
+
+from innsteer.eval.tradeoff import budget_shift, paired_bootstrap, summarize
+
+
+def dense_budget_shift(costs, shifts, budget, steps=20001):
+    """Independent reference: sample every segment of (0, 0) -> points densely, keep what fits."""
+    xs, ys = [0.0, *costs], [0.0, *shifts]
+    best = 0.0
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        t = np.linspace(0, 1, steps)
+        x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+        if (x <= budget).any():
+            best = max(best, float(y[x <= budget].max()))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_shift_matches_a_dense_walk_of_the_curve(seed):
+    rng = np.random.default_rng(seed)
+    costs = np.cumsum(rng.uniform(-0.2, 0.8, 5))  # fluency costs may dip below the unsteered model's
+    shifts = rng.uniform(-0.1, 0.4, 5)
+    for budget in (0.1, 0.25, 0.5, 1.0, 2.0):
+        assert budget_shift(costs, shifts, budget) == pytest.approx(dense_budget_shift(costs, shifts, budget), abs=1e-3)
+
+
+def test_summary_of_a_straight_line():
+    # shift = 0.2 * cost: the shift at budget b is 0.2 b; the area on [0, 1] is 0.1
+    summary = summarize([0.5, 1.0, 2.0], [0.1, 0.2, 0.4])
+    assert summary == pytest.approx({"at0.25": 0.05, "at0.5": 0.1, "at1": 0.2, "auc": 0.1}, abs=1e-9)
+    assert summarize([3.0], [0.5])["at1"] == pytest.approx(1 / 6)  # on the first segment, interpolated
+
+
+def _run(rng, offset=0.0, n_items=50, n_prompts=10):
+    alphas = [-4.0, -2.0, -1.0, 1.0, 2.0, 4.0]
+    base = rng.uniform(0.3, 0.6, n_items)
+    slope = np.array([-0.12, -0.06, -0.03, 0.03, 0.06, 0.12])
+    scores = base + slope[:, None] * (1 + offset) + rng.normal(0, 0.02, (6, n_items))
+    tokens = np.full((6, n_prompts), 32.0)
+    nll = tokens * (0.8 + 0.2 * np.abs(np.array(alphas))[:, None]) + rng.normal(0, 0.5, (6, n_prompts))
+    return {
+        "alphas": alphas,
+        "scores": {"answer": scores.tolist()},
+        "nll": nll.tolist(),
+        "tokens": tokens.tolist(),
+        "base_scores": {"answer": base.tolist()},
+        "base_nll": (tokens[0] * 0.8).tolist(),
+        "base_tokens": tokens[0].tolist(),
+    }
+
+
+def test_paired_bootstrap_of_a_method_against_itself_is_zero():
+    runs = [_run(np.random.default_rng(s)) for s in range(3)]
+    result = paired_bootstrap(runs, runs, n_resamples=200)
+    for summary in result.values():
+        assert summary["diff"] == 0 and summary["low"] == 0 and summary["high"] == 0
+
+
+def test_paired_bootstrap_finds_a_steeper_method_and_its_interval_excludes_zero():
+    runs_b = [_run(np.random.default_rng(s)) for s in range(3)]
+    runs_a = [_run(np.random.default_rng(s), offset=0.5) for s in range(3)]  # 1.5x the shift at each alpha
+    result = paired_bootstrap(runs_a, runs_b, n_resamples=300)
+    assert result["at1"]["diff"] > 0.02 and result["at1"]["low"] > 0
+    assert result["at1"]["low"] <= result["at1"]["diff"] <= result["at1"]["high"]
+    away = paired_bootstrap(runs_a, runs_b, sign=-1, n_resamples=300)  # moving away from the behavior
+    assert away["auc"]["diff"] > 0 and away["auc"]["low"] > 0
