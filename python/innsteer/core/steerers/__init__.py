@@ -1,4 +1,5 @@
-"""Steerers: the INN steerer and the linear/affine ones of the baselines, one base and one file format.
+"""Steerers: the INN steerer, the linear/affine ones of the baselines and the input-dependent ones
+(MiMiC transport, ODESteer, HPR, TruthFlow-style flow correction), one base and one file format.
 
 ``load_steerer(path)`` reads any kind (by the file's ``innsteer.kind``).
 """
@@ -9,15 +10,32 @@ import os
 from typing import Optional
 
 from .base import SteererBase
+from .flowcorrection import FlowCorrectionSteerer
+from .hpr import HouseholderSteerer
 from .inn import Steerer
 from .linear import AffineSteerer, LinearSteerer, PerDimensionSteerer
+from .nonadditive import NonAdditiveSteerer
+from .odesteer import ODESteerer
+from .transport import TransportSteerer
 
-__all__ = ["SteererBase", "Steerer", "LinearSteerer", "AffineSteerer", "PerDimensionSteerer", "load_steerer"]
+__all__ = [
+    "SteererBase",
+    "Steerer",
+    "LinearSteerer",
+    "AffineSteerer",
+    "PerDimensionSteerer",
+    "NonAdditiveSteerer",
+    "TransportSteerer",
+    "ODESteerer",
+    "HouseholderSteerer",
+    "FlowCorrectionSteerer",
+    "load_steerer",
+]
 
 
 def load_steerer(
     path: str | os.PathLike, *, expect_hidden_size: Optional[int] = None, expect_model_id: Optional[str] = None
 ) -> SteererBase:
-    """Load any steer file (INN, linear or affine); raises SteerFileError for a corrupted file,
+    """Load any steer file (any kind above); raises SteerFileError for a corrupted file,
     another format version, an unknown kind, or another model / hidden size."""
     return SteererBase.load(path, expect_hidden_size=expect_hidden_size, expect_model_id=expect_model_id)
