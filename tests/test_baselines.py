@@ -154,7 +154,12 @@ def test_linear_act_constant_dimension_stays_finite():
 @pytest.fixture(scope="module")
 def fitted(data):
     pos, neg = data
-    options = {"innsteer": dict(mlp_hidden=32, max_epochs=3)}
+    options = {
+        "innsteer": dict(mlp_hidden=32, max_epochs=3),
+        "odesteer": dict(sketch_dim=64),
+        "hpr": dict(mlp_hidden=16, epochs=50),
+        "truthflow": dict(mlp_hidden=32, train_steps=200),
+    }
     return {
         name: fit(pos, neg, layer=5, model_id="toy-model", behavior="sycophancy", **options.get(name, {}))
         for name, fit in METHODS.items()
@@ -163,7 +168,7 @@ def fitted(data):
 
 def test_methods_share_one_interface(data, fitted):
     pos, neg = data
-    assert set(fitted) == {"caa", "pca", "probe", "linear_act", "innsteer"}
+    assert set(fitted) == {"caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer"}
     for name, steerer in fitted.items():
         assert (steerer.layer, steerer.model_id, steerer.behavior, steerer.method, steerer.hidden_size) == (
             5,
@@ -184,8 +189,8 @@ def test_methods_share_one_interface(data, fitted):
 
 
 def test_methods_move_the_class_means_comparably(data, fitted):
-    # alpha = 1: caa / linear_act move the negatives' mean onto the positives' mean; pca / probe move
-    # every row by CAA's step length, towards the positives
+    # alpha = 1: caa / linear_act / mimic move the negatives' mean onto the positives' mean; pca / probe
+    # move every row by CAA's step length, towards the positives; the others move it towards them
     pos, neg = data
     mean_diff = (pos.mean(0) - neg.mean(0)).double()
     with torch.no_grad():
@@ -193,9 +198,9 @@ def test_methods_move_the_class_means_comparably(data, fitted):
         for name in ("pca", "probe"):
             steps = (fitted[name](neg, 1.0) - neg).double().norm(dim=-1)
             torch.testing.assert_close(steps, torch.full_like(steps, float(mean_diff.norm())), atol=1e-3, rtol=1e-3)
-    for name in ("caa", "linear_act"):
+    for name in ("caa", "linear_act", "mimic"):
         torch.testing.assert_close(shift[name], mean_diff, atol=1e-3, rtol=1e-3)
-    for name in ("pca", "probe", "innsteer"):
+    for name in ("pca", "probe", "odesteer", "hpr", "truthflow", "innsteer"):
         assert float(shift[name] @ mean_diff) > 0, name
 
 

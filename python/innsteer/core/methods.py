@@ -4,12 +4,18 @@
   pca         RepE: the first principal direction of the paired differences pos - neg
   probe       ITI-style: the normal of a logistic-regression probe separating pos from neg
   linear_act  Linear-AcT: per-dimension affine transport of the neg distribution onto pos
+  mimic, odesteer, hpr, truthflow
+              the input-dependent methods of core/methods_nonadditive.py (full-covariance transport,
+              classifier-gradient ODE, Householder rotation, flow-matching correction)
   innsteer    the invertible-network steerer (core/train.py)
 
 Every entry of METHODS has one signature, ``fit(pos, neg, *, layer, model_id="", behavior="", **kw)``,
 and returns a steerer with ``Steerer``'s call signature. The direction methods (pca, probe) are
 unit directions sign-aligned with the mean difference and scaled to its length |mu+ - mu-|, so
-alpha = 1 moves every activation as far as CAA does and one alpha grid suits every method.
+alpha = 1 moves every activation as far as CAA does and one alpha grid suits every method. The
+transport methods (linear_act, mimic) map mu- exactly onto mu+ at alpha = 1, odesteer moves every
+row along a path |mu+ - mu-| long, and hpr and truthflow move the negatives' mean about that far
+(each records the ratio on its training negatives in ``extra``).
 (Scaling to the mean difference's projection instead would shrink a probe direction nearly
 orthogonal to it: on SmolLM2 layer-10 activations the probe then moved ~2 at alpha = 1 vs CAA's 39.)
 """
@@ -23,7 +29,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .classifiers import fit_linear_probe
 from .flow import FlowConfig
+from .methods_nonadditive import fit_hpr, fit_mimic, fit_odesteer, fit_truthflow
 from .steerers import AffineSteerer, LinearSteerer, Steerer
 from .train import TrainConfig, check_contrastive, train_innsteer
 
@@ -80,35 +88,12 @@ def fit_probe(
     l2: Optional[float] = None,
     max_iter: int = 200,
 ) -> LinearSteerer:
-    """The normal of an L2-regularized logistic regression pos (1) vs neg (0), fitted with L-BFGS.
-
-    Fitted on centered activations divided by one global scale (conditioning without changing the
-    direction: a per-dimension standardization would reweight the L2 penalty and blow the normal
-    up along near-constant dimensions); ``l2`` defaults to 1 / (number of rows), like
-    scikit-learn's C = 1 on those features.
-    """
+    """The normal of an L2-regularized logistic regression pos (1) vs neg (0), fitted with L-BFGS
+    (``classifiers.fit_linear_probe``); ``l2`` defaults to 1 / (number of rows), like
+    scikit-learn's C = 1 on the conditioned activations."""
     pos, neg = check_contrastive(pos, neg)
-    x = torch.cat([pos, neg]).double()
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
-    mean, std = x.mean(0), x.std(0).pow(2).mean().sqrt().clamp_min(1e-12)
-    xs = (x - mean) / std
-    l2 = 1.0 / len(x) if l2 is None else float(l2)
-    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ weight + bias, y) + 0.5 * l2 * weight @ weight
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        normal = weight.detach()  # the decision function is xs @ w = x @ w / std + const
-        accuracy = float(((xs @ weight + bias > 0).double() == y).double().mean())
-    if not torch.isfinite(normal).all() or float(normal.norm()) == 0:
-        raise ValueError("the logistic-regression probe did not converge to a usable direction")
+    l2 = 1.0 / (2 * len(pos)) if l2 is None else float(l2)
+    normal, _, accuracy = fit_linear_probe(pos, neg, l2=l2, max_iter=max_iter)
     unit = (normal / normal.norm()).float()
     mean_diff = _mean_difference(pos, neg)
     vector = _scaled_like_mean_difference(unit, mean_diff)
@@ -163,5 +148,9 @@ METHODS: dict[str, Callable[..., torch.nn.Module]] = {
     "pca": fit_pca,
     "probe": fit_probe,
     "linear_act": fit_linear_act,
+    "mimic": fit_mimic,
+    "odesteer": fit_odesteer,
+    "hpr": fit_hpr,
+    "truthflow": fit_truthflow,
     "innsteer": fit_innsteer,
 }
