@@ -15,7 +15,7 @@ from ..datasets.caa import BEHAVIORS
 DEMO_BEHAVIOR = "corrigible-neutral-HHH"
 DEMO_LAYER = 10
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
-METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "innsteer")
+METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
 
 
 class CLIError(InnsteerError):
