@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib.util
+import operator
 import os
 from typing import Optional, Union
 
@@ -14,9 +15,10 @@ import numpy as np
 
 from ..core.errors import InnsteerError, SteerFileError
 
-__all__ = ["SteerGGUF", "SteerHookError", "hook_library", "ERR_LEN"]
+__all__ = ["SteerGGUF", "SteerHookError", "hook_library", "ERR_LEN", "MAX_THREADS", "float32_alpha", "thread_count"]
 
 ERR_LEN = 1024
+MAX_THREADS = 256  # INNSTEER_MAX_THREADS in csrc/llama_hook/innsteer_llama_hook.h
 _lib = None
 
 
@@ -58,10 +60,10 @@ def hook_library() -> ctypes.CDLL:
         "innsteer_hook_add": ([hook_p, steer_p, c.c_int32, c.c_float, err_t, c.c_size_t], c.c_int),
         "innsteer_hook_set_alpha": ([hook_p, c.c_int, c.c_float], c.c_int),
         "innsteer_hook_set_enabled": ([hook_p, c.c_int, c.c_bool], c.c_int),
-        "innsteer_hook_set_threads": ([hook_p, c.c_int], None),
+        "innsteer_hook_set_threads": ([hook_p, c.c_int], c.c_int),
         "innsteer_hook_applied_count": ([hook_p], c.c_int64),
         "innsteer_hook_apply_seconds": ([hook_p], c.c_double),
-        "innsteer_hook_begin": ([hook_p, c.c_int64], None),
+        "innsteer_hook_begin": ([hook_p, c.c_int64], c.c_int),
         "innsteer_hook_end": ([hook_p, err_t, c.c_size_t], c.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
@@ -71,8 +73,29 @@ def hook_library() -> ctypes.CDLL:
     return lib
 
 
+def float32_alpha(alpha: float) -> float:
+    """``alpha`` as the hook stores it (a float32), refusing what is not finite there (NaN, inf, 1e39)."""
+    value = float(alpha)
+    with np.errstate(over="ignore"):
+        single = np.float32(value)
+    if not np.isfinite(single):
+        raise ValueError(f"alpha must be a finite float32 value, got {alpha}")
+    return float(single)
+
+
+def thread_count(n_threads: int) -> int:
+    """``n_threads`` checked against the hook's range 1..MAX_THREADS."""
+    n = operator.index(n_threads)
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n_threads must be in 1..{MAX_THREADS}, got {n_threads}")
+    return n
+
+
 class SteerGGUF:
-    """A steer GGUF loaded and validated by the C loader (every size and index bounds-checked)."""
+    """A steer GGUF loaded and validated by the C loader (every size and index bounds-checked).
+
+    The C steer is reference-counted: ``close()`` drops this object's reference, and hooks that use
+    the steer keep theirs, so closing it while attached is safe."""
 
     def __init__(self, handle: int, source: str):
         self._lib = hook_library()
@@ -99,7 +122,7 @@ class SteerGGUF:
         return cls(handle, source)
 
     def close(self) -> None:
-        if self._handle:
+        if getattr(self, "_handle", None):  # also when __init__ never ran to the end
             self._lib.innsteer_steer_free(self._handle)
             self._handle = None
 
@@ -130,7 +153,8 @@ class SteerGGUF:
         out = np.array(rows, dtype=np.float32, order="C", copy=True)
         if out.ndim != 2 or out.shape[1] != self.hidden_size:
             raise ValueError(f"rows must have shape [n, {self.hidden_size}], got {out.shape}")
-        alpha = self.alpha if alpha is None else float(alpha)
+        alpha = self.alpha if alpha is None else float32_alpha(alpha)
+        n_threads = thread_count(n_threads)
         err = ctypes.create_string_buffer(ERR_LEN)
         if self._lib.innsteer_steer_apply(self.handle, out.ctypes.data, out.shape[0], alpha, n_threads, err, ERR_LEN):
             raise SteerHookError(err.value.decode(errors="replace"))

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import operator
 import os
+import threading
 from typing import Optional, Union
 
 import numpy as np
 
 from ..core.errors import SteerFileError
-from .bindings import ERR_LEN, SteerGGUF, SteerHookError, hook_library
+from .bindings import ERR_LEN, MAX_THREADS, SteerGGUF, SteerHookError, float32_alpha, hook_library, thread_count
 from .export import read_control_vector
 
 try:
@@ -40,28 +43,56 @@ except ImportError as _error:  # optional dependency
 
 __all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookError", "chat_reply", "last_token_logits"]
 
+_MAX_POSITION = 2**62  # steer_from's bound: position - batch start must fit the hook's int64
+_INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm.steering may be reassigned)
+
+
+class _Generation:
+    """One running ``Llama.generate`` (see ``LlamaSteering._track_generations``)."""
+
+    def __init__(self):
+        self.broken: Optional[str] = None  # why it cannot go on, once re-evaluating its tokens failed
+
 
 class LlamaSteering:
     """The steering installed in one ``llama_cpp.Llama`` (made by ``attach``).
 
-    Entries (INN steers) and one optional control vector. Every change resets the Llama's KV
-    cache, so no prefix computed under the old steering is reused.
+    Entries (INN steers) and one optional control vector. A change that alters the steering drops
+    the Llama's KV cache, so no prefix computed under the old steering is reused; a call that
+    changes nothing (the same alpha, enabling an enabled entry) leaves the cache alone. During a
+    streamed generation the tokens kept so far are re-evaluated under the new steering at once, so
+    the generation goes on from the same tokens as a fresh one would under the new setting.
     """
 
     def __init__(self, llm: llama_cpp.Llama):
+        if getattr(llm, _INSTALLED, None) is not None:
+            raise ValueError("this Llama already has innsteer's hook installed: use attach(llm) or llm.steering")
+        if llm._ctx is None or llm._ctx.ctx is None:
+            raise ValueError("this Llama was closed")
         self._lib = hook_library()
         self.llm = llm
         self._hook = self._lib.innsteer_hook_new()
         if not self._hook:
             raise MemoryError("innsteer_hook_new failed")
-        self._steers: list[SteerGGUF] = []  # the hook borrows these: keep them alive
+        self._steers: list[SteerGGUF] = []
+        self._layers: list[int] = []
         self._alphas: list[float] = []
+        self._enabled: list[bool] = []
+        self._cvec: Optional[np.ndarray] = None
+        self._generations: list[_Generation] = []
+        # Evaluation and steering changes from several threads run one at a time (see _serialize_evals).
+        self._lock = threading.RLock()
         self.start_position = 0
-        self._lib.innsteer_hook_set_threads(self._hook, int(llm.context_params.n_threads_batch))
+        n_threads = int(llm.context_params.n_threads_batch)
+        self._lib.innsteer_hook_set_threads(self._hook, min(max(1, n_threads), MAX_THREADS))
         self.n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))
         self.architecture = str(llm.metadata.get("general.architecture", ""))
         self._install()
+        self._track_generations()
+        self._serialize_evals()
+        setattr(llm, _INSTALLED, self)
+        llm.steering = self
 
     def _install(self) -> None:
         """Recreate the Llama's context with the hook as its eval callback (llama.cpp reads
@@ -83,25 +114,112 @@ class LlamaSteering:
                 raise RuntimeError("failed to re-apply the LoRA adapter to the steered context")
         llm.reset()
 
-        lib, hook, decode = self._lib, self._hook, new_ctx.decode
+        lib, decode = self._lib, new_ctx.decode
 
         def checked_decode(batch):
+            hook = self._live_hook()
             # Llama's batches hold one sequence at consecutive positions: row i is position pos[0] + i.
             first_row = self.start_position - batch.batch.pos[0] if batch.batch.n_tokens > 0 else 0
-            lib.innsteer_hook_begin(hook, max(0, first_row))
-            decode(batch)
+            if lib.innsteer_hook_begin(hook, max(0, first_row)):
+                raise RuntimeError("another decode is running with this Llama's steering hook (concurrent use)")
             err = ctypes.create_string_buffer(ERR_LEN)
-            if lib.innsteer_hook_end(hook, err, ERR_LEN):
+            try:
+                decode(batch)
+            finally:
+                failed = lib.innsteer_hook_end(hook, err, ERR_LEN)
+            if failed:
                 llm.reset()  # the cache now holds unsteered or broken states
                 raise SteerHookError(err.value.decode(errors="replace"))
 
         new_ctx.decode = checked_decode
         llm._stack.callback(self._free)  # when the Llama closes; nothing decodes after that
 
+    def _track_generations(self) -> None:
+        """Wrap the Llama's ``generate`` (which ``create_completion`` and chat calls use) so that the
+        steering knows when a generation is suspended between tokens (a partly read stream)."""
+        generate = self.llm.generate
+
+        @functools.wraps(generate)
+        def tracked_generate(*args, **kwargs):
+            generation = _Generation()
+            inner = generate(*args, **kwargs)
+            self._generations.append(generation)
+            try:
+                sent = None  # Llama.generate takes tokens sent into it: pass them on
+                while True:
+                    try:
+                        token = inner.send(sent)
+                    except StopIteration:
+                        return
+                    sent = yield token
+                    if generation.broken:
+                        raise SteerHookError(generation.broken)
+            finally:
+                self._generations.remove(generation)
+                inner.close()
+
+        self.llm.generate = tracked_generate
+
+    def _serialize_evals(self) -> None:
+        """Two threads evaluating with one Llama at once would decode into the same cache positions
+        and batch (ctypes releases the GIL during llama_decode), and a steering change would reset
+        the cache under a running decode: both wait for the eval in progress instead."""
+        evaluate = self.llm.eval
+
+        @functools.wraps(evaluate)
+        def serialized_eval(tokens):
+            with self._lock:
+                self._live_hook()  # a closed Llama's eval would crash in llama.cpp
+                evaluate(tokens)
+
+        self.llm.eval = serialized_eval
+
     def _free(self) -> None:
         if self._hook:
             self._lib.innsteer_hook_free(self._hook)
             self._hook = None
+
+    def _live_hook(self) -> int:
+        if not self._hook:
+            raise ValueError("this Llama was closed: its steering can no longer be used")
+        return self._hook
+
+    def _state(self) -> tuple:
+        """What decides the steered outputs; a call that leaves it equal changes nothing."""
+        alphas = tuple(alpha if enabled else 0.0 for alpha, enabled in zip(self._alphas, self._enabled))
+        cvec = None if self._cvec is None else self._cvec.tobytes()
+        return alphas, self.start_position, cvec
+
+    @contextlib.contextmanager
+    def _change(self):
+        """Around every change: refuse a closed Llama, then, if the steering really changed, drop
+        the KV cache, re-evaluating the tokens of a generation in progress under the new steering
+        (resetting alone would make it decode its next token at position 0)."""
+        with self._lock:
+            self._live_hook()
+            before = self._state()
+            try:
+                yield
+            finally:
+                if self._state() != before:
+                    self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        llm = self.llm
+        kept = llm.input_ids[: llm.n_tokens].tolist() if self._generations else []
+        llm.reset()
+        if not kept:
+            return
+        try:
+            llm.eval(kept)
+        except Exception as error:
+            llm.reset()
+            for generation in self._generations:
+                generation.broken = (
+                    f"the steering changed during this generation and re-evaluating its {len(kept)} tokens "
+                    f"failed: {error}"
+                )
+            raise
 
     def add(
         self,
@@ -110,7 +228,9 @@ class LlamaSteering:
         layer: Optional[int] = None,
         expect_model_id: Optional[str] = None,
     ) -> int:
-        """Add a steer (a path or a loaded SteerGGUF); returns its entry index."""
+        """Add a steer (a path or a loaded SteerGGUF); returns its entry index. The hook keeps its
+        own reference to the loaded steer: closing the SteerGGUF afterwards is safe."""
+        hook = self._live_hook()
         if not isinstance(steer, SteerGGUF):
             steer = SteerGGUF.load(steer)
         source = steer.source
@@ -124,82 +244,106 @@ class LlamaSteering:
             raise SteerFileError(f"{source} was made for a '{hint}' model, but this model is '{self.architecture}'")
         if expect_model_id and steer.meta("model_id") and steer.meta("model_id") != expect_model_id:
             raise SteerFileError(f"{source} was made for model '{steer.meta('model_id')}', not '{expect_model_id}'")
-        layer = steer.layer if layer is None else int(layer)
+        layer = steer.layer if layer is None else operator.index(layer)
         if not 0 <= layer < self.n_layer - 1:
             raise ValueError(
                 f"cannot steer layer {layer} of a {self.n_layer}-layer model: layers 0..{self.n_layer - 2} "
                 "can be steered (the last layer's output holds only the output rows)"
             )
-        alpha = steer.alpha if alpha is None else float(alpha)
+        for entry, (other, other_layer) in enumerate(zip(self._steers, self._layers)):
+            if other_layer == layer and _same_steer(other, steer):
+                raise ValueError(
+                    f"{source} already steers layer {layer} (entry {entry}): adding it again would "
+                    "steer twice; use set_alpha to change its strength"
+                )
+        alpha = steer.alpha if alpha is None else float32_alpha(alpha)
         err = ctypes.create_string_buffer(ERR_LEN)
-        entry = self._lib.innsteer_hook_add(self._hook, steer.handle, layer, alpha, err, ERR_LEN)
-        if entry < 0:
-            raise ValueError(err.value.decode(errors="replace"))
-        self._steers.append(steer)
-        self._alphas.append(alpha)
-        self.llm.reset()
+        with self._change():
+            entry = self._lib.innsteer_hook_add(hook, steer.handle, layer, alpha, err, ERR_LEN)
+            if entry < 0:
+                raise ValueError(err.value.decode(errors="replace"))
+            self._steers.append(steer)
+            self._layers.append(layer)
+            self._alphas.append(alpha)
+            self._enabled.append(True)
         return entry
 
     def _entries(self, entry: Optional[int]) -> range:
         n = len(self._steers)
         if entry is None:
             return range(n)
+        entry = operator.index(entry)
         if not 0 <= entry < n:
             raise IndexError(f"no steer entry {entry} (have {n})")
         return range(entry, entry + 1)
 
     def set_alpha(self, alpha: float, entry: Optional[int] = None) -> None:
-        """Set alpha of one entry (or all); takes effect at the next call, with a fresh KV cache."""
-        alpha = float(alpha)
-        if not np.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
-        for i in self._entries(entry):
-            self._lib.innsteer_hook_set_alpha(self._hook, i, alpha)
-            self._alphas[i] = alpha
-        self.llm.reset()
+        """Set alpha of one entry (or all); takes effect at the next decode."""
+        alpha = float32_alpha(alpha)
+        entries = self._entries(entry)
+        with self._change():
+            for i in entries:
+                if self._lib.innsteer_hook_set_alpha(self._hook, i, alpha):
+                    raise RuntimeError(f"the hook refused alpha {alpha} for entry {i}")
+                self._alphas[i] = alpha
 
     @property
     def alphas(self) -> list[float]:
         """The current alpha of each entry."""
         return list(self._alphas)
 
+    def _set_enabled(self, entry: Optional[int], enabled: bool) -> None:
+        entries = self._entries(entry)
+        with self._change():
+            for i in entries:
+                if self._lib.innsteer_hook_set_enabled(self._hook, i, enabled):
+                    raise RuntimeError(f"the hook refused to {'enable' if enabled else 'disable'} entry {i}")
+                self._enabled[i] = enabled
+
     def enable(self, entry: Optional[int] = None) -> None:
-        for i in self._entries(entry):
-            self._lib.innsteer_hook_set_enabled(self._hook, i, True)
-        self.llm.reset()
+        self._set_enabled(entry, True)
 
     def disable(self, entry: Optional[int] = None) -> None:
-        for i in self._entries(entry):
-            self._lib.innsteer_hook_set_enabled(self._hook, i, False)
-        self.llm.reset()
+        self._set_enabled(entry, False)
 
     def steer_from(self, position: int) -> None:
         """Steer only tokens at positions >= ``position`` (0: all tokens, the default). With
         ``len(prompt_tokens) - 1`` the prompt is read unsteered and steering starts where the reply
         is predicted, like ``positions="after_prompt"`` in the PyTorch path. Not applied to
         control vectors (llama.cpp adds those at every position)."""
-        if int(position) < 0:
-            raise ValueError(f"position must be >= 0, got {position}")
-        self.start_position = int(position)
-        self.llm.reset()
+        position = operator.index(position)
+        if not 0 <= position <= _MAX_POSITION:
+            raise ValueError(f"position must be in 0..2**62, got {position}")
+        with self._change():
+            self.start_position = position
 
     def set_threads(self, n_threads: int) -> None:
-        self._lib.innsteer_hook_set_threads(self._hook, int(n_threads))
+        """Threads the hook's steer uses per decode (1..MAX_THREADS)."""
+        n_threads = thread_count(n_threads)
+        if self._lib.innsteer_hook_set_threads(self._live_hook(), n_threads):
+            raise RuntimeError(f"the hook refused n_threads={n_threads}")
 
     @property
     def applied_count(self) -> int:
         """How many l_out tensors the hook has rewritten so far."""
-        return int(self._lib.innsteer_hook_applied_count(self._hook))
+        return int(self._lib.innsteer_hook_applied_count(self._live_hook()))
 
     @property
     def apply_seconds(self) -> float:
         """Seconds the hook has spent rewriting l_out tensors (read, steer, write back) so far."""
-        return float(self._lib.innsteer_hook_apply_seconds(self._hook))
+        return float(self._lib.innsteer_hook_apply_seconds(self._live_hook()))
 
     def set_control_vector(self, control_vector: Union[str, os.PathLike, dict], strength: float = 1.0) -> None:
-        """Apply a stock llama.cpp control vector (a file, or {layer: vector}) scaled by ``strength``."""
+        """Apply a stock llama.cpp control vector (a file, or {layer: vector}) scaled by ``strength``.
+        It needs at least one layer's vector (an empty one is an error: ``clear_control_vector()``
+        removes the control vector), and every value, scaled, must be a finite float32."""
+        self._live_hook()
         if isinstance(control_vector, dict):
-            directions, source = {int(k): np.asarray(v, dtype=np.float32) for k, v in control_vector.items()}, "vector"
+            directions, source = {}, "vector"
+            for key, value in control_vector.items():
+                if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+                    raise TypeError(f"control vector layers must be integers, got {key!r}")
+                directions[int(key)] = np.asarray(value, dtype=np.float32)
         else:
             directions, info = read_control_vector(control_vector)
             source = os.fspath(control_vector)
@@ -208,37 +352,55 @@ class LlamaSteering:
                 raise SteerFileError(
                     f"{source} is a control vector for a '{hint}' model, but this model is '{self.architecture}'"
                 )
+        if not directions:
+            raise ValueError(
+                f"{source}: a control vector needs at least one layer's vector "
+                "(clear_control_vector() removes the control vector)"
+            )
+        strength = float(strength)
         for layer, vector in directions.items():
             if vector.shape != (self.n_embd,):
                 raise SteerFileError(
-                    f"{source}: direction.{layer} has {vector.shape[0]} values, "
+                    f"{source}: direction.{layer} has shape {vector.shape}, "
                     f"but this model's hidden size is {self.n_embd}"
                 )
             if not 1 <= layer < self.n_layer:
                 raise ValueError(
                     f"{source}: layer {layer} cannot be steered by a control vector (layers 1..{self.n_layer - 1})"
                 )
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(vector * np.float32(strength)).all() and np.isfinite(strength)
+            if not finite:
+                raise ValueError(f"{source}: direction.{layer} times strength {strength} holds NaN or Inf (in float32)")
         # llama.cpp's layout: layer L's vector at offset n_embd * (L - 1).
         data = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
         for layer, vector in directions.items():
-            data[(layer - 1) * self.n_embd : layer * self.n_embd] = vector * float(strength)
-        self._cvec = data  # llama.cpp copies it, but keep it for inspection
-        status = llama_cpp.llama_set_adapter_cvec(
-            self.llm._ctx.ctx,
-            data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            data.size,
-            self.n_embd,
-            min(directions),
-            max(directions),
-        )
-        if status:
-            raise RuntimeError(f"llama_set_adapter_cvec failed ({status}) for {source}")
-        self.llm.reset()
+            data[(layer - 1) * self.n_embd : layer * self.n_embd] = vector * np.float32(strength)
+        with self._change():
+            status = llama_cpp.llama_set_adapter_cvec(
+                self.llm._ctx.ctx,
+                data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                data.size,
+                self.n_embd,
+                min(directions),
+                max(directions),
+            )
+            if status:
+                raise RuntimeError(f"llama_set_adapter_cvec failed ({status}) for {source}")
+            self._cvec = data  # llama.cpp copies it; kept to see what is applied
 
     def clear_control_vector(self) -> None:
-        llama_cpp.llama_set_adapter_cvec(self.llm._ctx.ctx, None, 0, self.n_embd, -1, -1)
-        self._cvec = None
-        self.llm.reset()
+        with self._change():
+            if self._cvec is not None:
+                llama_cpp.llama_set_adapter_cvec(self.llm._ctx.ctx, None, 0, self.n_embd, -1, -1)
+                self._cvec = None
+
+
+def _same_steer(a: SteerGGUF, b: SteerGGUF) -> bool:
+    """One loaded steer, or the same file loaded twice."""
+    if a is b:
+        return True
+    return os.path.isfile(a.source) and os.path.isfile(b.source) and os.path.samefile(a.source, b.source)
 
 
 def attach(
@@ -252,10 +414,9 @@ def attach(
     expect_model_id: Optional[str] = None,
 ) -> LlamaSteering:
     """Install innsteer's hook into ``llm`` (once; later calls add to it) and add ``steer``."""
-    steering = getattr(llm, "steering", None)
-    if not isinstance(steering, LlamaSteering):
+    steering = getattr(llm, _INSTALLED, None)
+    if steering is None:
         steering = LlamaSteering(llm)
-        llm.steering = steering
     if steer is not None:
         steering.add(steer, alpha=alpha, layer=layer, expect_model_id=expect_model_id)
     if control_vector is not None:
