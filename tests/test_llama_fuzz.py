@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -69,25 +70,25 @@ def test_control_vector_is_not_a_steer_file(tmp_path):
         SteerGGUF.load(path)
 
 
+def with_tensor_value(tmp_path, tensor: str, index: int, value) -> bytes:
+    """A valid tiny steer file with element ``index`` of ``tensor`` overwritten in place (the
+    exporter refuses to write such files, so the damage is done to the bytes)."""
+    data = bytearray(tiny_steer_bytes(tmp_path))
+    info = next(t for t in gguf.GGUFReader(tmp_path / "seed.gguf").tensors if t.name == tensor)
+    item = np.array([value], dtype=info.data.dtype).tobytes()
+    start = int(info.data_offset) + index * len(item)
+    data[start:start + len(item)] = item
+    return bytes(data)
+
+
 def test_nan_weights_and_bad_partitions(tmp_path):
-    steerer = random_inn_steerer(8, mlp_hidden=4, couplings=2)
-    with torch.no_grad():
-        steerer.inn.w2[1][0, 0] = float("nan")
-    export_steer_gguf(steerer, tmp_path / "nan.gguf")
     with pytest.raises(SteerFileError, match="coupling.1.w2' contains NaN"):
-        SteerGGUF.load(tmp_path / "nan.gguf")
-
-    steerer = random_inn_steerer(8, mlp_hidden=4, couplings=2)
-    steerer.inn.cond_idx_0[0] = steerer.inn.cond_idx_0[1]
-    export_steer_gguf(steerer, tmp_path / "dup.gguf")
-    with pytest.raises(SteerFileError, match="appears twice"):
-        SteerGGUF.load(tmp_path / "dup.gguf")
-
-    steerer = random_inn_steerer(8, mlp_hidden=4, couplings=2)
-    steerer.inn.scale[3] = 0.0
-    export_steer_gguf(steerer, tmp_path / "scale.gguf")
+        SteerGGUF.from_bytes(with_tensor_value(tmp_path, "coupling.1.w2", 0, np.nan))
+    cond_idx = next(t for t in gguf.GGUFReader(tmp_path / "seed.gguf").tensors if t.name == "coupling.0.cond_idx")
+    with pytest.raises(SteerFileError, match="appears twice"):  # its first index repeated
+        SteerGGUF.from_bytes(with_tensor_value(tmp_path, "coupling.0.cond_idx", 1, int(cond_idx.data[0])))
     with pytest.raises(SteerFileError, match="'scale' must be positive"):
-        SteerGGUF.load(tmp_path / "scale.gguf")
+        SteerGGUF.from_bytes(with_tensor_value(tmp_path, "scale", 3, 0.0))
 
 
 def test_random_mutations_never_crash(tmp_path):
