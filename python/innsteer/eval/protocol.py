@@ -1,0 +1,168 @@
+"""The comparison protocol of docs/RESULTS.md: methods' behaviour-vs-fluency curves on held-out
+items, over several training seeds, with paired bootstrap intervals.
+
+For each seed s: the training items are split by a seeded shuffle (``train_val_split(seed=s)``;
+the validation part is what settings were chosen on, never the test items), each method is fitted
+on the training part (INNSteer also with training seed s), and swept over an alpha ladder on both
+sides until its fluency cost passes ``stop_cost``. Every point keeps the per-item p_match (answer
+text and letter metrics) on the test items and the per-prompt reply NLL on the fluency prompts,
+so ``innsteer.eval.tradeoff.paired_bootstrap`` can resample both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from ..core.methods import METHODS
+from ..datasets.ab import METRICS, ABItem, train_val_split
+from ..hf.collect import contrastive_activations
+from ..hf.models import LoadedModel
+from .batched import BatchedFluency, BatchedScorer
+from .tradeoff import paired_bootstrap
+
+ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method is fitted: ``METHODS[method]`` on activations of ``tokens`` ('mean', 'last',
+    'all'), with ``options`` (e.g. INNSteer's TrainConfig fields)."""
+
+    method: str
+    tokens: str = "mean"
+    options: dict = field(default_factory=dict)
+
+
+def measure_curve(
+    steerer,
+    scorer: BatchedScorer,
+    fluency: BatchedFluency,
+    base_cost: float,
+    *,
+    ladder: Sequence[float] = ALPHA_LADDER,
+    stop_cost: float = 1.0,
+    progress: bool = False,
+) -> dict:
+    """Points on both sides of the ladder, each side stopping one point after its fluency cost
+    (mean NLL/token over the unsteered model's) passes ``stop_cost``: the budgets up to
+    ``stop_cost`` are then determined. {"alphas", "scores": {metric: [alpha][item]}, "nll", "tokens"}."""
+    run = {"alphas": [], "scores": {m: [] for m in scorer.metrics}, "nll": [], "tokens": []}
+    for sign in (1, -1):
+        for magnitude in tqdm(ladder, desc=f"alpha {'+' if sign > 0 else '-'}", disable=not progress, leave=False):
+            alpha = sign * magnitude
+            scores = scorer.scores(steerer, alpha)
+            nll, tokens, _ = fluency(steerer, alpha)
+            run["alphas"].append(alpha)
+            for metric, values in scores.items():
+                run["scores"][metric].append(values.tolist())
+            run["nll"].append(nll.tolist())
+            run["tokens"].append(tokens.tolist())
+            if float(nll.sum() / tokens.sum()) - base_cost > stop_cost:
+                break
+    return run
+
+
+def run_protocol(
+    lm: LoadedModel,
+    train_items: Sequence[ABItem],
+    test_items: Sequence[ABItem],
+    prompts: Sequence[str],
+    *,
+    layer: int,
+    specs: dict[str, MethodSpec],
+    seeds: Sequence[int] = (0, 1, 2),
+    behavior: str = "",
+    max_new_tokens: int = 32,
+    ladder: Sequence[float] = ALPHA_LADDER,
+    compare: tuple[str, str] = ("innsteer", "caa"),
+    n_resamples: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
+    for each metric and side (see the module docstring). JSON-serializable."""
+    metrics = METRICS if all(item.lettered for item in test_items) else ("answer",)
+    scorer = BatchedScorer(lm, test_items, metrics)
+    fluency = BatchedFluency(lm, prompts, max_new_tokens)
+    base_scores = scorer.scores()
+    base_nll, base_tokens, _ = fluency()
+    base_cost = float(base_nll.sum() / base_tokens.sum())
+    base = {
+        "base_scores": {m: v.tolist() for m, v in base_scores.items()},
+        "base_nll": base_nll.tolist(),
+        "base_tokens": base_tokens.tolist(),
+    }
+    runs: dict[str, list] = {name: [] for name in specs}
+    for seed in seeds:
+        train, _ = train_val_split(train_items, seed=seed)
+        for name, spec in specs.items():
+            pos, neg = contrastive_activations(
+                lm,
+                train,
+                layer,
+                tokens=spec.tokens,
+                behavior=behavior,
+                split=f"train-s{seed}",
+                seed=seed,
+                progress=False,
+            )[layer]
+            options = dict(spec.options)
+            if spec.method == "innsteer":
+                options.setdefault("seed", seed)
+            steerer = METHODS[spec.method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **options)
+            curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, progress=progress)
+            runs[name].append({**curve, **base, "seed": seed})
+            if progress:
+                print(f"  {behavior} seed {seed} {name}: {len(curve['alphas'])} points", flush=True)
+    comparison = {}
+    if set(compare) <= set(specs):
+        for metric in metrics:
+            for side, sign in (("toward", 1), ("away", -1)):
+                comparison[f"{metric}/{side}"] = paired_bootstrap(
+                    runs[compare[0]], runs[compare[1]], sign=sign, metric=metric, n_resamples=n_resamples
+                )
+    return {
+        "behavior": behavior,
+        "model_id": lm.model_id,
+        "layer": layer,
+        "seeds": list(seeds),
+        "n_test": len(test_items),
+        "n_prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "metrics": list(metrics),
+        "specs": {name: asdict(spec) for name, spec in specs.items()},
+        "compare": list(compare),
+        "comparison": comparison,
+        "runs": runs,
+    }
+
+
+def comparison_table(results: Sequence[dict], metric: str = "answer", side: str = "toward") -> str:
+    """Markdown: per behavior, each method's seed-mean shift at the budgets and its AUC, and the
+    difference with its 95 % paired bootstrap interval."""
+    lines = [
+        "| behavior | layer | summary | " + " | ".join(results[0]["compare"]) + " | difference [95 % CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        comparison = result["comparison"].get(f"{metric}/{side}")
+        if not comparison:
+            continue
+        for key, row in comparison.items():
+            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
+            lines.append(
+                f"| {result['behavior']} | {result['layer']} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
+                f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
+            )
+    return "\n".join(lines)
+
+
+def default_specs(innsteer_options: Optional[dict] = None, innsteer_tokens: str = "all") -> dict[str, MethodSpec]:
+    """CAA as its paper fits it (mean over the answer) and INNSteer with the chosen settings."""
+    return {
+        "caa": MethodSpec("caa", "mean"),
+        "innsteer": MethodSpec("innsteer", innsteer_tokens, dict(innsteer_options or {})),
+    }
