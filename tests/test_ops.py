@@ -10,13 +10,22 @@ from innsteer_ext import reference
 
 ops = torch.ops.innsteer
 
+# The CPU op runs rows in 8-row tiles below BLAS_MIN_ROWS and each coupling layer as one GEMM over
+# chunks of BLAS_CHUNK_ROWS rows from it on (csrc/cpu/flow_blas_cpu.h).
+BLAS_MIN_ROWS = 32
+BLAS_CHUNK_ROWS = 256
+
 CASES = [  # (dim, hidden, tokens)
     (3, 16, 1),
     (7, 32, 5),
     (576, 512, 1),
     (576, 512, 8),
+    (576, 512, BLAS_MIN_ROWS - 1),
+    (576, 512, BLAS_MIN_ROWS),
     (576, 512, 64),
     (576, 64, 512),
+    (7, 32, 100),  # odd dims (3 + 4 split) on the BLAS path
+    (577, 96, 2 * BLAS_CHUNK_ROWS + 37),  # odd dims, two full chunks and a partial one
     (4096, 512, 1),
     (4096, 512, 8),
     (4096, 128, 512),
@@ -53,14 +62,67 @@ def test_ops_match_float64_reference(dim, hidden, tokens, dtype):
     assert rel_err(steered, expected) < tol
 
 
-def test_bfloat16_weights_match_reference_with_rounded_weights():
+@pytest.mark.parametrize("tokens", [8, 100])
+def test_bfloat16_weights_match_reference_with_rounded_weights(tokens):
     inn = random_inn(576, mlp_hidden=256)
     flow_bf16 = inn.flow_args(weight_dtype=torch.bfloat16)
-    x = _activations(576, 8, torch.float32)
+    x = _activations(576, tokens, torch.float32)
     direction = torch.randn(576)
     steered = ops.steer(x, None, direction, 1.0, *flow_bf16)
     expected = reference.steer(x.double(), None, direction.double(), 1.0, *as_float64(flow_bf16))
     assert rel_err(steered, expected) < 1e-5
+
+
+@pytest.mark.parametrize("activations", [torch.bfloat16, torch.float16])
+def test_bfloat16_weights_with_16_bit_activations_on_the_blas_path(activations):
+    inn = random_inn(96, mlp_hidden=48)
+    flow_bf16 = inn.flow_args(weight_dtype=torch.bfloat16)
+    x = _activations(96, 3 * BLAS_MIN_ROWS, activations)
+    residual = _activations(96, 3 * BLAS_MIN_ROWS, activations, seed=5)
+    direction = torch.randn(96)
+    steered = ops.steer(x, residual, direction, 0.9, *flow_bf16)
+    expected = reference.steer(x.double(), residual.double(), direction.double(), 0.9, *as_float64(flow_bf16))
+    assert steered.dtype == activations
+    assert rel_err(steered, expected) < 1e-2
+
+
+@pytest.mark.parametrize("tokens", [5, BLAS_MIN_ROWS, BLAS_CHUNK_ROWS + 3])
+def test_float64_ops_equal_the_reference_to_float64_precision(tokens):
+    inn = random_inn(37, mlp_hidden=24, strength=1.0).double()
+    flow = inn.flow_args()
+    x = torch.randn(tokens, 37, dtype=torch.float64)
+    z, logdet = ops.coupling_forward(x, *flow)
+    z_ref, logdet_ref = reference.coupling_forward(x, *flow)
+    assert rel_err(z, z_ref) < 1e-12 and rel_err(logdet, logdet_ref) < 1e-12
+    assert rel_err(ops.coupling_inverse(z, *flow), reference.coupling_inverse(z, *flow)) < 1e-12
+    direction = torch.randn(37, dtype=torch.float64)
+    residual = torch.randn_like(x)
+    steered = ops.steer(x, residual, direction, 1.3, *flow)
+    assert rel_err(steered, reference.steer(x, residual, direction, 1.3, *flow)) < 1e-12
+
+
+def _gemm_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::addmm")
+
+
+@pytest.mark.parametrize("op_name", ["coupling_forward", "coupling_inverse", "steer"])
+def test_the_op_runs_each_layer_as_one_gemm_per_chunk_from_the_threshold_on(op_name):
+    inn = random_inn(40, num_couplings=3)
+    direction = torch.randn(40)
+
+    def call(tokens):
+        x = torch.randn(tokens, 40)
+        if op_name == "steer":
+            return lambda: ops.steer(x, None, direction, 1.0, *inn.flow_args())
+        return lambda: getattr(ops, op_name)(x, *inn.flow_args())
+
+    passes = 2 if op_name == "steer" else 1  # phi and phi^-1
+    layers = 2 * 3 * passes  # two GEMMs per coupling
+    assert _gemm_calls(call(BLAS_MIN_ROWS - 1)) == 0
+    assert _gemm_calls(call(BLAS_MIN_ROWS)) == layers
+    assert _gemm_calls(call(2 * BLAS_CHUNK_ROWS + 1)) == 3 * layers
 
 
 def test_leading_dimensions_are_preserved():
@@ -133,25 +195,27 @@ def test_opcheck_every_op():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_round_trip_with_massive_activation_rows(seed):
+@pytest.mark.parametrize("tokens", [16, 2 * BLAS_MIN_ROWS])
+def test_round_trip_with_massive_activation_rows(seed, tokens):
     dim = 576
     inn = random_inn(dim, mlp_hidden=128, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     inn.fit_standardization(torch.randn(64, dim, generator=generator))
-    x = torch.randn(16, dim, generator=generator)
+    x = torch.randn(tokens, dim, generator=generator)
     x[0] *= 100  # LLMs have rows like this (e.g. the first token)
     x[7] *= 100
     z, _ = ops.coupling_forward(x, *inn.flow_args())
     back = ops.coupling_inverse(z, *inn.flow_args())
-    for row in range(16):
+    for row in range(tokens):
         assert rel_err(back[row], x[row]) <= 1e-5, row
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_alpha_zero_is_exact_identity(dtype):
+@pytest.mark.parametrize("tokens", [9, 2 * BLAS_MIN_ROWS])
+def test_alpha_zero_is_exact_identity(dtype, tokens):
     inn = random_inn(64)
-    h = torch.randn(9, 64).to(dtype)
-    residual = torch.randn(9, 64).to(dtype)
+    h = torch.randn(tokens, 64).to(dtype)
+    residual = torch.randn(tokens, 64).to(dtype)
     assert torch.equal(ops.steer(h, None, torch.randn(64), 0.0, *inn.flow_args()), h)
     assert torch.equal(ops.steer(h, residual, torch.randn(64), 0.0, *inn.flow_args()), h + residual)
 
@@ -166,28 +230,45 @@ def test_steer_is_nonlinear():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_residual_fusion_equals_add_then_steer(dtype):
+@pytest.mark.parametrize("tokens", [5, 3 * BLAS_MIN_ROWS])
+def test_residual_fusion_equals_add_then_steer(dtype, tokens):
     inn = random_inn(96)
     direction = torch.randn(96)
-    h, residual = torch.randn(5, 96).to(dtype), torch.randn(5, 96).to(dtype)
+    h, residual = torch.randn(tokens, 96).to(dtype), torch.randn(tokens, 96).to(dtype)
     fused = ops.steer(h, residual, direction, 0.8, *inn.flow_args())
     assert torch.equal(fused, ops.steer(h + residual, None, direction, 0.8, *inn.flow_args()))
+    expected = reference.steer(h.double(), residual.double(), direction.double(), 0.8, *as_float64(inn.flow_args()))
+    assert rel_err(fused, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_in_place_equals_out_of_place(contiguous, with_residual):
+@pytest.mark.parametrize("tokens", [7, BLAS_CHUNK_ROWS + 9])
+def test_in_place_equals_out_of_place(contiguous, with_residual, tokens):
     inn = random_inn(48)
     direction = torch.randn(48)
-    base = torch.randn(48, 7) if not contiguous else torch.randn(7, 48)
+    base = torch.randn(48, tokens) if not contiguous else torch.randn(tokens, 48)
     h = base.t() if not contiguous else base
-    residual = torch.randn(7, 48) if with_residual else None
+    residual = torch.randn(tokens, 48) if with_residual else None
     expected = ops.steer(h, residual, direction, 1.2, *inn.flow_args())
-    inplace = h.clone() if contiguous else torch.randn(48, 7).t().copy_(h)
+    inplace = h.clone() if contiguous else torch.randn(48, tokens).t().copy_(h)
     assert inplace.is_contiguous() == contiguous
     with torch.no_grad():
         ops.steer_(inplace, residual, direction, 1.2, *inn.flow_args())
     assert torch.equal(inplace, expected)
+    reference_steer = reference.steer(h.double(), None if residual is None else residual.double(),
+                                      direction.double(), 1.2, *as_float64(inn.flow_args()))
+    assert rel_err(inplace, reference_steer) < 1e-5
+
+
+def test_in_place_with_residual_that_is_hidden_itself_on_the_blas_path():
+    inn = random_inn(48)
+    direction = torch.randn(48)
+    h = torch.randn(3 * BLAS_MIN_ROWS, 48)
+    expected = reference.steer(h.double(), h.double(), direction.double(), 0.7, *as_float64(inn.flow_args()))
+    with torch.no_grad():
+        ops.steer_(h, h, direction, 0.7, *inn.flow_args())
+    assert rel_err(h, expected) < 1e-5
 
 
 def test_torch_compile_traces_through_the_op():

@@ -62,8 +62,8 @@ struct TileBuffers {
 };
 
 template <class Acc, class W>
-void gather_conditioner(const CouplingView<Acc, W>& c, const Acc* u, int64_t dim, Acc* gathered, int nt) {
-  for (int t = 0; t < nt; ++t) {
+void gather_conditioner(const CouplingView<Acc, W>& c, const Acc* u, int64_t dim, Acc* gathered, int64_t nt) {
+  for (int64_t t = 0; t < nt; ++t) {
     for (int64_t i = 0; i < c.n_cond; ++i) gathered[t * c.n_cond + i] = u[t * dim + c.cond_idx[i]];
   }
 }
@@ -78,16 +78,15 @@ void hidden_layer(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* ga
   for (int t = 0; t < nt; ++t) tanh_inplace(hidden + t * n_hidden, n_hidden);
 }
 
-// (s, t) = bounded(hidden @ w2 + b2), then the affine step u = u * e^s + t (or its inverse) on the
-// transformed coordinates, adding sum(s) (or -sum(s)) to logdet when given.
+// The affine step on rows whose raw (s, t) = hidden @ w2 + b2 are in st (row stride 2 * n_trans):
+// bounds (s, t), then u = u * e^s + t (or its inverse) on the transformed coordinates, adding
+// sum(s) (or -sum(s)) to logdet when given. Shared by the row-streaming and the BLAS paths.
 template <class Acc, class W>
-void affine_step(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st, Acc* u,
-                 int64_t dim, int nt, bool inverse, Acc* logdet) {
+void apply_affine(const CouplingView<Acc, W>& c, Acc clamp, Acc* st, Acc* u, int64_t dim, int64_t nt, bool inverse,
+                  Acc* logdet) {
   const int64_t n_st = 2 * c.n_trans;
-  for (int t = 0; t < nt; ++t) std::copy(c.b2, c.b2 + n_st, st + t * n_st);
-  gemm_accumulate(c.w2, n_st, hidden, n_hidden, st, n_st, n_hidden, n_st, nt);
   const Acc shift_clamp = static_cast<Acc>(kShiftClampFactor) * clamp;
-  for (int t = 0; t < nt; ++t) {
+  for (int64_t t = 0; t < nt; ++t) {
     Acc* st_t = st + t * n_st;
     Acc* u_t = u + t * dim;
     const Acc s_sum = scale_shift_inplace(st_t, c.n_trans, clamp, shift_clamp, inverse);
@@ -100,6 +99,16 @@ void affine_step(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, con
   }
 }
 
+// (s, t) = bounded(hidden @ w2 + b2), then the affine step.
+template <class Acc, class W>
+void affine_step(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st, Acc* u,
+                 int64_t dim, int nt, bool inverse, Acc* logdet) {
+  const int64_t n_st = 2 * c.n_trans;
+  for (int t = 0; t < nt; ++t) std::copy(c.b2, c.b2 + n_st, st + t * n_st);
+  gemm_accumulate(c.w2, n_st, hidden, n_hidden, st, n_st, n_hidden, n_st, nt);
+  apply_affine(c, clamp, st, u, dim, nt, inverse, logdet);
+}
+
 template <class Acc, class W>
 void coupling_tile(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>& buf, int nt, bool inverse,
                    Acc* logdet) {
@@ -109,26 +118,36 @@ void coupling_tile(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>&
   affine_step(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, inverse, logdet);
 }
 
-// Runs `mode` over `rows` rows of `dim` values.
+// Reads rows into the flow's working space and writes results back, for one call of `mode`:
 //   kForward: output = z (standardized, then couplings 0..K-1), logdet_out[r] = log|det J|.
 //   kInverse: output = x from z (couplings K-1..0, then de-standardized).
 //   kSteer:   h = input (+ residual, rounded to In like an eager add); output = h if alpha == 0
 //             (bit for bit), else phi^-1(phi(h) + alpha * direction).
-// output may alias input (in-place). workspace holds n_workers * workspace_per_worker(f) values.
-// pfor(n, grain, fn) must call fn(begin, end, worker) over [0, n) with worker < n_workers.
-template <class Acc, class In, class W, class ParallelFor>
-void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const In* residual, In* output,
-              Acc* logdet_out, int64_t rows, Acc alpha, const Acc* direction, Acc* workspace, int n_workers,
-              ParallelFor&& pfor) {
-  const int64_t dim = f.dim;
-  const int64_t per_worker = workspace_per_worker(f);
-  Acc base_logdet = 0;
-  for (int64_t i = 0; i < dim; ++i) base_logdet -= std::log(f.scale[i]);
-  const bool identity = mode == FlowMode::kSteer && alpha == Acc(0);
+// output may alias input (in-place): each row is read before it is written.
+template <class Acc, class In, class W>
+struct FlowRows {
+  const FlowView<Acc, W>& f;
+  FlowMode mode;
+  const In* input;
+  const In* residual;
+  In* output;
+  Acc* logdet_out;
+  Acc alpha;
+  const Acc* direction;
+  bool identity;     // a steer with alpha == 0: load() writes the rows straight out
+  Acc base_logdet;   // log|det| of the standardization
 
-  // Loads rows into u (standardized unless inverting); the identity steer writes them straight out.
-  auto load = [&](int64_t r0, int nt, Acc* u) {
-    for (int t = 0; t < nt; ++t) {
+  FlowRows(const FlowView<Acc, W>& flow, FlowMode m, const In* in, const In* res, In* out, Acc* logdet, Acc a,
+           const Acc* dir)
+      : f(flow), mode(m), input(in), residual(res), output(out), logdet_out(logdet), alpha(a), direction(dir),
+        identity(m == FlowMode::kSteer && a == Acc(0)), base_logdet(0) {
+    for (int64_t i = 0; i < f.dim; ++i) base_logdet -= std::log(f.scale[i]);
+  }
+
+  // Rows r0..r0+nt into u (standardized unless inverting), logdet to its base value.
+  void load(int64_t r0, int64_t nt, Acc* u, Acc* logdet) const {
+    const int64_t dim = f.dim;
+    for (int64_t t = 0; t < nt; ++t) {
       const In* in = input + (r0 + t) * dim;
       const In* res = residual ? residual + (r0 + t) * dim : nullptr;
       Acc* u_t = u + t * dim;
@@ -142,10 +161,20 @@ void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const I
           u_t[i] = mode == FlowMode::kInverse ? v : (v - f.mean[i]) / f.scale[i];
         }
       }
+      logdet[t] = base_logdet;
     }
-  };
-  auto store = [&](int64_t r0, int nt, const Acc* u, const Acc* logdet) {
-    for (int t = 0; t < nt; ++t) {
+  }
+
+  // Between phi and phi^-1 of a steer: u += alpha * direction.
+  void shift_latent(int64_t nt, Acc* u) const {
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t i = 0; i < f.dim; ++i) u[t * f.dim + i] += alpha * direction[i];
+    }
+  }
+
+  void store(int64_t r0, int64_t nt, const Acc* u, const Acc* logdet) const {
+    const int64_t dim = f.dim;
+    for (int64_t t = 0; t < nt; ++t) {
       const Acc* u_t = u + t * dim;
       In* out = output + (r0 + t) * dim;
       if (mode == FlowMode::kForward) {
@@ -155,12 +184,19 @@ void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const I
         for (int64_t i = 0; i < dim; ++i) out[i] = from_acc<In>(u_t[i] * f.scale[i] + f.mean[i]);
       }
     }
-  };
-  auto shift_latent = [&](int nt, Acc* u) {
-    for (int t = 0; t < nt; ++t) {
-      for (int64_t i = 0; i < dim; ++i) u[t * dim + i] += alpha * direction[i];
-    }
-  };
+  }
+};
+
+// Runs `mode` (see FlowRows) over `rows` rows of `dim` values, a tile of kTileTokens rows at a
+// time streaming the weights once per tile: the decode path (and the llama.cpp hook's only one).
+// workspace holds n_workers * workspace_per_worker(f) values.
+// pfor(n, grain, fn) must call fn(begin, end, worker) over [0, n) with worker < n_workers.
+template <class Acc, class In, class W, class ParallelFor>
+void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const In* residual, In* output,
+              Acc* logdet_out, int64_t rows, Acc alpha, const Acc* direction, Acc* workspace, int n_workers,
+              ParallelFor&& pfor) {
+  const FlowRows<Acc, In, W> io(f, mode, input, residual, output, logdet_out, alpha, direction);
+  const int64_t per_worker = workspace_per_worker(f);
 
   // Rows are independent: workers take whole tiles, one fork/join per call. A tile is never
   // split across threads: splitting decode's 1-8 tokens (by rows, or one token's products by
@@ -172,18 +208,17 @@ void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const I
     for (int64_t tile = b; tile < e; ++tile) {
       const int64_t r0 = tile * kTileTokens;
       const int nt = static_cast<int>(std::min<int64_t>(kTileTokens, rows - r0));
-      load(r0, nt, buf.u);
-      if (identity) continue;
-      std::fill(buf.logdet, buf.logdet + nt, base_logdet);
+      io.load(r0, nt, buf.u, buf.logdet);
+      if (io.identity) continue;
       if (mode != FlowMode::kInverse) {
         for (int64_t k = 0; k < f.n_couplings; ++k) coupling_tile(f, k, buf, nt, false, buf.logdet);
       }
-      if (mode == FlowMode::kSteer) shift_latent(nt, buf.u);
+      if (mode == FlowMode::kSteer) io.shift_latent(nt, buf.u);
       if (mode != FlowMode::kForward) {
         for (int64_t k = f.n_couplings - 1; k >= 0; --k)
           coupling_tile(f, k, buf, nt, true, static_cast<Acc*>(nullptr));
       }
-      store(r0, nt, buf.u, buf.logdet);
+      io.store(r0, nt, buf.u, buf.logdet);
     }
   });
 }

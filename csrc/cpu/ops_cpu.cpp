@@ -1,10 +1,11 @@
-// The CPU backend of the innsteer ops (csrc/flow_ops.h): the parallel-over-tokens driver
-// around csrc/cpu/flow_cpu.h.
+// The CPU backend of the innsteer ops (csrc/flow_ops.h): from kBlasMinRows rows on the BLAS
+// prefill path (csrc/cpu/flow_blas_cpu.h), below it the row-streaming flow (csrc/cpu/flow_cpu.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../flow_ops.h"
+#include "flow_blas_cpu.h"
 #include "flow_cpu.h"
 
 namespace innsteer {
@@ -33,6 +34,10 @@ struct CpuBackend {
   template <class Acc, class In, class W>
   static void launch(const FlowView<Acc, W>& flow, FlowMode mode, const In* input, const In* residual, In* output,
                      Acc* logdet, int64_t rows, Acc alpha, const Acc* direction, const at::Tensor& like) {
+    if (rows >= cpu::kBlasMinRows) {
+      cpu::run_flow_blas<Acc, In, W>(flow, mode, input, residual, output, logdet, rows, alpha, direction);
+      return;
+    }
     const int n_workers = at::get_num_threads();
     at::Tensor workspace = at::empty({n_workers * cpu::workspace_per_worker(flow)},
                                      like.options().dtype(accumulate_dtype(like.scalar_type())));
