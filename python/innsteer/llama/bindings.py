@@ -115,6 +115,7 @@ class SteerGGUF:
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> SteerGGUF:
+        data = bytes(data)  # also bytearray and memoryview, which ctypes' char* refuses
         lib, err = hook_library(), ctypes.create_string_buffer(ERR_LEN)
         handle = lib.innsteer_steer_load_buffer(data, len(data), err, ERR_LEN)
         if not handle:

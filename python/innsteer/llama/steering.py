@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import operator
 import os
 import threading
+import uuid
 from typing import Optional, Union
 
 import numpy as np
@@ -45,6 +47,7 @@ __all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookErr
 
 _MAX_POSITION = 2**62  # steer_from's bound: position - batch start must fit the hook's int64
 _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm.steering may be reassigned)
+_UNSTEERED = "unsteered"  # the steering of a state saved with no active entry and no control vector
 
 
 class _Generation:
@@ -83,6 +86,7 @@ class LlamaSteering:
         # Evaluation and steering changes from several threads run one at a time (see _serialize_evals).
         self._lock = threading.RLock()
         self.start_position = 0
+        self._identity = uuid.uuid4().hex  # names this steering in the states it saves
         n_threads = int(llm.context_params.n_threads_batch)
         self._lib.innsteer_hook_set_threads(self._hook, min(max(1, n_threads), MAX_THREADS))
         self.n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
@@ -91,6 +95,7 @@ class LlamaSteering:
         self._install()
         self._track_generations()
         self._serialize_evals()
+        self._tag_saved_states()
         setattr(llm, _INSTALLED, self)
         llm.steering = self
 
@@ -118,9 +123,19 @@ class LlamaSteering:
 
         def checked_decode(batch):
             hook = self._live_hook()
-            # Llama's batches hold one sequence at consecutive positions: row i is position pos[0] + i.
-            first_row = self.start_position - batch.batch.pos[0] if batch.batch.n_tokens > 0 else 0
-            if lib.innsteer_hook_begin(hook, max(0, first_row)):
+            first_row = 0
+            n_rows = batch.batch.n_tokens
+            if n_rows > 0 and self.start_position > batch.batch.pos[0]:
+                # The hook skips whole rows: that needs row i at position pos[0] + i, as in eval's
+                # batches; embed() packs several sequences, each from position 0.
+                positions = np.ctypeslib.as_array(batch.batch.pos, shape=(n_rows,))
+                if np.any(positions != positions[0] + np.arange(n_rows)):
+                    raise SteerHookError(
+                        f"steer_from({self.start_position}) needs one sequence at consecutive positions per batch; "
+                        "this batch packs several (embed several texts one by one, or steer_from(0))"
+                    )
+                first_row = self.start_position - int(positions[0])
+            if lib.innsteer_hook_begin(hook, first_row):
                 raise RuntimeError("another decode is running with this Llama's steering hook (concurrent use)")
             err = ctypes.create_string_buffer(ERR_LEN)
             try:
@@ -173,6 +188,40 @@ class LlamaSteering:
                 evaluate(tokens)
 
         self.llm.eval = serialized_eval
+
+    def _tag_saved_states(self) -> None:
+        """A saved state (``save_state``, and the states ``Llama.cache`` keeps per prompt) holds a KV
+        cache computed under the steering of its time: tag it, and refuse to load it under other
+        steering, where it would silently mix two settings."""
+        save_state, load_state = self.llm.save_state, self.llm.load_state
+
+        @functools.wraps(save_state)
+        def tagged_save_state():
+            with self._lock:
+                state = save_state()
+                state.innsteer_steering = self._signature()
+            return state
+
+        @functools.wraps(load_state)
+        def checked_load_state(state):
+            with self._lock:
+                self._live_hook()
+                if getattr(state, "innsteer_steering", _UNSTEERED) != self._signature():
+                    raise ValueError(
+                        "this saved state was computed under other steering than this Llama's now: restore that "
+                        "steering first, or, for states kept by Llama.cache, clear the cache (llm.set_cache(None))"
+                    )
+                load_state(state)
+
+        self.llm.save_state, self.llm.load_state = tagged_save_state, checked_load_state
+
+    def _signature(self):
+        """The steering a KV cache was computed under: _UNSTEERED, or this steering's settings."""
+        alphas, start_position, cvec = self._state()
+        if not any(alphas) and cvec is None:
+            return _UNSTEERED
+        cvec_digest = None if cvec is None else hashlib.sha256(cvec).hexdigest()
+        return self._identity, alphas, start_position, cvec_digest
 
     def _free(self) -> None:
         if self._hook:
