@@ -26,7 +26,7 @@ from llama_helpers import SMOLLM_DIM, last_logits, random_inn_steerer  # noqa: E
 
 from innsteer import SteerFileError  # noqa: E402
 from innsteer.hf.models import default_gguf_path  # noqa: E402
-from innsteer.llama.bindings import MAX_THREADS, SteerGGUF  # noqa: E402
+from innsteer.llama.bindings import MAX_THREADS, SteerGGUF, SteerHookError  # noqa: E402
 from innsteer.llama.export import export_steer_gguf  # noqa: E402
 from innsteer.llama.steering import LlamaSteering, SteeredLlama, attach  # noqa: E402
 
@@ -316,8 +316,6 @@ def test_a_failed_reevaluation_ends_the_stream_with_the_error(gguf_path, steer_f
     stream raises instead of decoding its next token at position 0."""
     import ctypes
 
-    from innsteer.llama.bindings import SteerHookError
-
     llm = steered(gguf_path, steer_file)
     stream = llm.create_completion(PROMPT, max_tokens=10, temperature=0.0, stream=True)
     next(stream)
@@ -433,3 +431,57 @@ def test_steer_file_clamp_must_be_in_range(steer_file):
     for clamp in (float("nan"), float("inf")):
         with pytest.raises(SteerFileError, match="innsteer.clamp' is not finite"):
             SteerGGUF.from_bytes(_with_clamp(data, clamp))
+
+
+def test_saved_states_load_only_under_the_steering_they_were_computed_with(gguf_path, steer_file, plain_llm):
+    """Llama.cache and load_state restore a KV cache: one computed at another alpha used to be
+    reused silently (the next completion mixed two settings)."""
+    import llama_cpp
+
+    llm = steered(gguf_path, steer_file)
+    llm.set_cache(llama_cpp.LlamaRAMCache())
+    steered_text = llm.create_completion(PROMPT, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    llm.steering.set_alpha(0.0)
+    with pytest.raises(ValueError, match="computed under other steering"):
+        llm.create_completion(PROMPT, max_tokens=6, temperature=0.0)
+    llm.set_cache(None)
+    plain_text = plain_llm.create_completion(PROMPT, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    assert llm.create_completion(PROMPT, max_tokens=6, temperature=0.0)["choices"][0]["text"] == plain_text
+    assert plain_text != steered_text
+
+    tokens = llm.tokenize(PROMPT.encode())
+    llm.eval(tokens)
+    unsteered_state = llm.save_state()
+    llm.steering.set_alpha(STEERED_ALPHA)
+    last_logits(llm, tokens)
+    steered_state = llm.save_state()
+    with pytest.raises(ValueError, match="computed under other steering"):
+        llm.load_state(unsteered_state)
+    llm.load_state(steered_state)  # the same steering: fine
+    llm.steering.disable()
+    llm.load_state(unsteered_state)  # disabled is unsteered, like the state
+    plain_llm.reset()
+    plain_llm.eval(tokens[:1])
+    llm.load_state(plain_llm.save_state())  # an unhooked Llama's state is unsteered too
+
+
+def test_steer_from_refuses_batches_that_pack_several_sequences(gguf_path, steer_file):
+    """embed() packs several texts in one batch, each from position 0: steer_from(k) used to skip
+    the first k rows of the batch (the first text's) and steer every token of the others."""
+    llm = SteeredLlama(gguf_path, steer=steer_file, alpha=3.0, n_ctx=256, n_threads=2, embedding=True,
+                       verbose=False)
+    texts = ["the cat sat on the mat", "a dog ran"]
+    llm.steering.steer_from(3)
+    with pytest.raises(SteerHookError, match="packs several"):
+        llm.embed(texts)
+    unsteered_start = np.array(llm.embed([texts[1]])[0])  # one text per batch is fine
+    llm.steering.steer_from(0)  # every row steered: no positions needed
+    assert len(llm.embed(texts)) == 2
+    steered_start = np.array(llm.embed([texts[1]])[0])
+    assert np.abs(steered_start - unsteered_start).max() > 1.0
+
+
+def test_from_bytes_takes_any_bytes_like(steer_file):
+    data = open(steer_file, "rb").read()
+    for view in (bytearray(data), memoryview(data)):  # ctypes refused these with "wrong type"
+        assert SteerGGUF.from_bytes(view).hidden_size == SMOLLM_DIM
