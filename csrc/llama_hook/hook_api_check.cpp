@@ -112,6 +112,8 @@ void arguments(const char* path) {
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   char err[512];
   check(innsteer_steer_load_file(nullptr, err, sizeof err) == nullptr, "load_file(NULL)");
+  check(innsteer_steer_load_file("/", err, sizeof err) == nullptr, "load_file(a directory)");
+  check(innsteer_steer_load_file("/nonexistent/steer.gguf", err, sizeof err) == nullptr, "load_file(missing)");
   check(innsteer_steer_load_buffer(nullptr, 10, err, sizeof err) == nullptr, "load_buffer(NULL, 10)");
   check(innsteer_steer_load_buffer(nullptr, 0, nullptr, 0) == nullptr, "load_buffer(NULL, 0) without err");
   innsteer_steer_free(nullptr);
