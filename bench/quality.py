@@ -1,0 +1,88 @@
+"""The quality comparison of docs/RESULTS.md: CAA vs INNSteer (and optionally other methods) under
+the protocol of innsteer.eval.protocol, per behavior, written to docs/results/<model>-<behavior>.json
+with the command and the code version, and a Markdown table on stdout.
+
+    python bench/quality.py --behaviors corrigible-neutral-HHH,coordinate-other-ais --seeds 0,1,2
+    python bench/quality.py --model qwen2.5-coder-1.5b --layer 14 --behaviors refusal --seeds 0
+
+Settings (layer, INNSteer's token choice and training options) come from the validation study
+recorded in docs/RESULTS.md; test items decide nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended  # noqa: E402
+from innsteer.eval.protocol import MethodSpec, comparison_table, default_specs, run_protocol  # noqa: E402
+from innsteer.hf.models import load_model  # noqa: E402
+
+
+def code_version() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "python"], cwd=ROOT, capture_output=True, text=True)
+        return head.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--behaviors", default=",".join(BEHAVIORS))
+    parser.add_argument("--layer", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--n-prompts", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--innsteer-tokens", default="all", choices=("mean", "last", "all"))
+    parser.add_argument("--innsteer-options", default="{}", help="JSON: INNSteer training options")
+    parser.add_argument("--extra-methods", default="", help="comma-separated METHODS fitted on mean activations too")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    args = parser.parse_args()
+
+    lm = load_model(args.model)
+    specs = default_specs(json.loads(args.innsteer_options), args.innsteer_tokens)
+    for name in filter(None, args.extra_methods.split(",")):
+        specs[name] = MethodSpec(name, "mean")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    results = []
+    for behavior in args.behaviors.split(","):
+        start = time.time()
+        result = run_protocol(
+            lm,
+            load_ab(behavior, "generate"),
+            load_ab(behavior, "test_ab"),
+            load_open_ended(behavior, limit=args.n_prompts),
+            layer=args.layer,
+            specs=specs,
+            seeds=[int(s) for s in args.seeds.split(",")],
+            behavior=behavior,
+            max_new_tokens=args.max_new_tokens,
+        )
+        result.update(command=command, code_version=code_version(), seconds=round(time.time() - start))
+        path = out / f"{lm.model_id}-{behavior}-L{args.layer}.json"
+        path.write_text(json.dumps(result, indent=1))
+        results.append(result)
+        print(f"{behavior}: {result['seconds']} s, wrote {path}", flush=True)
+        print(comparison_table([result]), flush=True)
+    for metric in results[0]["metrics"]:
+        print(f"\n## {metric} metric, steering toward the behavior\n")
+        print(comparison_table(results, metric))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
