@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "python" / "innsteer"
-LAYERS = ("core", "datasets", "hf", "eval", "llama", "cli")  # bottom to top
+LAYERS = ("core", "datasets", "hf", "eval", "llama", "serve", "cli")  # bottom to top
 
 
 def module_name(path: Path) -> str:

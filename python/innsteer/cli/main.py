@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
-from . import commands, llama
+from . import commands, llama, serve
 from .commands import DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
 
 
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_demo, n_train=150)
 
     llama.register(sub)
+    serve.register(sub)
     return parser
 
 
