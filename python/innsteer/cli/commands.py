@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from ..core.errors import InnsteerError
+from ..core.errors import InnsteerError, MissingFileError
 from ..datasets.caa import BEHAVIORS
 
 DEMO_BEHAVIOR = "corrigible-neutral-HHH"
 DEMO_LAYER = 10
+DEMO_SAMPLE_TOKENS = 40  # length of the demo's sample generations
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
 
@@ -22,21 +25,102 @@ class CLIError(InnsteerError):
     """A user error: printed as 'innsteer: error: ...' with exit status 2."""
 
 
+def check_input_file(path: str, option: str) -> None:
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{option}: no file at {path}")
+
+
+def _check_writable(directory: Path, option: str, path: str) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise CLIError(f"{option} {path}: cannot write in {directory} ({error.strerror})") from None
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Before any work: a file can be written (created or replaced) at ``path``."""
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path} is a directory; name the file to write")
+    directory = Path(path).absolute().parent
+    if not directory.is_dir():
+        raise CLIError(f"{option} {path}: directory {directory} does not exist")
+    _check_writable(directory, option, path)
+
+
+def _check_output_dir(path: str, option: str) -> None:
+    """Before any work: ``path`` is, or can be made, a writable directory."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{option} {path}: {existing} exists and is not a directory")
+    _check_writable(existing, option, path)
+
+
+def _check_report(args) -> None:
+    """Before any work: the report's directory, and matplotlib for its plots."""
+    if args.out:
+        _check_output_dir(args.out, "--out")
+        if not args.no_plots:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                from ..eval.report import PLOT_HINT
+
+                raise CLIError(PLOT_HINT) from None
+
+
 def _load(args):
     from ..hf.models import load_model
 
     t = time.perf_counter()
-    lm = load_model(args.model)
+    try:
+        lm = load_model(args.model)
+    except ValueError as error:  # transformers on a GGUF that holds no model it knows (e.g. a steer GGUF)
+        raise CLIError(f"cannot load the model {args.model}: {error}") from error
     print(
         f"model {lm.model_id}: {lm.num_layers} layers, hidden size {lm.hidden_size} "
         f"(loaded in {time.perf_counter() - t:.1f} s)",
         file=sys.stderr,
     )
-    if getattr(args, "layer", None) is not None:
-        from ..hf.models import check_layer
-
-        check_layer(lm.model, args.layer)
+    _resolve_layers(lm, args)
     return lm
+
+
+def _resolve_layers(lm, args) -> None:
+    """Check the layer options against the model and make negative layers (from the last) absolute,
+    so every later step, the files written included, sees one index per layer."""
+    from ..core.hooks import check_layer
+
+    if getattr(args, "layer", None) is not None:
+        args.layer = check_layer(lm.model, args.layer)
+    for option in ("layers", "layer_sweep"):
+        layers = getattr(args, option, None)
+        if layers:
+            resolved = [check_layer(lm.model, layer) for layer in layers]
+            repeated = sorted({layer for layer in resolved if resolved.count(layer) > 1})
+            if repeated:
+                raise CLIError(
+                    f"--{option.replace('_', '-')} names layer {repeated[0]} more than once "
+                    f"(negative layers count from the last: -1 is {lm.num_layers - 1})"
+                )
+            setattr(args, option, resolved)
+
+
+def _check_context(lm, max_new_tokens: int, prompt_lengths: tuple[int, ...] = (0,)) -> None:
+    """Refuse replies that cannot fit the model's context (positions past it are garbage)."""
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if context is None:
+        return
+    for i, length in enumerate(prompt_lengths):
+        if length + max_new_tokens > context:
+            which = f"prompt {i + 1} ({length} tokens) plus " if length else ""
+            raise CLIError(
+                f"{which}--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens"
+            )
 
 
 def cmd_collect(args) -> int:
@@ -56,6 +140,7 @@ def cmd_collect(args) -> int:
 def cmd_train(args) -> int:
     from ..eval.experiment import fit_methods
 
+    check_output_file(args.output, "-o/--output")
     lm = _load(args)
     steerers, seconds = fit_methods(lm, args.behavior, args.layer, [args.method], mode=args.mode, n_train=args.n_train)
     steerer = steerers[args.method]
@@ -84,8 +169,12 @@ def _report(result: dict, args, command: str) -> None:
 def cmd_eval(args) -> int:
     from ..eval.experiment import run_behavior
 
+    if args.layer_sweep and (args.all or args.out):
+        raise CLIError("--layer-sweep prints a table of layers; it takes neither --all nor --out")
+    _check_report(args)
     command = "innsteer " + " ".join(sys.argv[1:])
     lm = _load(args)
+    _check_context(lm, args.max_new_tokens)
     if args.layer_sweep:
         return _layer_sweep(lm, args)
     behaviors = BEHAVIORS if args.all else (args.behavior,)
@@ -139,6 +228,14 @@ def _layer_sweep(lm, args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.alpha is not None and not args.steer:
+        raise CLIError(
+            "--alpha sets the strength of --steer, which is missing (a control vector's is --control-strength)"
+        )
+    if args.steer_prompt and not (args.steer or args.control_vector):
+        raise CLIError("--steer-prompt needs --steer or --control-vector")
+    if args.steer:
+        check_input_file(args.steer, "--steer")
     if args.gguf:
         try:
             from .llama import generate_gguf
@@ -148,13 +245,23 @@ def cmd_generate(args) -> int:
                 f"(pip install 'innsteer[llama]'): {error}"
             ) from error
         return generate_gguf(args)
+    if args.control_vector or args.control_strength is not None:
+        raise CLIError("--control-vector and --control-strength are for llama.cpp: they need --gguf MODEL.gguf")
+    if args.steer and is_gguf(args.steer):
+        raise CLIError(f"--steer {args.steer} is a GGUF for llama.cpp: run it with --gguf MODEL.gguf")
     from ..core.steerers import load_steerer
     from ..eval.metrics import generate
+    from ..hf.prompts import format_prompt, uses_chat_template
 
     lm = _load(args)
     steerer = None
     if args.steer:
         steerer = load_steerer(args.steer, expect_hidden_size=lm.hidden_size, expect_model_id=lm.model_id)
+    special = not uses_chat_template(lm.tokenizer)
+    lengths = tuple(
+        len(lm.tokenizer(format_prompt(lm.tokenizer, p), add_special_tokens=special).input_ids) for p in args.prompt
+    )
+    _check_context(lm, args.max_new_tokens, lengths)
     positions = "all" if args.steer_prompt else "after_prompt"
     plain, _, _ = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens)
     steered = None
@@ -171,13 +278,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def is_gguf(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
 def cmd_demo(args) -> int:
     from ..eval.experiment import run_behavior
     from ..eval.metrics import generate
     from ..eval.report import sanity_line, tradeoff_table
 
+    args.out = args.out or "innsteer-demo"
+    _check_report(args)
     start = time.perf_counter()
     lm = _load(args)
+    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS))
     result, steerers = run_behavior(
         lm,
         args.behavior,
@@ -206,11 +321,11 @@ def cmd_demo(args) -> int:
     print("\n" + tradeoff_table(result) + "\n")
     # Sample generations: each method at its largest alpha costing at most 1 nat/token (else its smallest).
     prompts = _open_questions(args.behavior, 2)
-    samples = {"unsteered": generate(lm, prompts, max_new_tokens=40)[0]}
+    samples = {"unsteered": generate(lm, prompts, max_new_tokens=DEMO_SAMPLE_TOKENS)[0]}
     for method in args.methods:
         alpha = _alpha_within_budget(result, method, budget=1.0) or min(args.alphas)
         samples[f"{method} alpha={alpha:g}"] = generate(
-            lm, prompts, steerer=steerers[method], alpha=alpha, max_new_tokens=40
+            lm, prompts, steerer=steerers[method], alpha=alpha, max_new_tokens=DEMO_SAMPLE_TOKENS
         )[0]
     result["samples"] = samples
     for i, prompt in enumerate(prompts):
@@ -218,7 +333,6 @@ def cmd_demo(args) -> int:
         for label, texts in samples.items():
             print(f"[{label}] {texts[i].strip()}")
         print()
-    args.out = args.out or "innsteer-demo"
     _report(result, args, "innsteer " + " ".join(sys.argv[1:]))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0

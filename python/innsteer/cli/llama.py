@@ -2,14 +2,17 @@
 
 innsteer export STEERER -o steer.gguf [--format controlvector] [--weight-dtype bfloat16]
 innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via generate_gguf;
-                                             --gguf smollm2 is the embedded default model)
+                                             --gguf smollm2 is the embedded default model; --steer
+                                             also takes a .safetensors steerer)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from typing import Optional
 
 from .commands import CLIError
 
@@ -59,53 +62,126 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steer_gguf_path(steer: str, tmpdir: str) -> str:
-    """A steer GGUF for ``steer``: the file itself, or a safetensors steerer exported on the fly."""
-    with open(steer, "rb") as handle:
-        if handle.read(4) == b"GGUF":
-            return steer
+# Room for a prompt's chat template in the llama.cpp context, on top of the prompt's bytes (a token
+# holds at least one byte, so bytes bound the prompt's tokens).
+TEMPLATE_ROOM = 512
+
+
+def _context_length(model: str) -> Optional[int]:
+    """The context the GGUF model was trained with (its ``ARCH.context_length``), if it says."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(model).fields
+    except Exception as error:  # gguf raises ValueError/struct.error/IndexError on damaged files
+        raise CLIError(f"--gguf {model} is not a readable GGUF file ({type(error).__name__}: {error})") from error
+    arch = fields.get("general.architecture")
+    length = fields.get(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(length.contents()) if length is not None else None
+
+
+def _steer_for_llama(
+    args: argparse.Namespace, model_id: str, tmpdir: str
+) -> tuple[Optional[str], Optional[str], float, str]:
+    """(steer GGUF, control vector GGUF, its strength, its label) for ``--steer``: a steer GGUF as is; a safetensors
+    INN steerer exported as a steer GGUF; a linear one (CAA, PCA, probe: h + alpha * v) as a llama.cpp
+    control vector, which llama.cpp adds at every position."""
+    from .commands import is_gguf
+
+    if is_gguf(args.steer):
+        return args.steer, None, 0.0, ""
+    from ..core.steerers import Steerer, load_steerer
     from ..llama.export import export
 
-    path = os.path.join(tmpdir, "steer.gguf")
-    export(steer, path)
-    return path
+    steerer = load_steerer(args.steer, expect_model_id=model_id)
+    if isinstance(steerer, Steerer):
+        path = os.path.join(tmpdir, "steer.gguf")
+        export(steerer, path)
+        return path, None, 0.0, ""
+    if args.control_vector:
+        raise CLIError(
+            f"--steer {args.steer} is a linear steerer, which runs as a llama.cpp control vector: "
+            "it cannot be combined with --control-vector"
+        )
+    path = os.path.join(tmpdir, "steer-controlvector.gguf")
+    export(steerer, path, format="controlvector")  # a clear error for the affine (linear_act) kind
+    if not args.steer_prompt:
+        print(
+            f"innsteer: note: the {steerer.method} steerer runs as a llama.cpp control vector, "
+            "which steers the prompt too (as --steer-prompt)",
+            file=sys.stderr,
+        )
+    alpha = steerer.alpha if args.alpha is None else args.alpha
+    return None, path, alpha, f"{steerer.method} alpha={alpha:g} (control vector)"
 
 
 def generate_gguf(args: argparse.Namespace) -> int:
     """``innsteer generate --gguf MODEL``: the unsteered and the steered greedy chat reply to each
-    prompt from a GGUF in llama.cpp, steered by ``--steer`` (a steer GGUF, or an INN .safetensors
-    exported on the fly) at ``--alpha`` and/or ``--control-vector``. Steering starts at the last
-    prompt token (as in the PyTorch path) unless ``--steer-prompt``."""
-    from ..hf.models import resolve_model_path
-    from ..llama.steering import SteeredLlama, chat_reply
+    prompt from a GGUF in llama.cpp, steered by ``--steer`` (a steer GGUF, or a .safetensors steerer
+    exported on the fly: an INN as a steer GGUF, a linear one as a control vector) at ``--alpha``
+    and/or ``--control-vector``. Steering starts at the last prompt token (as in the PyTorch path)
+    unless ``--steer-prompt``; control vectors steer every position."""
+    from ..hf.models import model_id_for, resolve_model_path
+    from .commands import check_input_file
 
+    if getattr(args, "model", None):
+        raise CLIError("--model and --gguf both name the model: pass one")
     model = resolve_model_path(args.gguf)  # 'smollm2': the embedded default GGUF
     if model.suffix != ".gguf":
         raise CLIError(f"--gguf needs a .gguf file, got {model}")
+    if args.control_vector:
+        check_input_file(args.control_vector, "--control-vector")
     prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
-    control_vector = getattr(args, "control_vector", None)
-    strength = float(getattr(args, "control_strength", 1.0))
-    steer_prompt = bool(getattr(args, "steer_prompt", False))
+    context = _context_length(str(model))
+    if context is not None and args.max_new_tokens >= context:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens")
+    n_ctx = args.max_new_tokens + max(len(p.encode()) for p in prompts) + TEMPLATE_ROOM
+    n_ctx = n_ctx if context is None else min(n_ctx, context)
     with tempfile.TemporaryDirectory() as tmpdir:
-        steer = _steer_gguf_path(os.fspath(args.steer), tmpdir) if args.steer else None
-        llm = SteeredLlama(str(model), steer=steer, alpha=args.alpha, n_ctx=2048)
-    steering = llm.steering
-    steering.disable()
-    plain = [chat_reply(llm, p, args.max_new_tokens) for p in prompts]
-    steered = None
-    if steer or control_vector:
-        steering.enable()
-        if control_vector:
-            steering.set_control_vector(control_vector, strength)
-        steered = [chat_reply(llm, p, args.max_new_tokens, steer_prompt=steer_prompt) for p in prompts]
-    label = []
-    if steer:
-        label.append(f"innsteer alpha={steering.alphas[0]:g}")
+        steer, control_vector = None, args.control_vector
+        strength = 1.0 if args.control_strength is None else float(args.control_strength)
+        label = f"control vector x{strength:g}"
+        if args.steer:
+            steer, steer_vector, steer_strength, steer_label = _steer_for_llama(args, model_id_for(model), tmpdir)
+            if steer_vector:
+                control_vector, strength, label = steer_vector, steer_strength, steer_label
+        from ..llama.steering import SteeredLlama
+
+        try:  # llama.cpp's and the hook's ValueErrors: a file that is no model, a layer it lacks, ...
+            llm = SteeredLlama(
+                str(model), steer=steer, alpha=args.alpha, n_ctx=n_ctx, expect_model_id=model_id_for(model)
+            )
+            if control_vector:
+                llm.steering.set_control_vector(control_vector, strength)  # checked before any reply
+                llm.steering.clear_control_vector()
+        except ValueError as error:
+            raise CLIError(str(error)) from error
+        steering = llm.steering
+        steering.disable()
+        plain = [_reply(llm, i, p, args.max_new_tokens, False) for i, p in enumerate(prompts)]
+        steered = None
+        if steer or control_vector:
+            steering.enable()
+            if control_vector:
+                steering.set_control_vector(control_vector, strength)
+            steered = [_reply(llm, i, p, args.max_new_tokens, args.steer_prompt) for i, p in enumerate(prompts)]
+    labels = [f"innsteer alpha={steering.alphas[0]:g}"] if steer else []
     if control_vector:
-        label.append(f"control vector x{strength:g}")
+        labels.append(label)
     for i, prompt in enumerate(prompts):
         print(f">>> {prompt}\n[unsteered] {plain[i]}")
         if steered is not None:
-            print(f"[{', '.join(label)}] {steered[i]}")
+            print(f"[{', '.join(labels)}] {steered[i]}")
         print()
     return 0
+
+
+def _reply(llm, index: int, prompt: str, max_new_tokens: int, steer_prompt: bool) -> str:
+    from ..llama.steering import chat_reply
+
+    try:
+        return chat_reply(llm, prompt, max_new_tokens, steer_prompt=steer_prompt)
+    except ValueError as error:
+        if "exceed context window" in str(error):  # llama-cpp-python's check of the prompt's length
+            raise CLIError(f"prompt {index + 1} is too long for the model: {error}") from error
+        raise

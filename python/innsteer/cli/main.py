@@ -9,28 +9,93 @@ slower here when other processes held the cores.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
 from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
-from . import commands, llama, serve
+from . import commands, llama
 from .commands import DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
 
+FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
+NUMBER_OPTIONS = ("--layer", "--layers", "--layer-sweep", "--alpha", "--alphas", "--control-strength")
+NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
-def _floats(text: str) -> list[float]:
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """argparse reads a value such as '-1,2', '-1e3' or '-inf' as an unknown option; '--alphas=-1,2' is the
+    form it understands, so a negative value after a numeric option is attached that way."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":  # the rest is positional
+            return out + list(argv[i:])
+        if argv[i] in NUMBER_OPTIONS and i + 1 < len(argv) and NEGATIVE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _finite(text: str) -> float:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not abs(value) <= FLOAT32_MAX:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"expected a finite number within float32's range, got '{text}'")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _distinct(values: list, what: str, text: str) -> list:
+    """``values`` parsed from a comma-separated option: at least one, none twice."""
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one {what}, got '{text}'")
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{what} {repeated[0]} is listed more than once in '{text}'")
+    return values
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [_finite(x) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got '{text}'") from None
+    return _distinct(values, "alpha", text)
 
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    return _distinct(values, "layer", text)
+
+
+def _utf8(text: str) -> str:
+    """A prompt: Python decodes undecodable argv bytes to lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise argparse.ArgumentTypeError(f"'{shown}' is not valid UTF-8 text") from None
+    return text
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -49,14 +114,21 @@ def _add_data(p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO
         metavar="BEHAVIOR",
         help=f"CAA behavior: {', '.join(BEHAVIORS)} (default: %(default)s)",
     )
-    p.add_argument("--layer", type=int, default=layer_default, help="decoder layer to steer (default: %(default)s)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=layer_default,
+        help="decoder layer to steer; negative counts from the last (-1) (default: %(default)s)",
+    )
     p.add_argument(
         "--mode",
         choices=("answer", "letter"),
         default="answer",
         help="activations at the answer text's tokens (mean) or at the answer letter (CAA) (default: %(default)s)",
     )
-    p.add_argument("--n-train", type=int, default=None, help="use at most this many training pairs (default: all)")
+    p.add_argument(
+        "--n-train", type=_positive, default=None, help="use at most this many training pairs (default: all)"
+    )
 
 
 def _methods(text: str) -> list[str]:
@@ -64,7 +136,7 @@ def _methods(text: str) -> list[str]:
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from: {', '.join(METHOD_NAMES)}")
-    return methods
+    return _distinct(methods, "method", text)
 
 
 def _add_eval(
@@ -78,15 +150,22 @@ def _add_eval(
     )
     p.add_argument(
         "--alphas",
-        type=_floats,
-        default=_floats(alphas),
+        type=_alphas,
+        default=_alphas(alphas),
         help="steering strengths to sweep; alpha 1 moves the class means by CAA's difference for every "
         "method (default: %(default)s)",
     )
-    p.add_argument("--n-test", type=int, default=n_test, help="test A/B items to score (default: %(default)s = all 50)")
-    p.add_argument("--n-open", type=int, default=n_open, help="open-ended prompts for fluency (default: %(default)s)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=max_new_tokens, help="reply length for fluency (default: %(default)s)"
+        "--n-test", type=_positive, default=n_test, help="test A/B items to score (default: %(default)s = all 50)"
+    )
+    p.add_argument(
+        "--n-open", type=_positive, default=n_open, help="open-ended prompts for fluency (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=max_new_tokens,
+        help="reply length for fluency (default: %(default)s)",
     )
     p.add_argument("--out", default=None, help="report directory (Markdown, JSON, PNG plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
@@ -121,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_data(p)
     p.add_argument("--method", choices=METHOD_NAMES, default="innsteer", help="(default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=None, help="default alpha stored in the file")
+    p.add_argument("--alpha", type=_finite, default=None, help="default alpha stored in the file")
     p.add_argument("-o", "--output", required=True, help="steer file to write (.safetensors)")
     p.set_defaults(func=commands.cmd_train)
 
@@ -154,10 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
         "model runs in llama.cpp (needs llama-cpp-python).",
     )
     _add_model(p)
-    p.add_argument("prompt", nargs="+", help="user message(s)")
-    p.add_argument("--steer", default=None, help="steer file written by `innsteer train` (or a steer GGUF with --gguf)")
-    p.add_argument("--alpha", type=float, default=None, help="steering strength (default: the file's)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("prompt", nargs="+", type=_utf8, help="user message(s)")
+    p.add_argument(
+        "--steer",
+        default=None,
+        help="steer file written by `innsteer train` (with --gguf also a steer GGUF; a linear steerer then "
+        "runs as a llama.cpp control vector)",
+    )
+    p.add_argument("--alpha", type=_finite, default=None, help="steering strength (default: the file's)")
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="(default: %(default)s)")
     p.add_argument(
         "--steer-prompt",
         action="store_true",
@@ -165,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gguf", default=None, help="run this GGUF in llama.cpp instead of PyTorch")
     p.add_argument("--control-vector", default=None, help="(--gguf only) a llama.cpp control vector GGUF")
-    p.add_argument("--control-strength", type=float, default=1.0, help="(--gguf only) (default: %(default)s)")
+    p.add_argument("--control-strength", type=_finite, default=None, help="(--gguf only) (default: 1)")
     p.set_defaults(func=commands.cmd_generate)
 
     p = sub.add_parser(
@@ -181,21 +265,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_demo, n_train=150)
 
     llama.register(sub)
-    serve.register(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if hasattr(sys.stdout, "reconfigure"):
+        # a path from undecodable argv bytes holds lone surrogates: print them escaped, never crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handlers below, not at exit
+        return code
     except InnsteerError as error:
         print(f"innsteer: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("innsteer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`innsteer ... | head`): stop quietly, and keep Python's exit-time
+        # flush of stdout from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as error:  # disk full, permissions, a file vanishing mid-run: not a bug of ours
+        print(f"innsteer: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
