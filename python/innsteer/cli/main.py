@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
-from . import commands, llama
+from . import commands, llama, serve
 from .commands import DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_demo, n_train=150)
 
     llama.register(sub)
+    serve.register(sub)
     return parser
 
 
