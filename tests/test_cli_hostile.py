@@ -236,6 +236,11 @@ def test_replies_longer_than_the_context_are_refused_before_generating(capsys, d
     code, out, err = run(["generate", "Hello", "--max-new-tokens", str(context)], capsys)
     assert_one_line_error(code, err.splitlines()[-1], f"does not fit the model's context of {context} tokens")
     assert out == ""
+    # eval's and demo's replies follow their open-ended prompts, which take room too
+    for command in ("eval", "demo"):
+        code, out, err = run([command, "--max-new-tokens", str(context - 5), "--no-plots"], capsys)
+        assert_one_line_error(code, err.splitlines()[-1], "open-ended prompt 1", f"context of {context} tokens")
+        assert out == ""
 
 
 @pytest.mark.slow

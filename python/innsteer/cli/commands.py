@@ -16,7 +16,7 @@ from ..datasets.caa import BEHAVIORS
 
 DEMO_BEHAVIOR = "corrigible-neutral-HHH"
 DEMO_LAYER = 10
-DEMO_SAMPLE_TOKENS = 40  # length of the demo's sample generations
+DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: prompts, reply length
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
 
@@ -110,16 +110,20 @@ def _resolve_layers(lm, args) -> None:
             setattr(args, option, resolved)
 
 
-def _check_context(lm, max_new_tokens: int, prompt_lengths: tuple[int, ...] = (0,)) -> None:
-    """Refuse replies that cannot fit the model's context (positions past it are garbage)."""
+def _check_context(lm, max_new_tokens: int, prompts: list[str], what: str = "prompt") -> None:
+    """Refuse replies to ``prompts`` that cannot fit the model's context (positions past it are garbage)."""
+    from ..hf.prompts import format_prompt, uses_chat_template
+
     context = getattr(lm.model.config, "max_position_embeddings", None)
     if context is None:
         return
-    for i, length in enumerate(prompt_lengths):
+    special = not uses_chat_template(lm.tokenizer)
+    for i, prompt in enumerate(prompts):
+        length = len(lm.tokenizer(format_prompt(lm.tokenizer, prompt), add_special_tokens=special).input_ids)
         if length + max_new_tokens > context:
-            which = f"prompt {i + 1} ({length} tokens) plus " if length else ""
             raise CLIError(
-                f"{which}--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens"
+                f"{what} {i + 1} ({length} tokens) plus --max-new-tokens {max_new_tokens} does not fit "
+                f"the model's context of {context} tokens"
             )
 
 
@@ -174,10 +178,11 @@ def cmd_eval(args) -> int:
     _check_report(args)
     command = "innsteer " + " ".join(sys.argv[1:])
     lm = _load(args)
-    _check_context(lm, args.max_new_tokens)
     if args.layer_sweep:
         return _layer_sweep(lm, args)
     behaviors = BEHAVIORS if args.all else (args.behavior,)
+    questions = [q for behavior in behaviors for q in _open_questions(behavior, args.n_open)]
+    _check_context(lm, args.max_new_tokens, questions, "open-ended prompt")
     results = []
     for behavior in behaviors:
         result, _ = run_behavior(
@@ -251,17 +256,12 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--steer {args.steer} is a GGUF for llama.cpp: run it with --gguf MODEL.gguf")
     from ..core.steerers import load_steerer
     from ..eval.metrics import generate
-    from ..hf.prompts import format_prompt, uses_chat_template
 
     lm = _load(args)
     steerer = None
     if args.steer:
         steerer = load_steerer(args.steer, expect_hidden_size=lm.hidden_size, expect_model_id=lm.model_id)
-    special = not uses_chat_template(lm.tokenizer)
-    lengths = tuple(
-        len(lm.tokenizer(format_prompt(lm.tokenizer, p), add_special_tokens=special).input_ids) for p in args.prompt
-    )
-    _check_context(lm, args.max_new_tokens, lengths)
+    _check_context(lm, args.max_new_tokens, args.prompt)
     positions = "all" if args.steer_prompt else "after_prompt"
     plain, _, _ = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens)
     steered = None
@@ -292,7 +292,8 @@ def cmd_demo(args) -> int:
     _check_report(args)
     start = time.perf_counter()
     lm = _load(args)
-    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS))
+    questions = _open_questions(args.behavior, max(args.n_open, DEMO_SAMPLES))
+    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), questions, "open-ended prompt")
     result, steerers = run_behavior(
         lm,
         args.behavior,
@@ -320,7 +321,7 @@ def cmd_demo(args) -> int:
             )
     print("\n" + tradeoff_table(result) + "\n")
     # Sample generations: each method at its largest alpha costing at most 1 nat/token (else its smallest).
-    prompts = _open_questions(args.behavior, 2)
+    prompts = _open_questions(args.behavior, DEMO_SAMPLES)
     samples = {"unsteered": generate(lm, prompts, max_new_tokens=DEMO_SAMPLE_TOKENS)[0]}
     for method in args.methods:
         alpha = _alpha_within_budget(result, method, budget=1.0) or min(args.alphas)
