@@ -1,8 +1,10 @@
 """Microbenchmark of the steer op: compiled kernel vs eager pure-PyTorch reference vs
-torch.compile of the reference, side by side in one run (medians after warm-up).
+torch.compile of the reference, side by side in one run. On CPU every round times each column
+once, in random order, and the table gives medians with quartiles and per-round ratios, so
+load from other processes (printed before and after) shifts all columns alike.
 
     python bench/ops.py                      # CPU table, K=4, H=512
-    python bench/ops.py --dims 576 --tokens 1 8 --repeats 200
+    python bench/ops.py --dims 576 --tokens 1 8 --rounds 200
     python bench/ops.py --device cuda        # GPU table: bf16 activations and weights, CUDA events
 
 Also prints the weight-read floor (weight bytes read per call / measured memory bandwidth)
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -38,6 +41,30 @@ def median_ms(fn, repeats: int, warmup: int = 5, min_seconds: float = 0.2) -> fl
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(fns: dict, rounds: int, max_seconds: float, warmup: int = 2) -> dict:
+    """Times every candidate once per round, in a fresh random order each round, so load from other
+    processes hits all of them alike. Returns per-candidate lists of ms, one entry per round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    order = list(fns)
+    times = {name: [] for name in fns}
+    rng = random.Random(0)
+    start = time.perf_counter()
+    while len(times[order[0]]) < rounds and (len(times[order[0]]) < 5 or time.perf_counter() - start < max_seconds):
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def memory_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
     """Read bandwidth of a large float32 reduction (all threads)."""
     data = torch.ones(n_bytes // 4)
@@ -45,7 +72,31 @@ def memory_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
     return n_bytes / (ms * 1e-3) / 1e9
 
 
-def bench_row(dim, tokens, hidden, couplings, repeats, with_compile):
+def machine_line() -> str:
+    """CPU model, the SIMD extensions the kernels and MKL can use, threads and load."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
+            if f in flags]
+    load = "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return (
+        f"# machine: {model}, {os.cpu_count()} logical CPUs, SIMD {' '.join(simd) or 'unknown'}; torch "
+        f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} "
+        f"threads; {load}"
+    )
+
+
+def bench_row(dim, tokens, hidden, couplings, rounds, max_seconds, with_compile):
     torch.manual_seed(0)
     inn = innsteer.INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
@@ -56,18 +107,20 @@ def bench_row(dim, tokens, hidden, couplings, repeats, with_compile):
     flow32 = inn.flow_args()
     flow16 = inn.flow_args(weight_dtype=torch.bfloat16)
     op = torch.ops.innsteer.steer
-    row = {}
+    fns = {
+        "op_f32": lambda: op(h, None, direction, 1.0, *flow32),
+        "op_bf16w": lambda: op(h, None, direction, 1.0, *flow16),
+        "eager": lambda: reference.steer(h, None, direction, 1.0, *flow32),
+    }
+    if with_compile:
+        torch._dynamo.reset()  # a fresh cache per shape: past the recompile limit it would silently run eager
+        compiled = torch.compile(reference.steer, dynamic=False)
+        fns["compiled"] = lambda: compiled(h, None, direction, 1.0, *flow32)
     with torch.no_grad():
-        row["op_f32"] = median_ms(lambda: op(h, None, direction, 1.0, *flow32), repeats)
-        row["op_bf16w"] = median_ms(lambda: op(h, None, direction, 1.0, *flow16), repeats)
-        row["eager"] = median_ms(lambda: reference.steer(h, None, direction, 1.0, *flow32), max(5, repeats // 4))
-        if with_compile:
-            torch._dynamo.reset()  # a fresh cache per shape: past the recompile limit it would silently run eager
-            compiled = torch.compile(reference.steer, dynamic=False)
-            row["compiled"] = median_ms(lambda: compiled(h, None, direction, 1.0, *flow32), max(5, repeats // 4))
+        times = interleaved_ms(fns, rounds, max_seconds)
     weights = sum(w.numel() for w in list(inn.w1) + list(inn.w2))
-    row["weight_bytes_f32"] = 2 * 4 * weights  # forward and inverse each read every weight once
-    return row
+    times["weight_bytes_f32"] = 2 * 4 * weights  # forward and inverse each read every weight once
+    return times
 
 
 def cuda_median_ms(fn, repeats: int, warmup: int = 5) -> float:
@@ -186,7 +239,9 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--couplings", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=50, help="cuda: timed calls per column")
+    parser.add_argument("--rounds", type=int, default=30, help="cpu: interleaved rounds per row (at least 5)")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="cpu: stop adding rounds after this long")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
@@ -202,33 +257,48 @@ def main():
         return main_cuda(args)
 
     bandwidth = memory_bandwidth_gbs()
+    print(machine_line())
     print(
-        f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; measured read bandwidth {bandwidth:.1f} GB/s"
-    )
-    print(
-        f"# K={args.couplings}, H={args.hidden}; times are medians in ms per steer call "
-        "(phi, + alpha v, phi^-1), float32 activations"
+        f"# K={args.couplings}, H={args.hidden}, float32 activations; ms per steer call (phi, + alpha v, phi^-1): "
+        "median [quartiles] over rounds that time every column once in random order; eager/op and "
+        "compiled/op are medians [quartiles] of the per-round ratios (op = the weight dtype with the lower "
+        f"median); read bandwidth {bandwidth:.1f} GB/s (float32 sum, all threads); "
+        "floor = weight bytes read per call / that bandwidth"
     )
     header = (
-        "| d | tokens | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | compiled/op "
+        "| d | tokens | rounds | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | compiled/op "
         "| floor f32 w | floor bf16 w | op bf16 w / floor |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
+
+    def ratio(values, op_times):
+        if not values:
+            return "n/a"
+        q1, q2, q3 = quartiles([x / op for x, op in zip(values, op_times)])
+        return f"{q2:.2f}x [{q1:.2f}-{q3:.2f}]"
+
+    def cell(values):
+        if not values:
+            return "n/a"
+        q1, q2, q3 = quartiles(values)
+        return f"{q2:.3f} [{q1:.3f}-{q3:.3f}]"
+
     for dim in args.dims:
         for tokens in args.tokens:
-            row = bench_row(dim, tokens, args.hidden, args.couplings, args.repeats, not args.no_compile)
-            floor32 = row["weight_bytes_f32"] / (bandwidth * 1e9) * 1e3
+            t = bench_row(dim, tokens, args.hidden, args.couplings, args.rounds, args.max_seconds, not args.no_compile)
+            floor32 = t["weight_bytes_f32"] / (bandwidth * 1e9) * 1e3
             floor16 = floor32 / 2
-            best = min(row["op_f32"], row["op_bf16w"])
-            compiled = row.get("compiled", float("nan"))
+            best = min(t["op_f32"], t["op_bf16w"], key=statistics.median)
+
             print(
-                f"| {dim} | {tokens} | {row['op_f32']:.3f} | {row['op_bf16w']:.3f} | {row['eager']:.3f} | "
-                f"{compiled:.3f} | {row['eager'] / best:.1f}x | {compiled / best:.1f}x | {floor32:.3f} | "
-                f"{floor16:.3f} | {row['op_bf16w'] / floor16:.2f} |",
+                f"| {dim} | {tokens} | {len(best)} | {cell(t['op_f32'])} | {cell(t['op_bf16w'])} | "
+                f"{cell(t['eager'])} | {cell(t.get('compiled', []))} | {ratio(t['eager'], best)} | "
+                f"{ratio(t.get('compiled', []), best)} | "
+                f"{floor32:.3f} | {floor16:.3f} | {statistics.median(t['op_bf16w']) / floor16:.2f} |",
                 flush=True,
             )
+    print(machine_line().replace("# machine:", "# after the run:"))
 
 
 if __name__ == "__main__":

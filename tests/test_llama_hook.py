@@ -63,7 +63,10 @@ def test_c_steer_equals_torch_op(tmp_path, weight_dtype, n_threads):
     steer = SteerGGUF.load(path)
     assert steer.bf16_weights == (weight_dtype == "bfloat16")
     for alpha in (0.0, 0.7, -3.0):
-        ref = steerer(h, alpha).numpy()
+        # The hook runs the op's row-streaming path (8-row tiles); from 32 rows the op takes its
+        # BLAS path, whose float32 rounding differs on this ill-conditioned flow by ~1e-4 (like
+        # eager PyTorch's): compare with the op on slices that stay on the streaming path.
+        ref = torch.cat([steerer(h[i : i + 8], alpha) for i in range(0, len(h), 8)]).numpy()
         out = steer.apply(h.numpy(), alpha, n_threads=n_threads)
         rel = np.abs(out - ref).max() / np.abs(ref).max()
         assert rel <= 1e-5, (alpha, rel)

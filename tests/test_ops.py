@@ -10,9 +10,11 @@ from innsteer_ext import reference
 
 ops = torch.ops.innsteer
 
-# The CPU op runs rows in 8-row tiles below BLAS_MIN_ROWS and each coupling layer as one GEMM over
-# chunks of BLAS_CHUNK_ROWS rows from it on (csrc/cpu/flow_blas_cpu.h).
+# The CPU op runs rows in 8-row tiles below BLAS_MIN_ROWS (BLAS_MIN_ROWS_BF16_WEIGHTS with bfloat16
+# weights) and each coupling layer as one GEMM over chunks of BLAS_CHUNK_ROWS rows from it on
+# (csrc/cpu/flow_blas_cpu.h).
 BLAS_MIN_ROWS = 32
+BLAS_MIN_ROWS_BF16_WEIGHTS = 48
 BLAS_CHUNK_ROWS = 256
 
 CASES = [  # (dim, hidden, tokens)
@@ -107,22 +109,37 @@ def _gemm_calls(fn) -> int:
     return sum(event.count for event in profile.key_averages() if event.key == "aten::addmm")
 
 
+def _blas_chunks(rows: int) -> int:
+    """Each thread takes a contiguous share of the rows, in chunks of at most BLAS_CHUNK_ROWS."""
+    chunk = min(BLAS_CHUNK_ROWS, -(-rows // torch.get_num_threads()))
+    return -(-rows // chunk)
+
+
 @pytest.mark.parametrize("op_name", ["coupling_forward", "coupling_inverse", "steer"])
-def test_the_op_runs_each_layer_as_one_gemm_per_chunk_from_the_threshold_on(op_name):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_the_op_runs_each_layer_as_one_gemm_per_chunk_from_the_threshold_on(op_name, threads, weight_dtype):
     inn = random_inn(40, num_couplings=3)
+    flow = inn.flow_args(weight_dtype=weight_dtype)
     direction = torch.randn(40)
+    threshold = BLAS_MIN_ROWS if weight_dtype == torch.float32 else BLAS_MIN_ROWS_BF16_WEIGHTS
 
     def call(tokens):
         x = torch.randn(tokens, 40)
         if op_name == "steer":
-            return lambda: ops.steer(x, None, direction, 1.0, *inn.flow_args())
-        return lambda: getattr(ops, op_name)(x, *inn.flow_args())
+            return lambda: ops.steer(x, None, direction, 1.0, *flow)
+        return lambda: getattr(ops, op_name)(x, *flow)
 
     passes = 2 if op_name == "steer" else 1  # phi and phi^-1
     layers = 2 * 3 * passes  # two GEMMs per coupling
-    assert _gemm_calls(call(BLAS_MIN_ROWS - 1)) == 0
-    assert _gemm_calls(call(BLAS_MIN_ROWS)) == layers
-    assert _gemm_calls(call(2 * BLAS_CHUNK_ROWS + 1)) == 3 * layers
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _gemm_calls(call(threshold - 1)) == 0
+        for rows in (threshold, 2 * BLAS_CHUNK_ROWS + 1):
+            assert _gemm_calls(call(rows)) == _blas_chunks(rows) * layers
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_leading_dimensions_are_preserved():
@@ -259,6 +276,24 @@ def test_in_place_equals_out_of_place(contiguous, with_residual, tokens):
     reference_steer = reference.steer(h.double(), None if residual is None else residual.double(),
                                       direction.double(), 1.2, *as_float64(inn.flow_args()))
     assert rel_err(inplace, reference_steer) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_blas_path_under_inference_mode_no_grad_and_grad(mode):
+    inn = random_inn(48).requires_grad_(False)
+    direction = torch.randn(48)
+    h = torch.randn(2 * BLAS_CHUNK_ROWS + 5, 48)
+    expected = reference.steer(h.double(), None, direction.double(), 0.6, *as_float64(inn.flow_args()))
+    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+    with context():
+        steered = ops.steer(h, None, direction, 0.6, *inn.flow_args())
+        hidden = h.clone()
+        if mode != "grad":
+            ops.steer_(hidden, None, direction, 0.6, *inn.flow_args())
+            assert rel_err(hidden, expected) < 1e-5
+        z, _ = ops.coupling_forward(h, *inn.flow_args())
+    assert rel_err(steered, expected) < 1e-5
+    assert rel_err(z, reference.coupling_forward(h.double(), *as_float64(inn.flow_args()))[0]) < 1e-5
 
 
 def test_in_place_with_residual_that_is_hidden_itself_on_the_blas_path():

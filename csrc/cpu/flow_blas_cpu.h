@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -20,29 +22,59 @@ namespace innsteer {
 namespace cpu {
 
 // From this many rows on the op takes the BLAS path: below it, streaming the weights once per
-// 8-row tile beats a GEMM's packing; above it, a GEMM's register blocking wins (crossover
-// measured in bench/RESULTS.md, "Prefill path").
-constexpr int64_t kBlasMinRows = 32;
+// 8-row tile beats a GEMM's packing; above it, a GEMM's register blocking wins. bfloat16 weights
+// are widened to float32 for the GEMMs first, which moves their crossover up (both measured in
+// bench/RESULTS.md, "Prefill path").
+template <class W>
+constexpr int64_t blas_min_rows() {
+  return std::is_same<W, bf16_t>::value ? 48 : 32;
+}
 // Rows per BLAS pass: bounds the scratch (u, gathered, hidden and st of this many rows) so a
 // chunk's activations stay in cache between the GEMMs and the elementwise passes.
 constexpr int64_t kBlasChunkRows = 256;
-// Rows per task of the elementwise passes.
-constexpr int64_t kBlasRowGrain = 16;
 
-template <class T>
+template <class Acc>
 at::ScalarType scalar_type_of() {
-  if constexpr (std::is_same<T, float>::value) return at::kFloat;
-  if constexpr (std::is_same<T, double>::value) return at::kDouble;
-  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value || std::is_same<T, bf16_t>::value,
-                "no ATen dtype for this weight type");
-  return at::kBFloat16;
+  static_assert(std::is_same<Acc, float>::value || std::is_same<Acc, double>::value, "flows compute in float or double");
+  return std::is_same<Acc, float>::value ? at::kFloat : at::kDouble;
 }
 
-// A read-only [rows, cols] weight matrix as an Acc tensor (bfloat16 weights widened once per call).
+// Every coupling's weights as [rows, cols] Acc matrices: views of the caller's memory, or for
+// bfloat16 weights one float32 copy widened in a single parallel pass.
 template <class Acc, class W>
-at::Tensor weight_matrix(const W* data, int64_t rows, int64_t cols) {
-  const at::Tensor m = at::from_blob(const_cast<W*>(data), {rows, cols}, at::TensorOptions().dtype(scalar_type_of<W>()));
-  return std::is_same<W, Acc>::value ? m : m.to(scalar_type_of<Acc>());
+void weight_matrices(const FlowView<Acc, W>& f, std::vector<at::Tensor>& w1, std::vector<at::Tensor>& w2) {
+  const int64_t n_hidden = f.hidden;
+  if constexpr (std::is_same<W, Acc>::value) {
+    const at::TensorOptions options = at::TensorOptions().dtype(scalar_type_of<Acc>());
+    for (int64_t k = 0; k < f.n_couplings; ++k) {
+      const CouplingView<Acc, W>& c = f.couplings[k];
+      w1.push_back(at::from_blob(const_cast<W*>(c.w1), {c.n_cond, n_hidden}, options));
+      w2.push_back(at::from_blob(const_cast<W*>(c.w2), {n_hidden, 2 * c.n_trans}, options));
+    }
+  } else {
+    std::vector<const W*> sources;
+    std::vector<int64_t> offsets{0};
+    for (int64_t k = 0; k < f.n_couplings; ++k) {
+      const CouplingView<Acc, W>& c = f.couplings[k];
+      sources.push_back(c.w1);
+      offsets.push_back(offsets.back() + c.n_cond * n_hidden);
+      sources.push_back(c.w2);
+      offsets.push_back(offsets.back() + n_hidden * 2 * c.n_trans);
+    }
+    at::Tensor widened = at::empty({offsets.back()}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
+    Acc* const out = widened.data_ptr<Acc>();
+    at::parallel_for(0, offsets.back(), 1 << 16, [&](int64_t b, int64_t e) {
+      for (size_t m = 0; m < sources.size(); ++m) {
+        const int64_t lo = std::max(b, offsets[m]), hi = std::min(e, offsets[m + 1]);
+        for (int64_t i = lo; i < hi; ++i) out[i] = to_acc(sources[m][i - offsets[m]]);
+      }
+    });
+    for (int64_t k = 0; k < f.n_couplings; ++k) {
+      const CouplingView<Acc, W>& c = f.couplings[k];
+      w1.push_back(widened.narrow(0, offsets[2 * k], c.n_cond * n_hidden).view({c.n_cond, n_hidden}));
+      w2.push_back(widened.narrow(0, offsets[2 * k + 1], n_hidden * 2 * c.n_trans).view({n_hidden, 2 * c.n_trans}));
+    }
+  }
 }
 
 template <class Acc>
@@ -50,74 +82,78 @@ at::Tensor bias_vector(const Acc* data, int64_t n) {
   return at::from_blob(const_cast<Acc*>(data), {n}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
 }
 
-// Runs `mode` (see FlowRows in flow_cpu.h) over `rows` rows, kBlasChunkRows at a time.
+// Runs `mode` (see FlowRows in flow_cpu.h) over `rows` rows. One fork/join per call, like the
+// row-streaming path: each worker takes a contiguous share of the rows and runs it in chunks of at
+// most kBlasChunkRows with single-threaded GEMMs (BLAS called inside a parallel region does not
+// fork again). Each fork/join costs a scheduler time slice whenever another process holds a core,
+// so GEMMs parallelized inside BLAS plus parallel elementwise passes (seven joins per coupling)
+// measured several times slower on a shared 2-core machine.
 template <class Acc, class In, class W>
 void run_flow_blas(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const In* residual, In* output,
                    Acc* logdet_out, int64_t rows, Acc alpha, const Acc* direction) {
   const FlowRows<Acc, In, W> io(f, mode, input, residual, output, logdet_out, alpha, direction);
   const int64_t dim = f.dim, n_hidden = f.hidden;
   const FlowShape<Acc, W> shape(f);
-  const int64_t chunk = std::min(rows, kBlasChunkRows);
+  const int64_t n_workers = at::get_num_threads();
+  const int64_t chunk = std::min(kBlasChunkRows, (rows + n_workers - 1) / n_workers);
+  const int64_t n_chunks = (rows + chunk - 1) / chunk;
 
-  // The one scratch tensor: u [chunk, dim], gathered [chunk, max_cond], hidden [chunk, H],
-  // st [chunk, 2 * max_trans], logdet [chunk].
+  // The one scratch tensor, per worker: u [chunk, dim], gathered [chunk, max_cond],
+  // hidden [chunk, H], st [chunk, 2 * max_trans], logdet [chunk].
   const int64_t u_size = chunk * dim, gathered_size = chunk * shape.max_cond, hidden_size = chunk * n_hidden,
                 st_size = chunk * 2 * shape.max_trans;
-  at::Tensor scratch = at::empty({u_size + gathered_size + hidden_size + st_size + chunk},
-                                 at::TensorOptions().dtype(scalar_type_of<Acc>()));
-  Acc* const u = scratch.data_ptr<Acc>();
-  Acc* const gathered_data = u + u_size;
-  Acc* const hidden_data = gathered_data + gathered_size;
-  Acc* const st_data = hidden_data + hidden_size;
-  Acc* const logdet = st_data + st_size;
-  auto scratch_matrix = [&](int64_t offset, int64_t n, int64_t cols) {
-    return scratch.narrow(0, offset, n * cols).view({n, cols});
-  };
+  const int64_t per_worker = u_size + gathered_size + hidden_size + st_size + chunk;
+  at::Tensor scratch = at::empty({n_workers * per_worker}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
 
   std::vector<at::Tensor> w1, b1, w2, b2;
   if (!io.identity) {
+    weight_matrices(f, w1, w2);
     for (int64_t k = 0; k < f.n_couplings; ++k) {
-      const CouplingView<Acc, W>& c = f.couplings[k];
-      w1.push_back(weight_matrix<Acc>(c.w1, c.n_cond, n_hidden));
-      b1.push_back(bias_vector(c.b1, n_hidden));
-      w2.push_back(weight_matrix<Acc>(c.w2, n_hidden, 2 * c.n_trans));
-      b2.push_back(bias_vector(c.b2, 2 * c.n_trans));
+      b1.push_back(bias_vector(f.couplings[k].b1, n_hidden));
+      b2.push_back(bias_vector(f.couplings[k].b2, 2 * f.couplings[k].n_trans));
     }
   }
 
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-    const int64_t n = std::min(chunk, rows - r0);
-    auto each_rows = [n](auto&& fn) {
-      at::parallel_for(0, n, kBlasRowGrain, [&](int64_t b, int64_t e) { fn(b, e - b); });
-    };
-    each_rows([&](int64_t b, int64_t nb) { io.load(r0 + b, nb, u + b * dim, logdet + b); });
-    if (io.identity) continue;
-
-    at::Tensor hidden = scratch_matrix(u_size + gathered_size, n, n_hidden);
-    auto coupling = [&](int64_t k, bool inverse, Acc* ld) {
-      const CouplingView<Acc, W>& c = f.couplings[k];
-      const int64_t n_st = 2 * c.n_trans;
-      at::Tensor gathered = scratch_matrix(u_size, n, c.n_cond);
-      at::Tensor st = scratch_matrix(u_size + gathered_size + hidden_size, n, n_st);
-      each_rows([&](int64_t b, int64_t nb) {
-        gather_conditioner(c, u + b * dim, dim, gathered_data + b * c.n_cond, nb);
-      });
-      at::addmm_out(hidden, b1[k], gathered, w1[k]);
-      each_rows([&](int64_t b, int64_t nb) { tanh_inplace(hidden_data + b * n_hidden, nb * n_hidden); });
-      at::addmm_out(st, b2[k], hidden, w2[k]);
-      each_rows([&](int64_t b, int64_t nb) {
-        apply_affine(c, f.clamp, st_data + b * n_st, u + b * dim, dim, nb, inverse, ld ? ld + b : nullptr);
-      });
-    };
-    if (mode != FlowMode::kInverse) {
-      for (int64_t k = 0; k < f.n_couplings; ++k) coupling(k, false, logdet);
+  // The workers' ATen calls see the caller's thread-local state (inference mode, profiler) and
+  // skip autograd: nothing here requires grad, and scratch made in inference mode is an inference
+  // tensor that autograd's checks refuse to write outside it.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const at::ThreadLocalStateGuard caller_state_guard(caller_state);
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t base = at::get_thread_num() * per_worker;
+    Acc* const u = scratch.data_ptr<Acc>() + base;
+    Acc* const gathered = u + u_size;
+    Acc* const hidden_data = gathered + gathered_size;
+    Acc* const st_data = hidden_data + hidden_size;
+    Acc* const logdet = st_data + st_size;
+    for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+      const int64_t r0 = ci * chunk, n = std::min(chunk, rows - r0);
+      auto matrix = [&](const Acc* data, int64_t cols) {
+        return scratch.narrow(0, base + (data - u), n * cols).view({n, cols});
+      };
+      io.load(r0, n, u, logdet);
+      if (io.identity) continue;
+      at::Tensor hidden = matrix(hidden_data, n_hidden);
+      auto coupling = [&](int64_t k, bool inverse, Acc* ld) {
+        const CouplingView<Acc, W>& c = f.couplings[k];
+        at::Tensor st = matrix(st_data, 2 * c.n_trans);
+        gather_conditioner(c, u, dim, gathered, n);
+        at::addmm_out(hidden, b1[k], matrix(gathered, c.n_cond), w1[k]);
+        tanh_inplace(hidden_data, n * n_hidden);
+        at::addmm_out(st, b2[k], hidden, w2[k]);
+        apply_affine(c, f.clamp, st_data, u, dim, n, inverse, ld);
+      };
+      if (mode != FlowMode::kInverse) {
+        for (int64_t k = 0; k < f.n_couplings; ++k) coupling(k, false, logdet);
+      }
+      if (mode == FlowMode::kSteer) io.shift_latent(n, u);
+      if (mode != FlowMode::kForward) {
+        for (int64_t k = f.n_couplings - 1; k >= 0; --k) coupling(k, true, nullptr);
+      }
+      io.store(r0, n, u, logdet);
     }
-    if (mode == FlowMode::kSteer) each_rows([&](int64_t b, int64_t nb) { io.shift_latent(nb, u + b * dim); });
-    if (mode != FlowMode::kForward) {
-      for (int64_t k = f.n_couplings - 1; k >= 0; --k) coupling(k, true, nullptr);
-    }
-    each_rows([&](int64_t b, int64_t nb) { io.store(r0 + b, nb, u + b * dim, logdet + b); });
-  }
+  });
 }
 
 }  // namespace cpu

@@ -1,4 +1,4 @@
-// The CPU backend of the innsteer ops (csrc/flow_ops.h): from kBlasMinRows rows on the BLAS
+// The CPU backend of the innsteer ops (csrc/flow_ops.h): from blas_min_rows<W>() rows on the BLAS
 // prefill path (csrc/cpu/flow_blas_cpu.h), below it the row-streaming flow (csrc/cpu/flow_cpu.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -34,7 +34,7 @@ struct CpuBackend {
   template <class Acc, class In, class W>
   static void launch(const FlowView<Acc, W>& flow, FlowMode mode, const In* input, const In* residual, In* output,
                      Acc* logdet, int64_t rows, Acc alpha, const Acc* direction, const at::Tensor& like) {
-    if (rows >= cpu::kBlasMinRows) {
+    if (rows >= cpu::blas_min_rows<W>()) {
       cpu::run_flow_blas<Acc, In, W>(flow, mode, input, residual, output, logdet, rows, alpha, direction);
       return;
     }
