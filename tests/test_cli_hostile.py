@@ -204,6 +204,29 @@ def test_a_closed_stdout_ends_quietly(tmp_path):
     assert (tmp_path / "cv.gguf").is_file()
 
 
+@pytest.mark.parametrize(
+    "failure, code, message",
+    [(KeyboardInterrupt(), 130, "innsteer: interrupted"), (OSError(28, "No space left on device"), 1, "No space left")],
+)
+def test_an_export_stopped_mid_write_keeps_the_old_file(failure, code, message, tmp_path, capsys, monkeypatch):
+    """Ctrl-C or a full disk while the GGUF is written: one line, the old output as it was, no partial file."""
+    import gguf
+
+    source, out = tmp_path / "caa.safetensors", tmp_path / "cv.gguf"
+    LinearSteerer(torch.ones(16), 3, method="caa").save(source)
+    out.write_bytes(b"the previous export")
+
+    def stopped(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", stopped)
+    assert cli.main(["export", str(source), "-o", str(out), "--format", "controlvector"]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caa.safetensors", "cv.gguf"]
+
+
 def test_a_gguf_that_is_no_model_is_one_line(tmp_path, capsys):
     """Was: a ValueError traceback from transformers' GGUF loader."""
     steer = tmp_path / "steer.gguf"
