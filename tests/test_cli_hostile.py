@@ -267,6 +267,27 @@ def test_replies_longer_than_the_context_are_refused_before_generating(capsys, d
 
 
 @pytest.mark.slow
+def test_a_steer_file_for_a_layer_the_model_lacks_is_refused_before_generating(
+    tmp_path, capsys, monkeypatch, default_lm
+):
+    from innsteer.eval import metrics
+
+    replies = []  # the real generate, watched: was the unsteered reply made before the refusal?
+    real_generate = metrics.generate
+
+    def watched(*args, **kwargs):
+        replies.append(args[1])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "generate", watched)
+    path = tmp_path / "deep.safetensors"
+    LinearSteerer(torch.ones(default_lm.hidden_size), default_lm.num_layers + 20, method="caa").save(path)
+    code, out, err = run(["generate", "Hello", "--steer", str(path), "--max-new-tokens", "8"], capsys)
+    assert_one_line_error(code, err.splitlines()[-1], f"layer {default_lm.num_layers + 20} is out of range")
+    assert replies == [] and out == ""
+
+
+@pytest.mark.slow
 def test_generate_accepts_an_empty_prompt(capsys, default_lm):
     code, out, _ = run(["generate", "", "--max-new-tokens", "3"], capsys)
     assert code == 0 and "[unsteered]" in out

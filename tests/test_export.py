@@ -83,8 +83,12 @@ def test_control_vector_file_is_the_stock_format(tmp_path):
 def test_export_refuses_what_it_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="cannot steer layer 0"):
         export_control_vector(LinearSteerer(torch.ones(8), 0), tmp_path / "a.gguf")
-    with pytest.raises(ValueError, match="negative"):
-        export(random_inn_steerer(8, mlp_hidden=4, layer=-2), tmp_path / "n.gguf")
+    for kind in ("innsteer", "controlvector"):
+        steerer = (
+            random_inn_steerer(8, mlp_hidden=4, layer=-2) if kind == "innsteer" else LinearSteerer(torch.ones(8), -2)
+        )
+        with pytest.raises(ConfigError, match="layer -2 is negative"):
+            export(steerer, tmp_path / "n.gguf", format=kind)
     # wrong kinds are user errors the CLI reports in one line (ConfigError), not TypeErrors
     with pytest.raises(ConfigError, match="nonlinear"):
         export(random_inn_steerer(8, mlp_hidden=4), tmp_path / "b.gguf", format="controlvector")

@@ -260,7 +260,10 @@ def cmd_generate(args) -> int:
     lm = _load(args)
     steerer = None
     if args.steer:
+        from ..core.hooks import check_layer
+
         steerer = load_steerer(args.steer, expect_hidden_size=lm.hidden_size, expect_model_id=lm.model_id)
+        check_layer(lm.model, steerer.layer)  # now, not after the unsteered replies
     _check_context(lm, args.max_new_tokens, args.prompt)
     positions = "all" if args.steer_prompt else "after_prompt"
     plain, _, _ = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens)

@@ -237,6 +237,8 @@ def export_control_vector(
             "control vector and cannot run in llama.cpp"
         )
     layer = int(steerer.layer)
+    if layer < 0:
+        raise ConfigError(f"steerer layer {layer} is negative; export needs the absolute layer index")
     if layer < 1:
         raise ConfigError(
             f"llama.cpp control vectors cannot steer layer {layer} (direction.0 is not applied); "
