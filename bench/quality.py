@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import torch  # noqa: E402
+
 from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended  # noqa: E402
 from innsteer.eval.protocol import MethodSpec, comparison_table, default_specs, run_protocol  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
@@ -45,14 +47,16 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n-prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--innsteer-tokens", default="all", choices=("mean", "last", "all"))
+    parser.add_argument("--tokens", default="all", choices=("mean", "last", "all"), help="activation rows of both")
     parser.add_argument("--innsteer-options", default="{}", help="JSON: INNSteer training options")
     parser.add_argument("--extra-methods", default="", help="comma-separated METHODS fitted on mean activations too")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (run behaviors in parallel)")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    specs = default_specs(json.loads(args.innsteer_options), args.innsteer_tokens)
+    specs = default_specs(json.loads(args.innsteer_options), args.tokens)
     for name in filter(None, args.extra_methods.split(",")):
         specs[name] = MethodSpec(name, "mean")
     out = Path(args.out)

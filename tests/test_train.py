@@ -18,7 +18,7 @@ from innsteer.core.train import (
 )
 
 D = 24
-SMALL = dict(flow=FlowConfig(mlp_hidden=64), max_epochs=30, patience=30, batch_size=32)
+SMALL = dict(flow=FlowConfig(mlp_hidden=64), max_epochs=30, patience=30, batch_size=32, sep_weight=0.05)
 
 
 def synthetic_pairs(n=240, d=D, seed=0, huge_rows=2):
@@ -75,7 +75,7 @@ def trained(data):
 
 @pytest.fixture(scope="module")
 def trained_nll_only(data):
-    return train_innsteer(*data, layer=3, config=TrainConfig(**SMALL, sep_weight=0.0), progress=False)
+    return train_innsteer(*data, layer=3, config=TrainConfig(**{**SMALL, "sep_weight": 0.0}), progress=False)
 
 
 def test_fisher_separation_matches_formula():

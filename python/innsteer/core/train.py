@@ -38,10 +38,11 @@ class TrainConfig:
     batch_size: int = 64  # pairs per batch (2 * batch_size rows)
     val_fraction: float = 0.2
     patience: int = 8  # epochs without a better validation loss before stopping
-    # 1.0 made the flow tear the classes apart (validation Fisher ratio 3 -> 67 on SmolLM2 myopic-reward,
-    # steering 4x steeper than CAA at small alpha and held-out pairs transported worse than CAA);
-    # 0.03-0.1 kept it smooth and beat CAA on held-out pair transport for two behaviors
-    sep_weight: float = 0.05
+    # The directional term. On per-token training rows (the distribution steering acts on) the
+    # validation trade-off was best without it: area to 1 nat/token 0.26 / 0.22 with 0 vs 0.14 / 0.05
+    # with 0.05 (coordinate-other-ais / corrigible-neutral-HHH, SmolLM2 layer 10, validation split
+    # seed 0; docs/RESULTS.md); 1.0 tore the classes apart (validation Fisher ratio 3 -> 67).
+    sep_weight: float = 0.0
     logdet_weight: float = 1.0
     grad_clip: float = 10.0
     seed: int = 0

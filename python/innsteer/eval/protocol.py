@@ -160,9 +160,10 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
     return "\n".join(lines)
 
 
-def default_specs(innsteer_options: Optional[dict] = None, innsteer_tokens: str = "all") -> dict[str, MethodSpec]:
-    """CAA as its paper fits it (mean over the answer) and INNSteer with the chosen settings."""
+def default_specs(innsteer_options: Optional[dict] = None, tokens: str = "all") -> dict[str, MethodSpec]:
+    """CAA and INNSteer fitted on the same activation rows (every answer token by default: both
+    steered at least as well from them as from pooled means on validation data, docs/RESULTS.md)."""
     return {
-        "caa": MethodSpec("caa", "mean"),
-        "innsteer": MethodSpec("innsteer", innsteer_tokens, dict(innsteer_options or {})),
+        "caa": MethodSpec("caa", tokens),
+        "innsteer": MethodSpec("innsteer", tokens, dict(innsteer_options or {})),
     }

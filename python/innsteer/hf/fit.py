@@ -61,7 +61,7 @@ def fit(
     *,
     layer: int,
     method: str = "innsteer",
-    tokens: str = "mean",
+    tokens: str = "all",
     behavior: str = "",
     progress: bool = False,
     **options,
@@ -70,8 +70,9 @@ def fit(
 
     ``model``: a Hugging Face causal LM (with its ``tokenizer``) or an ``innsteer.hf.models.LoadedModel``.
     ``pairs``: see ``pairs_to_items``. ``tokens``: which completion tokens give the activation —
-    'mean' (the mean over the completion, the default), 'last' (its last token) or 'all' (every
-    token, as its own row: the distribution the steerer acts on after the prompt). ``options`` go
+    'all' (the default: every token as its own row, the distribution the steerer acts on after the
+    prompt; it steered best on validation data, docs/RESULTS.md), 'mean' (the mean over the
+    completion) or 'last' (its last token). ``options`` go
     to the method (e.g. ``sep_weight=0.1`` for INNSteer). The steerer records the model's id;
     applying it to another model is refused.
     """
