@@ -322,7 +322,14 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
          ["does not fit the context", "exceed context window of 256"], "prompt"),
         ("completions", '{"prompt": "' + "word " * 400 + '", "stream": true}', 400,
          ["does not fit the context"], "prompt"),
-        ("completions", '{"max_tokens": 2}', 400, ["needs a prompt"], "prompt"),
+        ("completions", '{"max_tokens": 2}', 400, ["needs a non-empty prompt"], "prompt"),
+        ("completions", '{"prompt": "", "max_tokens": 2}', 400, ["needs a non-empty prompt"], "prompt"),
+        ("chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400,
+         ["text only"], "messages[0].content"),
+        ("chat/completions", '{"messages": [{"role": "wizard", "content": "hi"}]}', 400,
+         ["messages[0].role must be one of system, user"], "messages[0].role"),
+        ("chat/completions", '{"messages": ' + question + ', "steering": {"steer": "cv", "alpha": 3e38}}', 400,
+         ["overflows float32"], "steering.alpha"),
     ]  # fmt: skip
     for path, raw, status, words, param in cases:
         code, _, body = fetch(f"{url}/{path}", raw)
@@ -334,7 +341,10 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
 
     with pytest.raises(openai.BadRequestError, match="unknown steer 'honesty'"):
         chat(client, QUESTION, {"steer": "honesty", "alpha": 1.0})
-    assert chat(client, QUESTION, None) == reference.text({}, messages=QUESTION)  # still serving
+    # still serving; a message's text parts are joined into its content
+    parts = [{"type": "text", "text": "Name a fruit"}, {"type": "text", "text": " and its color."}]
+    assert QUESTION[0]["content"] == "".join(part["text"] for part in parts)
+    assert chat(client, [{"role": "user", "content": parts}], None) == reference.text({}, messages=QUESTION)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from .steers import NamedSteer, Setting, SteerCatalog, SteeringError, describe_s
 # What llama-cpp-python's server also leaves out of the call: handled here (n, min_tokens, logit_bias_type)
 # or not the Llama's business (user); steering is ours.
 NOT_FORWARDED = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "steering", "stream"}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")  # llama-cpp-python's message kinds
 
 
 class ApiError(Exception):
@@ -99,17 +100,19 @@ class InnsteerServer:
     async def complete(self, request: Request, chat: bool) -> Any:
         body = await _json_object(request)
         model = ChatCompletionRequest if chat else CompletionRequest
+        if chat and isinstance(body.get("messages"), list):
+            body["messages"] = [_text_message(message, i) for i, message in enumerate(body["messages"])]
         try:
             parsed = model.model_validate(body)
         except pydantic.ValidationError as error:
             first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
+            where = _field(first["loc"])
             raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
         try:
             setting = self.catalog.parse(body["steering"]) if "steering" in body else self.default_setting
         except SteeringError as error:
             raise ApiError(400, str(error), param=error.param, code=error.code) from None
-        kwargs = self._call_arguments(parsed, body, chat)
+        kwargs = self._call_arguments(parsed, chat)
         call = llama_cpp.Llama.create_chat_completion if chat else llama_cpp.Llama.create_completion
         prompt = "messages" if chat else "prompt"
         headers = {"X-Innsteer-Steering": _header(setting)}
@@ -134,23 +137,24 @@ class InnsteerServer:
             self.pool.release(slot)
         return JSONResponse({**result, "steering": describe_setting(setting)}, headers=headers)
 
-    def _call_arguments(self, parsed: pydantic.BaseModel, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    def _call_arguments(self, parsed: pydantic.BaseModel, chat: bool) -> dict[str, Any]:
         """The keyword arguments of the Llama call, as llama-cpp-python's server derives them, after the
         checks that keep an argument from crashing llama.cpp (a grammar it cannot parse) or from
         failing unexplained in the middle of a generation (a logit bias for a token that does not exist)."""
         if parsed.n != 1:
             raise ApiError(400, f"n must be 1 (this server returns one choice per request), got {parsed.n}", param="n")
-        if chat and not parsed.messages:
-            raise ApiError(400, "messages: a chat completion needs at least one message", param="messages")
-        if not chat:
-            if "prompt" not in body:
-                raise ApiError(400, "prompt: a completion needs a prompt", param="prompt")
+        if chat:
+            if not parsed.messages:
+                raise ApiError(400, "messages: a chat completion needs at least one message", param="messages")
+        else:
             if parsed.best_of not in (None, 1):
                 raise ApiError(400, f"best_of must be 1, got {parsed.best_of}", param="best_of")
             if isinstance(parsed.prompt, list):
                 if len(parsed.prompt) != 1:
                     raise ApiError(400, "prompt: give exactly one prompt per request", param="prompt")
                 parsed.prompt = parsed.prompt[0]
+            if not parsed.prompt:  # absent or empty: llama-cpp-python asserts on an empty prompt
+                raise ApiError(400, "prompt: a completion needs a non-empty prompt", param="prompt")
         kwargs = parsed.model_dump(exclude=NOT_FORWARDED)
         kwargs["model"] = self.model_id
         llm = self.pool.slots[0].llm
@@ -170,6 +174,39 @@ class InnsteerServer:
                 [llama_cpp.MinTokensLogitsProcessor(parsed.min_tokens, llm.token_eos())]
             )
         return kwargs
+
+
+def _field(loc: tuple) -> str:
+    """A validation error's location as the request spells it: messages[0].role. pydantic also names
+    the member of a union it tried (ChatCompletionRequestUserMessage): left out."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif not part[:1].isupper():
+            where += f".{part}" if where else part
+    return where or "body"
+
+
+def _text_message(message: Any, index: int) -> Any:
+    """``message`` with its content as one string: the chat templates take text only, so a list of
+    text parts (as newer OpenAI clients send) is joined; any other part is refused. The role is
+    checked here too: pydantic would report it once per kind of message."""
+    if not isinstance(message, dict):
+        return message
+    if message.get("role") not in MESSAGE_ROLES:
+        where = f"messages[{index}].role"
+        raise ApiError(
+            400, f"{where} must be one of {', '.join(MESSAGE_ROLES)}, got {message.get('role')!r}", param=where
+        )
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = [part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None for part in content]
+    if any(not isinstance(text, str) for text in texts):
+        where = f"messages[{index}].content"
+        raise ApiError(400, f"{where}: this server takes text only (a string or a list of text parts)", param=where)
+    return {**message, "content": "".join(texts)}
 
 
 def _token_bias(bias: dict[str, float], n_vocab: int) -> dict[int, float]:

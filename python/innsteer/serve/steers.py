@@ -154,9 +154,15 @@ class SteerCatalog:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SteeringError(f"{at} must be a number, got {value!r}", at)
         try:
-            return float32_alpha(value)
+            alpha = float32_alpha(value)
         except (ValueError, OverflowError):
             raise SteeringError(f"{at} must be a finite float32 number, got {value!r}", at) from None
+        if steer.directions is not None:
+            with np.errstate(over="ignore"):
+                finite = all(np.isfinite(v * np.float32(alpha)).all() for v in steer.directions.values())
+            if not finite:
+                raise SteeringError(f"{at} {value!r} times the control vector '{steer.name}' overflows float32", at)
+        return alpha
 
     def names(self) -> str:
         return ", ".join(self.steers) if self.steers else "(none: start the server with --steer NAME=FILE)"
