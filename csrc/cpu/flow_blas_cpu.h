@@ -11,6 +11,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/mv.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -98,11 +99,18 @@ void run_flow_blas(const FlowView<Acc, W>& f, FlowMode mode, const In* input, co
   const int64_t chunk = std::min(kBlasChunkRows, (rows + n_workers - 1) / n_workers);
   const int64_t n_chunks = (rows + chunk - 1) / chunk;
 
+  // A steer's last coupling leaves its conditioner coordinates c unchanged, so phi^-1 feeds it
+  // z_c + alpha * v_c and its first layer's pre-activation is phi's plus alpha * (v_c @ w1):
+  // keeping phi's (pre_last) saves that GEMM.
+  const int64_t last = f.n_couplings - 1;
+  const bool reuse_last = mode == FlowMode::kSteer && !io.identity;
+
   // The one scratch tensor, per worker: u [chunk, dim], gathered [chunk, max_cond],
-  // hidden [chunk, H], st [chunk, 2 * max_trans], logdet [chunk].
+  // hidden [chunk, H], st [chunk, 2 * max_trans], logdet [chunk], pre_last [chunk, H] (steer).
   const int64_t u_size = chunk * dim, gathered_size = chunk * shape.max_cond, hidden_size = chunk * n_hidden,
                 st_size = chunk * 2 * shape.max_trans;
-  const int64_t per_worker = u_size + gathered_size + hidden_size + st_size + chunk;
+  const int64_t per_worker =
+      u_size + gathered_size + hidden_size + st_size + chunk + (reuse_last ? hidden_size : 0);
   at::Tensor scratch = at::empty({n_workers * per_worker}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
 
   std::vector<at::Tensor> w1, b1, w2, b2;
@@ -112,6 +120,14 @@ void run_flow_blas(const FlowView<Acc, W>& f, FlowMode mode, const In* input, co
       b1.push_back(bias_vector(f.couplings[k].b1, n_hidden));
       b2.push_back(bias_vector(f.couplings[k].b2, 2 * f.couplings[k].n_trans));
     }
+  }
+  std::vector<Acc> latent_shift_last;  // alpha * (direction_c @ w1) of the last coupling
+  if (reuse_last) {
+    const CouplingView<Acc, W>& c = f.couplings[last];
+    at::Tensor direction_cond = at::empty({c.n_cond}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
+    for (int64_t i = 0; i < c.n_cond; ++i) direction_cond.data_ptr<Acc>()[i] = alpha * direction[c.cond_idx[i]];
+    const at::Tensor shift = at::mv(w1[last].t(), direction_cond).contiguous();
+    latent_shift_last.assign(shift.data_ptr<Acc>(), shift.data_ptr<Acc>() + n_hidden);
   }
 
   // The workers' ATen calls see the caller's thread-local state (inference mode, profiler) and
@@ -127,6 +143,7 @@ void run_flow_blas(const FlowView<Acc, W>& f, FlowMode mode, const In* input, co
     Acc* const hidden_data = gathered + gathered_size;
     Acc* const st_data = hidden_data + hidden_size;
     Acc* const logdet = st_data + st_size;
+    Acc* const pre_last = logdet + chunk;
     for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
       const int64_t r0 = ci * chunk, n = std::min(chunk, rows - r0);
       auto matrix = [&](const Acc* data, int64_t cols) {
@@ -138,8 +155,16 @@ void run_flow_blas(const FlowView<Acc, W>& f, FlowMode mode, const In* input, co
       auto coupling = [&](int64_t k, bool inverse, Acc* ld) {
         const CouplingView<Acc, W>& c = f.couplings[k];
         at::Tensor st = matrix(st_data, 2 * c.n_trans);
-        gather_conditioner(c, u, dim, gathered, n);
-        at::addmm_out(hidden, b1[k], matrix(gathered, c.n_cond), w1[k]);
+        if (reuse_last && k == last && inverse) {
+          for (int64_t r = 0; r < n; ++r) {
+            for (int64_t j = 0; j < n_hidden; ++j)
+              hidden_data[r * n_hidden + j] = pre_last[r * n_hidden + j] + latent_shift_last[j];
+          }
+        } else {
+          gather_conditioner(c, u, dim, gathered, n);
+          at::addmm_out(hidden, b1[k], matrix(gathered, c.n_cond), w1[k]);
+          if (reuse_last && k == last) std::copy(hidden_data, hidden_data + n * n_hidden, pre_last);
+        }
         tanh_inplace(hidden_data, n * n_hidden);
         at::addmm_out(st, b2[k], hidden, w2[k]);
         apply_affine(c, f.clamp, st_data, u, dim, n, inverse, ld);
