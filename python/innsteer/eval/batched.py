@@ -126,7 +126,7 @@ class BatchedFluency:
         self.width = max(self.prefix)
         self.last = torch.tensor([[e[-1]] for e in encoded])
         with torch.inference_mode():
-            caches = [lm.model(input_ids=torch.tensor([e[:-1]]), use_cache=True).past_key_values for e in encoded]
+            caches = [lm.model(input_ids=torch.tensor([e[:-1]]), use_cache=True).cache for e in encoded]
         self.kv = _padded_cache(caches, self.prefix, 1, self.width)
         self.prefix_mask = torch.zeros((len(encoded), self.width), dtype=torch.long)
         for i, n in enumerate(self.prefix):
