@@ -9,6 +9,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/copy.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mv.h>
@@ -36,12 +37,13 @@ constexpr int64_t kBlasChunkRows = 256;
 
 template <class Acc>
 at::ScalarType scalar_type_of() {
-  static_assert(std::is_same<Acc, float>::value || std::is_same<Acc, double>::value, "flows compute in float or double");
+  static_assert(std::is_same<Acc, float>::value || std::is_same<Acc, double>::value,
+                "flows compute in float or double");
   return std::is_same<Acc, float>::value ? at::kFloat : at::kDouble;
 }
 
 // Every coupling's weights as [rows, cols] Acc matrices: views of the caller's memory, or for
-// bfloat16 weights one float32 copy widened in a single parallel pass.
+// bfloat16 weights one float32 copy (ATen's vectorized conversion).
 template <class Acc, class W>
 void weight_matrices(const FlowView<Acc, W>& f, std::vector<at::Tensor>& w1, std::vector<at::Tensor>& w2) {
   const int64_t n_hidden = f.hidden;
@@ -53,27 +55,22 @@ void weight_matrices(const FlowView<Acc, W>& f, std::vector<at::Tensor>& w1, std
       w2.push_back(at::from_blob(const_cast<W*>(c.w2), {n_hidden, 2 * c.n_trans}, options));
     }
   } else {
-    std::vector<const W*> sources;
-    std::vector<int64_t> offsets{0};
+    int64_t total = 0;
     for (int64_t k = 0; k < f.n_couplings; ++k) {
-      const CouplingView<Acc, W>& c = f.couplings[k];
-      sources.push_back(c.w1);
-      offsets.push_back(offsets.back() + c.n_cond * n_hidden);
-      sources.push_back(c.w2);
-      offsets.push_back(offsets.back() + n_hidden * 2 * c.n_trans);
+      total += (f.couplings[k].n_cond + 2 * f.couplings[k].n_trans) * n_hidden;
     }
-    at::Tensor widened = at::empty({offsets.back()}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
-    Acc* const out = widened.data_ptr<Acc>();
-    at::parallel_for(0, offsets.back(), 1 << 16, [&](int64_t b, int64_t e) {
-      for (size_t m = 0; m < sources.size(); ++m) {
-        const int64_t lo = std::max(b, offsets[m]), hi = std::min(e, offsets[m + 1]);
-        for (int64_t i = lo; i < hi; ++i) out[i] = to_acc(sources[m][i - offsets[m]]);
-      }
-    });
+    at::Tensor widened = at::empty({total}, at::TensorOptions().dtype(scalar_type_of<Acc>()));
+    int64_t offset = 0;
+    auto widen = [&](const W* data, int64_t rows, int64_t cols) {
+      at::Tensor m = widened.narrow(0, offset, rows * cols).view({rows, cols});
+      m.copy_(at::from_blob(const_cast<W*>(data), {rows, cols}, at::TensorOptions().dtype(at::kBFloat16)));
+      offset += rows * cols;
+      return m;
+    };
     for (int64_t k = 0; k < f.n_couplings; ++k) {
       const CouplingView<Acc, W>& c = f.couplings[k];
-      w1.push_back(widened.narrow(0, offsets[2 * k], c.n_cond * n_hidden).view({c.n_cond, n_hidden}));
-      w2.push_back(widened.narrow(0, offsets[2 * k + 1], n_hidden * 2 * c.n_trans).view({n_hidden, 2 * c.n_trans}));
+      w1.push_back(widen(c.w1, c.n_cond, n_hidden));
+      w2.push_back(widen(c.w2, n_hidden, 2 * c.n_trans));
     }
   }
 }
