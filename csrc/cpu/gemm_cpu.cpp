@@ -20,6 +20,7 @@ namespace {
 
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
 typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
 
 __attribute__((always_inline)) inline v8f load8(const float* p) {
   v8f v;
@@ -30,7 +31,15 @@ __attribute__((always_inline)) inline v8f load8(const float* p) {
 __attribute__((always_inline)) inline v8f load8(const bf16_t* p) {
   v8u16 half;
   std::memcpy(&half, p, sizeof half);
+#if (defined(__clang__) || __GNUC__ >= 12) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  // (0, b0, 0, b1, ...) read as eight uint32 is b_i << 16, each bfloat16's float32 bits: one
+  // unpack, where widening then shifting compiled to up to five instructions per eight weights
+  // (callgrind: 3.9M -> 2.6M instructions per d = 576 steer with bfloat16 weights).
+  const v8u16 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  const v16u16 wide = __builtin_shufflevector(zero, half, 0, 8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15);
+#else
   const v8u32 wide = __builtin_convertvector(half, v8u32) << 16;
+#endif
   v8f v;
   std::memcpy(&v, &wide, sizeof v);
   return v;
