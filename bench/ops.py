@@ -43,21 +43,24 @@ def median_ms(fn, repeats: int, warmup: int = 5, min_seconds: float = 0.2) -> fl
 
 def interleaved_ms(fns: dict, rounds: int, max_seconds: float, warmup: int = 2) -> dict:
     """Times every candidate once per round, in a fresh random order each round, so load from other
-    processes hits all of them alike. Returns per-candidate lists of ms, one entry per round."""
+    processes hits all of them alike. Returns per-candidate lists of wall and process-CPU ms (all
+    threads), one entry per round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     order = list(fns)
     times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
     rng = random.Random(0)
     start = time.perf_counter()
     while len(times[order[0]]) < rounds and (len(times[order[0]]) < 5 or time.perf_counter() - start < max_seconds):
         rng.shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+            cpu_times[name].append((time.process_time() - c0) * 1e3)
+    return times, cpu_times
 
 
 def quartiles(values) -> tuple[float, float, float]:
@@ -117,9 +120,10 @@ def bench_row(dim, tokens, hidden, couplings, rounds, max_seconds, with_compile)
         compiled = torch.compile(reference.steer, dynamic=False)
         fns["compiled"] = lambda: compiled(h, None, direction, 1.0, *flow32)
     with torch.no_grad():
-        times = interleaved_ms(fns, rounds, max_seconds)
+        times, cpu_times = interleaved_ms(fns, rounds, max_seconds)
     weights = sum(w.numel() for w in list(inn.w1) + list(inn.w2))
     times["weight_bytes_f32"] = 2 * 4 * weights  # forward and inverse each read every weight once
+    times["cpu"] = cpu_times
     return times
 
 
@@ -262,12 +266,13 @@ def main():
         f"# K={args.couplings}, H={args.hidden}, float32 activations; ms per steer call (phi, + alpha v, phi^-1): "
         "median [quartiles] over rounds that time every column once in random order; eager/op and "
         "compiled/op are medians [quartiles] of the per-round ratios (op = the weight dtype with the lower "
-        f"median); read bandwidth {bandwidth:.1f} GB/s (float32 sum, all threads); "
+        "median), 'by CPU' the same ratio of process CPU time (all threads; preemption does not count); "
+        f"read bandwidth {bandwidth:.1f} GB/s (float32 sum, all threads); "
         "floor = weight bytes read per call / that bandwidth"
     )
     header = (
-        "| d | tokens | rounds | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | compiled/op "
-        "| floor f32 w | floor bf16 w | op bf16 w / floor |"
+        "| d | tokens | rounds | op f32 w | op bf16 w | eager ref | compiled ref | eager/op | eager/op by CPU "
+        "| compiled/op | floor f32 w | floor bf16 w | op bf16 w / floor |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
@@ -289,11 +294,13 @@ def main():
             t = bench_row(dim, tokens, args.hidden, args.couplings, args.rounds, args.max_seconds, not args.no_compile)
             floor32 = t["weight_bytes_f32"] / (bandwidth * 1e9) * 1e3
             floor16 = floor32 / 2
-            best = min(t["op_f32"], t["op_bf16w"], key=statistics.median)
+            best_name = min(("op_f32", "op_bf16w"), key=lambda name: statistics.median(t[name]))
+            best = t[best_name]
 
             print(
                 f"| {dim} | {tokens} | {len(best)} | {cell(t['op_f32'])} | {cell(t['op_bf16w'])} | "
                 f"{cell(t['eager'])} | {cell(t.get('compiled', []))} | {ratio(t['eager'], best)} | "
+                f"{ratio(t['cpu']['eager'], t['cpu'][best_name])} | "
                 f"{ratio(t.get('compiled', []), best)} | "
                 f"{floor32:.3f} | {floor16:.3f} | {statistics.median(t['op_bf16w']) / floor16:.2f} |",
                 flush=True,
