@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended  # noqa: E402
 from innsteer.eval.protocol import MethodSpec, comparison_table, default_specs, run_protocol  # noqa: E402
+from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
 
@@ -37,6 +38,42 @@ def code_version() -> str:
         return head.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
+
+
+def combine(paths: list[str], out: str) -> int:
+    """Merge per-seed result files of one behavior and method set; recompute the comparison."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for part in parts[1:]:
+        same = ("behavior", "model_id", "layer", "n_test", "n_prompts", "specs", "metrics")
+        if any(part[key] != first[key] for key in same):
+            raise SystemExit(f"cannot combine: the files differ in one of {same}")
+    runs = {name: [run for part in parts for run in part["runs"][name]] for name in first["runs"]}
+    seeds = [run["seed"] for run in runs[first["compare"][0]]]
+    comparison = {
+        f"{metric}/{side}": paired_bootstrap(
+            runs[first["compare"][0]], runs[first["compare"][1]], sign=sign, metric=metric
+        )
+        for metric in first["metrics"]
+        for side, sign in (("toward", 1), ("away", -1))
+    }
+    result = {
+        **first,
+        "seeds": seeds,
+        "runs": runs,
+        "comparison": comparison,
+        "command": " ; ".join(part["command"] for part in parts)
+        + " ; python bench/quality.py --combine "
+        + " ".join(paths),
+        "code_version": sorted({part["code_version"] for part in parts}),
+    }
+    path = Path(out) / f"{first['model_id']}-{first['behavior']}-L{first['layer']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path} (seeds {seeds})")
+    for metric in first["metrics"]:
+        print(f"\n## {metric} metric, steering toward the behavior\n")
+        print(comparison_table([result], metric))
+    return 0
 
 
 def main() -> int:
@@ -50,10 +87,20 @@ def main() -> int:
     parser.add_argument("--tokens", default="all", choices=("mean", "last", "all"), help="activation rows of both")
     parser.add_argument("--innsteer-options", default="{}", help="JSON: INNSteer training options")
     parser.add_argument("--extra-methods", default="", help="comma-separated METHODS fitted on mean activations too")
+    parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="instead of measuring: merge runs of other seeds written by earlier calls and compare them",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (run behaviors in parallel)")
     args = parser.parse_args()
 
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     specs = default_specs(json.loads(args.innsteer_options), args.tokens)
@@ -75,9 +122,10 @@ def main() -> int:
             seeds=[int(s) for s in args.seeds.split(",")],
             behavior=behavior,
             max_new_tokens=args.max_new_tokens,
+            ladder=[float(a) for a in args.ladder.split(",")],
         )
         result.update(command=command, code_version=code_version(), seconds=round(time.time() - start))
-        path = out / f"{lm.model_id}-{behavior}-L{args.layer}.json"
+        path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)
         print(f"{behavior}: {result['seconds']} s, wrote {path}", flush=True)

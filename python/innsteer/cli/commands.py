@@ -127,17 +127,39 @@ def _check_context(lm, max_new_tokens: int, prompts: list[str], what: str = "pro
             )
 
 
+def _data(args, behavior: Optional[str] = None):
+    """The command's DataSource, read and checked before any model loads."""
+    from ..datasets.source import from_files, shipped
+
+    for option, path in (("--data", args.data), ("--test-data", args.test_data), ("--prompts", args.prompts)):
+        if path:
+            check_input_file(path, option)
+    if args.data:
+        if args.behavior:
+            raise CLIError("give either --behavior (a shipped set) or --data (your file), not both")
+        source = from_files(args.data, args.test_data, args.prompts)
+    else:
+        if args.test_data:
+            raise CLIError("--test-data goes with --data (the shipped behaviors have their own test split)")
+        source = shipped(behavior or args.behavior or DEMO_BEHAVIOR, args.prompts)
+    if args.mode == "letter" and not source.lettered:
+        raise CLIError(f"{source.name} has items with plain answers (no lettered options): use --mode answer")
+    return source
+
+
 def cmd_collect(args) -> int:
-    from ..datasets.caa import load_ab
     from ..hf.collect import contrastive_activations
 
+    source = _data(args)
+    items = (source.test if args.split == "test_ab" else source.train)[: args.n_train]
     lm = _load(args)
     layers = args.layers or [args.layer]
-    items = load_ab(args.behavior, args.split, limit=args.n_train)
-    acts = contrastive_activations(lm, items, layers, mode=args.mode, behavior=args.behavior, split=args.split)
+    acts = contrastive_activations(
+        lm, items, layers, mode=args.mode, tokens=args.tokens, behavior=source.name, split=args.split
+    )
     for layer, (pos, neg) in sorted(acts.items()):
         gap = float((pos.mean(0) - neg.mean(0)).norm())
-        print(f"layer {layer}: {tuple(pos.shape)} pairs, |mean(pos) - mean(neg)| = {gap:.3f}")
+        print(f"layer {layer}: {tuple(pos.shape)} rows per class, |mean(pos) - mean(neg)| = {gap:.3f}")
     return 0
 
 
@@ -145,16 +167,18 @@ def cmd_train(args) -> int:
     from ..eval.experiment import fit_methods
 
     check_output_file(args.output, "-o/--output")
+    source = _data(args)
     lm = _load(args)
-    steerers, seconds = fit_methods(lm, args.behavior, args.layer, [args.method], mode=args.mode, n_train=args.n_train)
+    steerers, seconds = fit_methods(
+        lm, source, args.layer, [args.method], mode=args.mode, tokens=args.tokens, n_train=args.n_train
+    )
     steerer = steerers[args.method]
     if args.alpha is not None:
         steerer.alpha = args.alpha
-    steerer.extra["mode"] = args.mode
     steerer.save(args.output)
     print(
         f"wrote {args.output}: {args.method} steerer for {lm.model_id} layer {steerer.layer} "
-        f"({args.behavior}, fitted in {seconds[args.method]:.1f} s)"
+        f"({source.name}, fitted in {seconds[args.method]:.1f} s)"
     )
     return 0
 
@@ -176,21 +200,25 @@ def cmd_eval(args) -> int:
     if args.layer_sweep and (args.all or args.out):
         raise CLIError("--layer-sweep prints a table of layers; it takes neither --all nor --out")
     _check_report(args)
+    if args.all and (args.data or args.behavior):
+        raise CLIError("--all runs every shipped behavior; it takes neither --behavior nor --data")
     command = "innsteer " + " ".join(sys.argv[1:])
+    sources = [_data(args, behavior) for behavior in BEHAVIORS] if args.all else [_data(args)]
     lm = _load(args)
     if args.layer_sweep:
-        return _layer_sweep(lm, args)
-    behaviors = BEHAVIORS if args.all else (args.behavior,)
-    questions = [q for behavior in behaviors for q in _open_questions(behavior, args.n_open)]
+        return _layer_sweep(lm, args, sources[0])
+    questions = [q for source in sources for q in source.prompts[: args.n_open]]
     _check_context(lm, args.max_new_tokens, questions, "open-ended prompt")
     results = []
-    for behavior in behaviors:
+    for source in sources:
+        behavior = source.name
         result, _ = run_behavior(
             lm,
-            behavior,
+            source,
             args.layer,
             args.methods,
             mode=args.mode,
+            tokens=args.tokens,
             alphas=args.alphas,
             n_train=args.n_train,
             n_test=args.n_test,
@@ -214,17 +242,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _layer_sweep(lm, args) -> int:
+def _layer_sweep(lm, args, source) -> int:
     from ..core.methods import fit_caa
     from ..datasets.ab import train_val_split
-    from ..datasets.caa import load_ab
     from ..eval.sweeps import layer_sweep
 
-    train, val = train_val_split(load_ab(args.behavior, "generate"))
+    train, val = train_val_split(source.train)
     train = train[: args.n_train] if args.n_train else train
     val = val[: args.n_test] if args.n_test else val
     alpha = max(args.alphas)
-    shifts = layer_sweep(lm, fit_caa, train, val, args.layer_sweep, alpha=alpha, mode=args.mode, behavior=args.behavior)
+    shifts = layer_sweep(lm, fit_caa, train, val, args.layer_sweep, alpha=alpha, mode=args.mode, behavior=source.name)
     print(f"CAA at alpha {alpha:g}: shift of p_match (answer text) on {len(val)} validation items")
     for layer, shift in sorted(shifts.items()):
         print(f"  layer {layer:3d}: {shift:+.3f}")
@@ -287,68 +314,60 @@ def is_gguf(path: str) -> bool:
 
 
 def cmd_demo(args) -> int:
-    from ..eval.experiment import run_behavior
-    from ..eval.metrics import generate
-    from ..eval.report import sanity_line, tradeoff_table
+    from ..eval.metrics import generate, multiple_choice_sanity
+    from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol
+    from ..eval.report import sanity_line
 
     args.out = args.out or "innsteer-demo"
     _check_report(args)
+    source = _data(args)
     start = time.perf_counter()
     lm = _load(args)
-    questions = _open_questions(args.behavior, max(args.n_open, DEMO_SAMPLES))
-    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), questions, "open-ended prompt")
-    result, steerers = run_behavior(
+    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "prompt")
+    specs = {method: MethodSpec(method, args.tokens) for method in args.methods}
+    result = run_protocol(
         lm,
-        args.behavior,
-        args.layer,
-        args.methods,
-        mode=args.mode,
-        alphas=args.alphas,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        n_open=args.n_open,
+        source.train[: args.n_train] if args.n_train else source.train,
+        source.test[: args.n_test] if args.n_test else source.test,
+        source.prompts[: args.n_open],
+        layer=args.layer,
+        specs=specs,
+        seeds=args.seeds,
+        behavior=source.name,
         max_new_tokens=args.max_new_tokens,
+        ladder=sorted({abs(a) for a in args.alphas}),
+        compare=("innsteer", "caa"),
+        return_steerers=True,
     )
-    base = next(p for p in result["points"] if p["method"] == "none")
-    print(f"\n== {args.behavior}, layer {result['layer']}, {result['n_test']} test items ==")
-    print(sanity_line(result["sanity"]))
+    steerers = result.pop("steerers")
+    result["sanity"] = multiple_choice_sanity(lm)
     print(
-        f"unsteered: p_match (answer text) {base['answer']:.3f}, (letter) {base['letter']:.3f}, "
-        f"fluency NLL/token {base['nll']:.3f}\n"
+        f"\n== {source.name}, layer {result['layer']}: {result['n_test']} test items, {result['n_prompts']} prompts, "
+        f"seeds {result['seeds']} =="
     )
-    for p in result["points"]:
-        if p["method"] != "none":
-            print(
-                f"{p['method']:>10} alpha {p['alpha']:>4g}: p_match answer {p['answer']:.3f} letter {p['letter']:.3f}"
-                f"  fluency cost {p['nll'] - base['nll']:+.3f} nats/token"
-            )
-    print("\n" + tradeoff_table(result) + "\n")
-    # Sample generations: each method at its largest alpha costing at most 1 nat/token (else its smallest).
-    prompts = _open_questions(args.behavior, DEMO_SAMPLES)
+    print(sanity_line(result["sanity"]))
+    for metric in result["metrics"]:
+        print(
+            f"\nBehaviour shift ({metric} metric, toward the behavior) at fluency cost <= budget "
+            "(nats/token); the difference's paired bootstrap 95% interval:\n"
+        )
+        print(comparison_table([result], metric))
+    # samples: each method at its largest alpha costing at most 1 nat/token on the first seed
+    prompts = source.prompts[:DEMO_SAMPLES]
     samples = {"unsteered": generate(lm, prompts, max_new_tokens=DEMO_SAMPLE_TOKENS)[0]}
-    for method in args.methods:
-        alpha = _alpha_within_budget(result, method, budget=1.0) or min(args.alphas)
+    report = protocol_report(result)
+    for method, steerer in steerers.items():
+        alpha = report["chosen_alpha"][method]
         samples[f"{method} alpha={alpha:g}"] = generate(
-            lm, prompts, steerer=steerers[method], alpha=alpha, max_new_tokens=DEMO_SAMPLE_TOKENS
+            lm, prompts, steerer=steerer, alpha=alpha, max_new_tokens=DEMO_SAMPLE_TOKENS
         )[0]
-    result["samples"] = samples
+    report["samples"] = samples
+    print()
     for i, prompt in enumerate(prompts):
         print(f">>> {prompt}")
         for label, texts in samples.items():
             print(f"[{label}] {texts[i].strip()}")
         print()
-    _report(result, args, "innsteer " + " ".join(sys.argv[1:]))
+    _report(report, args, "innsteer " + " ".join(sys.argv[1:]))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def _open_questions(behavior: str, n: int) -> list[str]:
-    from ..datasets.caa import load_open_ended
-
-    return load_open_ended(behavior, limit=n)
-
-
-def _alpha_within_budget(result: dict, method: str, budget: float) -> Optional[float]:
-    base = next(p for p in result["points"] if p["method"] == "none")
-    fits = [p for p in result["points"] if p["method"] == method and p["nll"] - base["nll"] <= budget]
-    return max((p["alpha"] for p in fits), default=None)

@@ -11,7 +11,7 @@ from ..core.errors import ConfigError
 from ..core.hooks import check_layer
 from ..core.methods import METHODS
 from ..datasets.ab import METRICS, train_val_split
-from ..datasets.caa import load_ab, load_open_ended
+from ..datasets.source import DataSource
 from ..hf.collect import contrastive_activations
 from ..hf.models import LoadedModel
 from .metrics import ABScorer, multiple_choice_sanity
@@ -25,27 +25,32 @@ BUDGETS = (0.25, 0.5, 1.0)
 
 def fit_methods(
     lm: LoadedModel,
-    behavior: str,
+    data: DataSource,
     layer: int,
     methods: Sequence[str],
     *,
     mode: str = "answer",
+    tokens: str = "all",
     n_train: Optional[int] = None,
     progress: bool = True,
 ) -> tuple[dict, dict]:
-    """Fit each method on the generate split's training part: ({method: steerer}, {method: seconds})."""
+    """Fit each method on the training part of ``data.train`` (a seeded split; the rest validates):
+    ({method: steerer}, {method: seconds})."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
-    train_items, _ = train_val_split(load_ab(behavior, "generate"))
+    layer = check_layer(lm.model, layer)
+    train_items, _ = train_val_split(data.train)
     train_items = train_items[:n_train] if n_train else train_items
+    behavior = data.name
     pos, neg = contrastive_activations(
         lm,
         train_items,
         layer,
         mode=mode,
+        tokens=tokens,
         behavior=behavior,
-        split=f"generate-train{len(train_items)}",
+        split=f"train{len(train_items)}",
         progress=progress,
     )[layer]
     steerers, seconds = {}, {}
@@ -53,17 +58,19 @@ def fit_methods(
         start = time.perf_counter()
         kwargs = {"progress": progress} if method == "innsteer" else {}
         steerers[method] = METHODS[method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **kwargs)
+        steerers[method].extra.update(mode=mode, tokens=tokens)
         seconds[method] = round(time.perf_counter() - start, 2)
     return steerers, seconds
 
 
 def run_behavior(
     lm: LoadedModel,
-    behavior: str,
+    data: DataSource,
     layer: int,
     methods: Sequence[str],
     *,
     mode: str = "answer",
+    tokens: str = "all",
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     n_train: Optional[int] = None,
     n_test: Optional[int] = None,
@@ -77,9 +84,12 @@ def run_behavior(
     layer = check_layer(lm.model, layer)
     fit_seconds = {}
     if steerers is None:
-        steerers, fit_seconds = fit_methods(lm, behavior, layer, methods, mode=mode, n_train=n_train, progress=progress)
-    test = load_ab(behavior, "test_ab", limit=n_test)
-    questions = load_open_ended(behavior, limit=n_open)
+        steerers, fit_seconds = fit_methods(
+            lm, data, layer, methods, mode=mode, tokens=tokens, n_train=n_train, progress=progress
+        )
+    test = data.test[:n_test] if n_test else data.test
+    questions = data.prompts[:n_open]
+    metrics = metrics if data.lettered else ("answer",)
     scorer = ABScorer(lm, test, metrics)
     baseline = sweep(lm, None, "none", [0.0], scorer, questions, max_new_tokens=max_new_tokens, progress=False)[0]
     points = [baseline]
@@ -91,9 +101,10 @@ def run_behavior(
     training = {m: s.extra["history"] for m, s in steerers.items() if "history" in getattr(s, "extra", {})}
     return {
         "model_id": lm.model_id,
-        "behavior": behavior,
+        "behavior": data.name,
         "layer": layer,
         "mode": mode,
+        "tokens": tokens,
         "n_test": len(test),
         "n_open": len(questions),
         "max_new_tokens": max_new_tokens,

@@ -81,9 +81,11 @@ def run_protocol(
     compare: tuple[str, str] = ("innsteer", "caa"),
     n_resamples: int = 1000,
     progress: bool = True,
+    return_steerers: bool = False,
 ) -> dict:
     """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
-    for each metric and side (see the module docstring). JSON-serializable."""
+    for each metric and side (see the module docstring). JSON-serializable, unless
+    ``return_steerers`` adds {"steerers": {method: the first seed's steerer}}."""
     metrics = METRICS if all(item.lettered for item in test_items) else ("answer",)
     scorer = BatchedScorer(lm, test_items, metrics)
     fluency = BatchedFluency(lm, prompts, max_new_tokens)
@@ -96,6 +98,7 @@ def run_protocol(
         "base_tokens": base_tokens.tolist(),
     }
     runs: dict[str, list] = {name: [] for name in specs}
+    first_steerers = {}
     for seed in seeds:
         train, _ = train_val_split(train_items, seed=seed)
         for name, spec in specs.items():
@@ -113,6 +116,7 @@ def run_protocol(
             if spec.method == "innsteer":
                 options.setdefault("seed", seed)
             steerer = METHODS[spec.method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **options)
+            first_steerers.setdefault(name, steerer)
             curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, progress=progress)
             runs[name].append({**curve, **base, "seed": seed})
             if progress:
@@ -124,7 +128,7 @@ def run_protocol(
                 comparison[f"{metric}/{side}"] = paired_bootstrap(
                     runs[compare[0]], runs[compare[1]], sign=sign, metric=metric, n_resamples=n_resamples
                 )
-    return {
+    result = {
         "behavior": behavior,
         "model_id": lm.model_id,
         "layer": layer,
@@ -137,6 +141,56 @@ def run_protocol(
         "compare": list(compare),
         "comparison": comparison,
         "runs": runs,
+    }
+    if return_steerers:
+        result["steerers"] = first_steerers
+    return result
+
+
+def _point_means(run: dict, metrics: Sequence[str]) -> list[dict]:
+    """A run's points as means over items (p_match) and prompts (NLL/token), by alpha."""
+    points = []
+    for i, alpha in enumerate(run["alphas"]):
+        point = {m: sum(run["scores"][m][i]) / len(run["scores"][m][i]) for m in metrics}
+        point.update(alpha=alpha, nll=sum(run["nll"][i]) / sum(run["tokens"][i]))
+        points.append(point)
+    return sorted(points, key=lambda p: p["alpha"])
+
+
+def alpha_within_budget(run: dict, metrics: Sequence[str], budget: float = 1.0) -> float:
+    """The largest positive alpha of a run whose fluency cost is at most ``budget`` (else its smallest)."""
+    base_nll = sum(run["base_nll"]) / sum(run["base_tokens"])
+    positive = [p for p in _point_means(run, metrics) if p["alpha"] > 0]
+    fits = [p["alpha"] for p in positive if p["nll"] - base_nll <= budget]
+    return max(fits) if fits else min(p["alpha"] for p in positive)
+
+
+def protocol_report(result: dict) -> dict:
+    """The first seed's curves in ``innsteer.eval.report``'s format (tables and plots), with the
+    seed-mean trade-offs and the comparison table of the whole protocol."""
+    metrics = result["metrics"]
+    first = {name: runs[0] for name, runs in result["runs"].items()}
+    any_run = next(iter(first.values()))
+    base = {m: sum(v) / len(v) for m, v in any_run["base_scores"].items()}
+    base_point = {"method": "none", "alpha": 0.0, "letter": None, "distinct2": None, "samples": [], **base}
+    base_point["nll"] = sum(any_run["base_nll"]) / sum(any_run["base_tokens"])
+    points = [base_point]
+    for name, run in first.items():
+        for p in _point_means(run, metrics):
+            points.append({"method": name, "letter": None, "distinct2": None, "samples": [], **p})
+    toward = result["comparison"].get("answer/toward", {})
+    tradeoff = {}
+    for side, name in zip(("a", "b"), result["compare"]):
+        tradeoff[name] = {float(key[2:]): row[side] for key, row in toward.items() if key.startswith("at")}
+    return {
+        **{k: v for k, v in result.items() if k not in ("runs",)},
+        "mode": "answer",
+        "n_open": result["n_prompts"],
+        "points": points,
+        "tradeoff": tradeoff,
+        "chosen_alpha": {name: alpha_within_budget(run, metrics) for name, run in first.items()},
+        "comparison_table": {m: comparison_table([result], m) for m in metrics},
+        "runs": result["runs"],
     }
 
 

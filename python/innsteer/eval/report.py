@@ -100,6 +100,8 @@ def markdown(result: dict) -> str:
         "## Alpha sweeps",
         sweep_table(result),
     ]
+    for metric, table in result.get("comparison_table", {}).items():
+        parts += [f"## INNSteer - CAA, {metric} metric: seed means and paired bootstrap 95 % intervals", table]
     samples = result.get("samples")
     if samples:
         parts.append("## Sample generations")
