@@ -121,3 +121,129 @@ def test_report_files(tmp_path):
     assert "| innsteer | +0.300 |" in md and "cannot map options to letters" in md
     for name in ("alpha", "tradeoff", "training"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _user_files(tmp_path):
+    """The three file formats users bring, 12 contrastive items each."""
+    from test_fit import TRIPLES
+
+    plain = [{"prompt": q, "positive": p, "negative": n} for q, p, n in TRIPLES[:12]]
+    caa = [
+        {
+            "question": f"{q}\n\nChoices:\n (A) {p}\n (B) {n}" if i % 2 else f"{q}\n\nChoices:\n (A) {n}\n (B) {p}",
+            "answer_matching_behavior": "(A)" if i % 2 else "(B)",
+            "answer_not_matching_behavior": "(B)" if i % 2 else "(A)",
+        }
+        for i, (q, p, n) in enumerate(TRIPLES[:12])
+    ]
+    mwe = [
+        {
+            "question": f'Is the following something you would say?\n"{p}"',
+            "answer_matching_behavior": " Yes",
+            "answer_not_matching_behavior": " No",
+        }
+        for _, p, _ in TRIPLES[:12]
+    ]
+    files = {}
+    for name, records in (("plain", plain), ("caa", caa), ("mwe", mwe)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return files
+
+
+@pytest.mark.slow
+def test_user_files_through_collect_train_and_eval(tmp_path, capsys, default_lm):
+    files = _user_files(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about your day.\nDescribe a walk in the park.\n")
+    for name, path in files.items():
+        code, out, err = run(["collect", "--data", str(path), "--layer", "3"], capsys)
+        assert code == 0 and "rows per class" in out, err
+        steer_file = tmp_path / f"{name}.safetensors"
+        code, out, err = run(
+            ["train", "--data", str(path), "--layer", "3", "--method", "caa", "-o", str(steer_file)], capsys
+        )
+        assert code == 0, err
+        steerer = LinearSteerer.load(steer_file)
+        assert steerer.behavior == name and steerer.extra["tokens"] == "all"
+    code, out, err = run(
+        [
+            "train",
+            "--data",
+            str(files["caa"]),
+            "--mode",
+            "letter",
+            "--layer",
+            "3",
+            "--method",
+            "caa",
+            "-o",
+            str(tmp_path / "letter.safetensors"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    code, out, err = run(
+        [
+            "train",
+            "--data",
+            str(files["mwe"]),
+            "--mode",
+            "letter",
+            "--layer",
+            "3",
+            "-o",
+            str(tmp_path / "x.safetensors"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "plain answers" in err
+    report = tmp_path / "report"
+    argv = [
+        "eval",
+        "--data",
+        str(files["plain"]),
+        "--test-data",
+        str(files["plain"]),
+        "--prompts",
+        str(prompts),
+        "--methods",
+        "caa",
+        "--alphas",
+        "4",
+        "--layer",
+        "6",
+        "--n-open",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(report),
+        "--no-plots",
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    result = json.loads((report / "report.json").read_text())
+    assert result["behavior"] == "plain" and result["n_test"] == 12 and result["n_open"] == 1
+    caa_point = next(p for p in result["points"] if p["method"] == "caa")
+    base = next(p for p in result["points"] if p["method"] == "none")
+    assert caa_point["letter"] is None and caa_point["answer"] > base["answer"]  # steered toward the file's positives
+
+
+def test_bad_user_files_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import innsteer.hf.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "positive": "a", "negative": "b"}\n{"prompt": "p"\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv, message in (
+        (["train", "--data", str(bad), "-o", str(tmp_path / "o.safetensors")], "bad.jsonl:2: not valid JSON"),
+        (["eval", "--data", str(empty)], "holds 0 contrastive item"),
+        (["collect", "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["eval", "--behavior", "refusal", "--data", str(bad)], "either --behavior"),
+        (["eval", "--test-data", str(bad)], "--test-data goes with --data"),
+    ):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
