@@ -253,7 +253,10 @@ def load_model(
         if not use_cache:
             shutil.rmtree(directory, ignore_errors=True)
         if not (directory / "config.json").is_file():
-            _dequantize_gguf_to_cache(path, directory)
+            try:
+                _dequantize_gguf_to_cache(path, directory)
+            except (ValueError, KeyError) as error:  # transformers on a GGUF that holds no model it knows
+                raise ModelLoadError(f"cannot load a causal LM from {path}: {error}") from error
     elif not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
     verbosity = hf_logging.get_verbosity()

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..core.errors import InnsteerError, SteerFileError
+from ..core.errors import ConfigError, InnsteerError, SteerFileError
 
 __all__ = ["SteerGGUF", "SteerHookError", "hook_library", "ERR_LEN", "MAX_THREADS", "float32_alpha", "thread_count"]
 
@@ -79,7 +79,7 @@ def float32_alpha(alpha: float) -> float:
     with np.errstate(over="ignore"):
         single = np.float32(value)
     if not np.isfinite(single):
-        raise ValueError(f"alpha must be a finite float32 value, got {alpha}")
+        raise ConfigError(f"alpha must be a finite float32 value, got {alpha}")
     return float(single)
 
 
@@ -87,7 +87,7 @@ def thread_count(n_threads: int) -> int:
     """``n_threads`` checked against the hook's range 1..MAX_THREADS."""
     n = operator.index(n_threads)
     if not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"n_threads must be in 1..{MAX_THREADS}, got {n_threads}")
+        raise ConfigError(f"n_threads must be in 1..{MAX_THREADS}, got {n_threads}")
     return n
 
 
@@ -133,7 +133,7 @@ class SteerGGUF:
     @property
     def handle(self) -> int:
         if not self._handle:
-            raise ValueError(f"steer file {self.source} is closed")
+            raise ConfigError(f"steer file {self.source} is closed")
         return self._handle
 
     hidden_size = property(lambda self: int(self._lib.innsteer_steer_hidden_size(self.handle)))
@@ -153,7 +153,7 @@ class SteerGGUF:
         """What the hook does to l_out, on float32 rows [n, hidden_size]: returns the steered copy."""
         out = np.array(rows, dtype=np.float32, order="C", copy=True)
         if out.ndim != 2 or out.shape[1] != self.hidden_size:
-            raise ValueError(f"rows must have shape [n, {self.hidden_size}], got {out.shape}")
+            raise ConfigError(f"rows must have shape [n, {self.hidden_size}], got {out.shape}")
         alpha = self.alpha if alpha is None else float32_alpha(alpha)
         n_threads = thread_count(n_threads)
         err = ctypes.create_string_buffer(ERR_LEN)

@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..core.errors import SteerFileError
+from ..core.errors import ConfigError, SteerFileError
 from .bindings import ERR_LEN, MAX_THREADS, SteerGGUF, SteerHookError, float32_alpha, hook_library, thread_count
 from .export import read_control_vector
 
@@ -69,9 +69,9 @@ class LlamaSteering:
 
     def __init__(self, llm: llama_cpp.Llama):
         if getattr(llm, _INSTALLED, None) is not None:
-            raise ValueError("this Llama already has innsteer's hook installed: use attach(llm) or llm.steering")
+            raise ConfigError("this Llama already has innsteer's hook installed: use attach(llm) or llm.steering")
         if llm._ctx is None or llm._ctx.ctx is None:
-            raise ValueError("this Llama was closed")
+            raise ConfigError("this Llama was closed")
         self._lib = hook_library()
         self.llm = llm
         self._hook = self._lib.innsteer_hook_new()
@@ -207,7 +207,7 @@ class LlamaSteering:
             with self._lock:
                 self._live_hook()
                 if getattr(state, "innsteer_steering", _UNSTEERED) != self._signature():
-                    raise ValueError(
+                    raise ConfigError(
                         "this saved state was computed under other steering than this Llama's now: restore that "
                         "steering first, or, for states kept by Llama.cache, clear the cache (llm.set_cache(None))"
                     )
@@ -230,7 +230,7 @@ class LlamaSteering:
 
     def _live_hook(self) -> int:
         if not self._hook:
-            raise ValueError("this Llama was closed: its steering can no longer be used")
+            raise ConfigError("this Llama was closed: its steering can no longer be used")
         return self._hook
 
     def _state(self) -> tuple:
@@ -295,13 +295,13 @@ class LlamaSteering:
             raise SteerFileError(f"{source} was made for model '{steer.meta('model_id')}', not '{expect_model_id}'")
         layer = steer.layer if layer is None else operator.index(layer)
         if not 0 <= layer < self.n_layer - 1:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot steer layer {layer} of a {self.n_layer}-layer model: layers 0..{self.n_layer - 2} "
                 "can be steered (the last layer's output holds only the output rows)"
             )
         for entry, (other, other_layer) in enumerate(zip(self._steers, self._layers)):
             if other_layer == layer and _same_steer(other, steer):
-                raise ValueError(
+                raise ConfigError(
                     f"{source} already steers layer {layer} (entry {entry}): adding it again would "
                     "steer twice; use set_alpha to change its strength"
                 )
@@ -310,7 +310,7 @@ class LlamaSteering:
         with self._change():
             entry = self._lib.innsteer_hook_add(hook, steer.handle, layer, alpha, err, ERR_LEN)
             if entry < 0:
-                raise ValueError(err.value.decode(errors="replace"))
+                raise ConfigError(err.value.decode(errors="replace"))
             self._steers.append(steer)
             self._layers.append(layer)
             self._alphas.append(alpha)
@@ -362,7 +362,7 @@ class LlamaSteering:
         control vectors (llama.cpp adds those at every position)."""
         position = operator.index(position)
         if not 0 <= position <= _MAX_POSITION:
-            raise ValueError(f"position must be in 0..2**62, got {position}")
+            raise ConfigError(f"position must be in 0..2**62, got {position}")
         with self._change():
             self.start_position = position
 
@@ -402,7 +402,7 @@ class LlamaSteering:
                     f"{source} is a control vector for a '{hint}' model, but this model is '{self.architecture}'"
                 )
         if not directions:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: a control vector needs at least one layer's vector "
                 "(clear_control_vector() removes the control vector)"
             )
@@ -414,13 +414,15 @@ class LlamaSteering:
                     f"but this model's hidden size is {self.n_embd}"
                 )
             if not 1 <= layer < self.n_layer:
-                raise ValueError(
+                raise ConfigError(
                     f"{source}: layer {layer} cannot be steered by a control vector (layers 1..{self.n_layer - 1})"
                 )
             with np.errstate(over="ignore", invalid="ignore"):
                 finite = np.isfinite(vector * np.float32(strength)).all() and np.isfinite(strength)
             if not finite:
-                raise ValueError(f"{source}: direction.{layer} times strength {strength} holds NaN or Inf (in float32)")
+                raise ConfigError(
+                    f"{source}: direction.{layer} times strength {strength} holds NaN or Inf (in float32)"
+                )
         # llama.cpp's layout: layer L's vector at offset n_embd * (L - 1).
         data = np.zeros((self.n_layer - 1) * self.n_embd, dtype=np.float32)
         for layer, vector in directions.items():
