@@ -247,3 +247,32 @@ def test_bad_user_files_are_refused_before_the_model_loads(tmp_path, capsys, mon
     ):
         code, out, err = run(argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.slow
+def test_demo_prints_the_comparison_with_intervals_and_writes_the_report(tmp_path, capsys, default_lm):
+    argv = [
+        "demo",
+        "--n-test",
+        "3",
+        "--n-open",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--alphas",
+        "8",
+        "--n-train",
+        "30",
+        "--out",
+        str(tmp_path / "demo"),
+        "--no-plots",
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "| corrigible-neutral-HHH | 10 | at0.5 |" in out and "[95 % CI]" in out
+    assert "[unsteered]" in out and "[innsteer alpha=" in out and "[caa alpha=" in out
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["compare"] == ["innsteer", "caa"] and set(report["runs"]) == {"caa", "innsteer"}
+    assert report["comparison"]["answer/toward"]["auc"]["low"] <= report["comparison"]["answer/toward"]["auc"]["high"]
+    markdown = (tmp_path / "demo" / "report.md").read_text()
+    assert "paired bootstrap 95 % intervals" in markdown and "## Sample generations" in markdown
