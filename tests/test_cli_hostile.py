@@ -234,7 +234,7 @@ def test_a_gguf_that_is_no_model_is_one_line(tmp_path, capsys):
     (tmp_path / "junk.gguf").write_bytes(b"junk")
     for model in (steer, tmp_path / "junk.gguf"):
         code, _, err = run(["generate", "Hello", "--model", str(model)], capsys)
-        assert_one_line_error(code, err, "cannot load the model")
+        assert_one_line_error(code, err, "cannot load a causal LM", str(model))
 
 
 # --- with the model ---------------------------------------------------------------------------------

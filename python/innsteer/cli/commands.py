@@ -77,10 +77,7 @@ def _load(args):
     from ..hf.models import load_model
 
     t = time.perf_counter()
-    try:
-        lm = load_model(args.model)
-    except ValueError as error:  # transformers on a GGUF that holds no model it knows (e.g. a steer GGUF)
-        raise CLIError(f"cannot load the model {args.model}: {error}") from error
+    lm = load_model(args.model)  # a file that holds no model raises ModelLoadError, reported in one line
     print(
         f"model {lm.model_id}: {lm.num_layers} layers, hidden size {lm.hidden_size} "
         f"(loaded in {time.perf_counter() - t:.1f} s)",
