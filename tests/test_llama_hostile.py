@@ -213,7 +213,7 @@ def test_a_closed_llama_refuses_every_steering_call(gguf_path, steer_file):
         print(json.dumps(outcome))
     """)
     for name, outcome in result.items():
-        assert outcome == "ValueError: this Llama was closed: its steering can no longer be used", (name, outcome)
+        assert outcome == "ConfigError: this Llama was closed: its steering can no longer be used", (name, outcome)
 
 
 def test_concurrent_evals_on_one_steered_llama_run_one_at_a_time(gguf_path, steer_file):

@@ -320,7 +320,7 @@ def cmd_demo(args) -> int:
     source = _data(args)
     start = time.perf_counter()
     lm = _load(args)
-    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "prompt")
+    _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
     specs = {method: MethodSpec(method, args.tokens) for method in args.methods}
     result = run_protocol(
         lm,
