@@ -11,10 +11,12 @@ from innsteer.core.flow import FlowConfig
 from innsteer.core.train import (
     TrainConfig,
     _loss_terms,
+    energy_distance,
     fisher_separation,
     latent_direction,
     separation_loss,
     train_innsteer,
+    transport_ratio,
 )
 
 D = 24
@@ -244,8 +246,94 @@ def test_nan_inputs_are_named():
         train_innsteer(pos, neg, layer=0, progress=False)
 
 
+def two_regions(n=400, seed=0):
+    """2-D classes that no translation maps onto each other: pos around x = +2 with a narrow y,
+    neg around x = -2 with a wide y. A coupling that scales y by a function of x can."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack([2 + 0.3 * torch.randn(n, generator=g), 0.2 * torch.randn(n, generator=g)], 1)
+    neg = torch.stack([-2 + 0.3 * torch.randn(n, generator=g), 2.0 * torch.randn(n, generator=g)], 1)
+    return pos, neg
+
+
+def test_energy_distance_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 3, generator=g), torch.randn(5, 3, generator=g) + 1
+    a, b = x.double().numpy(), y.double().numpy()
+
+    def mean_dist(p, q):
+        return np.mean([[np.linalg.norm(u - w) for w in q] for u in p])
+
+    expected = mean_dist(a, b) - (mean_dist(a, a) + mean_dist(b, b)) / 2
+    assert energy_distance(x, y) == pytest.approx(expected, rel=1e-12)
+    assert energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_untrained_flow_transports_exactly_like_caa():
+    pos, neg = two_regions()
+    inn = INN(2, 2, 8)
+    inn.fit_standardization(torch.cat([pos, neg]))
+    ratio = transport_ratio(inn, latent_direction(inn, pos, neg), pos, neg, pos.mean(0) - neg.mean(0))
+    assert ratio == pytest.approx(1.0, abs=1e-5)
+
+
+def test_class_conditional_nll_is_gaussian_around_each_class_mean():
+    pos, neg = two_regions(n=50)
+    inn = INN(2, 2, 8)
+    inn.fit_standardization(torch.cat([pos, neg]))
+    means = torch.tensor([[1.0, -0.5], [-1.0, 0.25]])
+    with torch.no_grad():
+        nll = float(_loss_terms(inn, pos, neg, TrainConfig(nll="class"), means)["nll"])
+    z = ((torch.cat([pos, neg]) - inn.mean) / inn.scale).double()  # the untrained flow: standardization
+    labels = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])
+    expected = (0.5 * (z - means.double()[labels]).pow(2).sum(-1)).mean() / 2  # couplings' log-det is 0
+    assert nll == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_class_conditional_training_transports_what_a_translation_cannot():
+    """With one N(m, I) per class, the latent translation carries the wide negatives onto the narrow
+    positives; CAA only moves their centre (transport ratio 1)."""
+    pos, neg = two_regions()
+    config = TrainConfig(flow=FlowConfig(num_couplings=2, mlp_hidden=32), nll="class", max_epochs=60, patience=60)
+    steerer = train_innsteer(pos, neg, layer=0, config=config, progress=False).steerer
+    held_pos, held_neg = two_regions(seed=1)
+    ratio = transport_ratio(steerer.inn, steerer.direction, held_pos, held_neg, pos.mean(0) - neg.mean(0))
+    assert ratio < 0.5
+    with torch.no_grad():
+        steered = steerer(held_neg, 1.0)
+    assert steered[:, 1].std() < 0.5 * held_neg[:, 1].std()  # the wide y was narrowed, as the positives'
+    assert abs(float(steered[:, 0].mean()) - 2.0) < 0.3
+
+
+def test_selection_by_transport_keeps_the_epoch_that_transports_best():
+    pos, neg = two_regions()
+    config = TrainConfig(flow=FlowConfig(num_couplings=2, mlp_hidden=32), select="transport", max_epochs=20)
+    result = train_innsteer(pos, neg, layer=0, config=config, progress=False)
+    history = result.history["val_transport"]
+    assert result.best_epoch >= 1 and history[result.best_epoch - 1] == min(history) < 1.0
+    assert result.steerer.extra["val_transport"] == min(history)
+    # recomputed on the kept weights and the training function's own validation rows
+    n_val = round(len(pos) * config.val_fraction)
+    order = torch.randperm(len(pos), generator=torch.Generator().manual_seed(config.seed))
+    val, train = order[:n_val], order[n_val:]
+    inn = result.steerer.inn
+    ratio = transport_ratio(
+        inn, latent_direction(inn, pos[train], neg[train]), pos[val], neg[val], pos[train].mean(0) - neg[train].mean(0)
+    )
+    assert ratio == pytest.approx(min(history), rel=1e-4)
+
+
 @pytest.mark.parametrize(
-    "field, value", [("val_fraction", 1.0), ("lr", 0.0), ("max_epochs", 0), ("sep_weight", -1.0), ("num_threads", 0)]
+    "field, value",
+    [
+        ("val_fraction", 1.0),
+        ("lr", 0.0),
+        ("max_epochs", 0),
+        ("sep_weight", -1.0),
+        ("nll_weight", -1.0),
+        ("num_threads", 0),
+        ("nll", "mixture"),
+        ("select", "val"),
+    ],
 )
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):

@@ -8,7 +8,12 @@ The loss has three terms, each per batch of pairs (h+_i, h-_i):
              classes along u relative to their spread along it (the sign a public
              reimplementation got wrong, training a flow that steered nothing);
   logdet     mean (log|det J| / d)^2 over the couplings, keeping phi and its inverse well conditioned.
-AdamW on a pair-level train/validation split, early stopping on the validation loss (best weights kept).
+With ``nll="class"`` the NLL is class-conditional: z | pos ~ N(m+, I), z | neg ~ N(m-, I) with learned
+latent means, so the flow makes the two classes translates of each other and the latent translation
+v = m+ - m- carries the negatives' distribution onto the positives' (a nonlinear transport map).
+AdamW on a pair-level train/validation split, early stopping on the validation loss (best weights
+kept), or with ``select="transport"`` on how well the steer carries held-out negatives onto held-out
+positives (``transport_ratio``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from .flow import INN, FlowConfig
 from .steerers import Steerer
 
 MIN_TRAIN_PAIRS = 8
+NLL_CHOICES = ("joint", "class")
+SELECT_CHOICES = ("loss", "transport")
 
 
 @dataclass
@@ -44,6 +51,11 @@ class TrainConfig:
     # seed 0; docs/RESULTS.md); 1.0 tore the classes apart (validation Fisher ratio 3 -> 67).
     sep_weight: float = 0.0
     logdet_weight: float = 1.0
+    nll_weight: float = 1.0
+    # "joint": one N(0, I) for both classes (a density of all rows); "class": N(m+-, I) per class
+    nll: str = "joint"
+    # which epoch's weights are kept: the lowest validation loss, or the best transport_ratio
+    select: str = "loss"
     grad_clip: float = 10.0
     seed: int = 0
     device: str = "cpu"
@@ -67,9 +79,12 @@ class TrainConfig:
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "sep_weight", "logdet_weight"):
+        for name in ("weight_decay", "sep_weight", "logdet_weight", "nll_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, choices in (("nll", NLL_CHOICES), ("select", SELECT_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -123,21 +138,46 @@ def separation_loss(z_pos: Tensor, z_neg: Tensor) -> Tensor:
     return -torch.log1p(_fisher_ratio(z_pos, z_neg))
 
 
-def _loss_terms(inn: INN, pos: Tensor, neg: Tensor, config: TrainConfig) -> dict[str, Tensor]:
+def _loss_terms(
+    inn: INN, pos: Tensor, neg: Tensor, config: TrainConfig, class_means: Optional[Tensor] = None
+) -> dict[str, Tensor]:
+    """The loss and its terms; ``class_means`` [2, d] (m+, m-) for the class-conditional NLL."""
     z, logdet = inn(torch.cat([pos, neg]))
     # drop the standardization's constant -sum log(scale): the NLL then reads ~0.5 per dim at the start
     logdet_couplings = logdet + torch.log(inn.scale).sum()
     d = inn.dim
+    centered = z
+    if config.nll == "class":
+        centered = z - torch.repeat_interleave(class_means, torch.tensor([len(pos), len(neg)], device=z.device), 0)
     terms = {
-        "nll": (0.5 * z.pow(2).sum(-1) - logdet_couplings).mean() / d,
+        "nll": (0.5 * centered.pow(2).sum(-1) - logdet_couplings).mean() / d,
         "separation_loss": separation_loss(z[: len(pos)], z[len(pos) :]),
         "logdet_reg": (logdet_couplings / d).pow(2).mean(),
     }
     terms["loss"] = (
-        terms["nll"] + config.sep_weight * terms["separation_loss"] + config.logdet_weight * terms["logdet_reg"]
+        config.nll_weight * terms["nll"]
+        + config.sep_weight * terms["separation_loss"]
+        + config.logdet_weight * terms["logdet_reg"]
     )
     terms["z"] = z.detach()
     return terms
+
+
+def energy_distance(x: Tensor, y: Tensor) -> float:
+    """The energy distance E|x - y| - (E|x - x'| + E|y - y'|) / 2 between two samples [n, d] (float64):
+    zero only for equal distributions, and it needs no pairing of the rows."""
+    x, y = x.double(), y.double()
+    return float(torch.cdist(x, y).mean() - (torch.cdist(x, x).mean() + torch.cdist(y, y).mean()) / 2)
+
+
+@torch.no_grad()
+def transport_ratio(inn: INN, direction: Tensor, pos: Tensor, neg: Tensor, mean_difference: Tensor) -> float:
+    """How far the steer at alpha = 1 leaves the negatives from the positives, as a fraction of how
+    far CAA's shift leaves them: energy_distance(phi^-1(phi(neg) + v), pos) over
+    energy_distance(neg + mu+ - mu-, pos). Below 1: the flow carries the negatives' distribution
+    closer onto the positives' than a translation does (the untrained flow gives exactly 1)."""
+    steered = inn.inverse(inn(neg)[0] + direction)
+    return energy_distance(steered, pos) / max(energy_distance(neg + mean_difference, pos), 1e-12)
 
 
 @torch.no_grad()
@@ -201,30 +241,44 @@ def _train(
         inn = INN.from_config(d, config.flow, seed=config.seed)
     inn.to(device)
     inn.fit_standardization(torch.cat([pos[train_idx], neg[train_idx]]))
-    optimizer = torch.optim.AdamW(inn.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(inn.parameters())
+    class_means = None
+    if config.nll == "class":  # initialized at the standardized class means (the untrained flow's)
+        with torch.no_grad():
+            init = torch.stack([pos[train_idx].mean(0), neg[train_idx].mean(0)])
+            class_means = torch.nn.Parameter((init - inn.mean) / inn.scale)
+        params.append(class_means)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    mean_difference = pos[train_idx].mean(0) - neg[train_idx].mean(0)
 
     def validate() -> dict[str, float]:
         with torch.no_grad():
-            terms = _loss_terms(inn, pos[val_idx], neg[val_idx], config)
-        z = terms["z"]
-        return {
-            "loss": float(terms["loss"]),
-            "nll": float(terms["nll"]),
-            "fisher": fisher_separation(z[:n_val], z[n_val:]),
-        }
+            terms = _loss_terms(inn, pos[val_idx], neg[val_idx], config, class_means)
+            z = terms["z"]
+            out = {
+                "loss": float(terms["loss"]),
+                "nll": float(terms["nll"]),
+                "fisher": fisher_separation(z[:n_val], z[n_val:]),
+            }
+            if config.select == "transport":
+                direction = latent_direction(inn, pos[train_idx], neg[train_idx])
+                out["transport"] = transport_ratio(inn, direction, pos[val_idx], neg[val_idx], mean_difference)
+        return out
 
+    criterion = "transport" if config.select == "transport" else "loss"
     initial = validate()
     keys = ("train_loss", "val_loss", "nll", "separation_loss", "logdet_reg", "val_nll", "val_fisher_separation")
+    keys += ("val_transport",) if criterion == "transport" else ()
     history: dict[str, list[float]] = {key: [] for key in keys}
     # the untrained flow (standardization only, i.e. CAA) is a candidate too: best_epoch 0 keeps it
-    best_loss, best_epoch, best_state = initial["loss"], 0, copy.deepcopy(inn.state_dict())
+    best_score, best_epoch, best_state = initial[criterion], 0, copy.deepcopy(inn.state_dict())
     n_batches = max(1, len(train_idx) // config.batch_size)  # tensor_split keeps every batch >= batch_size
     bar = tqdm(range(1, config.max_epochs + 1), desc=f"innsteer layer {layer}", disable=not progress, leave=False)
     for epoch in bar:
         sums = {"loss": 0.0, "nll": 0.0, "separation_loss": 0.0, "logdet_reg": 0.0}
         shuffled = train_idx[torch.randperm(len(train_idx), generator=generator).to(device)]
         for batch in torch.tensor_split(shuffled, n_batches):
-            terms = _loss_terms(inn, pos[batch], neg[batch], config)
+            terms = _loss_terms(inn, pos[batch], neg[batch], config, class_means)
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(
                     f"innsteer training diverged at epoch {epoch} (loss {terms['loss'].item()}); "
@@ -232,7 +286,7 @@ def _train(
                 )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(inn.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             for key in sums:
                 sums[key] += float(terms[key].detach()) / n_batches
@@ -247,9 +301,11 @@ def _train(
             ("val_fisher_separation", val["fisher"]),
         ):
             history[key].append(value)
+        if criterion == "transport":
+            history["val_transport"].append(val["transport"])
         bar.set_postfix(train=f"{sums['loss']:.3f}", val=f"{val['loss']:.3f}", fisher=f"{val['fisher']:.2f}")
-        if val["loss"] < best_loss:
-            best_loss, best_epoch, best_state = val["loss"], epoch, copy.deepcopy(inn.state_dict())
+        if val[criterion] < best_score:
+            best_score, best_epoch, best_state = val[criterion], epoch, copy.deepcopy(inn.state_dict())
         elif epoch - best_epoch >= config.patience:
             break
     bar.close()
@@ -265,6 +321,7 @@ def _train(
         "seconds": round(seconds, 2),
         "initial_val_fisher_separation": initial["fisher"],
         "history": history,
+        **({"val_transport": best_score} if criterion == "transport" else {}),
     }
     steerer = Steerer(inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra)
     return TrainResult(steerer, history, best_epoch, initial["fisher"], seconds)

@@ -7,6 +7,10 @@ on the training part (INNSteer also with training seed s), and swept over an alp
 sides until its fluency cost passes ``stop_cost``. Every point keeps the per-item p_match (answer
 text and letter metrics) on the test items and the per-prompt reply NLL on the fluency prompts,
 so ``innsteer.eval.tradeoff.paired_bootstrap`` can resample both.
+
+Without test items (``test_items=None``) the same protocol is the validation study: each seed's
+curves are measured on that seed's validation part, which is how settings are chosen
+(``bench/validation.py``); test items decide nothing.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 @dataclass(frozen=True)
 class MethodSpec:
     """How one method is fitted: ``METHODS[method]`` on activations of ``tokens`` ('mean', 'last',
-    'all'), with ``options`` (e.g. INNSteer's TrainConfig fields)."""
+    'all'), with ``options`` (e.g. INNSteer's TrainConfig fields), at ``layer`` (None: the
+    protocol's layer)."""
 
     method: str
     tokens: str = "mean"
     options: dict = field(default_factory=dict)
+    layer: Optional[int] = None
 
 
 def measure_curve(
@@ -69,7 +75,7 @@ def measure_curve(
 def run_protocol(
     lm: LoadedModel,
     train_items: Sequence[ABItem],
-    test_items: Sequence[ABItem],
+    test_items: Optional[Sequence[ABItem]],
     prompts: Sequence[str],
     *,
     layer: int,
@@ -84,45 +90,55 @@ def run_protocol(
     return_steerers: bool = False,
 ) -> dict:
     """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
-    for each metric and side (see the module docstring). JSON-serializable, unless
-    ``return_steerers`` adds {"steerers": {method: the first seed's steerer}}."""
-    metrics = METRICS if all(item.lettered for item in test_items) else ("answer",)
-    scorer = BatchedScorer(lm, test_items, metrics)
+    for each metric and side (see the module docstring); ``test_items=None`` measures each seed on
+    its validation part. JSON-serializable, unless ``return_steerers`` adds {"steerers": {method:
+    the first seed's steerer}}."""
+    validation = test_items is None
+    splits = {seed: train_val_split(train_items, seed=seed) for seed in seeds}
+    if validation and len({len(val) for _, val in splits.values()}) != 1:
+        raise ValueError("the seeds' validation parts differ in size")  # train_val_split rounds one way
+    scored_items = splits[seeds[0]][1] if validation else test_items
+    metrics = METRICS if all(item.lettered for item in scored_items) else ("answer",)
     fluency = BatchedFluency(lm, prompts, max_new_tokens)
-    base_scores = scorer.scores()
     base_nll, base_tokens, _ = fluency()
     base_cost = float(base_nll.sum() / base_tokens.sum())
-    base = {
-        "base_scores": {m: v.tolist() for m, v in base_scores.items()},
-        "base_nll": base_nll.tolist(),
-        "base_tokens": base_tokens.tolist(),
-    }
+    scorer = None if validation else BatchedScorer(lm, test_items, metrics)
     runs: dict[str, list] = {name: [] for name in specs}
     first_steerers = {}
     for seed in seeds:
-        train, _ = train_val_split(train_items, seed=seed)
+        train, val = splits[seed]
+        if validation:
+            scorer = BatchedScorer(lm, val, metrics)
+        base = {
+            "base_scores": {m: v.tolist() for m, v in scorer.scores().items()},
+            "base_nll": base_nll.tolist(),
+            "base_tokens": base_tokens.tolist(),
+        }
         for name, spec in specs.items():
+            spec_layer = layer if spec.layer is None else spec.layer
             pos, neg = contrastive_activations(
                 lm,
                 train,
-                layer,
+                spec_layer,
                 tokens=spec.tokens,
                 behavior=behavior,
                 split=f"train-s{seed}",
                 seed=seed,
                 progress=False,
-            )[layer]
+            )[spec_layer]
             options = dict(spec.options)
             if spec.method == "innsteer":
                 options.setdefault("seed", seed)
-            steerer = METHODS[spec.method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **options)
+            steerer = METHODS[spec.method](
+                pos, neg, layer=spec_layer, model_id=lm.model_id, behavior=behavior, **options
+            )
             first_steerers.setdefault(name, steerer)
             curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, progress=progress)
-            runs[name].append({**curve, **base, "seed": seed})
+            runs[name].append({**curve, **base, "seed": seed, "layer": spec_layer, "extra": _summary_extra(steerer)})
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(curve['alphas'])} points", flush=True)
     comparison = {}
-    if set(compare) <= set(specs):
+    if compare and set(compare) <= set(specs):
         for metric in metrics:
             for side, sign in (("toward", 1), ("away", -1)):
                 comparison[f"{metric}/{side}"] = paired_bootstrap(
@@ -132,8 +148,9 @@ def run_protocol(
         "behavior": behavior,
         "model_id": lm.model_id,
         "layer": layer,
+        "evaluated_on": "validation" if validation else "test",
         "seeds": list(seeds),
-        "n_test": len(test_items),
+        "n_test": len(scored_items),
         "n_prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "metrics": list(metrics),
@@ -145,6 +162,12 @@ def run_protocol(
     if return_steerers:
         result["steerers"] = first_steerers
     return result
+
+
+def _summary_extra(steerer) -> dict:
+    """What a run records of its steerer's training (INNSteer's kept epoch and validation scores)."""
+    extra = getattr(steerer, "extra", None) or {}
+    return {key: extra[key] for key in ("best_epoch", "val_transport", "n_pairs", "seconds") if key in extra}
 
 
 def _point_means(run: dict, metrics: Sequence[str]) -> list[dict]:

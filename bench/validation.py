@@ -1,0 +1,158 @@
+"""The validation study of docs/RESULTS.md: which INNSteer settings (and which layer) steer best,
+chosen on validation items only.
+
+Each seed splits the behavior's CAA ``generate`` set (``train_val_split(seed)``); every variant is
+fitted on the training part and its behaviour-vs-fluency curve measured on the validation part,
+fluency on the built-in neutral prompts (not the behavior's open-ended test prompts). Every variant
+is compared with CAA on the same rows by the paired bootstrap of innsteer.eval.tradeoff. Test
+items are never read. Results: docs/results/validation/<model>-<behavior>-L<layer>.json, merged
+with earlier runs of other variants at the same settings.
+
+    python bench/validation.py --behaviors corrigible-neutral-HHH --variants caa-token,inn-token --seeds 0,1,2
+    python bench/validation.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from bench.quality import code_version  # noqa: E402
+from innsteer.datasets.caa import load_ab  # noqa: E402
+from innsteer.datasets.files import NEUTRAL_PROMPTS  # noqa: E402
+from innsteer.eval.protocol import MethodSpec, run_protocol  # noqa: E402
+from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
+from innsteer.hf.models import load_model  # noqa: E402
+
+# The variants of the ablation: the training rows, each loss term off or swept, model selection,
+# capacity, epochs and the number of training items. Options are TrainConfig / FlowConfig fields.
+VARIANTS = {
+    "caa-token": MethodSpec("caa", "all"),
+    "caa-pooled": MethodSpec("caa", "mean"),
+    "inn-pooled": MethodSpec("innsteer", "mean"),
+    "inn-token": MethodSpec("innsteer", "all"),
+    "inn-token-sep0.05": MethodSpec("innsteer", "all", {"sep_weight": 0.05}),
+    "inn-token-sep0.5": MethodSpec("innsteer", "all", {"sep_weight": 0.5}),
+    "inn-token-nonll": MethodSpec("innsteer", "all", {"nll_weight": 0.0, "sep_weight": 0.05}),
+    "inn-token-logdet0": MethodSpec("innsteer", "all", {"logdet_weight": 0.0}),
+    "inn-token-logdet10": MethodSpec("innsteer", "all", {"logdet_weight": 10.0}),
+    "inn-token-transport": MethodSpec("innsteer", "all", {"select": "transport"}),
+    "inn-token-class": MethodSpec("innsteer", "all", {"nll": "class"}),
+    "inn-token-class-transport": MethodSpec("innsteer", "all", {"nll": "class", "select": "transport"}),
+    "inn-token-k2": MethodSpec("innsteer", "all", {"num_couplings": 2}),
+    "inn-token-k8": MethodSpec("innsteer", "all", {"num_couplings": 8}),
+    "inn-token-h64": MethodSpec("innsteer", "all", {"mlp_hidden": 64}),
+    "inn-token-h512": MethodSpec("innsteer", "all", {"mlp_hidden": 512}),
+    "inn-token-clamp0.5": MethodSpec("innsteer", "all", {"clamp": 0.5}),
+    "inn-token-epochs5": MethodSpec("innsteer", "all", {"max_epochs": 5}),
+    "inn-token-epochs100": MethodSpec("innsteer", "all", {"max_epochs": 100, "patience": 100}),
+}
+
+
+def merge(path: Path, result: dict) -> dict:
+    """Add ``result``'s variants to the file's earlier ones measured at the same settings."""
+    if not path.is_file():
+        return result
+    earlier = json.loads(path.read_text())
+    same = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
+    if any(earlier[key] != result[key] for key in same):
+        raise SystemExit(f"{path} was measured with other settings (one of {same}); use another --out")
+    earlier["runs"].update(result["runs"])
+    earlier["specs"].update(result["specs"])
+    earlier["commands"] = earlier.get("commands", []) + result["commands"]
+    earlier["code_versions"] = sorted(set(earlier.get("code_versions", [])) | set(result["code_versions"]))
+    return earlier
+
+
+def table(result: dict, reference: str, metric: str = "answer") -> str:
+    """Markdown: each variant's seed-mean summaries, and its difference with ``reference`` [95 % CI]."""
+    lines = [
+        f"| variant | seeds | shift@0.25 | shift@0.5 | shift@1.0 | AUC≤1 | − {reference} at 0.5 | − {reference}, AUC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    runs = result["runs"]
+    for name in sorted(runs, key=lambda n: (n != reference, n)):
+        row = paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)
+        cells = [f"{row[k]['a']:+.3f}" for k in ("at0.25", "at0.5", "at1", "auc")]
+        diffs = [f"{row[k]['diff']:+.3f} [{row[k]['low']:+.3f}, {row[k]['high']:+.3f}]" for k in ("at0.5", "auc")]
+        if name == reference:
+            diffs = ["—", "—"]
+        seeds = ",".join(str(run["seed"]) for run in runs[name])
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells + diffs) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--behaviors", default="corrigible-neutral-HHH")
+    parser.add_argument("--layer", type=int, default=10)
+    parser.add_argument("--variants", default="caa-token,inn-token")
+    parser.add_argument("--options", default="{}", help="JSON: TrainConfig fields added to every INNSteer variant")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
+    parser.add_argument("--reference", default="caa-token")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "validation"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, spec in VARIANTS.items():
+            print(f"{name}: {spec}")
+        return 0
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; --list shows them")
+    common = json.loads(args.options)
+    specs = {}
+    for name in names:
+        spec = VARIANTS[name]
+        if spec.method == "innsteer" and common:
+            spec = MethodSpec(spec.method, spec.tokens, {**common, **spec.options}, spec.layer)
+        specs[name] = spec
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/validation.py " + " ".join(sys.argv[1:])
+    for behavior in args.behaviors.split(","):
+        start = time.time()
+        result = run_protocol(
+            lm,
+            load_ab(behavior, "generate"),
+            None,
+            list(NEUTRAL_PROMPTS),
+            layer=args.layer,
+            specs=specs,
+            seeds=[int(s) for s in args.seeds.split(",")],
+            behavior=behavior,
+            max_new_tokens=args.max_new_tokens,
+            ladder=[float(a) for a in args.ladder.split(",")],
+            compare=(),
+        )
+        result.update(commands=[command], code_versions=[code_version()], seconds=round(time.time() - start))
+        path = out / f"{lm.model_id}-{behavior}-L{args.layer}.json"
+        result = merge(path, result)
+        path.write_text(json.dumps(result, indent=1))
+        print(f"{behavior}: {round(time.time() - start)} s, wrote {path}", flush=True)
+        if args.reference in result["runs"]:
+            for metric in result["metrics"]:
+                print(f"\n### {behavior}, layer {args.layer}, {metric} metric (validation)\n")
+                print(table(result, args.reference, metric), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
