@@ -22,11 +22,24 @@ def caa(default_lm):
 
 @pytest.mark.parametrize("alpha", [0.0, 3.0, -3.0])
 def test_batched_scores_equal_abscorer(default_lm, caa, alpha):
-    items = load_ab(BEHAVIOR, "test_ab", limit=7)  # groups of 3: a partial last group
+    items = load_ab(BEHAVIOR, "test_ab", limit=7)  # 28 continuations in groups of 5: a partial last group
     reference = ABScorer(default_lm, items).scores(caa, alpha)
-    batched = BatchedScorer(default_lm, items, group=3).scores(caa, alpha)
+    batched = BatchedScorer(default_lm, items, group=5).scores(caa, alpha)
     for metric in ("answer", "letter"):
         torch.testing.assert_close(batched[metric], reference[metric], atol=2e-4, rtol=0)
+
+
+def test_layers_below_the_steer_are_replayed_and_rerecorded_for_another_layer(default_lm, caa):
+    items = load_ab(BEHAVIOR, "test_ab", limit=5)
+    reference, batched = ABScorer(default_lm, items), BatchedScorer(default_lm, items, group=6)
+    pos, neg = contrastive_activations(default_lm, load_ab(BEHAVIOR, "generate", limit=24), 4, progress=False)[4]
+    other = fit_caa(pos, neg, layer=4)
+    for steerer in (caa, other, caa):
+        expected = reference.scores(steerer, 2.0)
+        got = batched.scores(steerer, 2.0)
+        assert batched._replay == steerer.layer  # the replayed pass equalled the full pass exactly
+        for metric in ("answer", "letter"):
+            torch.testing.assert_close(got[metric], expected[metric], atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 4.0])

@@ -9,31 +9,31 @@ only where a token is scored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..core.hooks import steering_unless_identity
+from ..core.hooks import check_layer, decoder_layers, steering_unless_identity
 from ..datasets.ab import METRICS, ABItem
 from ..hf.models import LoadedModel
 from ..hf.prompts import format_prompt, uses_chat_template
 from .metrics import ABScorer
 
 
-def _padded_cache(caches: Sequence, lengths: Sequence[int], rows_per: int, width: int) -> list[tuple[Tensor, Tensor]]:
-    """Per layer (K, V) [len(caches) * rows_per, heads, width, head_dim]: each prefix cache
-    left-padded to ``width`` and repeated ``rows_per`` times."""
+def _padded_cache(caches: Sequence, lengths: Sequence[int], width: int) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (K, V) [len(caches), heads, width, head_dim]: each row's prefix cache left-padded
+    to ``width`` (one cache may serve several rows)."""
     out = []
     for layer in range(len(caches[0].layers)):
         first = caches[0].layers[layer].keys
-        keys = first.new_zeros(len(caches) * rows_per, first.shape[1], width, first.shape[3])
+        keys = first.new_zeros(len(caches), first.shape[1], width, first.shape[3])
         values = torch.zeros_like(keys)
-        for i, (cache, n) in enumerate(zip(caches, lengths)):
-            rows = slice(i * rows_per, (i + 1) * rows_per)
-            keys[rows, :, width - n :] = cache.layers[layer].keys[0, :, :n]
-            values[rows, :, width - n :] = cache.layers[layer].values[0, :, :n]
+        for row, (cache, n) in enumerate(zip(caches, lengths)):
+            keys[row, :, width - n :] = cache.layers[layer].keys[0, :, :n]
+            values[row, :, width - n :] = cache.layers[layer].values[0, :, :n]
         out.append((keys, values))
     return out
 
@@ -44,33 +44,57 @@ def _fresh_cache(kv: list[tuple[Tensor, Tensor]]):
     return DynamicCache(ddp_cache_data=kv)  # update() concatenates into new tensors: kv is never mutated
 
 
-class BatchedScorer:
-    """``ABScorer(lm, items, metrics).scores`` with ``group`` items per forward pass."""
+@contextmanager
+def _replaying_layers_up_to(model, layer: int, hidden: Tensor) -> Iterator[None]:
+    """Inside: decoder layers 0..layer are not computed; layer ``layer`` returns ``hidden`` (its
+    output, recorded from an unsteered pass over the same inputs) and the layers below pass their
+    input through. Hooks on these layers still run, so steering at ``layer`` acts on ``hidden``.
+    Their KV caches are never read: only the layers above attend, over their own caches."""
+    layers = decoder_layers(model)[: layer + 1]
+    for k, module in enumerate(layers):
+        module.forward = (lambda h, *a, **kw: hidden) if k == layer else (lambda h, *a, **kw: h)
+    try:
+        yield
+    finally:
+        for module in layers:
+            del module.forward  # back to the class's forward
 
-    def __init__(self, lm: LoadedModel, items: Sequence[ABItem], metrics: Sequence[str] = METRICS, group: int = 16):
+
+class BatchedScorer:
+    """``ABScorer(lm, items, metrics).scores`` with ``group`` continuations per forward pass.
+
+    Continuations (each item's matching and non-matching text per metric) are grouped by length, so
+    short letter continuations are not padded to long answers. Steering at layer L changes nothing
+    below L on these fixed inputs, so the layers up to L run once per group and layer (unsteered,
+    recording L's output) and every steered call computes only the layers above
+    (``_replaying_layers_up_to``); the first use of a layer checks that this equals the full pass.
+    """
+
+    def __init__(self, lm: LoadedModel, items: Sequence[ABItem], metrics: Sequence[str] = METRICS, group: int = 64):
         self.lm, self.metrics = lm, tuple(metrics)
+        self.n_items, self.rows_per = len(items), 2 * len(self.metrics)  # per metric: matching, non-matching
         reference = ABScorer(lm, items, self.metrics)  # the same records and prefix caches
-        rows_per = 2 * len(self.metrics)  # per metric: matching, non-matching
+        records = reference._records
+        rows = sorted(
+            ((i, k) for i in range(len(items)) for k in range(self.rows_per)),
+            key=lambda row: len(records[row[0]]["suffixes"][row[1]]),
+        )
+        caches = [reference._prefix_cache(i) for i in range(len(items))]
         pad = lm.tokenizer.pad_token_id
         self.groups = []
-        for first in range(0, len(items), group):
-            idx = list(range(first, min(first + group, len(items))))
-            records = [reference._records[i] for i in idx]
-            prefix = [len(r["prefix"]) for r in records]
-            width = max(prefix)
-            kv = _padded_cache([reference._prefix_cache(i) for i in idx], prefix, rows_per, width)
-            for i in idx:
-                reference._caches[i] = None  # the padded copy is all that is kept
-            suffixes = [r["suffixes"][k] for r in records for k in range(rows_per)]
-            w = max(len(s) for s in suffixes)
-            ids = torch.full((len(suffixes), w), pad, dtype=torch.long)
-            mask = torch.zeros((len(suffixes), width + w), dtype=torch.long)
-            pos = torch.zeros((len(suffixes), w), dtype=torch.long)
-            start = torch.tensor([int(r["span_start"][k]) for r in records for k in range(rows_per)])
-            end = torch.tensor([int(r["span_end"][k]) for r in records for k in range(rows_per)])
-            wanted = torch.zeros((len(suffixes), max(w - 1, 1)), dtype=torch.bool)
-            for row, suffix in enumerate(suffixes):
-                p = prefix[row // rows_per]
+        for first in range(0, len(rows), group):
+            members = rows[first : first + group]
+            prefix = [len(records[i]["prefix"]) for i, _ in members]
+            suffixes = [records[i]["suffixes"][k] for i, k in members]
+            width, w = max(prefix), max(len(s) for s in suffixes)
+            kv = _padded_cache([caches[i] for i, _ in members], prefix, width)
+            ids = torch.full((len(members), w), pad, dtype=torch.long)
+            mask = torch.zeros((len(members), width + w), dtype=torch.long)
+            pos = torch.zeros((len(members), w), dtype=torch.long)
+            start = torch.tensor([int(records[i]["span_start"][k]) for i, k in members])
+            end = torch.tensor([int(records[i]["span_end"][k]) for i, k in members])
+            wanted = torch.zeros((len(members), max(w - 1, 1)), dtype=torch.bool)
+            for row, (suffix, p) in enumerate(zip(suffixes, prefix)):
                 ids[row, : len(suffix)] = suffix
                 mask[row, width - p : width + len(suffix)] = 1
                 pos[row] = p + torch.arange(w)
@@ -78,38 +102,80 @@ class BatchedScorer:
                 wanted[row, : w - 1] = (
                     (target >= start[row]) & (target < end[row]) & (torch.arange(w - 1) + 1 < len(suffix))
                 )
-            self.groups.append({"kv": kv, "ids": ids, "mask": mask, "pos": pos, "start": start, "wanted": wanted})
+            self.groups.append(
+                {"members": members, "kv": kv, "ids": ids, "mask": mask, "pos": pos, "start": start, "wanted": wanted}
+            )
+        del caches
+        reference._caches = [None] * len(items)  # the padded copies are all that is kept
+        self._recorded_layer: Optional[int] = None  # the layer whose outputs the groups hold
+        self._replay: Optional[int] = None  # that layer, if replaying it equals the full pass
+
+    def _forward(self, g: dict, steerer, alpha, replay: Optional[int]) -> Tensor:
+        """The group's last hidden states; ``replay``: the layer up to which recorded outputs stand in."""
+        body = self.lm.model.get_decoder()
+        replaying = nullcontext() if replay is None else _replaying_layers_up_to(self.lm.model, replay, g["lower"])
+        with (
+            replaying,
+            steering_unless_identity(self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=g["start"]),
+        ):
+            return body(
+                input_ids=g["ids"],
+                attention_mask=g["mask"],
+                position_ids=g["pos"],
+                cache=_fresh_cache(g["kv"]),
+                use_cache=True,
+            ).last_hidden_state
+
+    def _record_layer(self, layer: int) -> Optional[int]:
+        """Record every group's output of ``layer`` (unsteered) and check the replay against the full
+        pass: ``layer`` if they agree, else None (the full pass for every call at this layer)."""
+        same = True
+        for g in self.groups:
+            recorded = []
+
+            def record(module, args, output, into=recorded):
+                into.append(output[0] if isinstance(output, tuple) else output)
+
+            handle = decoder_layers(self.lm.model)[layer].register_forward_hook(record)
+            try:
+                full = self._forward(g, None, None, replay=None)
+            finally:
+                handle.remove()
+            g["lower"] = recorded[0]
+            same = same and torch.equal(self._forward(g, None, None, replay=layer), full)
+        self._recorded_layer = layer
+        self._replay = layer if same else None
+        return self._replay
 
     @torch.inference_mode()
     def scores(self, steerer=None, alpha: Optional[float] = None) -> dict[str, Tensor]:
         """{metric: p_match per item}."""
-        body, head = self.lm.model.get_decoder(), self.lm.model.get_output_embeddings()
-        per_metric = {metric: [] for metric in self.metrics}
-        rows_per = 2 * len(self.metrics)
+        head = self.lm.model.get_output_embeddings()
+        replay = None
+        if steerer is not None and alpha != 0:
+            layer = check_layer(self.lm.model, steerer.layer)
+            replay = self._replay if self._recorded_layer == layer else self._record_layer(layer)
+        total = torch.zeros(self.n_items, self.rows_per)
+        count = torch.zeros(self.n_items, self.rows_per)
         for g in self.groups:
-            with steering_unless_identity(
-                self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=g["start"]
-            ):
-                hidden = body(
-                    input_ids=g["ids"],
-                    attention_mask=g["mask"],
-                    position_ids=g["pos"],
-                    cache=_fresh_cache(g["kv"]),
-                    use_cache=True,
-                ).last_hidden_state
+            hidden = self._forward(g, steerer, alpha, replay)
             rows, cols = g["wanted"].nonzero(as_tuple=True)
             logp = torch.log_softmax(head(hidden[rows, cols]).float(), -1)
             token_logp = logp.gather(-1, g["ids"][rows, cols + 1][:, None])[:, 0]
-            total = torch.zeros(len(g["ids"])).index_add_(0, rows, token_logp)
-            count = g["wanted"].sum(1).float()
-            for k, metric in enumerate(self.metrics):
-                match, other = slice(2 * k, None, rows_per), slice(2 * k + 1, None, rows_per)
-                if metric == "letter":  # the string's probability, as ABScorer
-                    diff = total[match] - total[other]
-                else:  # mean per-token log-probability
-                    diff = total[match] / count[match] - total[other] / count[other]
-                per_metric[metric].append(torch.sigmoid(diff))
-        return {metric: torch.cat(parts) for metric, parts in per_metric.items()}
+            sums = torch.zeros(len(g["ids"])).index_add_(0, rows, token_logp)
+            items = torch.tensor([i for i, _ in g["members"]])
+            kinds = torch.tensor([k for _, k in g["members"]])
+            total[items, kinds] = sums
+            count[items, kinds] = g["wanted"].sum(1).float()
+        out = {}
+        for k, metric in enumerate(self.metrics):
+            match, other = 2 * k, 2 * k + 1
+            if metric == "letter":  # the string's probability, as ABScorer
+                diff = total[:, match] - total[:, other]
+            else:  # mean per-token log-probability
+                diff = total[:, match] / count[:, match] - total[:, other] / count[:, other]
+            out[metric] = torch.sigmoid(diff)
+        return out
 
 
 class BatchedFluency:
@@ -127,7 +193,7 @@ class BatchedFluency:
         self.last = torch.tensor([[e[-1]] for e in encoded])
         with torch.inference_mode():
             caches = [lm.model(input_ids=torch.tensor([e[:-1]]), use_cache=True).cache for e in encoded]
-        self.kv = _padded_cache(caches, self.prefix, 1, self.width)
+        self.kv = _padded_cache(caches, self.prefix, self.width)
         self.prefix_mask = torch.zeros((len(encoded), self.width), dtype=torch.long)
         for i, n in enumerate(self.prefix):
             self.prefix_mask[i, self.width - n :] = 1
