@@ -1,17 +1,22 @@
 """What steering one layer adds to `generate`: a randomly initialised Llama-3-8B-shaped model
-(bf16 on the GPU; no download), 128 new tokens greedy, with and without an INN steerer
-(K=4, H=512, bf16 weights) at one layer, through innsteer.core.hooks.steering.
+(bf16 on the GPU; no download), or the embedded default model on the CPU, 128 new tokens greedy
+with the KV cache, with and without an INN steerer (K=4, bf16 weights) at one layer, through
+innsteer.core.hooks.steering.
 
     python bench/decode_overhead.py                 # GPU, Llama-3-8B shape (~16 GB of bf16 weights)
+    python bench/decode_overhead.py --default-model --inn-hidden 256   # CPU, SmolLM2-135M (real weights)
     python bench/decode_overhead.py --tiny          # CPU smoke test with a tiny config
     python bench/decode_overhead.py --compile       # also with a static cache and torch.compile(reduce-overhead)
 
-Prints medians over --repeats runs: ms per generated token without / with steering and the overhead.
+Plain and steered calls alternate, one of each per round, so drifting load hits both alike.
+Prints medians over --repeats rounds: ms per generated token without / with steering, the median
+of the per-round ratios and its quartiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -73,24 +78,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(model, prompt, new_tokens: int, repeats: int, device: str) -> tuple[float, torch.Tensor]:
-    """Median seconds of one generate call (after one warm-up call) and the generated ids."""
+def time_generate_pair(model, steerer, prompt, new_tokens: int, repeats: int, device: str) -> dict:
+    """Seconds of one plain and one steered generate call per round (after a warm-up of each),
+    and the generated ids of the last round."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    out = model.generate(prompt, **kwargs)
-    times = []
+
+    def run(steered: bool) -> tuple[float, torch.Tensor]:
+        with steering(model, steerer, alpha=1.0, positions="all") if steered else contextlib.nullcontext():
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(prompt, **kwargs)
+            sync(device)
+        assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
+        return time.perf_counter() - start, out
+
+    run(False), run(True)
+    times, last_ids = {False: [], True: []}, {}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = model.generate(prompt, **kwargs)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    assert out.shape[1] == prompt.shape[1] + new_tokens, out.shape
-    return statistics.median(times), out
+        for steered in (False, True):
+            seconds, last_ids[steered] = run(steered)
+            times[steered].append(seconds)
+    ratios = [s / p for p, s in zip(times[False], times[True])]
+    return {
+        "plain": statistics.median(times[False]),
+        "steered": statistics.median(times[True]),
+        "ratio": statistics.median(ratios),
+        "quartiles": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
+        "changed": not torch.equal(last_ids[False], last_ids[True]),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU in float32 (smoke test)")
+    parser.add_argument(
+        "--default-model", action="store_true", help="the embedded SmolLM2-135M-Instruct on the CPU (float32)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--layer", type=int, default=None, help="steered layer (default: the middle one)")
@@ -104,23 +128,31 @@ def main():
     )
     args = parser.parse_args()
 
-    device = "cpu" if args.tiny else "cuda"
+    device = "cpu" if args.tiny or args.default_model else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: run with --tiny for the CPU smoke test")
-    shape, dtype = (TINY, torch.float32) if args.tiny else (LLAMA3_8B, torch.bfloat16)
+        raise SystemExit("no CUDA GPU: run with --tiny or --default-model on the CPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(shape, device, dtype)
+    if args.default_model:
+        model = innsteer.load_model().model
+        shape = {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+        what, dtype = "SmolLM2-135M-Instruct (the embedded default model, real weights)", torch.float32
+    else:
+        shape, dtype = (TINY, torch.float32) if args.tiny else (LLAMA3_8B, torch.bfloat16)
+        model = build_model(shape, device, dtype)
+        what = f"Llama {'tiny' if args.tiny else '3-8B'} shape, random weights"
     layer = shape["num_hidden_layers"] // 2 if args.layer is None else args.layer
     steerer = build_steerer(shape["hidden_size"], layer, device, args.inn_hidden, args.couplings)
     prompt = torch.randint(1, shape["vocab_size"], (1, args.prompt_tokens), device=device)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"# {name}, torch {torch.__version__}; Llama {'tiny' if args.tiny else '3-8B'} shape, {dtype}, random "
-        f"weights; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens greedy, median of "
-        f"{args.repeats}; steering layer {layer} with INN K={args.couplings}, H={args.inn_hidden}, bf16 weights"
+        f"# {name}, torch {torch.__version__}; {what}, {dtype}; prompt {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens greedy, {args.repeats} interleaved rounds; steering layer {layer} with "
+        f"INN K={args.couplings}, H={args.inn_hidden}, bf16 weights"
     )
-    print("| setting | ms/token plain | ms/token steered | overhead |")
-    print("|---|---|---|---|")
+    print("| setting | ms/token plain | ms/token steered | overhead (median of rounds) | quartiles |")
+    print("|---|---|---|---|---|")
 
     settings = ["eager, dynamic cache"] + (["static cache + torch.compile(reduce-overhead)"] if args.compile else [])
     with torch.no_grad():
@@ -128,16 +160,14 @@ def main():
             if label.startswith("static"):
                 model.generation_config.cache_implementation = "static"
                 model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-            plain, plain_ids = time_generate(model, prompt, args.new_tokens, args.repeats, device)
-            with steering(model, steerer, alpha=1.0, positions="all"):
-                steered, steered_ids = time_generate(model, prompt, args.new_tokens, args.repeats, device)
+            t = time_generate_pair(model, steerer, prompt, args.new_tokens, args.repeats, device)
             # The steerer really ran: a non-trivial flow at alpha=1 changes the greedy continuation
             # (reported, not asserted: a random model may still agree).
-            changed = not torch.equal(plain_ids, steered_ids)
-            per_plain, per_steered = plain / args.new_tokens * 1e3, steered / args.new_tokens * 1e3
+            low, high = (100 * (q - 1) for q in t["quartiles"])
             print(
-                f"| {label} | {per_plain:.3f} | {per_steered:.3f} | {100 * (steered / plain - 1):+.2f}% "
-                f"{'(output changed)' if changed else '(output unchanged)'} |",
+                f"| {label} | {t['plain'] / args.new_tokens * 1e3:.3f} | {t['steered'] / args.new_tokens * 1e3:.3f} | "
+                f"{100 * (t['ratio'] - 1):+.2f}% {'(output changed)' if t['changed'] else '(output unchanged)'} | "
+                f"{low:+.2f}% .. {high:+.2f}% |",
                 flush=True,
             )
 
