@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--tokens", default="all", choices=("mean", "last", "all"), help="activation rows of both")
     parser.add_argument("--innsteer-options", default="{}", help="JSON: INNSteer training options")
-    parser.add_argument("--extra-methods", default="", help="comma-separated METHODS fitted on mean activations too")
+    parser.add_argument("--extra-methods", default="", help="comma-separated METHODS, fitted on the same rows")
     parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
     parser.add_argument(
         "--combine",
@@ -105,7 +105,7 @@ def main() -> int:
     lm = load_model(args.model)
     specs = default_specs(json.loads(args.innsteer_options), args.tokens)
     for name in filter(None, args.extra_methods.split(",")):
-        specs[name] = MethodSpec(name, "mean")
+        specs[name] = MethodSpec(name, args.tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])

@@ -20,7 +20,16 @@ from innsteer.core.train import (
 )
 
 D = 24
-SMALL = dict(flow=FlowConfig(mlp_hidden=64), max_epochs=30, patience=30, batch_size=32, sep_weight=0.05)
+# the loss-selected joint flow: these tests check the training mechanics (loss, separation, early stopping)
+SMALL = dict(
+    flow=FlowConfig(mlp_hidden=64),
+    max_epochs=30,
+    patience=30,
+    batch_size=32,
+    sep_weight=0.05,
+    nll="joint",
+    select="loss",
+)
 
 
 def synthetic_pairs(n=240, d=D, seed=0, huge_rows=2):
@@ -187,7 +196,7 @@ def test_untrained_flow_steers_like_caa(data):
 def test_early_stopping_keeps_best_weights(data):
     pos, neg = data
     config = TrainConfig(
-        flow=FlowConfig(mlp_hidden=32), max_epochs=50, patience=2, lr=3e-2
+        flow=FlowConfig(mlp_hidden=32), max_epochs=50, patience=2, lr=3e-2, nll="joint", select="loss"
     )  # a too-large lr: overfits fast
     result = train_innsteer(pos, neg, layer=0, config=config, progress=False)
     h = result.history
