@@ -34,28 +34,33 @@ from innsteer.eval.protocol import MethodSpec, run_protocol  # noqa: E402
 from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
-# The variants of the ablation: the training rows, each loss term off or swept, model selection,
-# capacity, epochs and the number of training items. Options are TrainConfig / FlowConfig fields.
+# The variants of the ablation. Options are TrainConfig / FlowConfig fields, spelled out in full
+# so a variant means the same whatever the defaults: the training rows (pooled means or every
+# token), the NLL (one Gaussian for all rows, or one per class) and the kept epoch (validation
+# loss or transport) first; then each loss term, the capacity and the learning rate swept around
+# the default (class-conditional NLL, selection by transport: "inn-token-class-transport").
+JOINT_LOSS = {"nll": "joint", "select": "loss", "sep_weight": 0.0}
+DEFAULT = {"nll": "class", "select": "transport", "sep_weight": 0.0}
 VARIANTS = {
     "caa-token": MethodSpec("caa", "all"),
     "caa-pooled": MethodSpec("caa", "mean"),
-    "inn-pooled": MethodSpec("innsteer", "mean"),
-    "inn-token": MethodSpec("innsteer", "all"),
-    "inn-token-sep0.05": MethodSpec("innsteer", "all", {"sep_weight": 0.05}),
-    "inn-token-sep0.5": MethodSpec("innsteer", "all", {"sep_weight": 0.5}),
-    "inn-token-nonll": MethodSpec("innsteer", "all", {"nll_weight": 0.0, "sep_weight": 0.05}),
-    "inn-token-logdet0": MethodSpec("innsteer", "all", {"logdet_weight": 0.0}),
-    "inn-token-logdet10": MethodSpec("innsteer", "all", {"logdet_weight": 10.0}),
-    "inn-token-transport": MethodSpec("innsteer", "all", {"select": "transport"}),
-    "inn-token-class": MethodSpec("innsteer", "all", {"nll": "class"}),
-    "inn-token-class-transport": MethodSpec("innsteer", "all", {"nll": "class", "select": "transport"}),
-    "inn-token-k2": MethodSpec("innsteer", "all", {"num_couplings": 2}),
-    "inn-token-k8": MethodSpec("innsteer", "all", {"num_couplings": 8}),
-    "inn-token-h64": MethodSpec("innsteer", "all", {"mlp_hidden": 64}),
-    "inn-token-h512": MethodSpec("innsteer", "all", {"mlp_hidden": 512}),
-    "inn-token-clamp0.5": MethodSpec("innsteer", "all", {"clamp": 0.5}),
-    "inn-token-epochs5": MethodSpec("innsteer", "all", {"max_epochs": 5}),
-    "inn-token-epochs100": MethodSpec("innsteer", "all", {"max_epochs": 100, "patience": 100}),
+    "inn-pooled": MethodSpec("innsteer", "mean", JOINT_LOSS),
+    "inn-token": MethodSpec("innsteer", "all", JOINT_LOSS),
+    "inn-token-transport": MethodSpec("innsteer", "all", {**JOINT_LOSS, "select": "transport"}),
+    "inn-token-class": MethodSpec("innsteer", "all", {**JOINT_LOSS, "nll": "class"}),
+    "inn-token-class-transport": MethodSpec("innsteer", "all", DEFAULT),
+    "default-sep0.05": MethodSpec("innsteer", "all", {**DEFAULT, "sep_weight": 0.05}),
+    "default-sep0.5": MethodSpec("innsteer", "all", {**DEFAULT, "sep_weight": 0.5}),
+    "default-nonll": MethodSpec("innsteer", "all", {**DEFAULT, "nll_weight": 0.0, "sep_weight": 0.05}),
+    "default-logdet0": MethodSpec("innsteer", "all", {**DEFAULT, "logdet_weight": 0.0}),
+    "default-logdet10": MethodSpec("innsteer", "all", {**DEFAULT, "logdet_weight": 10.0}),
+    "default-k2": MethodSpec("innsteer", "all", {**DEFAULT, "num_couplings": 2}),
+    "default-k8": MethodSpec("innsteer", "all", {**DEFAULT, "num_couplings": 8}),
+    "default-h64": MethodSpec("innsteer", "all", {**DEFAULT, "mlp_hidden": 64}),
+    "default-h512": MethodSpec("innsteer", "all", {**DEFAULT, "mlp_hidden": 512}),
+    "default-clamp0.5": MethodSpec("innsteer", "all", {**DEFAULT, "clamp": 0.5}),
+    "default-lr3e-4": MethodSpec("innsteer", "all", {**DEFAULT, "lr": 3e-4}),
+    "default-epochs5": MethodSpec("innsteer", "all", {**DEFAULT, "max_epochs": 5}),
 }
 
 

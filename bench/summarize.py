@@ -1,0 +1,105 @@
+"""The Markdown tables of docs/RESULTS.md, made from the result files in docs/results/ (written by
+bench/quality.py and bench/validation.py), so that no number is copied by hand.
+
+    python bench/summarize.py docs/results/SmolLM2-135M-Instruct.Q4_1-*-L10-s012.json
+    python bench/summarize.py --validation docs/results/validation/*.json
+
+For the test comparison: per behavior and metric, CAA's and INNSteer's seed-mean shift at the
+0.5-nat budget and the area to 1 nat, the paired bootstrap 95 % interval of INNSteer - CAA, and the
+verdict on the area: "above" (interval above 0), "at least" (interval contains 0), "below".
+Other methods in the files (fitted on one seed) get a table of their own, beside that seed's CAA
+and INNSteer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+
+from bench.validation import table as validation_table  # noqa: E402
+from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
+
+
+def verdict(row: dict) -> str:
+    return "above" if row["low"] > 0 else ("below" if row["high"] < 0 else "at least")
+
+
+def interval(row: dict) -> str:
+    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def comparison(results: list[dict], metric: str) -> str:
+    lines = [
+        "| behavior | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | INNSteer − CAA @0.5 | CAA AUC | "
+        "INNSteer AUC | INNSteer − CAA, AUC | verdict (AUC) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    counts = {"above": 0, "at least": 0, "below": 0}
+    for result in results:
+        rows = result["comparison"].get(f"{metric}/toward")
+        if not rows:
+            continue
+        base = result["runs"]["caa"][0]["base_scores"][metric]
+        at, auc = rows["at0.5"], rows["auc"]
+        counts[verdict(auc)] += 1
+        lines.append(
+            f"| {result['behavior']} | {','.join(map(str, result['seeds']))} | {sum(base) / len(base):.3f} | "
+            f"{at['b']:+.3f} | {at['a']:+.3f} | {interval(at)} | {auc['b']:+.3f} | {auc['a']:+.3f} | "
+            f"{interval(auc)} | {verdict(auc)} |"
+        )
+    lines.append(
+        f"\nINNSteer's area to 1 nat: above CAA (interval excluding 0) on {counts['above']}, at least CAA "
+        f"(interval containing 0) on {counts['at least']}, below on {counts['below']} of {sum(counts.values())}."
+    )
+    return "\n".join(lines)
+
+
+def other_methods(results: list[dict], metric: str) -> str:
+    """Every method's seed-0 curve summaries, with the difference to CAA at the same seed."""
+    names = sorted({name for result in results for name in result["runs"]}, key=lambda n: (n != "caa", n))
+    lines = [
+        "| behavior | " + " | ".join(f"{n} @0.5 / AUC" for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for result in results:
+        cells = []
+        for name in names:
+            runs = [run for run in result["runs"].get(name, []) if run["seed"] == result["seeds"][0]]
+            caa = [run for run in result["runs"]["caa"] if run["seed"] == result["seeds"][0]]
+            if not runs:
+                cells.append("—")
+                continue
+            row = paired_bootstrap(runs, caa, metric=metric, n_resamples=300)
+            cells.append(f"{row['at0.5']['a']:+.3f} / {row['auc']['a']:+.3f}")
+        lines.append(f"| {result['behavior']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--validation", action="store_true", help="the files are bench/validation.py's")
+    parser.add_argument("--reference", default="caa-token", help="(--validation) the variant compared against")
+    args = parser.parse_args()
+    results = [json.loads(Path(f).read_text()) for f in args.files]
+    for metric in results[0]["metrics"]:
+        if args.validation:
+            for result in results:
+                print(f"\n#### {result['behavior']}, layer {result['layer']}, {metric} metric (validation)\n")
+                print(validation_table(result, args.reference, metric))
+            continue
+        print(f"\n#### {metric} metric, steering toward the behavior (test items)\n")
+        print(comparison(results, metric))
+        if any(len(result["runs"]) > 2 for result in results):
+            print(f"\n#### every method, seed {results[0]['seeds'][0]}, {metric} metric: shift @0.5 / AUC to 1 nat\n")
+            print(other_methods(results, metric))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
