@@ -21,23 +21,30 @@ BUDGETS = (0.25, 0.5, 1.0)
 _GRID = np.linspace(0.0, 1.0, 101)
 
 
-def budget_shift(costs: Sequence[float], shifts: Sequence[float], budget: float) -> float:
-    """The largest shift reachable at fluency cost <= budget on the polyline (0, 0) -> points."""
+def budget_shifts(costs: Sequence[float], shifts: Sequence[float], budgets) -> np.ndarray:
+    """For each budget b: the largest shift reachable at fluency cost <= b on the polyline
+    (0, 0) -> points (a vertex within b, or the point where a segment crosses b), at least 0."""
     cost = np.concatenate([[0.0], np.asarray(costs, float)])
     shift = np.concatenate([[0.0], np.asarray(shifts, float)])
-    best = float(shift[cost <= budget].max()) if (cost <= budget).any() else 0.0
-    for i in range(len(cost) - 1):
-        low, high = sorted((cost[i], cost[i + 1]))
-        if low <= budget < high:
-            t = (budget - cost[i]) / (cost[i + 1] - cost[i])
-            best = max(best, float(shift[i] + t * (shift[i + 1] - shift[i])))
-    return max(best, 0.0)
+    b = np.asarray(budgets, float)[:, None]
+    vertices = np.where(cost <= b, shift, -np.inf).max(1)
+    c0, c1, s0, s1 = cost[:-1], cost[1:], shift[:-1], shift[1:]
+    crossing = (np.minimum(c0, c1) <= b) & (b < np.maximum(c0, c1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at_b = s0 + (b - c0) / (c1 - c0) * (s1 - s0)
+    segments = np.where(crossing, at_b, -np.inf).max(1, initial=-np.inf)
+    return np.maximum(np.maximum(vertices, segments), 0.0)
+
+
+def budget_shift(costs: Sequence[float], shifts: Sequence[float], budget: float) -> float:
+    """The largest shift reachable at fluency cost <= budget on the polyline (0, 0) -> points."""
+    return float(budget_shifts(costs, shifts, [budget])[0])
 
 
 def summarize(costs: Sequence[float], shifts: Sequence[float], budgets: Sequence[float] = BUDGETS) -> dict:
     """{"at<b>": shift at budget b, ..., "auc": area under the budget function on [0, 1]}."""
-    out = {f"at{b:g}": budget_shift(costs, shifts, b) for b in budgets}
-    out["auc"] = float(np.trapezoid([budget_shift(costs, shifts, b) for b in _GRID], _GRID))
+    out = {f"at{b:g}": float(v) for b, v in zip(budgets, budget_shifts(costs, shifts, budgets))}
+    out["auc"] = float(np.trapezoid(budget_shifts(costs, shifts, _GRID), _GRID))
     return out
 
 
