@@ -1,5 +1,7 @@
 """Model loading, decoder-layer discovery, token positions and contrastive activation collection."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -162,3 +164,43 @@ def test_last_and_every_token_reductions_match_unbatched_hidden_states(default_l
         distance = torch.cdist(rows, reference).min(1).values
         assert distance.max() < 1e-2 * reference.norm(dim=1).min()
     assert torch.equal(contrastive_activations(default_lm, items, 10, tokens="all", seed=3, **common)[10][0], pos)
+
+
+class _SavesConfig:
+    def __init__(self, marker: str):
+        self.marker = marker
+        self.config = object()
+        self.hf_quantizer = "gguf"
+
+    def save_pretrained(self, directory):
+        (Path(directory) / "config.json").write_text(self.marker)
+
+
+def test_dequantize_cache_written_by_another_process_first_is_used(tmp_path, monkeypatch):
+    """Two runs started together both dequantize the GGUF; the one that renames second finds the
+    other's complete copy in place and uses it instead of failing ("Directory not empty")."""
+    import transformers
+
+    from innsteer.hf import models
+
+    target = tmp_path / "models" / "m-key"
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _SavesConfig("tokenizer"))
+
+    def from_pretrained(*args, **kwargs):
+        # the other process finishes while this one is dequantizing
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("the other copy")
+        return _SavesConfig("this copy")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    models._dequantize_gguf_to_cache(tmp_path / "m.gguf", target)
+    assert (target / "config.json").read_text() == "the other copy"
+    assert [p.name for p in target.parent.iterdir()] == ["m-key"]  # this one's temporary copy is gone
+
+    # a target that exists but holds no model is still an error
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir()
+    (broken / "partial").write_text("")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _SavesConfig("x"))
+    with pytest.raises(OSError):
+        models._dequantize_gguf_to_cache(tmp_path / "m.gguf", broken)

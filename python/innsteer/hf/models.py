@@ -232,6 +232,12 @@ def _dequantize_gguf_to_cache(gguf: Path, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Another process dequantized the same file first (two runs started together): its
+        # complete copy is the same model, so use it.
+        if not (target / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
