@@ -89,8 +89,11 @@ def machine_line() -> str:
                     break
     except OSError:
         pass
-    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
-            if f in flags]
+    simd = [
+        f
+        for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
+        if f in flags
+    ]
     load = "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else ""
     return (
         f"# machine: {model}, {os.cpu_count()} logical CPUs, SIMD {' '.join(simd) or 'unknown'}; torch "

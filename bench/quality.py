@@ -109,6 +109,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    version = code_version()  # at the start: the code that runs, whatever is committed meanwhile
     results = []
     for behavior in args.behaviors.split(","):
         start = time.time()
@@ -124,7 +125,7 @@ def main() -> int:
             max_new_tokens=args.max_new_tokens,
             ladder=[float(a) for a in args.ladder.split(",")],
         )
-        result.update(command=command, code_version=code_version(), seconds=round(time.time() - start))
+        result.update(command=command, code_version=version, seconds=round(time.time() - start))
         path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)

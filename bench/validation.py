@@ -132,6 +132,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/validation.py " + " ".join(sys.argv[1:])
+    version = code_version()  # at the start: the code that runs, whatever is committed meanwhile
     for behavior in args.behaviors.split(","):
         start = time.time()
         result = run_protocol(
@@ -147,7 +148,7 @@ def main() -> int:
             ladder=[float(a) for a in args.ladder.split(",")],
             compare=(),
         )
-        result.update(commands=[command], code_versions=[code_version()], seconds=round(time.time() - start))
+        result.update(commands=[command], code_versions=[version], seconds=round(time.time() - start))
         path = out / f"{lm.model_id}-{behavior}-L{args.layer}.json"
         result = merge(path, result)
         path.write_text(json.dumps(result, indent=1))

@@ -11,6 +11,7 @@ b2, clamp):
 
 MIN_CLAMP <= clamp <= MAX_CLAMP is the range of clamps every loader accepts (csrc/flow_types.h).
 """
+
 import torch
 
 try:

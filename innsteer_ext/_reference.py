@@ -4,6 +4,7 @@ Differentiable (autograd) and dtype-generic: the tests feed it float64 copies of
 as ground truth, and the ops' backward recomputes through it. Same argument order as the
 `torch.ops.innsteer` schemas.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,8 +65,9 @@ def coupling_forward(
     u = (x.to(acc) - mean.to(acc)) / scale.to(acc)
     logdet = (-torch.log(scale.to(acc)).sum()).expand(x.shape[:-1])
     for k in range(len(w1)):
-        u, log_scale = _coupling(u, cond_idx[k], trans_idx[k], w1[k], b1[k].to(acc), w2[k], b2[k].to(acc),
-                                 clamp, inverse=False)
+        u, log_scale = _coupling(
+            u, cond_idx[k], trans_idx[k], w1[k], b1[k].to(acc), w2[k], b2[k].to(acc), clamp, inverse=False
+        )
         logdet = logdet + log_scale
     return u.to(x.dtype), logdet.to(mean.dtype)
 
@@ -86,8 +88,7 @@ def coupling_inverse(
     acc = compute_dtype(z)
     u = z.to(acc)
     for k in reversed(range(len(w1))):
-        u, _ = _coupling(u, cond_idx[k], trans_idx[k], w1[k], b1[k].to(acc), w2[k], b2[k].to(acc), clamp,
-                         inverse=True)
+        u, _ = _coupling(u, cond_idx[k], trans_idx[k], w1[k], b1[k].to(acc), w2[k], b2[k].to(acc), clamp, inverse=True)
     return (u * scale.to(acc) + mean.to(acc)).to(z.dtype)
 
 

@@ -5,6 +5,7 @@ backward of each functional op recomputes the forward with the pure-PyTorch refe
 autograd (activation checkpointing): exact gradients, and no second hand-written kernel whose
 math could drift from the forward's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,15 +46,39 @@ def _(z, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
 
 @torch.library.register_fake(f"{_LIB}::steer")
 def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(hidden, "hidden", residual=residual, direction=direction, mean=mean, scale=scale,
-                cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
+    _fake_check(
+        hidden,
+        "hidden",
+        residual=residual,
+        direction=direction,
+        mean=mean,
+        scale=scale,
+        cond_idx=cond_idx,
+        trans_idx=trans_idx,
+        w1=w1,
+        b1=b1,
+        w2=w2,
+        b2=b2,
+    )
     return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(f"{_LIB}::steer_")
 def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(hidden, "hidden", residual=residual, direction=direction, mean=mean, scale=scale,
-                cond_idx=cond_idx, trans_idx=trans_idx, w1=w1, b1=b1, w2=w2, b2=b2)
+    _fake_check(
+        hidden,
+        "hidden",
+        residual=residual,
+        direction=direction,
+        mean=mean,
+        scale=scale,
+        cond_idx=cond_idx,
+        trans_idx=trans_idx,
+        w1=w1,
+        b1=b1,
+        w2=w2,
+        b2=b2,
+    )
 
 
 def _save_inputs(ctx, inputs) -> None:
@@ -112,12 +137,14 @@ def _recompute_backward(reference):
             outputs = reference(*detached)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], [leaf for _, _, leaf in wanted], [g for _, g in pairs], allow_unused=True
-        ) if pairs and wanted else [None] * len(wanted)
-        result: list = [
-            [None] * len(arg) if isinstance(arg, (list, tuple)) else None for arg in inputs
-        ]
+        grads = (
+            torch.autograd.grad(
+                [o for o, _ in pairs], [leaf for _, _, leaf in wanted], [g for _, g in pairs], allow_unused=True
+            )
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
+        result: list = [[None] * len(arg) if isinstance(arg, (list, tuple)) else None for arg in inputs]
         for (pos, index, _), grad in zip(wanted, grads):
             if index is None:
                 result[pos] = grad

@@ -1,5 +1,6 @@
 """Typed entry points of the innsteer ops, after pytorch/extension-cpp's ops.py: a flow travels as
 one FlowParams instead of nine positional arguments splatted into every call."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,6 +1,7 @@
 """The CUDA ops against the float64 pure-PyTorch reference and the CPU kernel, plus opcheck,
 gradients, exactness properties, CUDA-graph capture and torch.compile. Skipped without a GPU or
 without the CUDA kernels built (`python setup.py build_ext --inplace` against a CUDA torch)."""
+
 import pytest
 import torch
 from flows import as_float64, random_inn, rel_err
@@ -109,8 +110,17 @@ def _float64_inputs(dim=5, mlp_hidden=6, tokens=3):
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = inn.flow_args()
     leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
     x = torch.randn(tokens, dim, dtype=torch.float64, device=CUDA, requires_grad=True)
-    flow = (leaf(mean), leaf(scale), cond, trans, [leaf(w) for w in w1], [leaf(b) for b in b1],
-            [leaf(w) for w in w2], [leaf(b) for b in b2], clamp)
+    flow = (
+        leaf(mean),
+        leaf(scale),
+        cond,
+        trans,
+        [leaf(w) for w in w1],
+        [leaf(b) for b in b1],
+        [leaf(w) for w in w2],
+        [leaf(b) for b in b2],
+        clamp,
+    )
     return x, flow
 
 
@@ -119,8 +129,9 @@ def test_gradcheck_forward_inverse_steer():
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = flow
 
     def forward(x, mean, scale, w1a, b1a, w2b, b2b):
-        return ops.coupling_forward(x, mean, scale, cond, trans, [w1a, w1[1]], [b1a, b1[1]], [w2[0], w2b],
-                                    [b2[0], b2b], clamp)
+        return ops.coupling_forward(
+            x, mean, scale, cond, trans, [w1a, w1[1]], [b1a, b1[1]], [w2[0], w2b], [b2[0], b2b], clamp
+        )
 
     assert torch.autograd.gradcheck(forward, (x, mean, scale, w1[0], b1[0], w2[1], b2[1]))
 

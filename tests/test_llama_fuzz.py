@@ -77,7 +77,7 @@ def with_tensor_value(tmp_path, tensor: str, index: int, value) -> bytes:
     info = next(t for t in gguf.GGUFReader(tmp_path / "seed.gguf").tensors if t.name == tensor)
     item = np.array([value], dtype=info.data.dtype).tobytes()
     start = int(info.data_offset) + index * len(item)
-    data[start:start + len(item)] = item
+    data[start : start + len(item)] = item
     return bytes(data)
 
 

@@ -72,8 +72,11 @@ def _compiler_with(sanitizer):
     compiler = shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         return None
-    probe = subprocess.run([compiler, f"-fsanitize={sanitizer}", "-x", "c++", "-", "-o", os.devnull],
-                           input=b"int main(){}", capture_output=True)
+    probe = subprocess.run(
+        [compiler, f"-fsanitize={sanitizer}", "-x", "c++", "-", "-o", os.devnull],
+        input=b"int main(){}",
+        capture_output=True,
+    )
     return compiler if probe.returncode == 0 else None
 
 
@@ -86,12 +89,31 @@ def _build(compiler, out_dir, flags_for_hook, flags_for_rest, link_flags):
     objects = []
     for source, flags in [(s, flags_for_hook) for s in HOOK_SOURCES] + [(s, flags_for_rest) for s in PLAIN_SOURCES]:
         obj = out_dir / (os.path.basename(source) + ".o")
-        subprocess.run([compiler, "-std=c++17", "-g", "-O1", "-Wno-psabi", *flags, "-I", include_dir, "-c",
-                        os.path.join(ROOT, source), "-o", str(obj)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                compiler,
+                "-std=c++17",
+                "-g",
+                "-O1",
+                "-Wno-psabi",
+                *flags,
+                "-I",
+                include_dir,
+                "-c",
+                os.path.join(ROOT, source),
+                "-o",
+                str(obj),
+            ],
+            check=True,
+            capture_output=True,
+        )
         objects.append(str(obj))
     binary = out_dir / "hook_api_check"
-    subprocess.run([compiler, *link_flags, *objects, "-L", lib_dir, f"-Wl,-rpath,{lib_dir}", "-lggml-base", "-o",
-                    str(binary)], check=True, capture_output=True)
+    subprocess.run(
+        [compiler, *link_flags, *objects, "-L", lib_dir, f"-Wl,-rpath,{lib_dir}", "-lggml-base", "-o", str(binary)],
+        check=True,
+        capture_output=True,
+    )
     return binary
 
 
@@ -117,8 +139,9 @@ def test_hook_api_under_address_sanitizer(asan_driver, small_steer_file, part):
     fresh copy (it was a heap-use-after-free); arguments: NULL pointers, entry/layer/thread/row
     counts out of range, non-finite alpha and rows, a second begin before end are refused."""
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
-    run = subprocess.run([str(asan_driver), small_steer_file, part], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = subprocess.run(
+        [str(asan_driver), small_steer_file, part], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"hook_api_check {part}: 0 failed" in run.stdout
 
@@ -145,8 +168,13 @@ def run_isolated(code, **env):
     line parsed as JSON (the process must exit cleanly)."""
     path = os.pathsep.join([os.path.join(ROOT, "python"), ROOT, os.path.join(ROOT, "tests")])
     # GGML_NO_BACKTRACE: a failed GGML_ASSERT aborts at once instead of forking a debugger that waits
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=path, GGML_NO_BACKTRACE="1", **env))
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=path, GGML_NO_BACKTRACE="1", **env),
+    )
     assert run.returncode == 0, f"exit status {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -155,7 +183,8 @@ def test_closing_a_steer_while_attached_keeps_steering(gguf_path, steer_file):
     """SteerGGUF.close() while a hook entry uses the steer: the hook keeps its own reference.
     glibc's MALLOC_PERTURB_ overwrites freed memory, so a hook reading a freed steer gives other
     logits, a hidden-size error or a crash instead of passing by luck."""
-    result = run_isolated(f"""
+    result = run_isolated(
+        f"""
         import gc, json
         import numpy as np
         from innsteer.llama.bindings import SteerGGUF
@@ -175,7 +204,9 @@ def test_closing_a_steer_while_attached_keeps_steering(gguf_path, steer_file):
         unhooked = llm.steering.disable() or last_logits(llm, tokens)
         print(json.dumps({{"same": bool(np.array_equal(before, after)),
                           "steered": bool(np.abs(before - unhooked).max() > 0.1)}}))
-    """, MALLOC_PERTURB_="165")
+    """,
+        MALLOC_PERTURB_="165",
+    )
     assert result == {"same": True, "steered": True}
 
 
@@ -277,12 +308,14 @@ def test_changing_steering_mid_stream_continues_from_the_kept_tokens(gguf_path, 
     uninterrupted = llm.create_completion(prompt, max_tokens=10, temperature=0.0)["choices"][0]["text"]
     stream = llm.create_completion(prompt, max_tokens=10, temperature=0.0, stream=True)
     head = _text(next(stream)) + _text(next(stream))
-    {"set_alpha": lambda: llm.steering.set_alpha(new_alpha),
-     "disable": lambda: llm.steering.disable(),
-     "add": lambda: llm.steering.add(steer_file, alpha=new_alpha)}[change]()
+    {
+        "set_alpha": lambda: llm.steering.set_alpha(new_alpha),
+        "disable": lambda: llm.steering.disable(),
+        "add": lambda: llm.steering.add(steer_file, alpha=new_alpha),
+    }[change]()
     rest = "".join(_text(chunk) for chunk in stream)
     kept = llm.input_ids[: len(prompt) + 2].tolist()  # the prompt and the two streamed tokens
-    assert llm.detokenize(kept[len(prompt):]).decode() == head
+    assert llm.detokenize(kept[len(prompt) :]).decode() == head
 
     reference = steered(gguf_path, steer_file, new_alpha)
     fresh = reference.create_completion(kept, max_tokens=8, temperature=0.0)["choices"][0]["text"]
@@ -297,8 +330,12 @@ def test_a_change_that_changes_nothing_keeps_the_cache(gguf_path, steer_file, pl
     tokens = llm.tokenize(PROMPT.encode())
     llm.eval(tokens)
     steering = llm.steering
-    for call in (lambda: steering.set_alpha(STEERED_ALPHA), steering.enable, lambda: steering.steer_from(0),
-                 steering.clear_control_vector):
+    for call in (
+        lambda: steering.set_alpha(STEERED_ALPHA),
+        steering.enable,
+        lambda: steering.steer_from(0),
+        steering.clear_control_vector,
+    ):
         before = llm.n_tokens
         call()
         assert llm.n_tokens == before
@@ -418,7 +455,7 @@ def _with_clamp(data: bytes, clamp: float) -> bytes:
     key = b"innsteer.clamp"
     at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
     assert struct.unpack_from("<I", data, at)[0] == 6  # GGUF type float32
-    return data[: at + 4] + struct.pack("<f", clamp) + data[at + 8:]
+    return data[: at + 4] + struct.pack("<f", clamp) + data[at + 8 :]
 
 
 def test_steer_file_clamp_must_be_in_range(steer_file):
@@ -468,8 +505,7 @@ def test_saved_states_load_only_under_the_steering_they_were_computed_with(gguf_
 def test_steer_from_refuses_batches_that_pack_several_sequences(gguf_path, steer_file):
     """embed() packs several texts in one batch, each from position 0: steer_from(k) used to skip
     the first k rows of the batch (the first text's) and steer every token of the others."""
-    llm = SteeredLlama(gguf_path, steer=steer_file, alpha=3.0, n_ctx=256, n_threads=2, embedding=True,
-                       verbose=False)
+    llm = SteeredLlama(gguf_path, steer=steer_file, alpha=3.0, n_ctx=256, n_threads=2, embedding=True, verbose=False)
     texts = ["the cat sat on the mat", "a dog ran"]
     llm.steering.steer_from(3)
     with pytest.raises(SteerHookError, match="packs several"):

@@ -1,5 +1,6 @@
 """The compiled CPU ops against the float64 pure-PyTorch reference, plus opcheck, gradcheck,
 log-det vs the autograd Jacobian, exactness properties and input validation."""
+
 import pytest
 import torch
 from flows import as_float64, random_inn, rel_err
@@ -169,8 +170,17 @@ def _float64_inputs(dim=5, mlp_hidden=6, tokens=3):
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = inn.flow_args()
     leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
     x = torch.randn(tokens, dim, dtype=torch.float64, requires_grad=True)
-    flow = (leaf(mean), leaf(scale), cond, trans, [leaf(w) for w in w1], [leaf(b) for b in b1],
-            [leaf(w) for w in w2], [leaf(b) for b in b2], clamp)
+    flow = (
+        leaf(mean),
+        leaf(scale),
+        cond,
+        trans,
+        [leaf(w) for w in w1],
+        [leaf(b) for b in b1],
+        [leaf(w) for w in w2],
+        [leaf(b) for b in b2],
+        clamp,
+    )
     return x, flow
 
 
@@ -179,8 +189,9 @@ def test_gradcheck_forward_inverse_steer():
     mean, scale, cond, trans, w1, b1, w2, b2, clamp = flow
 
     def forward(x, mean, scale, w1a, w1b, b1a, w2a, b2b):
-        return ops.coupling_forward(x, mean, scale, cond, trans, [w1a, w1b], [b1a, b1[1]], [w2a, w2[1]],
-                                    [b2[0], b2b], clamp)
+        return ops.coupling_forward(
+            x, mean, scale, cond, trans, [w1a, w1b], [b1a, b1[1]], [w2a, w2[1]], [b2[0], b2b], clamp
+        )
 
     assert torch.autograd.gradcheck(forward, (x, mean, scale, w1[0], w1[1], b1[0], w2[0], b2[1]))
 
@@ -274,8 +285,13 @@ def test_in_place_equals_out_of_place(contiguous, with_residual, tokens):
     with torch.no_grad():
         ops.steer_(inplace, residual, direction, 1.2, *inn.flow_args())
     assert torch.equal(inplace, expected)
-    reference_steer = reference.steer(h.double(), None if residual is None else residual.double(),
-                                      direction.double(), 1.2, *as_float64(inn.flow_args()))
+    reference_steer = reference.steer(
+        h.double(),
+        None if residual is None else residual.double(),
+        direction.double(),
+        1.2,
+        *as_float64(inn.flow_args()),
+    )
     assert rel_err(inplace, reference_steer) < 1e-5
 
 

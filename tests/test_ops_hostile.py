@@ -1,5 +1,6 @@
 """Hostile calls to the compiled CPU ops: autograd around the in-place steer_, memory shared
 between its arguments, and alpha / clamp / direction values at the edge of float32."""
+
 import pytest
 import torch
 from flows import random_inn
@@ -159,8 +160,14 @@ class TestEdgeValues:
 
     def test_float64_activations_take_alpha_beyond_float32(self):
         flow64 = _inference_flow(16)
-        flow64 = tuple([t.double() for t in a] if isinstance(a, list) and a[0].is_floating_point() else
-                       a.double() if isinstance(a, torch.Tensor) else a for a in flow64)
+        flow64 = tuple(
+            [t.double() for t in a]
+            if isinstance(a, list) and a[0].is_floating_point()
+            else a.double()
+            if isinstance(a, torch.Tensor)
+            else a
+            for a in flow64
+        )
         hidden = torch.randn(2, 16, dtype=torch.float64)
         out = ops.steer(hidden, None, DIRECTION.double() / 1e20, 1e39, *flow64)
         assert torch.isfinite(out).all()
@@ -182,9 +189,11 @@ class TestEdgeValues:
     @pytest.mark.parametrize("clamp", [3e38, 1e39, innsteer_ext.MAX_CLAMP * 1.01, 1e-300, 0.0, float("nan")])
     def test_clamp_outside_the_bounds(self, clamp):
         *flow, _ = FLOW
-        for call in (lambda: ops.steer(torch.randn(2, 16), None, DIRECTION, 1.0, *flow, clamp),
-                     lambda: ops.coupling_forward(torch.randn(2, 16), *flow, clamp),
-                     lambda: ops.coupling_inverse(torch.randn(2, 16), *flow, clamp)):
+        for call in (
+            lambda: ops.steer(torch.randn(2, 16), None, DIRECTION, 1.0, *flow, clamp),
+            lambda: ops.coupling_forward(torch.randn(2, 16), *flow, clamp),
+            lambda: ops.coupling_inverse(torch.randn(2, 16), *flow, clamp),
+        ):
             with pytest.raises(RuntimeError, match="clamp must be in"):
                 call()
 

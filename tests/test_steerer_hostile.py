@@ -24,8 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _steerer(**kwargs) -> Steerer:
-    return Steerer(random_inn(16), torch.randn(16, generator=torch.Generator().manual_seed(1)), 5, alpha=2.5,
-                   model_id="test/model", **kwargs)
+    return Steerer(
+        random_inn(16),
+        torch.randn(16, generator=torch.Generator().manual_seed(1)),
+        5,
+        alpha=2.5,
+        model_id="test/model",
+        **kwargs,
+    )
 
 
 def _rewrite(path, tensors=None, **meta_changes) -> None:
@@ -70,15 +76,16 @@ class TestConfigAgainstTensors:
 
 
 class TestMetadata:
-    @pytest.mark.parametrize("extra", ["[1, 2]", '"text"', "3", "[" * 100_000 + "]" * 100_000],
-                             ids=["list", "string", "number", "nested"])
+    @pytest.mark.parametrize(
+        "extra", ["[1, 2]", '"text"', "3", "[" * 100_000 + "]" * 100_000], ids=["list", "string", "number", "nested"]
+    )
     def test_extra_that_is_not_an_object(self, saved, extra):
         _rewrite(saved, extra=extra)
         with pytest.raises(SteerFileError, match="extra"):
             Steerer.load(saved)
 
     def test_deeply_nested_inn_config(self, saved):
-        _rewrite(saved, inn_config="{\"a\": " * 100_000 + "1" + "}" * 100_000)
+        _rewrite(saved, inn_config='{"a": ' * 100_000 + "1" + "}" * 100_000)
         with pytest.raises(SteerFileError, match="INN config"):
             Steerer.load(saved)
 
@@ -192,8 +199,11 @@ def test_training_under_a_disabled_grad_mode_still_trains(context):
     neg = torch.randn(64, 8, generator=generator)
     pos = neg + torch.tanh(neg[:, :1]) + 1.0
     expected = _train_small(pos, neg)
-    managers = {"no_grad": torch.no_grad, "set_grad_enabled": lambda: torch.set_grad_enabled(False),
-                "inference_mode": torch.inference_mode}
+    managers = {
+        "no_grad": torch.no_grad,
+        "set_grad_enabled": lambda: torch.set_grad_enabled(False),
+        "inference_mode": torch.inference_mode,
+    }
     with managers[context]():
         if context == "inference_mode":
             pos, neg = pos.clone(), neg.clone()  # inference tensors
