@@ -336,6 +336,9 @@ def test_selection_by_transport_keeps_the_epoch_that_transports_best():
     [
         ("val_fraction", 1.0),
         ("lr", 0.0),
+        ("lr", float("inf")),  # passed as positive and overflowed in the op
+        ("grad_clip", float("nan")),
+        ("logdet_weight", float("inf")),
         ("max_epochs", 0),
         ("sep_weight", -1.0),
         ("nll_weight", -1.0),
@@ -349,6 +352,12 @@ def test_bad_config(field, value):
         train_innsteer(
             torch.randn(20, 8), torch.randn(20, 8), layer=0, config=TrainConfig(**{field: value}), progress=False
         )
+
+
+def test_a_config_with_no_loss_term_is_refused():
+    config = TrainConfig(sep_weight=0, logdet_weight=0, nll_weight=0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_innsteer(torch.randn(20, 8), torch.randn(20, 8), layer=0, config=config, progress=False)
 
 
 def test_num_threads_is_restored(data):

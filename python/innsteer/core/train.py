@@ -19,6 +19,7 @@ positives (``transport_ratio``).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -82,11 +83,14 @@ class TrainConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1 or None, got {self.num_threads}")
         for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "sep_weight", "logdet_weight", "nll_weight"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be positive and finite, got {getattr(self, name)}")
+        weights = ("weight_decay", "sep_weight", "logdet_weight", "nll_weight")
+        for name in weights:
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
+        if not any(getattr(self, name) for name in weights[1:]):
+            raise ConfigError("sep_weight, logdet_weight and nll_weight are all 0: nothing to train")
         for name, choices in (("nll", NLL_CHOICES), ("select", SELECT_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
