@@ -61,6 +61,12 @@ VARIANTS = {
     "default-clamp0.5": MethodSpec("innsteer", "all", {**DEFAULT, "clamp": 0.5}),
     "default-lr3e-4": MethodSpec("innsteer", "all", {**DEFAULT, "lr": 3e-4}),
     "default-epochs5": MethodSpec("innsteer", "all", {**DEFAULT, "max_epochs": 5}),
+    # the transport term (TrainConfig.transport_weight): the selection criterion as a training loss
+    "default-transport1": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 1.0}),
+    "default-transport10": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 10.0}),
+    "default-transport-only": MethodSpec(
+        "innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "nll_weight": 0.0, "logdet_weight": 1.0}
+    ),
 }
 
 

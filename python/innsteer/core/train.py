@@ -1,13 +1,16 @@
 """Training INNSteer: fit the flow phi on contrastive activations, then v = mean phi(h+) - mean phi(h-).
 
-The loss has three terms, each per batch of pairs (h+_i, h-_i):
+The loss has up to four terms, each per batch of pairs (h+_i, h-_i):
   nll        Gaussian negative log-likelihood per dimension, (1/2 |z|^2 - log|det J|) / d, with the
              standardization's constant log-det left out (it has no parameters);
   separation -log(1 + F), F = ((mu+ - mu-) . u)^2 / (var+_u + var-_u), u the unit direction
              between the latent class means: minimizing the loss INCREASES the separation of the
              classes along u relative to their spread along it (the sign a public
              reimplementation got wrong, training a flow that steered nothing);
-  logdet     mean (log|det J| / d)^2 over the couplings, keeping phi and its inverse well conditioned.
+  logdet     mean (log|det J| / d)^2 over the couplings, keeping phi and its inverse well conditioned;
+  transport  (``transport_weight``, off by default) the energy distance of the batch's steered
+             negatives phi^-1(phi(h-) + v) to its positives over that of CAA's translation: the
+             steer itself trained to carry one class's distribution onto the other's.
 With ``nll="class"`` the NLL is class-conditional: z | pos ~ N(m+, I), z | neg ~ N(m-, I) with learned
 latent means, so the flow makes the two classes translates of each other and the latent translation
 v = m+ - m- carries the negatives' distribution onto the positives' (a nonlinear transport map).
@@ -53,6 +56,10 @@ class TrainConfig:
     sep_weight: float = 0.0
     logdet_weight: float = 1.0
     nll_weight: float = 1.0
+    # The transport term: energy distance of the batch's steered negatives phi^-1(phi(h-) + v) to its
+    # positives, relative to CAA's translation h- + mu+ - mu- (what select="transport" measures on
+    # held-out rows, as a training objective). 0 = off.
+    transport_weight: float = 0.0
     # "joint": one N(0, I) for both classes (a density of all rows); "class": N(m+-, I) per class.
     # select: which epoch's weights are kept, the lowest validation loss ("loss") or the best
     # transport_ratio ("transport"; epoch 0, i.e. CAA, when no epoch carries the held-out negatives
@@ -85,12 +92,12 @@ class TrainConfig:
         for name in ("lr", "grad_clip"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be positive and finite, got {getattr(self, name)}")
-        weights = ("weight_decay", "sep_weight", "logdet_weight", "nll_weight")
+        weights = ("weight_decay", "sep_weight", "logdet_weight", "nll_weight", "transport_weight")
         for name in weights:
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         if not any(getattr(self, name) for name in weights[1:]):
-            raise ConfigError("sep_weight, logdet_weight and nll_weight are all 0: nothing to train")
+            raise ConfigError("sep_weight, logdet_weight, nll_weight and transport_weight are all 0: nothing to train")
         for name, choices in (("nll", NLL_CHOICES), ("select", SELECT_CHOICES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -99,7 +106,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     steerer: Steerer
-    # per-epoch lists: train_loss, val_loss, nll, separation_loss, logdet_reg (training means),
+    # per-epoch lists: train_loss, val_loss, nll, separation_loss, logdet_reg, transport_loss (training means),
     # val_nll, val_fisher_separation (validation split)
     history: dict[str, list[float]] = field(default_factory=dict)
     best_epoch: int = 0  # epoch whose weights were kept (1-based; 0 = the untrained flow)
@@ -163,13 +170,41 @@ def _loss_terms(
         "separation_loss": separation_loss(z[: len(pos)], z[len(pos) :]),
         "logdet_reg": (logdet_couplings / d).pow(2).mean(),
     }
+    terms["transport_loss"] = _transport_loss(inn, z, pos, neg) if config.transport_weight else z.new_zeros(())
     terms["loss"] = (
         config.nll_weight * terms["nll"]
         + config.sep_weight * terms["separation_loss"]
         + config.logdet_weight * terms["logdet_reg"]
+        + config.transport_weight * terms["transport_loss"]
     )
     terms["z"] = z.detach()
     return terms
+
+
+def _energy(x: Tensor, y: Tensor) -> Tensor:
+    """energy_distance as a differentiable float32 tensor (the V-statistic over the batch)."""
+
+    def mean_distance(a: Tensor, b: Tensor) -> Tensor:
+        # sqrt of clamped squared distances: cdist's gradient is undefined at the zero diagonal
+        squared = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.T).clamp_min(1e-12)
+        return squared.sqrt().mean()
+
+    return mean_distance(x, y) - (mean_distance(x, x) + mean_distance(y, y)) / 2
+
+
+def _transport_loss(inn: INN, z: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """The batch's steered negatives' energy distance to its positives over CAA's (a constant), in
+    standardized units; v is the batch's latent mean difference, as the steer's is the data's."""
+    z_pos, z_neg = z[: len(pos)], z[len(pos) :]
+    steered = inn.inverse(z_neg + (z_pos.mean(0) - z_neg.mean(0)))
+
+    def standardized(x: Tensor) -> Tensor:
+        return (x - inn.mean) / inn.scale
+
+    with torch.no_grad():
+        translated = neg + (pos.mean(0) - neg.mean(0))
+        reference = _energy(standardized(translated), standardized(pos)).clamp_min(1e-6)
+    return _energy(standardized(steered), standardized(pos)) / reference
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -276,7 +311,8 @@ def _train(
 
     criterion = "transport" if config.select == "transport" else "loss"
     initial = validate()
-    keys = ("train_loss", "val_loss", "nll", "separation_loss", "logdet_reg", "val_nll", "val_fisher_separation")
+    keys = ("train_loss", "val_loss", "nll", "separation_loss", "logdet_reg", "transport_loss")
+    keys += ("val_nll", "val_fisher_separation")
     keys += ("val_transport",) if criterion == "transport" else ()
     history: dict[str, list[float]] = {key: [] for key in keys}
     # the untrained flow (standardization only, i.e. CAA) is a candidate too: best_epoch 0 keeps it
@@ -284,7 +320,7 @@ def _train(
     n_batches = max(1, len(train_idx) // config.batch_size)  # tensor_split keeps every batch >= batch_size
     bar = tqdm(range(1, config.max_epochs + 1), desc=f"innsteer layer {layer}", disable=not progress, leave=False)
     for epoch in bar:
-        sums = {"loss": 0.0, "nll": 0.0, "separation_loss": 0.0, "logdet_reg": 0.0}
+        sums = {"loss": 0.0, "nll": 0.0, "separation_loss": 0.0, "logdet_reg": 0.0, "transport_loss": 0.0}
         shuffled = train_idx[torch.randperm(len(train_idx), generator=generator).to(device)]
         for batch in torch.tensor_split(shuffled, n_batches):
             terms = _loss_terms(inn, pos[batch], neg[batch], config, class_means)
@@ -306,6 +342,7 @@ def _train(
             ("nll", sums["nll"]),
             ("separation_loss", sums["separation_loss"]),
             ("logdet_reg", sums["logdet_reg"]),
+            ("transport_loss", sums["transport_loss"]),
             ("val_nll", val["nll"]),
             ("val_fisher_separation", val["fisher"]),
         ):
