@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,27 @@ def combine(paths: list[str], out: str) -> int:
     return 0
 
 
+SAME_SETTINGS = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
+
+
+def reuse_runs(paths: list[str], result: dict, specs: dict) -> dict:
+    """Runs of methods this call did not measure, from an earlier file of the same behavior and
+    settings whose method specs are the same (CAA's curves do not change when INNSteer's do)."""
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        if earlier["behavior"] != result["behavior"]:
+            continue
+        if any(earlier[key] != result[key] for key in SAME_SETTINGS):
+            raise SystemExit(f"{path} was measured with other settings (one of {SAME_SETTINGS})")
+        taken = {}
+        for name, spec in specs.items():
+            if earlier["specs"].get(name) != asdict(spec):
+                raise SystemExit(f"{path} has no runs of {name} as specified here ({asdict(spec)})")
+            taken[name] = earlier["runs"][name]
+        return {"runs": taken, "file": str(Path(path).relative_to(ROOT)), "command": earlier["command"]}
+    raise SystemExit(f"no file of {result['behavior']} among --reuse {' '.join(paths)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -95,6 +117,14 @@ def main() -> int:
         metavar="JSON",
         help="instead of measuring: merge runs of other seeds written by earlier calls and compare them",
     )
+    parser.add_argument(
+        "--reuse",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="take CAA's runs from these earlier result files (same behavior, settings and CAA spec) "
+        "instead of measuring them again",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (run behaviors in parallel)")
     args = parser.parse_args()
@@ -111,6 +141,7 @@ def main() -> int:
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     version = code_version()  # at the start: the code that runs, whatever is committed meanwhile
     results = []
+    reused_specs = {"caa": specs.pop("caa")} if args.reuse else {}
     for behavior in args.behaviors.split(","):
         start = time.time()
         result = run_protocol(
@@ -125,6 +156,19 @@ def main() -> int:
             max_new_tokens=args.max_new_tokens,
             ladder=[float(a) for a in args.ladder.split(",")],
         )
+        if reused_specs:
+            reused = reuse_runs(args.reuse, result, reused_specs)
+            result["runs"] = {**reused["runs"], **result["runs"]}
+            result["specs"] = {**{n: asdict(s) for n, s in reused_specs.items()}, **result["specs"]}
+            result["reused"] = {"methods": list(reused_specs), "file": reused["file"], "command": reused["command"]}
+            result["compare"] = ["innsteer", "caa"]
+            result["comparison"] = {
+                f"{metric}/{side}": paired_bootstrap(
+                    result["runs"]["innsteer"], result["runs"]["caa"], sign=sign, metric=metric
+                )
+                for metric in result["metrics"]
+                for side, sign in (("toward", 1), ("away", -1))
+            }
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
         path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}.json"
         path.write_text(json.dumps(result, indent=1))

@@ -167,7 +167,8 @@ def run_protocol(
 def _summary_extra(steerer) -> dict:
     """What a run records of its steerer's training (INNSteer's kept epoch and validation scores)."""
     extra = getattr(steerer, "extra", None) or {}
-    return {key: extra[key] for key in ("best_epoch", "val_transport", "n_pairs", "seconds") if key in extra}
+    keys = ("best_epoch", "val_transport", "n_pairs", "seconds", "train")  # train: the full TrainConfig
+    return {key: extra[key] for key in keys if key in extra}
 
 
 def _point_means(run: dict, metrics: Sequence[str]) -> list[dict]:
