@@ -94,7 +94,9 @@ def reuse_runs(paths: list[str], result: dict, specs: dict) -> dict:
             if earlier["specs"].get(name) != asdict(spec):
                 raise SystemExit(f"{path} has no runs of {name} as specified here ({asdict(spec)})")
             taken[name] = earlier["runs"][name]
-        return {"runs": taken, "file": str(Path(path).relative_to(ROOT)), "command": earlier["command"]}
+        where = Path(path).resolve()
+        file = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
+        return {"runs": taken, "file": file, "command": earlier["command"]}
     raise SystemExit(f"no file of {result['behavior']} among --reuse {' '.join(paths)}")
 
 
