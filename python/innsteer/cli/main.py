@@ -169,7 +169,7 @@ def _add_eval(
         "--methods",
         type=_methods,
         default=_methods(methods),
-        help="comma-separated: caa, pca, probe, linear_act, innsteer (default: %(default)s)",
+        help=f"comma-separated: {', '.join(METHOD_NAMES)} (default: {methods})",
     )
     p.add_argument(
         "--alphas",
