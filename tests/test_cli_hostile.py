@@ -75,6 +75,11 @@ def caa_file(tmp_path):
         (["collect", "--layers", ""], "--layers: expected at least one layer"),  # was: --layer, silently
         (["eval", "--layer-sweep", ""], "--layer-sweep: expected at least one layer"),  # was: a full eval
         (["demo", "--methods", "caa,caa"], "method caa is listed more than once"),
+        (["eval", "--methods", ","], "--methods: expected at least one method"),  # was: "unknown method(s) []"
+        (["demo", "--seeds", "0,0"], "seed 0 is listed more than once"),  # was: "layer 0 is listed ..."
+        (["demo", "--seeds", ""], "--seeds: expected at least one seed"),
+        (["demo", "--seeds", "-1"], "seeds must be in 0..4294967295, got -1"),  # was: a full demo run
+        (["demo", "--seeds", "4294967296"], "seeds must be in 0..4294967295"),
         (["generate", "caf\udce9"], "is not valid UTF-8 text"),  # argv bytes b"caf\xe9" (Latin-1)
     ],
 )
@@ -84,6 +89,21 @@ def test_bad_option_values_are_refused_while_parsing(argv, message, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # was: the whole demo ran, then its comparison table failed on the missing method
+        (["demo", "--methods", "caa"], "the demo compares INNSteer with CAA; add innsteer"),
+        (["demo", "--methods", "innsteer,pca"], "add caa"),
+        (["demo", "--alphas", "0,1"], "--alphas: the demo sweeps magnitudes"),  # was: a curve of alpha 0 points
+    ],
+)
+def test_demo_settings_that_cannot_make_its_comparison_are_refused_before_the_model_loads(argv, message, capsys):
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, message)
+    assert not LOADED.search(err)
 
 
 def test_negative_values_are_read_as_values_not_options(tmp_path, capsys):

@@ -315,6 +315,11 @@ def cmd_demo(args) -> int:
     from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol
     from ..eval.report import sanity_line
 
+    missing = [m for m in ("caa", "innsteer") if m not in args.methods]
+    if missing:
+        raise CLIError(f"--methods: the demo compares INNSteer with CAA; add {','.join(missing)}")
+    if 0 in args.alphas:
+        raise CLIError("--alphas: the demo sweeps magnitudes on both sides of the unsteered point; 0 is not one")
     args.out = args.out or "innsteer-demo"
     _check_report(args)
     source = _data(args)

@@ -80,12 +80,26 @@ def _alphas(text: str) -> list[float]:
     return _distinct(values, "alpha", text)
 
 
-def _ints(text: str) -> list[int]:
+def _int_list(text: str) -> list[int]:
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    return _distinct(values, "layer", text)
+
+
+def _layers(text: str) -> list[int]:
+    return _distinct(_int_list(text), "layer", text)
+
+
+SEED_LIMIT = 2**32  # numpy's and most generators' seed range
+
+
+def _seeds(text: str) -> list[int]:
+    values = _distinct(_int_list(text), "seed", text)
+    bad = [v for v in values if not 0 <= v < SEED_LIMIT]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be in 0..{SEED_LIMIT - 1}, got {bad[0]}")
+    return values
 
 
 def _utf8(text: str) -> str:
@@ -157,7 +171,7 @@ def _add_data(p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown or not methods:
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from: {', '.join(METHOD_NAMES)}")
     return _distinct(methods, "method", text)
 
@@ -210,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model(p)
     _add_data(p)
-    p.add_argument("--layers", type=_ints, default=None, help="several layers in one pass, e.g. 6,8,10,12")
+    p.add_argument("--layers", type=_layers, default=None, help="several layers in one pass, e.g. 6,8,10,12")
     p.add_argument("--split", choices=("generate", "test_ab"), default="generate", help="(default: %(default)s)")
     p.set_defaults(func=commands.cmd_collect)
 
@@ -242,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every behavior; writes summary.md and summary.json in --out")
     p.add_argument(
         "--layer-sweep",
-        type=_ints,
+        type=_layers,
         default=None,
         metavar="LAYERS",
         help="instead of a report: CAA's behaviour shift at each of these layers (comma-separated)",
@@ -288,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2,3,4,6,8,12", n_test=None, n_open=10, max_new_tokens=32)
     p.add_argument(
-        "--seeds", type=_ints, default=[0], help="training seeds (each also reseeds the train/validation split)"
+        "--seeds", type=_seeds, default=[0], help="training seeds (each also reseeds the train/validation split)"
     )
     p.set_defaults(func=commands.cmd_demo)
 
