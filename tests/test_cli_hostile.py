@@ -80,6 +80,7 @@ def caa_file(tmp_path):
         (["demo", "--seeds", ""], "--seeds: expected at least one seed"),
         (["demo", "--seeds", "-1"], "seeds must be in 0..4294967295, got -1"),  # was: a full demo run
         (["demo", "--seeds", "4294967296"], "seeds must be in 0..4294967295"),
+        (["serve", "smollm2", "--port", "99999"], "--port: must be at most 65535"),  # was: OverflowError traceback
         (["generate", "caf\udce9"], "is not valid UTF-8 text"),  # argv bytes b"caf\xe9" (Latin-1)
     ],
 )

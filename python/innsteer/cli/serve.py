@@ -32,7 +32,7 @@ def _default_steer(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"expected NAME:ALPHA with a number as ALPHA, got '{text}'") from None
 
 
-def _count(low: int):
+def _count(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -40,6 +40,8 @@ def _count(low: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
         return value
 
     return parse
@@ -73,7 +75,7 @@ def register(subparsers) -> None:
         help="steering for requests that do not name any (repeatable; default: none; alpha: the file's)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=_count(0), default=8000, help="(default: %(default)s; 0 picks a free port)")
+    p.add_argument("--port", type=_count(0, 65535), default=8000, help="(default: %(default)s; 0 picks a free port)")
     p.add_argument(
         "--parallel", type=_count(1), default=1, help="llama.cpp contexts serving at once (default: %(default)s)"
     )
