@@ -59,25 +59,31 @@ def comparison(results: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def other_methods(results: list[dict], metric: str) -> str:
-    """Every method's seed-0 curve summaries, with the difference to CAA at the same seed."""
-    names = sorted({name for result in results for name in result["runs"]}, key=lambda n: (n != "caa", n))
+def other_methods(result: dict, metric: str) -> str:
+    """Every method's curve summaries at the file's first seed, and the paired bootstrap interval of
+    its difference to CAA at that seed (over items and prompts only: one seed)."""
+    seed = result["seeds"][0]
+    at_seed = {name: [run for run in runs if run["seed"] == seed] for name, runs in result["runs"].items()}
     lines = [
-        "| behavior | " + " | ".join(f"{n} @0.5 / AUC" for n in names) + " |",
-        "|---|" + "---|" * len(names),
+        f"| method ({result['behavior']}, seed {seed}) | shift@0.25 | shift@0.5 | shift@1.0 | AUC≤1 | "
+        "− CAA at 0.5 | − CAA, AUC |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for result in results:
-        cells = []
-        for name in names:
-            runs = [run for run in result["runs"].get(name, []) if run["seed"] == result["seeds"][0]]
-            caa = [run for run in result["runs"]["caa"] if run["seed"] == result["seeds"][0]]
-            if not runs:
-                cells.append("—")
-                continue
-            row = paired_bootstrap(runs, caa, metric=metric, n_resamples=300)
-            cells.append(f"{row['at0.5']['a']:+.3f} / {row['auc']['a']:+.3f}")
-        lines.append(f"| {result['behavior']} | " + " | ".join(cells) + " |")
+    for name in sorted(at_seed, key=lambda n: (n not in ("caa", "innsteer"), n != "caa", n)):
+        row = paired_bootstrap(at_seed[name], at_seed["caa"], metric=metric, n_resamples=500)
+        shifts = " | ".join(f"{row[key]['a']:+.3f}" for key in ("at0.25", "at0.5", "at1", "auc"))
+        versus = "— | —" if name == "caa" else f"{interval(row['at0.5'])} | {interval(row['auc'])}"
+        lines.append(f"| {name} | {shifts} | {versus} |")
     return "\n".join(lines)
+
+
+def plot_every_method(result: dict, path: Path) -> None:
+    """The first seed's behaviour-fluency curves of every method in one figure."""
+    from innsteer.eval.protocol import protocol_report
+    from innsteer.eval.report import plot_tradeoff
+
+    plot_tradeoff(protocol_report(result), path)
+    print(f"wrote {path}")
 
 
 def main() -> int:
@@ -85,6 +91,7 @@ def main() -> int:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--validation", action="store_true", help="the files are bench/validation.py's")
     parser.add_argument("--reference", default="caa-token", help="(--validation) the variant compared against")
+    parser.add_argument("--plot", default=None, metavar="DIR", help="write each file's curves of every method here")
     args = parser.parse_args()
     results = [json.loads(Path(f).read_text()) for f in args.files]
     for metric in results[0]["metrics"]:
@@ -95,9 +102,15 @@ def main() -> int:
             continue
         print(f"\n#### {metric} metric, steering toward the behavior (test items)\n")
         print(comparison(results, metric))
-        if any(len(result["runs"]) > 2 for result in results):
-            print(f"\n#### every method, seed {results[0]['seeds'][0]}, {metric} metric: shift @0.5 / AUC to 1 nat\n")
-            print(other_methods(results, metric))
+        for result in results:
+            if len(result["runs"]) > 2:
+                print(f"\n#### every method, {result['behavior']}, {metric} metric (test items)\n")
+                print(other_methods(result, metric))
+    if args.plot:
+        for result in results:
+            if len(result["runs"]) > 2:
+                name = f"{result['model_id']}-{result['behavior']}-L{result['layer']}-every-method.png"
+                plot_every_method(result, Path(args.plot) / name)
     return 0
 
 

@@ -141,16 +141,24 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     for method, points in _by_method(result["points"]).items():
         if method == "none" or points[0]["nll"] is None:
             continue
-        xs = [0.0] + [p["nll"] - base["nll"] for p in points]
-        ys = [base["answer"]] + [p["answer"] for p in points]
-        ax.plot(xs, ys, "o-", label=method)
-        for x, y, p in zip(xs[1:], ys[1:], points):
-            ax.annotate(f"{p['alpha']:g}", (x, y), fontsize=7, alpha=0.7)
+        color = None
+        # each side of the sweep is its own curve from the unsteered point (dashed: alpha < 0)
+        for side, style in ((1, "o-"), (-1, "o--")):
+            branch = sorted((p for p in points if p["alpha"] * side > 0), key=lambda p: abs(p["alpha"]))
+            if not branch:
+                continue
+            xs = [0.0] + [p["nll"] - base["nll"] for p in branch]
+            ys = [base["answer"]] + [p["answer"] for p in branch]
+            label = method if color is None else None
+            (line,) = ax.plot(xs, ys, style, color=color, label=label)
+            color = line.get_color()
+            for x, y, p in zip(xs[1:], ys[1:], branch):
+                ax.annotate(f"{p['alpha']:g}", (x, y), fontsize=7, alpha=0.7)
     ax.axhline(base["answer"], color="gray", ls=":", label="unsteered")
     ax.set(
         xlabel="fluency cost: Δ NLL/token of steered replies (unsteered scorer)",
         ylabel="p_match (answer text)",
-        title=f"{result['behavior']}: behaviour vs fluency cost",
+        title=f"{result['behavior']} (dashed: alpha < 0)",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
