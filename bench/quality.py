@@ -27,7 +27,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended  # noqa: E402
-from innsteer.eval.protocol import MethodSpec, comparison_table, default_specs, run_protocol  # noqa: E402
+from innsteer.eval.protocol import (  # noqa: E402
+    MethodSpec,
+    comparison_table,
+    default_specs,
+    run_protocol,
+    validated_options,
+)
 from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
@@ -109,7 +115,12 @@ def main() -> int:
     parser.add_argument("--n-prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--tokens", default="all", choices=("mean", "last", "all"), help="activation rows of both")
-    parser.add_argument("--innsteer-options", default="{}", help="JSON: INNSteer training options")
+    parser.add_argument(
+        "--innsteer-options",
+        default=None,
+        help="JSON: INNSteer training options (default: the validation study's choice for each behavior, "
+        "innsteer.eval.protocol.VALIDATED_OPTIONS, else TrainConfig's defaults)",
+    )
     parser.add_argument("--extra-methods", default="", help="comma-separated METHODS, fitted on the same rows")
     parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
     parser.add_argument(
@@ -135,17 +146,21 @@ def main() -> int:
         return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    specs = default_specs(json.loads(args.innsteer_options), args.tokens)
-    for name in filter(None, args.extra_methods.split(",")):
-        specs[name] = MethodSpec(name, args.tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     version = code_version()  # at the start: the code that runs, whatever is committed meanwhile
     results = []
-    reused_specs = {"caa": specs.pop("caa")} if args.reuse else {}
     for behavior in args.behaviors.split(","):
         start = time.time()
+        if args.innsteer_options is None:
+            options = validated_options(lm.model_id, args.layer, behavior)
+        else:
+            options = json.loads(args.innsteer_options)
+        specs = default_specs(options, args.tokens)
+        for name in filter(None, args.extra_methods.split(",")):
+            specs[name] = MethodSpec(name, args.tokens)
+        reused_specs = {"caa": specs.pop("caa")} if args.reuse else {}
         result = run_protocol(
             lm,
             load_ab(behavior, "generate"),

@@ -312,7 +312,7 @@ def is_gguf(path: str) -> bool:
 
 def cmd_demo(args) -> int:
     from ..eval.metrics import generate, multiple_choice_sanity
-    from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol
+    from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol, validated_options
     from ..eval.report import sanity_line
 
     missing = [m for m in ("caa", "innsteer") if m not in args.methods]
@@ -326,7 +326,10 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     lm = _load(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
-    specs = {method: MethodSpec(method, args.tokens) for method in args.methods}
+    chosen = validated_options(lm.model_id, args.layer, source.name)  # _load made the layer absolute
+    specs = {method: MethodSpec(method, args.tokens, chosen if method == "innsteer" else {}) for method in args.methods}
+    if chosen:
+        print(f"INNSteer options chosen on validation data for {source.name} at layer {args.layer}: {chosen}")
     result = run_protocol(
         lm,
         source.train[: args.n_train] if args.n_train else source.train,

@@ -238,6 +238,20 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
     return "\n".join(lines)
 
 
+# INNSteer options the validation study chose for one behavior over TrainConfig's defaults (docs/RESULTS.md,
+# bench/validation.py), keyed by the model and layer it was run on; everything else gets the defaults.
+VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
+    # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], the default's +0.013 [+0.004, +0.021]
+    ("SmolLM2-135M-Instruct.Q4_1", 10, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
+}
+
+
+def validated_options(model_id: str, layer: int, behavior: str) -> dict:
+    """INNSteer's training options for this model, layer and behavior: the validation study's choice
+    where it made one (``VALIDATED_OPTIONS``), else {} (TrainConfig's defaults)."""
+    return dict(VALIDATED_OPTIONS.get((model_id, layer, behavior), {}))
+
+
 def default_specs(innsteer_options: Optional[dict] = None, tokens: str = "all") -> dict[str, MethodSpec]:
     """CAA and INNSteer fitted on the same activation rows (every answer token by default: both
     steered at least as well from them as from pooled means on validation data, docs/RESULTS.md)."""
