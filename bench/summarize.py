@@ -33,7 +33,7 @@ def interval(row: dict) -> str:
     return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
-def comparison(results: list[dict], metric: str) -> str:
+def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
     lines = [
         "| behavior | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | INNSteer − CAA @0.5 | CAA AUC | "
         "INNSteer AUC | INNSteer − CAA, AUC | verdict (AUC) |",
@@ -41,7 +41,7 @@ def comparison(results: list[dict], metric: str) -> str:
     ]
     counts = {"above": 0, "at least": 0, "below": 0}
     for result in results:
-        rows = result["comparison"].get(f"{metric}/toward")
+        rows = result["comparison"].get(f"{metric}/{side}")
         if not rows:
             continue
         base = result["runs"]["caa"][0]["base_scores"][metric]
@@ -100,8 +100,11 @@ def main() -> int:
                 print(f"\n#### {result['behavior']}, layer {result['layer']}, {metric} metric (validation)\n")
                 print(validation_table(result, args.reference, metric))
             continue
-        print(f"\n#### {metric} metric, steering toward the behavior (test items)\n")
-        print(comparison(results, metric))
+        for side in ("toward", "away"):
+            print(
+                f"\n#### {metric} metric, steering {side} {'from ' if side == 'away' else ''}the behavior (test items)\n"
+            )
+            print(comparison(results, metric, side))
         for result in results:
             if len(result["runs"]) > 2:
                 print(f"\n#### every method, {result['behavior']}, {metric} metric (test items)\n")
