@@ -101,9 +101,8 @@ def main() -> int:
                 print(validation_table(result, args.reference, metric))
             continue
         for side in ("toward", "away"):
-            print(
-                f"\n#### {metric} metric, steering {side} {'from ' if side == 'away' else ''}the behavior (test items)\n"
-            )
+            direction = "toward the behavior" if side == "toward" else "away from it (shift = decrease of p_match)"
+            print(f"\n#### {metric} metric, steering {direction} (test items)\n")
             print(comparison(results, metric, side))
         for result in results:
             if len(result["runs"]) > 2:
