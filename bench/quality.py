@@ -187,7 +187,11 @@ def main() -> int:
                 for side, sign in (("toward", 1), ("away", -1))
             }
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
-        path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}.json"
+        # INNSteer options other than TrainConfig's defaults are in the name: runs of both can sit side by side
+        tag = "".join(
+            f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}" for key, value in options.items()
+        )
+        path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}{tag}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)
         print(f"{behavior}: {result['seconds']} s, wrote {path}", flush=True)

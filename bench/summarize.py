@@ -33,11 +33,17 @@ def interval(row: dict) -> str:
     return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
+def options(result: dict) -> str:
+    """INNSteer's training options in a result file, beyond TrainConfig's defaults."""
+    chosen = result["specs"]["innsteer"]["options"]
+    return ", ".join(f"{key}={value:g}" for key, value in chosen.items()) if chosen else "defaults"
+
+
 def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
     lines = [
-        "| behavior | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | INNSteer − CAA @0.5 | CAA AUC | "
-        "INNSteer AUC | INNSteer − CAA, AUC | verdict (AUC) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| behavior | INNSteer options | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | INNSteer − CAA @0.5 | "
+        "CAA AUC | INNSteer AUC | INNSteer − CAA, AUC | verdict (AUC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     counts = {"above": 0, "at least": 0, "below": 0}
     for result in results:
@@ -48,7 +54,8 @@ def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
         at, auc = rows["at0.5"], rows["auc"]
         counts[verdict(auc)] += 1
         lines.append(
-            f"| {result['behavior']} | {','.join(map(str, result['seeds']))} | {sum(base) / len(base):.3f} | "
+            f"| {result['behavior']} | {options(result)} | {','.join(map(str, result['seeds']))} | "
+            f"{sum(base) / len(base):.3f} | "
             f"{at['b']:+.3f} | {at['a']:+.3f} | {interval(at)} | {auc['b']:+.3f} | {auc['a']:+.3f} | "
             f"{interval(auc)} | {verdict(auc)} |"
         )
