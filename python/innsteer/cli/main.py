@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"On the default model: {DEMO_BEHAVIOR} at layer {DEMO_LAYER}. Fits CAA and INNSteer "
         "on the same per-token activations with the settings chosen on validation data (docs/RESULTS.md), "
         "sweeps alpha on both sides until the fluency cost passes 1 nat/token, and prints each method's "
-        "behaviour shift at fluency budgets with the paired bootstrap 95%% interval of the difference, "
+        "behaviour shift at fluency budgets with the paired bootstrap 95% interval of the difference, "
         "sample generations, and the report. About 10-25 minutes on 2 CPU cores (50 items, 10 prompts, both sides).",
     )
     _add_model(p)
