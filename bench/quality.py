@@ -83,6 +83,11 @@ def combine(paths: list[str], out: str) -> int:
     return 0
 
 
+def option_text(value) -> str:
+    """An INNSteer option's value as file names and tables show it (1.0 -> '1')."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 SAME_SETTINGS = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
 
 
@@ -188,9 +193,7 @@ def main() -> int:
             }
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
         # INNSteer options other than TrainConfig's defaults are in the name: runs of both can sit side by side
-        tag = "".join(
-            f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}" for key, value in options.items()
-        )
+        tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
         path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}{tag}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 
+from bench.quality import option_text  # noqa: E402
 from bench.validation import table as validation_table  # noqa: E402
 from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
 
@@ -36,7 +37,7 @@ def interval(row: dict) -> str:
 def options(result: dict) -> str:
     """INNSteer's training options in a result file, beyond TrainConfig's defaults."""
     chosen = result["specs"]["innsteer"]["options"]
-    return ", ".join(f"{key}={value:g}" for key, value in chosen.items()) if chosen else "defaults"
+    return ", ".join(f"{key}={option_text(value)}" for key, value in chosen.items()) if chosen else "defaults"
 
 
 def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
