@@ -64,6 +64,11 @@ VARIANTS = {
     # the transport term (TrainConfig.transport_weight): the selection criterion as a training loss
     "default-transport1": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 1.0}),
     "default-transport10": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 10.0}),
+    # the selection (and the term) scoring the steer at alpha = -1 as well (TrainConfig.transport_sides)
+    "default-both": MethodSpec("innsteer", "all", {**DEFAULT, "transport_sides": "both"}),
+    "default-transport1-both": MethodSpec(
+        "innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "transport_sides": "both"}
+    ),
     "default-transport-only": MethodSpec(
         "innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "nll_weight": 0.0, "logdet_weight": 1.0}
     ),
@@ -86,20 +91,26 @@ def merge(path: Path, result: dict) -> dict:
 
 
 def table(result: dict, reference: str, metric: str = "answer") -> str:
-    """Markdown: each variant's seed-mean summaries, and its difference with ``reference`` [95 % CI]."""
+    """Markdown: each variant's seed-mean summaries toward the behavior, its difference with
+    ``reference`` [95 % CI] at 0.5 nats and in AUC, and the AUC difference away from it."""
     lines = [
-        f"| variant | seeds | shift@0.25 | shift@0.5 | shift@1.0 | AUC≤1 | − {reference} at 0.5 | − {reference}, AUC |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| variant | seeds | shift@0.25 | shift@0.5 | shift@1.0 | AUC≤1 | − {reference} at 0.5 | − {reference}, AUC "
+        f"| away: AUC≤1 | away: − {reference}, AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = result["runs"]
+
+    def interval(row: dict) -> str:
+        return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
     for name in sorted(runs, key=lambda n: (n != reference, n)):
         row = paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)
+        away = paired_bootstrap(runs[name], runs[reference], sign=-1, metric=metric, n_resamples=500)["auc"]
         cells = [f"{row[k]['a']:+.3f}" for k in ("at0.25", "at0.5", "at1", "auc")]
-        diffs = [f"{row[k]['diff']:+.3f} [{row[k]['low']:+.3f}, {row[k]['high']:+.3f}]" for k in ("at0.5", "auc")]
-        if name == reference:
-            diffs = ["—", "—"]
+        diffs = ["—", "—"] if name == reference else [interval(row["at0.5"]), interval(row["auc"])]
+        away_cells = [f"{away['a']:+.3f}", "—" if name == reference else interval(away)]
         seeds = ",".join(str(run["seed"]) for run in runs[name])
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells + diffs) + " |")
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells + diffs + away_cells) + " |")
     return "\n".join(lines)
 
 

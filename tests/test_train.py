@@ -278,12 +278,30 @@ def test_energy_distance_matches_its_definition():
     assert energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_untrained_flow_transports_exactly_like_caa():
+@pytest.mark.parametrize("sides", ["toward", "both"])
+def test_untrained_flow_transports_exactly_like_caa(sides):
     pos, neg = two_regions()
     inn = INN(2, 2, 8)
     inn.fit_standardization(torch.cat([pos, neg]))
-    ratio = transport_ratio(inn, latent_direction(inn, pos, neg), pos, neg, pos.mean(0) - neg.mean(0))
+    ratio = transport_ratio(inn, latent_direction(inn, pos, neg), pos, neg, pos.mean(0) - neg.mean(0), sides)
     assert ratio == pytest.approx(1.0, abs=1e-5)
+
+
+def test_transport_ratio_of_both_sides_averages_the_steer_at_plus_and_minus_one():
+    """Against an independent float64 computation on a flow whose couplings are not the identity."""
+    pos, neg = two_regions(n=60)
+    inn = INN(2, 2, 8, seed=3)
+    inn.fit_standardization(torch.cat([pos, neg]))
+    with torch.no_grad():
+        for w in inn.w2:
+            w.normal_(0, 0.3)
+        v = latent_direction(inn, pos, neg)
+        shift = pos.mean(0) - neg.mean(0)
+        toward = energy_distance(inn.inverse(inn(neg)[0] + v), pos) / energy_distance(neg + shift, pos)
+        away = energy_distance(inn.inverse(inn(pos)[0] - v), neg) / energy_distance(pos - shift, neg)
+        assert transport_ratio(inn, v, pos, neg, shift) == pytest.approx(toward, rel=1e-6)
+        assert transport_ratio(inn, v, pos, neg, shift, "both") == pytest.approx((toward + away) / 2, rel=1e-6)
+    assert abs(toward - away) > 0.05  # the two sides differ here, so the mean is not one of them
 
 
 def test_class_conditional_nll_is_gaussian_around_each_class_mean():
@@ -314,29 +332,36 @@ def test_class_conditional_training_transports_what_a_translation_cannot():
     assert abs(float(steered[:, 0].mean()) - 2.0) < 0.3
 
 
-def test_transport_loss_is_the_energy_ratio_of_the_steered_batch():
+@pytest.mark.parametrize("sides", ["toward", "both"])
+def test_transport_loss_is_the_energy_ratio_of_the_steered_batch(sides):
     """The training term against an independent float64 computation, on a flow whose couplings are not
     the identity; the untrained flow gives exactly CAA's translation (ratio 1)."""
     pos, neg = two_regions(n=40)
     inn = INN(2, 2, 8, seed=3)
     inn.fit_standardization(torch.cat([pos, neg]))
-    config = TrainConfig(nll="joint", transport_weight=1.0)
+    config = TrainConfig(nll="joint", transport_weight=1.0, transport_sides=sides)
     with torch.no_grad():
         untrained = float(_loss_terms(inn, pos, neg, config)["transport_loss"])
         for w in inn.w2:
             w.normal_(0, 0.3)
         z, _ = inn(torch.cat([pos, neg]))
         term = float(_loss_terms(inn, pos, neg, config)["transport_loss"])
-        steered = inn.inverse(z[40:] + z[:40].mean(0) - z[40:].mean(0))
+        v = z[:40].mean(0) - z[40:].mean(0)
+        steered_neg, steered_pos = inn.inverse(z[40:] + v), inn.inverse(z[:40] - v)
     assert untrained == pytest.approx(1.0, abs=1e-4)
 
     def standardized(x):
         return (x - inn.mean) / inn.scale
 
-    translated = neg + pos.mean(0) - neg.mean(0)
-    expected = energy_distance(standardized(steered), standardized(pos)) / energy_distance(
-        standardized(translated), standardized(pos)
-    )
+    def ratio(steered, source, target):
+        translated = source + target.mean(0) - source.mean(0)
+        return energy_distance(standardized(steered), standardized(target)) / energy_distance(
+            standardized(translated), standardized(target)
+        )
+
+    expected = ratio(steered_neg, neg, pos)
+    if sides == "both":
+        expected = (expected + ratio(steered_pos, pos, neg)) / 2
     assert term == pytest.approx(expected, rel=1e-3) and abs(term - 1) > 0.05
 
 
@@ -356,6 +381,26 @@ def test_training_on_the_transport_term_alone_transports_what_a_translation_cann
     held_pos, held_neg = two_regions(seed=1)
     steerer = result.steerer
     assert transport_ratio(steerer.inn, steerer.direction, held_pos, held_neg, pos.mean(0) - neg.mean(0)) < 0.5
+
+
+def test_transport_of_both_sides_trains_the_steer_at_minus_one_too():
+    """Trained on the two-sided transport term alone, the steer at alpha = -1 carries held-out
+    positives onto the wide negatives, which CAA's translation cannot (its ratio is 1)."""
+    pos, neg = two_regions()
+    config = TrainConfig(
+        flow=FlowConfig(num_couplings=2, mlp_hidden=32),
+        nll_weight=0.0,
+        transport_weight=1.0,
+        transport_sides="both",
+        max_epochs=60,
+    )
+    steerer = train_innsteer(pos, neg, layer=0, config=config, progress=False).steerer
+    held_pos, held_neg = two_regions(seed=1)
+    with torch.no_grad():
+        steered = steerer(held_pos, -1.0)
+    away = energy_distance(steered, held_neg) / energy_distance(held_pos - pos.mean(0) + neg.mean(0), held_neg)
+    assert away < 0.5
+    assert steered[:, 1].std() > 2 * held_pos[:, 1].std()  # the narrow y was widened, as the negatives'
 
 
 def test_selection_by_transport_keeps_the_epoch_that_transports_best():
@@ -390,6 +435,7 @@ def test_selection_by_transport_keeps_the_epoch_that_transports_best():
         ("num_threads", 0),
         ("nll", "mixture"),
         ("select", "val"),
+        ("transport_sides", "away"),
     ],
 )
 def test_bad_config(field, value):

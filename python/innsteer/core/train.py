@@ -38,6 +38,7 @@ from .steerers import Steerer
 MIN_TRAIN_PAIRS = 8
 NLL_CHOICES = ("joint", "class")
 SELECT_CHOICES = ("loss", "transport")
+TRANSPORT_SIDES = ("toward", "both")
 
 
 @dataclass
@@ -60,6 +61,11 @@ class TrainConfig:
     # positives, relative to CAA's translation h- + mu+ - mu- (what select="transport" measures on
     # held-out rows, as a training objective). 0 = off.
     transport_weight: float = 0.0
+    # Which steers the transport term and select="transport" measure: "toward" alpha = +1 only (the
+    # negatives carried onto the positives), "both" also alpha = -1 (the positives onto the
+    # negatives), the two ratios averaged. The steer is used at both signs, and a flow trained
+    # and kept for +1 alone can extrapolate badly at -1 (docs/RESULTS.md: "away" on corrigible).
+    transport_sides: str = "toward"
     # "joint": one N(0, I) for both classes (a density of all rows); "class": N(m+-, I) per class.
     # select: which epoch's weights are kept, the lowest validation loss ("loss") or the best
     # transport_ratio ("transport"; epoch 0, i.e. CAA, when no epoch carries the held-out negatives
@@ -98,7 +104,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         if not any(getattr(self, name) for name in weights[1:]):
             raise ConfigError("sep_weight, logdet_weight, nll_weight and transport_weight are all 0: nothing to train")
-        for name, choices in (("nll", NLL_CHOICES), ("select", SELECT_CHOICES)):
+        for name, choices in (("nll", NLL_CHOICES), ("select", SELECT_CHOICES), ("transport_sides", TRANSPORT_SIDES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -170,7 +176,9 @@ def _loss_terms(
         "separation_loss": separation_loss(z[: len(pos)], z[len(pos) :]),
         "logdet_reg": (logdet_couplings / d).pow(2).mean(),
     }
-    terms["transport_loss"] = _transport_loss(inn, z, pos, neg) if config.transport_weight else z.new_zeros(())
+    terms["transport_loss"] = (
+        _transport_loss(inn, z, pos, neg, config.transport_sides) if config.transport_weight else z.new_zeros(())
+    )
     terms["loss"] = (
         config.nll_weight * terms["nll"]
         + config.sep_weight * terms["separation_loss"]
@@ -192,19 +200,25 @@ def _energy(x: Tensor, y: Tensor) -> Tensor:
     return mean_distance(x, y) - (mean_distance(x, x) + mean_distance(y, y)) / 2
 
 
-def _transport_loss(inn: INN, z: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+def _transport_loss(inn: INN, z: Tensor, pos: Tensor, neg: Tensor, sides: str = "toward") -> Tensor:
     """The batch's steered negatives' energy distance to its positives over CAA's (a constant), in
-    standardized units; v is the batch's latent mean difference, as the steer's is the data's."""
+    standardized units; v is the batch's latent mean difference, as the steer's is the data's.
+    ``sides="both"`` averages it with the same ratio of the positives steered at alpha = -1."""
     z_pos, z_neg = z[: len(pos)], z[len(pos) :]
-    steered = inn.inverse(z_neg + (z_pos.mean(0) - z_neg.mean(0)))
+    v = z_pos.mean(0) - z_neg.mean(0)
 
     def standardized(x: Tensor) -> Tensor:
         return (x - inn.mean) / inn.scale
 
-    with torch.no_grad():
-        translated = neg + (pos.mean(0) - neg.mean(0))
-        reference = _energy(standardized(translated), standardized(pos)).clamp_min(1e-6)
-    return _energy(standardized(steered), standardized(pos)) / reference
+    def ratio(z_source: Tensor, source: Tensor, target: Tensor, shift: Tensor) -> Tensor:
+        steered = inn.inverse(z_source + shift)
+        with torch.no_grad():
+            translated = source + (target.mean(0) - source.mean(0))
+            reference = _energy(standardized(translated), standardized(target)).clamp_min(1e-6)
+        return _energy(standardized(steered), standardized(target)) / reference
+
+    toward = ratio(z_neg, neg, pos, v)
+    return toward if sides == "toward" else (toward + ratio(z_pos, pos, neg, -v)) / 2
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -215,13 +229,21 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
 
 
 @torch.no_grad()
-def transport_ratio(inn: INN, direction: Tensor, pos: Tensor, neg: Tensor, mean_difference: Tensor) -> float:
+def transport_ratio(
+    inn: INN, direction: Tensor, pos: Tensor, neg: Tensor, mean_difference: Tensor, sides: str = "toward"
+) -> float:
     """How far the steer at alpha = 1 leaves the negatives from the positives, as a fraction of how
     far CAA's shift leaves them: energy_distance(phi^-1(phi(neg) + v), pos) over
     energy_distance(neg + mu+ - mu-, pos). Below 1: the flow carries the negatives' distribution
-    closer onto the positives' than a translation does (the untrained flow gives exactly 1)."""
+    closer onto the positives' than a translation does (the untrained flow gives exactly 1).
+    ``sides="both"``: the mean of that and the same ratio at alpha = -1 (positives onto negatives)."""
     steered = inn.inverse(inn(neg)[0] + direction)
-    return energy_distance(steered, pos) / max(energy_distance(neg + mean_difference, pos), 1e-12)
+    toward = energy_distance(steered, pos) / max(energy_distance(neg + mean_difference, pos), 1e-12)
+    if sides == "toward":
+        return toward
+    steered = inn.inverse(inn(pos)[0] - direction)
+    away = energy_distance(steered, neg) / max(energy_distance(pos - mean_difference, neg), 1e-12)
+    return (toward + away) / 2
 
 
 @torch.no_grad()
@@ -306,7 +328,9 @@ def _train(
             }
             if config.select == "transport":
                 direction = latent_direction(inn, pos[train_idx], neg[train_idx])
-                out["transport"] = transport_ratio(inn, direction, pos[val_idx], neg[val_idx], mean_difference)
+                out["transport"] = transport_ratio(
+                    inn, direction, pos[val_idx], neg[val_idx], mean_difference, config.transport_sides
+                )
         return out
 
     criterion = "transport" if config.select == "transport" else "loss"
