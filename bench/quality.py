@@ -32,6 +32,7 @@ from innsteer.eval.protocol import (  # noqa: E402
     comparison_table,
     default_specs,
     run_protocol,
+    validated_layer,
     validated_options,
 )
 from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
@@ -115,7 +116,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--behaviors", default=",".join(BEHAVIORS))
-    parser.add_argument("--layer", type=int, default=10)
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="default: the validation study's layer for each behavior (innsteer.eval.protocol.VALIDATED_LAYERS, "
+        "else 10)",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n-prompts", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -158,8 +165,9 @@ def main() -> int:
     results = []
     for behavior in args.behaviors.split(","):
         start = time.time()
+        layer = validated_layer(lm.model_id, behavior) if args.layer is None else args.layer
         if args.innsteer_options is None:
-            options = validated_options(lm.model_id, args.layer, behavior)
+            options = validated_options(lm.model_id, layer, behavior)
         else:
             options = json.loads(args.innsteer_options)
         specs = default_specs(options, args.tokens)
@@ -171,7 +179,7 @@ def main() -> int:
             load_ab(behavior, "generate"),
             load_ab(behavior, "test_ab"),
             load_open_ended(behavior, limit=args.n_prompts),
-            layer=args.layer,
+            layer=layer,
             specs=specs,
             seeds=[int(s) for s in args.seeds.split(",")],
             behavior=behavior,
@@ -194,7 +202,7 @@ def main() -> int:
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
         # INNSteer options other than TrainConfig's defaults are in the name: runs of both can sit side by side
         tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
-        path = out / f"{lm.model_id}-{behavior}-L{args.layer}-s{args.seeds.replace(',', '')}{tag}.json"
+        path = out / f"{lm.model_id}-{behavior}-L{layer}-s{args.seeds.replace(',', '')}{tag}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)
         print(f"{behavior}: {result['seconds']} s, wrote {path}", flush=True)

@@ -63,3 +63,14 @@ def test_validated_options_are_known_training_options_of_shipped_behaviors():
         assert "max_epochs" not in VALIDATED_OPTIONS[(model_id, layer, behavior)]
         fit_innsteer(pos, neg, layer=layer, model_id=model_id, behavior=behavior, **chosen)
     assert validated_options("another-model", 10, behavior) == {}
+
+
+def test_validated_layers_name_shipped_behaviors_and_fall_back_to_the_default_layer():
+    from innsteer.datasets.caa import BEHAVIORS
+    from innsteer.eval.protocol import DEFAULT_LAYER, VALIDATED_LAYERS, validated_layer
+
+    assert VALIDATED_LAYERS
+    for (model_id, behavior), layer in VALIDATED_LAYERS.items():
+        assert behavior in BEHAVIORS and isinstance(layer, int) and layer >= 0
+        assert validated_layer(model_id, behavior) == layer
+    assert validated_layer("another-model", behavior) == DEFAULT_LAYER

@@ -246,6 +246,21 @@ VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
 }
 
 
+# The layer the validation study chose for one behavior over DEFAULT_LAYER (docs/RESULTS.md, "Layer
+# per behavior": bench/validation.py at the candidate layers, CAA and INNSteer each, seed 0; the
+# layer where both methods' validation area to 1 nat toward the behavior was largest).
+DEFAULT_LAYER = 10
+VALIDATED_LAYERS: dict[tuple[str, str], int] = {
+    ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
+}
+
+
+def validated_layer(model_id: str, behavior: str) -> int:
+    """The steered layer for this model and behavior: the validation study's choice where it made
+    one (``VALIDATED_LAYERS``), else ``DEFAULT_LAYER``."""
+    return VALIDATED_LAYERS.get((model_id, behavior), DEFAULT_LAYER)
+
+
 def validated_options(model_id: str, layer: int, behavior: str) -> dict:
     """INNSteer's training options for this model, layer and behavior: the validation study's choice
     where it made one (``VALIDATED_OPTIONS``), else {} (TrainConfig's defaults)."""
