@@ -3,6 +3,7 @@ bench/quality.py and bench/validation.py), so that no number is copied by hand.
 
     python bench/summarize.py docs/results/SmolLM2-135M-Instruct.Q4_1-*-L10-s012.json
     python bench/summarize.py --validation docs/results/validation/*.json
+    python bench/summarize.py --layers docs/results/validation/layers-s0/*.json
 
 For the test comparison: per behavior and metric, CAA's and INNSteer's seed-mean shift at the
 0.5-nat budget and the area to 1 nat, the paired bootstrap 95 % interval of INNSteer - CAA, and the
@@ -85,6 +86,52 @@ def other_methods(result: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def layer_choice(results: list[dict], reference: str, metric: str) -> str:
+    """Validation files of behaviors at several layers: each variant's area to 1 nat toward the
+    behavior (and away) per layer, the difference with ``reference`` there, and the layer where each
+    variant's area toward is largest (the protocol's per-behavior layer choice)."""
+    lines = []
+    for behavior in sorted({r["behavior"] for r in results}):
+        at_layers = sorted((r for r in results if r["behavior"] == behavior), key=lambda r: r["layer"])
+        variants = sorted({name for r in at_layers for name in r["runs"]}, key=lambda n: (n != reference, n))
+        others = [name for name in variants if name != reference]
+        lines += [
+            f"\n| {behavior}: layer | seeds | "
+            + " | ".join(f"{name} AUC≤1" for name in variants)
+            + "".join(f" | {name} − {reference}, AUC" for name in others)
+            + " | "
+            + " | ".join(f"away: {name} AUC≤1" for name in variants)
+            + " |",
+            "|" + "---|" * (2 + 2 * len(variants) + len(others)),
+        ]
+        best: dict[str, tuple[float, int]] = {}
+        for result in at_layers:
+            runs = result["runs"]
+            toward = {
+                name: paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)["auc"]
+                for name in variants
+            }
+            away = {
+                name: paired_bootstrap(runs[name], runs[reference], sign=-1, metric=metric, n_resamples=500)["auc"]
+                for name in variants
+            }
+            for name in variants:
+                if toward[name]["a"] > best.get(name, (-float("inf"), 0))[0]:
+                    best[name] = (toward[name]["a"], result["layer"])
+            seeds = ",".join(str(run["seed"]) for run in runs[reference])
+            lines.append(
+                f"| {result['layer']} | {seeds} | "
+                + " | ".join(f"{toward[name]['a']:+.3f}" for name in variants)
+                + "".join(f" | {interval(toward[name])}" for name in others)
+                + " | "
+                + " | ".join(f"{away[name]['a']:+.3f}" for name in variants)
+                + " |"
+            )
+        chosen = ", ".join(f"{name} layer {layer}" for name, (_, layer) in best.items())
+        lines.append(f"\nLargest area toward {behavior} on validation: {chosen}.")
+    return "\n".join(lines)
+
+
 def plot_every_method(result: dict, path: Path) -> None:
     """The first seed's behaviour-fluency curves of every method in one figure."""
     from innsteer.eval.protocol import protocol_report
@@ -98,11 +145,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--validation", action="store_true", help="the files are bench/validation.py's")
-    parser.add_argument("--reference", default="caa-token", help="(--validation) the variant compared against")
+    parser.add_argument(
+        "--layers", action="store_true", help="the files are bench/validation.py's at several layers: the layer choice"
+    )
+    parser.add_argument(
+        "--reference", default="caa-token", help="(--validation, --layers) the variant compared against"
+    )
     parser.add_argument("--plot", default=None, metavar="DIR", help="write each file's curves of every method here")
     args = parser.parse_args()
     results = [json.loads(Path(f).read_text()) for f in args.files]
     for metric in results[0]["metrics"]:
+        if args.layers:
+            print(f"\n#### layer per behavior, {metric} metric (validation)")
+            print(layer_choice(results, args.reference, metric))
+            continue
         if args.validation:
             for result in results:
                 print(f"\n#### {result['behavior']}, layer {result['layer']}, {metric} metric (validation)\n")
