@@ -252,6 +252,7 @@ VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
 DEFAULT_LAYER = 10
 VALIDATED_LAYERS: dict[tuple[str, str], int] = {
     ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
+    ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
 }
 
 
