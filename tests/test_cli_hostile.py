@@ -325,6 +325,8 @@ def test_ctrl_c_ends_with_one_line_and_no_output_file(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job inherits SIGINT ignored, and Python then installs no handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     for line in process.stderr:  # interrupt once the model is loaded: collecting or training follows

@@ -253,6 +253,7 @@ DEFAULT_LAYER = 10
 VALIDATED_LAYERS: dict[tuple[str, str], int] = {
     ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
+    ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,  # its test at 22 not yet run
 }
 
 
