@@ -23,16 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 
 from bench.quality import option_text  # noqa: E402
+from bench.validation import interval  # noqa: E402
 from bench.validation import table as validation_table  # noqa: E402
 from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
 
 
 def verdict(row: dict) -> str:
     return "above" if row["low"] > 0 else ("below" if row["high"] < 0 else "at least")
-
-
-def interval(row: dict) -> str:
-    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
 def options(result: dict) -> str:

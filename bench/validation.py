@@ -90,6 +90,11 @@ def merge(path: Path, result: dict) -> dict:
     return earlier
 
 
+def interval(row: dict) -> str:
+    """A paired bootstrap row as 'difference [low, high]'."""
+    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
 def table(result: dict, reference: str, metric: str = "answer") -> str:
     """Markdown: each variant's seed-mean summaries toward the behavior, its difference with
     ``reference`` [95 % CI] at 0.5 nats and in AUC, and the AUC difference away from it."""
@@ -99,10 +104,6 @@ def table(result: dict, reference: str, metric: str = "answer") -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = result["runs"]
-
-    def interval(row: dict) -> str:
-        return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
-
     for name in sorted(runs, key=lambda n: (n != reference, n)):
         row = paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)
         away = paired_bootstrap(runs[name], runs[reference], sign=-1, metric=metric, n_resamples=500)["auc"]

@@ -237,13 +237,13 @@ def transport_ratio(
     energy_distance(neg + mu+ - mu-, pos). Below 1: the flow carries the negatives' distribution
     closer onto the positives' than a translation does (the untrained flow gives exactly 1).
     ``sides="both"``: the mean of that and the same ratio at alpha = -1 (positives onto negatives)."""
-    steered = inn.inverse(inn(neg)[0] + direction)
-    toward = energy_distance(steered, pos) / max(energy_distance(neg + mean_difference, pos), 1e-12)
-    if sides == "toward":
-        return toward
-    steered = inn.inverse(inn(pos)[0] - direction)
-    away = energy_distance(steered, neg) / max(energy_distance(pos - mean_difference, neg), 1e-12)
-    return (toward + away) / 2
+
+    def ratio(source: Tensor, target: Tensor, sign: float) -> float:
+        steered = inn.inverse(inn(source)[0] + sign * direction)
+        return energy_distance(steered, target) / max(energy_distance(source + sign * mean_difference, target), 1e-12)
+
+    toward = ratio(neg, pos, 1.0)
+    return toward if sides == "toward" else (toward + ratio(pos, neg, -1.0)) / 2
 
 
 @torch.no_grad()
