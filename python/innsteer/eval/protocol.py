@@ -243,6 +243,10 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
 VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
     # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], the default's +0.013 [+0.004, +0.021]
     ("SmolLM2-135M-Instruct.Q4_1", 10, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
+    # the same term at the validated layer 22, seed 0: AUC - CAA +0.236 [+0.205, +0.272] (default +0.008)
+    ("SmolLM2-135M-Instruct.Q4_1", 22, "myopic-reward"): {"transport_weight": 1.0},
+    # seed 0: AUC - CAA +0.043 [+0.018, +0.058] (the default kept epoch 0: CAA itself)
+    ("SmolLM2-135M-Instruct.Q4_1", 22, "refusal"): {"transport_weight": 1.0},
 }
 
 
