@@ -247,6 +247,8 @@ VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
     ("SmolLM2-135M-Instruct.Q4_1", 22, "myopic-reward"): {"transport_weight": 1.0},
     # seed 0: AUC - CAA +0.043 [+0.018, +0.058] (the default kept epoch 0: CAA itself)
     ("SmolLM2-135M-Instruct.Q4_1", 22, "refusal"): {"transport_weight": 1.0},
+    # seed 0: AUC - CAA +0.026 [+0.008, +0.045] (the default -0.027 [-0.045, -0.013])
+    ("SmolLM2-135M-Instruct.Q4_1", 22, "survival-instinct"): {"transport_weight": 1.0},
 }
 
 
@@ -257,7 +259,7 @@ DEFAULT_LAYER = 10
 VALIDATED_LAYERS: dict[tuple[str, str], int] = {
     ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
-    ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,  # its test at 22 not yet run
+    ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,
 }
 
 
