@@ -83,6 +83,11 @@ def other_methods(result: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def cells(values: dict, names: list[str], text) -> list[str]:
+    """``text(values[name])`` for each name, "—" where that name was not measured."""
+    return [text(values[name]) if name in values else "—" for name in names]
+
+
 def layer_choice(results: list[dict], reference: str, metric: str) -> str:
     """Validation files of behaviors at several layers: each variant's area to 1 nat toward the
     behavior (and away) per layer, the difference with ``reference`` there, and the layer where each
@@ -102,29 +107,37 @@ def layer_choice(results: list[dict], reference: str, metric: str) -> str:
             "|" + "---|" * (2 + 2 * len(variants) + len(others)),
         ]
         best: dict[str, tuple[float, int]] = {}
+        measured: dict[str, list[int]] = {name: [] for name in variants}
         for result in at_layers:
             runs = result["runs"]
+            # a variant run at some of the layers only (an option validated where it was chosen) shows "—" elsewhere
+            present = [name for name in variants if name in runs]
             toward = {
                 name: paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)["auc"]
-                for name in variants
+                for name in present
             }
             away = {
                 name: paired_bootstrap(runs[name], runs[reference], sign=-1, metric=metric, n_resamples=500)["auc"]
-                for name in variants
+                for name in present
             }
-            for name in variants:
+            for name in present:
+                measured[name].append(result["layer"])
                 if toward[name]["a"] > best.get(name, (-float("inf"), 0))[0]:
                     best[name] = (toward[name]["a"], result["layer"])
+
             seeds = ",".join(str(run["seed"]) for run in runs[reference])
             lines.append(
                 f"| {result['layer']} | {seeds} | "
-                + " | ".join(f"{toward[name]['a']:+.3f}" for name in variants)
-                + "".join(f" | {interval(toward[name])}" for name in others)
+                + " | ".join(cells(toward, variants, lambda row: f"{row['a']:+.3f}"))
+                + "".join(f" | {cell}" for cell in cells(toward, others, interval))
                 + " | "
-                + " | ".join(f"{away[name]['a']:+.3f}" for name in variants)
+                + " | ".join(cells(away, variants, lambda row: f"{row['a']:+.3f}"))
                 + " |"
             )
-        chosen = ", ".join(f"{name} layer {layer}" for name, (_, layer) in best.items())
+        chosen = ", ".join(
+            f"{name} layer {layer}" if len(measured[name]) > 1 else f"{name} (run at layer {layer} only)"
+            for name, (_, layer) in best.items()
+        )
         lines.append(f"\nLargest area toward {behavior} on validation: {chosen}.")
     return "\n".join(lines)
 
