@@ -270,9 +270,29 @@ def test_demo_prints_the_comparison_with_intervals_and_writes_the_report(tmp_pat
     code, out, err = run(argv, capsys)
     assert code == 0, err
     assert "| corrigible-neutral-HHH | 10 | at0.5 |" in out and "[95 % CI]" in out
+    assert "corrigible-neutral-HHH at layer 10; INNSteer options chosen on validation data there: {'transport" in out
     assert "[unsteered]" in out and "[innsteer alpha=" in out and "[caa alpha=" in out
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["compare"] == ["innsteer", "caa"] and set(report["runs"]) == {"caa", "innsteer"}
     assert report["comparison"]["answer/toward"]["auc"]["low"] <= report["comparison"]["answer/toward"]["auc"]["high"]
     markdown = (tmp_path / "demo" / "report.md").read_text()
     assert "paired bootstrap 95 % intervals" in markdown and "## Sample generations" in markdown
+
+
+@pytest.mark.slow
+def test_demo_defaults_to_the_layer_and_options_validated_for_the_behavior(tmp_path, capsys, default_lm):
+    from innsteer.eval.protocol import validated_layer, validated_options
+
+    layer = validated_layer(default_lm.model_id, "myopic-reward")
+    assert layer != 10  # the case this test is about: a behavior whose validated layer is not the default
+    argv = ["demo", "--behavior", "myopic-reward", "--n-test", "2", "--n-open", "1", "--max-new-tokens", "4"]
+    argv += ["--alphas", "8", "--n-train", "20", "--no-plots", "--out", str(tmp_path / "demo")]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    chosen = validated_options(default_lm.model_id, layer, "myopic-reward")
+    assert f"myopic-reward at layer {layer}; INNSteer options chosen on validation data there: {chosen}" in out
+    assert f"| myopic-reward | {layer} | at0.5 |" in out
+    argv[-1] = str(tmp_path / "demo-at-10")
+    code, out, err = run(argv + ["--layer", "-20"], capsys)  # an explicit layer wins; negative from the last
+    assert code == 0, err
+    assert "myopic-reward at layer 10; INNSteer options chosen on validation data there: none" in out

@@ -311,8 +311,16 @@ def is_gguf(path: str) -> bool:
 
 
 def cmd_demo(args) -> int:
+    from ..core.hooks import check_layer
     from ..eval.metrics import generate, multiple_choice_sanity
-    from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol, validated_options
+    from ..eval.protocol import (
+        MethodSpec,
+        comparison_table,
+        protocol_report,
+        run_protocol,
+        validated_layer,
+        validated_options,
+    )
     from ..eval.report import sanity_line
 
     missing = [m for m in ("caa", "innsteer") if m not in args.methods]
@@ -326,10 +334,11 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     lm = _load(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
+    if args.layer is None:
+        args.layer = check_layer(lm.model, validated_layer(lm.model_id, source.name))
     chosen = validated_options(lm.model_id, args.layer, source.name)  # _load made the layer absolute
     specs = {method: MethodSpec(method, args.tokens, chosen if method == "innsteer" else {}) for method in args.methods}
-    if chosen:
-        print(f"INNSteer options chosen on validation data for {source.name} at layer {args.layer}: {chosen}")
+    print(f"{source.name} at layer {args.layer}; INNSteer options chosen on validation data there: {chosen or 'none'}")
     result = run_protocol(
         lm,
         source.train[: args.n_train] if args.n_train else source.train,

@@ -148,7 +148,12 @@ def _add_data(p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO
         "--layer",
         type=int,
         default=layer_default,
-        help="decoder layer to steer; negative counts from the last (-1) (default: %(default)s)",
+        help="decoder layer to steer; negative counts from the last (-1) (default: "
+        + (
+            "%(default)s)"
+            if layer_default is not None
+            else f"the layer validated for the behavior on this model, else {DEMO_LAYER})"
+        ),
     )
     p.add_argument(
         "--mode",
@@ -293,13 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job: INNSteer vs CAA on one behavior, with intervals, samples and a report",
         description=f"On the default model: {DEMO_BEHAVIOR} at layer {DEMO_LAYER}. Fits CAA and INNSteer "
-        "on the same per-token activations with the settings chosen on validation data (docs/RESULTS.md), "
+        "on the same per-token activations with the layer and settings chosen on validation data "
+        "(docs/RESULTS.md; innsteer.eval.protocol.VALIDATED_LAYERS and VALIDATED_OPTIONS), "
         "sweeps alpha on both sides until the fluency cost passes 1 nat/token, and prints each method's "
         "behaviour shift at fluency budgets with the paired bootstrap 95% interval of the difference, "
         "sample generations, and the report. About 10-25 minutes on 2 CPU cores (50 items, 10 prompts, both sides).",
     )
     _add_model(p)
-    _add_data(p)
+    _add_data(p, layer_default=None)
     _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2,3,4,6,8,12", n_test=None, n_open=10, max_new_tokens=32)
     p.add_argument(
         "--seeds", type=_seeds, default=[0], help="training seeds (each also reseeds the train/validation split)"
