@@ -67,13 +67,13 @@ def main() -> None:
     import llama_cpp
 
     from innsteer.llama.bindings import SteerGGUF
-    from innsteer.llama.steering import SteeredLlama
+    from innsteer.llama.steering import SteeredLlama, load_llama
 
     model = str(default_gguf_path())
     common = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     tmp = tempfile.mkdtemp(prefix="innsteer-bench-")
     inn_configs = [(512, "float32"), (512, "bfloat16"), (256, "float32"), (256, "bfloat16")]
-    llms = {"no hook": llama_cpp.Llama(model, **common)}
+    llms = {"no hook": load_llama(model, **common)}
     flow_ms = {}
     for hidden, dtype in inn_configs:
         path = os.path.join(tmp, f"inn-{hidden}-{dtype}.gguf")

@@ -6,6 +6,8 @@ the PyTorch path on the same GGUF dequantized by transformers (A/B probabilities
 """
 
 import ctypes
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,11 +32,29 @@ def gguf_path():
     return str(default_gguf_path())
 
 
+def test_load_llama_keeps_the_weights_out_of_the_amx_buffers_where_llama_cpp_has_amx_kernels(gguf_path):
+    """llama.cpp's AMX matmul crashes the process on any batch of two or more tokens (llama.cpp
+    #20824; seen on a Sapphire Rapids host): load_llama and SteeredLlama must not use it there, and
+    elsewhere load as llama_cpp.Llama does. In a child process, because the failure is a segfault."""
+    code = f"""
+import llama_cpp
+from innsteer.llama.steering import SteeredLlama, amx_kernels_built, load_llama
+path = {gguf_path!r}
+for llm in (load_llama(path, n_ctx=64, n_threads=2, verbose=False), SteeredLlama(path, n_ctx=64, n_threads=2)):
+    assert llm.model_params.use_extra_bufts is not amx_kernels_built()
+    llm.eval(llm.tokenize(b"The quick brown fox jumps over the lazy dog"))
+assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # llama.cpp's defaults are back
+print("evaluated")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "evaluated", result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def plain_llm(gguf_path):
-    import llama_cpp
+    from innsteer.llama.steering import load_llama
 
-    return llama_cpp.Llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
+    return load_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +159,9 @@ def test_several_layers_at_once_match_control_vectors(gguf_path, tokens, tmp_pat
 
 
 def test_attach_to_existing_llama(gguf_path, plain_llm, tokens, random_steer_file):
-    import llama_cpp
+    from innsteer.llama.steering import load_llama
 
-    llm = llama_cpp.Llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
+    llm = load_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
     base = last_logits(llm, tokens)
     steering = attach(llm, random_steer_file, alpha=3.0)
     assert attach(llm) is steering  # attaching again reuses the installed hook
@@ -190,10 +210,10 @@ def test_refuses_bad_layers_and_incompatible_steers(gguf_path, tmp_path, random_
 
 def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_file):
     """steer_from(k) leaves tokens before k unsteered, also when llama.cpp splits the call into ubatches."""
-    import llama_cpp
+    from innsteer.llama.steering import load_llama
 
     n = len(tokens)
-    plain = llama_cpp.Llama(gguf_path, n_ctx=256, n_threads=2, n_batch=64, n_ubatch=4, verbose=False)
+    plain = load_llama(gguf_path, n_ctx=256, n_threads=2, n_batch=64, n_ubatch=4, verbose=False)
     base = last_logits(plain, tokens)
     results = {}
     for n_ubatch in (4, 64):

@@ -49,9 +49,9 @@ def steer_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_llm(gguf_path):
-    import llama_cpp
+    from innsteer.llama.steering import load_llama
 
-    return llama_cpp.Llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
+    return load_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
 
 
 def steered(gguf_path, steer_file=None, alpha=STEERED_ALPHA):

@@ -5,7 +5,8 @@
     llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
     llm.steering.set_alpha(0.0)   # or .disable() / .enable(); the KV cache is reset for you
 
-or ``steering = attach(llm, "steer.gguf", alpha=4.0)`` on an existing ``llama_cpp.Llama``.
+or ``steering = attach(llm, "steer.gguf", alpha=4.0)`` on an existing ``llama_cpp.Llama`` (built with
+``load_llama``, which also runs on CPUs where llama.cpp's AMX kernels crash).
 
 The steer runs in C (csrc/llama_hook, built by setup.py when llama-cpp-python is installed) as
 llama.cpp's eval callback: it rewrites ``l_out-L`` (decoder layer L's output) in place; no Python
@@ -43,7 +44,16 @@ except ImportError as _error:  # optional dependency
         "(`pip install --no-build-isolation -e .`) so its llama.cpp hook is compiled"
     ) from _error
 
-__all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookError", "chat_reply", "last_token_logits"]
+__all__ = [
+    "SteeredLlama",
+    "attach",
+    "load_llama",
+    "LlamaSteering",
+    "SteerGGUF",
+    "SteerHookError",
+    "chat_reply",
+    "last_token_logits",
+]
 
 _MAX_POSITION = 2**62  # steer_from's bound: position - batch start must fit the hook's int64
 _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm.steering may be reassigned)
@@ -475,6 +485,47 @@ def attach(
     return steering
 
 
+_MODEL_DEFAULTS_LOCK = threading.Lock()
+
+
+def amx_kernels_built() -> bool:
+    """Whether this llama.cpp build has its AMX matmul kernels (a native build on a CPU with AMX)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextlib.contextmanager
+def _weights_in_plain_cpu_buffers():
+    """Where llama.cpp has AMX kernels, make the Llama built inside keep its weights out of the AMX
+    buffer type (``use_extra_bufts = False``). Those kernels crash the process on any batch of two
+    or more tokens (seen with llama-cpp-python 0.3.36 on a Sapphire Rapids host; llama.cpp issue
+    #20824, open), and ``Llama()`` has no option for it: it takes its model parameters from
+    ``llama_model_default_params``, which is wrapped for the duration."""
+    if not amx_kernels_built():
+        yield
+        return
+    module = llama_cpp.llama_cpp  # the module whose defaults Llama.__init__ reads
+    defaults = module.llama_model_default_params
+
+    def without_extra_buffer_types():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _MODEL_DEFAULTS_LOCK:
+        module.llama_model_default_params = without_extra_buffer_types
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = defaults
+
+
+def load_llama(model_path: str, **llama_kwargs) -> llama_cpp.Llama:
+    """``llama_cpp.Llama(model_path, **llama_kwargs)`` that also runs on CPUs with AMX (see
+    ``_weights_in_plain_cpu_buffers``); ``attach`` steering to it, or use ``SteeredLlama``."""
+    with _weights_in_plain_cpu_buffers():
+        return llama_cpp.Llama(model_path, **llama_kwargs)
+
+
 class SteeredLlama(llama_cpp.Llama):
     """A ``llama_cpp.Llama`` with innsteer's hook installed; ``.steering`` controls it.
 
@@ -495,7 +546,8 @@ class SteeredLlama(llama_cpp.Llama):
         **llama_kwargs,
     ):
         llama_kwargs.setdefault("verbose", False)
-        super().__init__(model_path, **llama_kwargs)
+        with _weights_in_plain_cpu_buffers():
+            super().__init__(model_path, **llama_kwargs)
         self.steering = attach(
             self,
             steer,
