@@ -33,16 +33,21 @@ def verdict(row: dict) -> str:
 
 
 def options(result: dict) -> str:
-    """INNSteer's training options in a result file, beyond TrainConfig's defaults."""
-    chosen = result["specs"]["innsteer"]["options"]
-    return ", ".join(f"{key}={option_text(value)}" for key, value in chosen.items()) if chosen else "defaults"
+    """INNSteer's training options in a result file: those given beyond the defaults, and the
+    transport term's weight as the runs recorded it, since its default changed (finding 7)."""
+    chosen = dict(result["specs"]["innsteer"]["options"])
+    # files from before the transport term existed record no training config: it was 0 then
+    chosen.setdefault(
+        "transport_weight", result["runs"]["innsteer"][0]["extra"].get("train", {}).get("transport_weight", 0.0)
+    )
+    return ", ".join(f"{key}={option_text(value)}" for key, value in chosen.items())
 
 
 def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
     lines = [
-        "| behavior | INNSteer options | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | INNSteer − CAA @0.5 | "
-        "CAA AUC | INNSteer AUC | INNSteer − CAA, AUC | verdict (AUC) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| behavior | layer | INNSteer options | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | "
+        "INNSteer − CAA @0.5 | CAA AUC | INNSteer AUC | INNSteer − CAA, AUC | verdict (AUC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     counts = {"above": 0, "at least": 0, "below": 0}
     for result in results:
@@ -53,7 +58,7 @@ def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
         at, auc = rows["at0.5"], rows["auc"]
         counts[verdict(auc)] += 1
         lines.append(
-            f"| {result['behavior']} | {options(result)} | {','.join(map(str, result['seeds']))} | "
+            f"| {result['behavior']} | {result['layer']} | {options(result)} | {','.join(map(str, result['seeds']))} | "
             f"{sum(base) / len(base):.3f} | "
             f"{at['b']:+.3f} | {at['a']:+.3f} | {interval(at)} | {auc['b']:+.3f} | {auc['a']:+.3f} | "
             f"{interval(auc)} | {verdict(auc)} |"

@@ -38,9 +38,10 @@ from innsteer.hf.models import load_model  # noqa: E402
 # so a variant means the same whatever the defaults: the training rows (pooled means or every
 # token), the NLL (one Gaussian for all rows, or one per class) and the kept epoch (validation
 # loss or transport) first; then each loss term, the capacity and the learning rate swept around
-# the default (class-conditional NLL, selection by transport: "inn-token-class-transport").
-JOINT_LOSS = {"nll": "joint", "select": "loss", "sep_weight": 0.0}
-DEFAULT = {"nll": "class", "select": "transport", "sep_weight": 0.0}
+# the default of the round that ran them (class-conditional NLL, selection by transport, no transport
+# term: "inn-token-class-transport"); "default-transport1" is TrainConfig's default since finding 7.
+JOINT_LOSS = {"nll": "joint", "select": "loss", "sep_weight": 0.0, "transport_weight": 0.0}
+DEFAULT = {"nll": "class", "select": "transport", "sep_weight": 0.0, "transport_weight": 0.0}
 VARIANTS = {
     "caa-token": MethodSpec("caa", "all"),
     "caa-pooled": MethodSpec("caa", "mean"),

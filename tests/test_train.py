@@ -446,7 +446,7 @@ def test_bad_config(field, value):
 
 
 def test_a_config_with_no_loss_term_is_refused():
-    config = TrainConfig(sep_weight=0, logdet_weight=0, nll_weight=0)
+    config = TrainConfig(sep_weight=0, logdet_weight=0, nll_weight=0, transport_weight=0)
     with pytest.raises(ValueError, match="nothing to train"):
         train_innsteer(torch.randn(20, 8), torch.randn(20, 8), layer=0, config=config, progress=False)
 

@@ -8,7 +8,7 @@ The loss has up to four terms, each per batch of pairs (h+_i, h-_i):
              classes along u relative to their spread along it (the sign a public
              reimplementation got wrong, training a flow that steered nothing);
   logdet     mean (log|det J| / d)^2 over the couplings, keeping phi and its inverse well conditioned;
-  transport  (``transport_weight``, off by default) the energy distance of the batch's steered
+  transport  (``transport_weight``; 0 switches it off) the energy distance of the batch's steered
              negatives phi^-1(phi(h-) + v) to its positives over that of CAA's translation: the
              steer itself trained to carry one class's distribution onto the other's.
 With ``nll="class"`` the NLL is class-conditional: z | pos ~ N(m+, I), z | neg ~ N(m-, I) with learned
@@ -59,8 +59,11 @@ class TrainConfig:
     nll_weight: float = 1.0
     # The transport term: energy distance of the batch's steered negatives phi^-1(phi(h-) + v) to its
     # positives, relative to CAA's translation h- + mu+ - mu- (what select="transport" measures on
-    # held-out rows, as a training objective). 0 = off.
-    transport_weight: float = 0.0
+    # held-out rows, as a training objective). 0 = off. On validation it steered better than the
+    # flow without it on 4 of the 5 behaviors it was run on (SmolLM2: corrigible, myopic-reward,
+    # refusal, survival-instinct; not coordinate-other-ais), and above CAA on the test items of 3
+    # (docs/RESULTS.md, finding 7).
+    transport_weight: float = 1.0
     # Which steers the transport term and select="transport" measure: "toward" alpha = +1 only (the
     # negatives carried onto the positives), "both" also alpha = -1 (the positives onto the
     # negatives), the two ratios averaged. The steer is used at both signs, and a flow trained

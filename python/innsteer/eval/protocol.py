@@ -238,16 +238,20 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
     return "\n".join(lines)
 
 
-# INNSteer options the validation study chose for one behavior over TrainConfig's defaults (docs/RESULTS.md,
-# bench/validation.py), keyed by the model and layer it was run on; everything else gets the defaults.
+# INNSteer options the validation study chose for one behavior (docs/RESULTS.md, bench/validation.py),
+# keyed by the model and layer it was run on; everything else gets TrainConfig's defaults. The
+# transport term is the default since these choices (finding 7); they stay spelled out so the result
+# files they name (bench/quality.py tags the options) keep their names whatever the default.
 VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
-    # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], the default's +0.013 [+0.004, +0.021]
+    # without the transport term, 3 seeds: AUC - CAA +0.067 [+0.049, +0.087], with it -0.009 [-0.022, +0.003]
+    ("SmolLM2-135M-Instruct.Q4_1", 10, "coordinate-other-ais"): {"transport_weight": 0.0},
+    # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], without it +0.013 [+0.004, +0.021]
     ("SmolLM2-135M-Instruct.Q4_1", 10, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
-    # the same term at the validated layer 22, seed 0: AUC - CAA +0.236 [+0.205, +0.272] (default +0.008)
+    # the same term at the validated layer 22, seed 0: AUC - CAA +0.236 [+0.205, +0.272] (without it +0.008)
     ("SmolLM2-135M-Instruct.Q4_1", 22, "myopic-reward"): {"transport_weight": 1.0},
-    # seed 0: AUC - CAA +0.043 [+0.018, +0.058] (the default kept epoch 0: CAA itself)
+    # seed 0: AUC - CAA +0.043 [+0.018, +0.058] (without it epoch 0 was kept: CAA itself)
     ("SmolLM2-135M-Instruct.Q4_1", 22, "refusal"): {"transport_weight": 1.0},
-    # seed 0: AUC - CAA +0.026 [+0.008, +0.045] (the default -0.027 [-0.045, -0.013])
+    # seed 0: AUC - CAA +0.026 [+0.008, +0.045] (without it -0.027 [-0.045, -0.013])
     ("SmolLM2-135M-Instruct.Q4_1", 22, "survival-instinct"): {"transport_weight": 1.0},
 }
 
