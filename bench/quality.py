@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,12 @@ def main() -> int:
         help="JSON: INNSteer training options (default: the validation study's choice for each behavior, "
         "innsteer.eval.protocol.VALIDATED_OPTIONS, else TrainConfig's defaults)",
     )
+    parser.add_argument(
+        "--caa-layer",
+        type=int,
+        default=None,
+        help="CAA at this layer instead of INNSteer's (where the validation study chose another layer for each)",
+    )
     parser.add_argument("--extra-methods", default="", help="comma-separated METHODS, fitted on the same rows")
     parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
     parser.add_argument(
@@ -171,6 +177,8 @@ def main() -> int:
         else:
             options = json.loads(args.innsteer_options)
         specs = default_specs(options, args.tokens)
+        if args.caa_layer is not None:
+            specs["caa"] = replace(specs["caa"], layer=args.caa_layer)
         for name in filter(None, args.extra_methods.split(",")):
             specs[name] = MethodSpec(name, args.tokens)
         reused_specs = {"caa": specs.pop("caa")} if args.reuse else {}
@@ -202,6 +210,7 @@ def main() -> int:
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
         # INNSteer options other than TrainConfig's defaults are in the name: runs of both can sit side by side
         tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
+        tag += "" if args.caa_layer is None else f"-caaL{args.caa_layer}"
         path = out / f"{lm.model_id}-{behavior}-L{layer}-s{args.seeds.replace(',', '')}{tag}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)
