@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
@@ -93,14 +94,15 @@ def cells(values: dict, names: list[str], text) -> list[str]:
     return [text(values[name]) if name in values else "—" for name in names]
 
 
-def layer_choice(results: list[dict], reference: str, metric: str) -> str:
+def layer_choice(results: list[dict], reference: str, metric: str, only: Optional[set[str]] = None) -> str:
     """Validation files of behaviors at several layers: each variant's area to 1 nat toward the
     behavior (and away) per layer, the difference with ``reference`` there, and the layer where each
     variant's area toward is largest (the protocol's per-behavior layer choice)."""
     lines = []
     for behavior in sorted({r["behavior"] for r in results}):
         at_layers = sorted((r for r in results if r["behavior"] == behavior), key=lambda r: r["layer"])
-        variants = sorted({name for r in at_layers for name in r["runs"]}, key=lambda n: (n != reference, n))
+        names = {name for r in at_layers for name in r["runs"] if only is None or name in only or name == reference}
+        variants = sorted(names, key=lambda n: (n != reference, n))
         others = [name for name in variants if name != reference]
         lines += [
             f"\n| {behavior}: layer | seeds | "
@@ -166,13 +168,16 @@ def main() -> int:
     parser.add_argument(
         "--reference", default="caa-token", help="(--validation, --layers) the variant compared against"
     )
+    parser.add_argument("--variants", default=None, help="(--layers) only these variants, comma-separated")
     parser.add_argument("--plot", default=None, metavar="DIR", help="write each file's curves of every method here")
     args = parser.parse_args()
     results = [json.loads(Path(f).read_text()) for f in args.files]
     for metric in results[0]["metrics"]:
         if args.layers:
             print(f"\n#### layer per behavior, {metric} metric (validation)")
-            print(layer_choice(results, args.reference, metric))
+            print(
+                layer_choice(results, args.reference, metric, set(args.variants.split(",")) if args.variants else None)
+            )
             continue
         if args.validation:
             for result in results:
