@@ -44,6 +44,12 @@ def options(result: dict) -> str:
     return ", ".join(f"{key}={option_text(value)}" for key, value in chosen.items())
 
 
+def layers(result: dict) -> str:
+    """The steered layer, or each method's where CAA ran at another (``bench/quality.py --caa-layer``)."""
+    caa = result["specs"]["caa"].get("layer")
+    return str(result["layer"]) if caa in (None, result["layer"]) else f"INNSteer {result['layer']}, CAA {caa}"
+
+
 def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
     lines = [
         "| behavior | layer | INNSteer options | seeds | unsteered p_match | CAA @0.5 | INNSteer @0.5 | "
@@ -59,7 +65,7 @@ def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
         at, auc = rows["at0.5"], rows["auc"]
         counts[verdict(auc)] += 1
         lines.append(
-            f"| {result['behavior']} | {result['layer']} | {options(result)} | {','.join(map(str, result['seeds']))} | "
+            f"| {result['behavior']} | {layers(result)} | {options(result)} | {','.join(map(str, result['seeds']))} | "
             f"{sum(base) / len(base):.3f} | "
             f"{at['b']:+.3f} | {at['a']:+.3f} | {interval(at)} | {auc['b']:+.3f} | {auc['a']:+.3f} | "
             f"{interval(auc)} | {verdict(auc)} |"
