@@ -245,6 +245,9 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
 VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
     # without the transport term, 3 seeds: AUC - CAA +0.067 [+0.049, +0.087], with it -0.009 [-0.022, +0.003]
     ("SmolLM2-135M-Instruct.Q4_1", 10, "coordinate-other-ais"): {"transport_weight": 0.0},
+    # at CAA's layer 22, seed 0: 8 couplings +0.034 [-0.001, +0.079] (area 0.247, the largest of any
+    # INNSteer variant at any layer), width 512 +0.016, 4 couplings -0.039, the transport term -0.052
+    ("SmolLM2-135M-Instruct.Q4_1", 22, "coordinate-other-ais"): {"transport_weight": 0.0, "num_couplings": 8},
     # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], without it +0.013 [+0.004, +0.021]
     ("SmolLM2-135M-Instruct.Q4_1", 10, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
     # the same term at the validated layer 22, seed 0: AUC - CAA +0.236 [+0.205, +0.272] (without it +0.008)
@@ -261,6 +264,7 @@ VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
 # layer where both methods' validation area to 1 nat toward the behavior was largest).
 DEFAULT_LAYER = 10
 VALIDATED_LAYERS: dict[tuple[str, str], int] = {
+    ("SmolLM2-135M-Instruct.Q4_1", "coordinate-other-ais"): 22,  # INNSteer with 8 couplings (VALIDATED_OPTIONS)
     ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,
