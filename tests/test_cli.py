@@ -269,8 +269,9 @@ def test_demo_prints_the_comparison_with_intervals_and_writes_the_report(tmp_pat
     ]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    assert "| corrigible-neutral-HHH | 10 | at0.5 |" in out and "[95 % CI]" in out
-    assert "corrigible-neutral-HHH at layer 10; INNSteer options chosen on validation data there: {'transport" in out
+    # the demo's behavior at the layer and with the options its validation chose (not the fallback layer 10)
+    assert "| myopic-reward | 22 | at0.5 |" in out and "[95 % CI]" in out
+    assert "myopic-reward at layer 22; INNSteer options chosen on validation data there: {'transport_weight': 1" in out
     assert "[unsteered]" in out and "[innsteer alpha=" in out and "[caa alpha=" in out
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["compare"] == ["innsteer", "caa"] and set(report["runs"]) == {"caa", "innsteer"}
@@ -280,19 +281,14 @@ def test_demo_prints_the_comparison_with_intervals_and_writes_the_report(tmp_pat
 
 
 @pytest.mark.slow
-def test_demo_defaults_to_the_layer_and_options_validated_for_the_behavior(tmp_path, capsys, default_lm):
-    from innsteer.eval.protocol import validated_layer, validated_options
+def test_demo_takes_the_behavior_and_layer_given(tmp_path, capsys, default_lm):
+    from innsteer.eval.protocol import validated_options
 
-    layer = validated_layer(default_lm.model_id, "myopic-reward")
-    assert layer != 10  # the case this test is about: a behavior whose validated layer is not the default
-    argv = ["demo", "--behavior", "myopic-reward", "--n-test", "2", "--n-open", "1", "--max-new-tokens", "4"]
-    argv += ["--alphas", "8", "--n-train", "20", "--no-plots", "--out", str(tmp_path / "demo")]
+    # an explicit layer wins over the validated one; negative counts from the last (-20 of 30 is 10)
+    argv = ["demo", "--behavior", "refusal", "--layer", "-20", "--n-test", "2", "--n-open", "1"]
+    argv += ["--max-new-tokens", "4", "--alphas", "8", "--n-train", "20", "--no-plots", "--out", str(tmp_path / "demo")]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    chosen = validated_options(default_lm.model_id, layer, "myopic-reward")
-    assert f"myopic-reward at layer {layer}; INNSteer options chosen on validation data there: {chosen}" in out
-    assert f"| myopic-reward | {layer} | at0.5 |" in out
-    argv[-1] = str(tmp_path / "demo-at-10")
-    code, out, err = run(argv + ["--layer", "-20"], capsys)  # an explicit layer wins; negative from the last
-    assert code == 0, err
-    assert "myopic-reward at layer 10; INNSteer options chosen on validation data there: none" in out
+    assert validated_options(default_lm.model_id, 10, "refusal") == {}  # the case: none validated there
+    assert "refusal at layer 10; INNSteer options chosen on validation data there: none" in out
+    assert "| refusal | 10 | at0.5 |" in out

@@ -14,7 +14,10 @@ from typing import Optional
 from ..core.errors import InnsteerError, MissingFileError
 from ..datasets.caa import BEHAVIORS
 
-DEMO_BEHAVIOR = "corrigible-neutral-HHH"
+DEFAULT_BEHAVIOR = "corrigible-neutral-HHH"
+# The demo's: a behavior whose validation chose the same layer for CAA and INNSteer (docs/RESULTS.md,
+# "Layer per behavior"), so each method steers its own chosen layer; on corrigible-neutral-HHH they differ.
+DEMO_BEHAVIOR = "myopic-reward"
 DEMO_LAYER = 10
 DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: prompts, reply length
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
@@ -138,7 +141,7 @@ def _data(args, behavior: Optional[str] = None):
     else:
         if args.test_data:
             raise CLIError("--test-data goes with --data (the shipped behaviors have their own test split)")
-        source = shipped(behavior or args.behavior or DEMO_BEHAVIOR, args.prompts)
+        source = shipped(behavior or args.behavior or DEFAULT_BEHAVIOR, args.prompts)
     if args.mode == "letter" and not source.lettered:
         raise CLIError(f"{source.name} has items with plain answers (no lettered options): use --mode answer")
     return source
@@ -330,6 +333,8 @@ def cmd_demo(args) -> int:
         raise CLIError("--alphas: the demo sweeps magnitudes on both sides of the unsteered point; 0 is not one")
     args.out = args.out or "innsteer-demo"
     _check_report(args)
+    if not args.behavior and not args.data:
+        args.behavior = DEMO_BEHAVIOR
     source = _data(args)
     start = time.perf_counter()
     lm = _load(args)

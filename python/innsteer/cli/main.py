@@ -18,7 +18,7 @@ from typing import Optional
 from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
 from . import commands, llama, serve
-from .commands import DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
+from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
 NUMBER_OPTIONS = ("--layer", "--layers", "--layer-sweep", "--alpha", "--alphas", "--control-strength")
@@ -120,14 +120,16 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data(p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO_LAYER) -> None:
+def _add_data(
+    p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO_LAYER, behavior_default: str = DEFAULT_BEHAVIOR
+) -> None:
     data = p.add_argument_group("data (a shipped CAA behavior, or your own files)")
     data.add_argument(
         "--behavior",
         choices=BEHAVIORS,
         default=None,
         metavar="BEHAVIOR",
-        help=f"shipped CAA behavior: {', '.join(BEHAVIORS)} (default: {DEMO_BEHAVIOR})",
+        help=f"shipped CAA behavior: {', '.join(BEHAVIORS)} (default: {behavior_default})",
     )
     data.add_argument(
         "--data",
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the main job: INNSteer vs CAA on one behavior, with intervals, samples and a report",
-        description=f"On the default model: {DEMO_BEHAVIOR} at layer {DEMO_LAYER}. Fits CAA and INNSteer "
+        description=f"On the default model: {DEMO_BEHAVIOR} at its validated layer. Fits CAA and INNSteer "
         "on the same per-token activations with the layer and settings chosen on validation data "
         "(docs/RESULTS.md; innsteer.eval.protocol.VALIDATED_LAYERS and VALIDATED_OPTIONS), "
         "sweeps alpha on both sides until the fluency cost passes 1 nat/token, and prints each method's "
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample generations, and the report. About 10-25 minutes on 2 CPU cores (50 items, 10 prompts, both sides).",
     )
     _add_model(p)
-    _add_data(p, layer_default=None)
+    _add_data(p, layer_default=None, behavior_default=DEMO_BEHAVIOR)
     _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2,3,4,6,8,12", n_test=None, n_open=10, max_new_tokens=32)
     p.add_argument(
         "--seeds", type=_seeds, default=[0], help="training seeds (each also reseeds the train/validation split)"
