@@ -61,8 +61,8 @@ class TrainConfig:
     # positives, relative to CAA's translation h- + mu+ - mu- (what select="transport" measures on
     # held-out rows, as a training objective). 0 = off. On validation it steered better than the
     # flow without it on 4 of the 5 behaviors it was run on (SmolLM2: corrigible, myopic-reward,
-    # refusal, survival-instinct; not coordinate-other-ais), and above CAA on the test items of 3
-    # (docs/RESULTS.md, finding 7).
+    # refusal, survival-instinct; not coordinate-other-ais), and it is what puts INNSteer above CAA
+    # on the test items of myopic-reward and refusal (docs/RESULTS.md, finding 7 and the verdict).
     transport_weight: float = 1.0
     # Which steers the transport term and select="transport" measure: "toward" alpha = +1 only (the
     # negatives carried onto the positives), "both" also alpha = -1 (the positives onto the
