@@ -268,6 +268,7 @@ VALIDATED_LAYERS: dict[tuple[str, str], int] = {
     ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,
+    # corrigible-neutral-HHH has none: CAA's validation chose 22, INNSteer's 14 (bench/quality.py --caa-layer)
 }
 
 
