@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/RESULTS.md; innsteer.eval.protocol.VALIDATED_LAYERS and VALIDATED_OPTIONS), "
         "sweeps alpha on both sides until the fluency cost passes 1 nat/token, and prints each method's "
         "behaviour shift at fluency budgets with the paired bootstrap 95% interval of the difference, "
-        "sample generations, and the report. About 10-25 minutes on 2 CPU cores (50 items, 10 prompts, both sides).",
+        "sample generations, and the report. About 5-10 minutes for the default behavior on 2 CPU cores "
+        "(50 items, 10 prompts, both sides), up to 25 for others.",
     )
     _add_model(p)
     _add_data(p, layer_default=None, behavior_default=DEMO_BEHAVIOR)
