@@ -70,6 +70,9 @@ VARIANTS = {
     "default-transport1-both": MethodSpec(
         "innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "transport_sides": "both"}
     ),
+    # capacity with the transport term (the default since finding 7)
+    "default-transport1-k8": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "num_couplings": 8}),
+    "default-transport1-h512": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "mlp_hidden": 512}),
     "default-transport-only": MethodSpec(
         "innsteer", "all", {**DEFAULT, "transport_weight": 1.0, "nll_weight": 0.0, "logdet_weight": 1.0}
     ),
