@@ -48,6 +48,16 @@ def code_version() -> str:
         return "unknown"
 
 
+# --dtype: the model's weights and activations. bfloat16 is for the larger model on CPUs with AMX or
+# AVX-512 BF16, where its matmuls run several times faster; the steerers' math stays float32.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_tag(dtype: str) -> str:
+    """File-name tag of a run's dtype: none for float32, so earlier files keep their names."""
+    return "" if dtype == "float32" else f"-{dtype}"
+
+
 def combine(paths: list[str], out: str) -> int:
     """Merge per-seed result files of one behavior and method set; recompute the comparison."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
@@ -92,6 +102,12 @@ def option_text(value) -> str:
 SAME_SETTINGS = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
 
 
+def same_settings(earlier: dict, result: dict, keys: tuple[str, ...] = SAME_SETTINGS) -> bool:
+    """Whether two result files were measured alike (files from before --dtype are float32)."""
+    dtypes = (earlier.get("dtype", "float32"), result.get("dtype", "float32"))
+    return dtypes[0] == dtypes[1] and all(earlier[key] == result[key] for key in keys)
+
+
 def reuse_runs(paths: list[str], result: dict, specs: dict) -> dict:
     """Runs of methods this call did not measure, from an earlier file of the same behavior and
     settings whose method specs are the same (CAA's curves do not change when INNSteer's do)."""
@@ -99,8 +115,8 @@ def reuse_runs(paths: list[str], result: dict, specs: dict) -> dict:
         earlier = json.loads(Path(path).read_text())
         if earlier["behavior"] != result["behavior"]:
             continue
-        if any(earlier[key] != result[key] for key in SAME_SETTINGS):
-            raise SystemExit(f"{path} was measured with other settings (one of {SAME_SETTINGS})")
+        if not same_settings(earlier, result):
+            raise SystemExit(f"{path} was measured with other settings (one of {SAME_SETTINGS}, dtype)")
         taken = {}
         for name, spec in specs.items():
             if earlier["specs"].get(name) != asdict(spec):
@@ -158,12 +174,13 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (run behaviors in parallel)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     args = parser.parse_args()
 
     if args.combine:
         return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=DTYPES[args.dtype])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
@@ -194,6 +211,7 @@ def main() -> int:
             max_new_tokens=args.max_new_tokens,
             ladder=[float(a) for a in args.ladder.split(",")],
         )
+        result["dtype"] = args.dtype
         if reused_specs:
             reused = reuse_runs(args.reuse, result, reused_specs)
             result["runs"] = {**reused["runs"], **result["runs"]}
@@ -210,7 +228,7 @@ def main() -> int:
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
         # INNSteer options other than TrainConfig's defaults are in the name: runs of both can sit side by side
         tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
-        tag += "" if args.caa_layer is None else f"-caaL{args.caa_layer}"
+        tag += ("" if args.caa_layer is None else f"-caaL{args.caa_layer}") + dtype_tag(args.dtype)
         path = out / f"{lm.model_id}-{behavior}-L{layer}-s{args.seeds.replace(',', '')}{tag}.json"
         path.write_text(json.dumps(result, indent=1))
         results.append(result)

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.quality import code_version  # noqa: E402
+from bench.quality import DTYPES, code_version, dtype_tag, same_settings  # noqa: E402
 from innsteer.datasets.caa import load_ab  # noqa: E402
 from innsteer.datasets.files import NEUTRAL_PROMPTS  # noqa: E402
 from innsteer.eval.protocol import MethodSpec, run_protocol  # noqa: E402
@@ -85,8 +85,8 @@ def merge(path: Path, result: dict) -> dict:
         return result
     earlier = json.loads(path.read_text())
     same = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
-    if any(earlier[key] != result[key] for key in same):
-        raise SystemExit(f"{path} was measured with other settings (one of {same}); use another --out")
+    if not same_settings(earlier, result, same):
+        raise SystemExit(f"{path} was measured with other settings (one of {same}, dtype); use another --out")
     earlier["runs"].update(result["runs"])
     earlier["specs"].update(result["specs"])
     earlier["commands"] = earlier.get("commands", []) + result["commands"]
@@ -132,6 +132,7 @@ def main() -> int:
     parser.add_argument("--reference", default="caa-token")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "validation"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args()
     if args.list:
@@ -150,7 +151,7 @@ def main() -> int:
             spec = MethodSpec(spec.method, spec.tokens, {**common, **spec.options}, spec.layer)
         specs[name] = spec
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=DTYPES[args.dtype])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/validation.py " + " ".join(sys.argv[1:])
@@ -170,8 +171,8 @@ def main() -> int:
             ladder=[float(a) for a in args.ladder.split(",")],
             compare=(),
         )
-        result.update(commands=[command], code_versions=[version], seconds=round(time.time() - start))
-        path = out / f"{lm.model_id}-{behavior}-L{args.layer}.json"
+        result.update(commands=[command], code_versions=[version], seconds=round(time.time() - start), dtype=args.dtype)
+        path = out / f"{lm.model_id}-{behavior}-L{args.layer}{dtype_tag(args.dtype)}.json"
         result = merge(path, result)
         path.write_text(json.dumps(result, indent=1))
         print(f"{behavior}: {round(time.time() - start)} s, wrote {path}", flush=True)

@@ -1,5 +1,6 @@
 """Model loading, decoder-layer discovery, token positions and contrastive activation collection."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from innsteer.core.hooks import check_layer, decoder_layers
 from innsteer.datasets.caa import load_ab
 from innsteer.hf.collect import answer_text, contrastive_activations
 from innsteer.hf.encoding import encode_spans
-from innsteer.hf.models import ModelLoadError, load_model, model_id_for
+from innsteer.hf.models import LoadedModel, ModelLoadError, load_model, model_id_for
 from innsteer.hf.prompts import format_prompt
 
 BEHAVIOR = "corrigible-neutral-HHH"
@@ -131,6 +132,22 @@ def test_activations_match_unbatched_hidden_states(default_lm, mode, tmp_path, m
         default_lm, items, 10, mode=mode, behavior=BEHAVIOR, split="generate", progress=False
     )
     assert torch.equal(again[10][0], acts[10][0])
+
+
+def test_activations_of_another_dtype_are_cached_apart(default_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))
+    half = LoadedModel(copy.deepcopy(default_lm.model).to(torch.bfloat16), default_lm.tokenizer, default_lm.model_id)
+    items = load_ab(BEHAVIOR, "generate", limit=3)
+    common = dict(mode="answer", behavior=BEHAVIOR, split="generate", progress=False)
+    half_pos = contrastive_activations(half, items, 10, **common)[10][0]
+    pos = contrastive_activations(default_lm, items, 10, **common)[10][0]
+    text, span = answer_text(default_lm.tokenizer, items[0], items[0].matching, "answer")
+    reference = _reference_activation(default_lm, text, span, 10)
+    # the float32 model's rows are computed afresh, not the bfloat16 model's rows read back
+    assert (half_pos[0] - reference).abs().max() > 1e-2
+    torch.testing.assert_close(pos[0], reference, atol=1e-3, rtol=1e-4)
+    folders = sorted(p.name for p in (tmp_path / "activations").iterdir())
+    assert folders == [default_lm.model_id, f"{default_lm.model_id}-bfloat16"]
 
 
 def _reference_span_rows(lm, text, span, layer):

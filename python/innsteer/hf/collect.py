@@ -11,7 +11,8 @@ Which tokens give the activation (``tokens``):
   so training on these rows trains on the distribution the steerer is applied to. The classes
   then have different row counts; ``contrastive_activations`` subsamples the larger one (seeded).
 One forward pass serves several layers (for layer sweeps) and stops after the deepest one.
-Results are cached as safetensors keyed by model, data, mode, reduction, layer and the texts' hash.
+Results are cached as safetensors keyed by model (and its dtype), data, mode, reduction, layer and the
+texts' hash.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def contrast_activations(
     completions (``spans``: the completions' characters). Cached under ``cache_name`` and the texts' hash."""
     n = len(texts) // 2
     key = hashlib.sha256("\x00".join(f"{t}\x01{s}" for t, s in zip(texts, spans)).encode()).hexdigest()[:12]
-    paths = {layer: _cache_path(lm.model_id, f"{cache_name}-{tokens}", layer, key) for layer in layers}
+    paths = {layer: _cache_path(lm, f"{cache_name}-{tokens}", layer, key) for layer in layers}
     out: dict[int, tuple[Tensor, Tensor]] = {}
     if use_cache:
         for layer, path in paths.items():
@@ -180,8 +181,12 @@ def contrast_activations(
     return out
 
 
-def _cache_path(model_id: str, name: str, layer: int, key: str) -> Path:
-    return cache_dir() / "activations" / model_id / f"{name}-L{layer}-{key}.safetensors"
+def _cache_path(lm: LoadedModel, name: str, layer: int, key: str) -> Path:
+    """The model's float32 activations under its id; another dtype's (a bfloat16 load) beside them,
+    never mixed with them."""
+    dtype = str(lm.model.dtype).removeprefix("torch.")
+    folder = lm.model_id if dtype == "float32" else f"{lm.model_id}-{dtype}"
+    return cache_dir() / "activations" / folder / f"{name}-L{layer}-{key}.safetensors"
 
 
 def contrastive_activations(
