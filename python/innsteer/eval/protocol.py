@@ -250,6 +250,9 @@ VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
     ("SmolLM2-135M-Instruct.Q4_1", 22, "coordinate-other-ais"): {"transport_weight": 0.0, "num_couplings": 8},
     # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], without it +0.013 [+0.004, +0.021]
     ("SmolLM2-135M-Instruct.Q4_1", 10, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
+    # at layer 22, seeds 0-2: AUC - CAA +0.041 [+0.016, +0.064]; 8 couplings with it +0.043 (tied with
+    # this, +0.002 [-0.009, +0.013], and worse away: -0.071 against -0.023), 8 couplings without it -0.026
+    ("SmolLM2-135M-Instruct.Q4_1", 22, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
     # the same term at the validated layer 22, seed 0: AUC - CAA +0.236 [+0.205, +0.272] (without it +0.008)
     ("SmolLM2-135M-Instruct.Q4_1", 22, "myopic-reward"): {"transport_weight": 1.0},
     # seed 0: AUC - CAA +0.043 [+0.018, +0.058] (without it epoch 0 was kept: CAA itself)
@@ -260,15 +263,18 @@ VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
 
 
 # The layer the validation study chose for one behavior over DEFAULT_LAYER (docs/RESULTS.md, "Layer
-# per behavior": bench/validation.py at the candidate layers, CAA and INNSteer each, seed 0; the
-# layer where both methods' validation area to 1 nat toward the behavior was largest).
+# per behavior": bench/validation.py at the candidate layers 10, 14 and 22, CAA and INNSteer each; the
+# layer where both methods' validation area to 1 nat toward the behavior was largest, a method's tie
+# between layers, paired interval containing 0, going to the layer the other method needs).
 DEFAULT_LAYER = 10
 VALIDATED_LAYERS: dict[tuple[str, str], int] = {
     ("SmolLM2-135M-Instruct.Q4_1", "coordinate-other-ais"): 22,  # INNSteer with 8 couplings (VALIDATED_OPTIONS)
     ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
     ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,
-    # corrigible-neutral-HHH has none: CAA's validation chose 22, INNSteer's 14 (bench/quality.py --caa-layer)
+    # seeds 0-2: CAA's area 0.157 at 22 against 0.078 at 10 and 0.075 at 14; INNSteer's 0.198 at 22, tied
+    # with 0.204 at 10 (+0.006 [-0.028, +0.037]) and above 0.178 at 14 (seed 0 alone had ranked 14 first)
+    ("SmolLM2-135M-Instruct.Q4_1", "corrigible-neutral-HHH"): 22,
 }
 
 
