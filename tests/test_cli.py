@@ -59,6 +59,51 @@ def test_train_then_generate(tmp_path, capsys, default_lm):
     assert code == 0 and "[unsteered]" in out and "[caa alpha=3]" in out
 
 
+def test_train_defaults_to_the_validated_layer_and_options(tmp_path, capsys, default_lm, monkeypatch):
+    from innsteer.eval import experiment
+    from innsteer.eval.protocol import DEFAULT_LAYER, validated_layer, validated_options
+
+    calls = []
+
+    def spy(lm, source, layer, methods, **kwargs):
+        calls.append((layer, kwargs["options"]))
+        return fit_methods(lm, source, layer, methods, **kwargs)
+
+    fit_methods = experiment.fit_methods
+    monkeypatch.setattr(experiment, "fit_methods", spy)
+    layer = validated_layer(default_lm.model_id, "refusal")
+    assert layer != DEFAULT_LAYER and validated_options(default_lm.model_id, layer, "refusal")
+    path = tmp_path / "refusal.safetensors"
+    argv = ["train", "--behavior", "refusal", "--method", "caa", "--n-train", "8", "-o", str(path)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert LinearSteerer.load(path).layer == layer and f"layer {layer}" in out
+    assert calls[-1] == (layer, {"innsteer": validated_options(default_lm.model_id, layer, "refusal")})
+    # your own file, even one named like a shipped behavior, gets the fallback layer and no options
+    data = tmp_path / "refusal.jsonl"
+    data.write_text(_user_files(tmp_path)["plain"].read_text())
+    code, out, err = run(["train", "--data", str(data), "--method", "caa", "-o", str(path)], capsys)
+    assert code == 0, err
+    assert LinearSteerer.load(path).layer == DEFAULT_LAYER and calls[-1] == (DEFAULT_LAYER, {"innsteer": {}})
+
+
+def test_fit_methods_passes_each_method_its_options(default_lm):
+    from innsteer.datasets.source import shipped
+    from innsteer.eval.experiment import fit_methods
+
+    steerers, _ = fit_methods(
+        default_lm,
+        shipped("refusal"),
+        10,
+        ["innsteer", "caa"],
+        n_train=8,
+        options={"innsteer": {"max_epochs": 1, "num_couplings": 2}},
+        progress=False,
+    )
+    assert steerers["innsteer"].extra["train"]["max_epochs"] == 1
+    assert steerers["innsteer"].inn.config.num_couplings == 2
+
+
 def test_parsing_needs_no_torch_and_knows_every_method_and_format():
     """`innsteer --help` must stay fast: the parser's copies of the method and format names match
     the modules it cannot import for them."""

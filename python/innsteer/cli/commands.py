@@ -15,10 +15,11 @@ from ..core.errors import InnsteerError, MissingFileError
 from ..datasets.caa import BEHAVIORS
 
 DEFAULT_BEHAVIOR = "corrigible-neutral-HHH"
-# The demo's: a behavior whose validation chose the same layer for CAA and INNSteer (docs/RESULTS.md,
-# "Layer per behavior"), so each method steers its own chosen layer; on corrigible-neutral-HHH they differ.
+# The demo's: the behavior where the validated settings steer best against CAA on validation data
+# (docs/RESULTS.md, "Layer per behavior").
 DEMO_BEHAVIOR = "myopic-reward"
-DEMO_LAYER = 10
+# innsteer.eval.protocol.DEFAULT_LAYER (the layer of data nobody validated), without importing torch
+FALLBACK_LAYER = 10
 DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: prompts, reply length
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
@@ -110,6 +111,25 @@ def _resolve_layers(lm, args) -> None:
             setattr(args, option, resolved)
 
 
+def _layer_for(lm, args, source) -> int:
+    """--layer, else the layer the validation study chose for this shipped behavior on this model,
+    else the fallback layer (your --data is never taken for a shipped behavior of the same name)."""
+    from ..core.hooks import check_layer
+    from ..eval.protocol import DEFAULT_LAYER, validated_layer
+
+    if args.layer is not None:
+        return args.layer
+    layer = DEFAULT_LAYER if args.data else validated_layer(lm.model_id, source.name)
+    return check_layer(lm.model, layer)
+
+
+def _innsteer_options(lm, args, layer: int, source) -> dict:
+    """INNSteer's training options the validation study chose there (none for --data)."""
+    from ..eval.protocol import validated_options
+
+    return {} if args.data else validated_options(lm.model_id, layer, source.name)
+
+
 def _check_context(lm, max_new_tokens: int, prompts: list[str], what: str = "prompt") -> None:
     """Refuse replies to ``prompts`` that cannot fit the model's context (positions past it are garbage)."""
     from ..hf.prompts import format_prompt, uses_chat_template
@@ -153,7 +173,7 @@ def cmd_collect(args) -> int:
     source = _data(args)
     items = (source.test if args.split == "test_ab" else source.train)[: args.n_train]
     lm = _load(args)
-    layers = args.layers or [args.layer]
+    layers = args.layers or [_layer_for(lm, args, source)]
     acts = contrastive_activations(
         lm, items, layers, mode=args.mode, tokens=args.tokens, behavior=source.name, split=args.split
     )
@@ -169,8 +189,10 @@ def cmd_train(args) -> int:
     check_output_file(args.output, "-o/--output")
     source = _data(args)
     lm = _load(args)
+    layer = _layer_for(lm, args, source)
+    options = {"innsteer": _innsteer_options(lm, args, layer, source)}
     steerers, seconds = fit_methods(
-        lm, source, args.layer, [args.method], mode=args.mode, tokens=args.tokens, n_train=args.n_train
+        lm, source, layer, [args.method], mode=args.mode, tokens=args.tokens, n_train=args.n_train, options=options
     )
     steerer = steerers[args.method]
     if args.alpha is not None:
@@ -212,11 +234,13 @@ def cmd_eval(args) -> int:
     results = []
     for source in sources:
         behavior = source.name
+        layer = _layer_for(lm, args, source)
         result, _ = run_behavior(
             lm,
             source,
-            args.layer,
+            layer,
             args.methods,
+            options={"innsteer": _innsteer_options(lm, args, layer, source)},
             mode=args.mode,
             tokens=args.tokens,
             alphas=args.alphas,
@@ -314,16 +338,8 @@ def is_gguf(path: str) -> bool:
 
 
 def cmd_demo(args) -> int:
-    from ..core.hooks import check_layer
     from ..eval.metrics import generate, multiple_choice_sanity
-    from ..eval.protocol import (
-        MethodSpec,
-        comparison_table,
-        protocol_report,
-        run_protocol,
-        validated_layer,
-        validated_options,
-    )
+    from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol
     from ..eval.report import sanity_line
 
     missing = [m for m in ("caa", "innsteer") if m not in args.methods]
@@ -339,9 +355,8 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     lm = _load(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
-    if args.layer is None:
-        args.layer = check_layer(lm.model, validated_layer(lm.model_id, source.name))
-    chosen = validated_options(lm.model_id, args.layer, source.name)  # _load made the layer absolute
+    args.layer = _layer_for(lm, args, source)  # _load made a given layer absolute
+    chosen = _innsteer_options(lm, args, args.layer, source)
     specs = {method: MethodSpec(method, args.tokens, chosen if method == "innsteer" else {}) for method in args.methods}
     print(f"{source.name} at layer {args.layer}; INNSteer options chosen on validation data there: {chosen or 'none'}")
     result = run_protocol(

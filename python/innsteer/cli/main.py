@@ -18,7 +18,7 @@ from typing import Optional
 from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
 from . import commands, llama, serve
-from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, DEMO_LAYER, METHOD_NAMES
+from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, FALLBACK_LAYER, METHOD_NAMES
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
 NUMBER_OPTIONS = ("--layer", "--layers", "--layer-sweep", "--alpha", "--alphas", "--control-strength")
@@ -120,9 +120,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data(
-    p: argparse.ArgumentParser, *, layer_default: Optional[int] = DEMO_LAYER, behavior_default: str = DEFAULT_BEHAVIOR
-) -> None:
+def _add_data(p: argparse.ArgumentParser, *, behavior_default: str = DEFAULT_BEHAVIOR) -> None:
     data = p.add_argument_group("data (a shipped CAA behavior, or your own files)")
     data.add_argument(
         "--behavior",
@@ -149,13 +147,10 @@ def _add_data(
     p.add_argument(
         "--layer",
         type=int,
-        default=layer_default,
-        help="decoder layer to steer; negative counts from the last (-1) (default: "
-        + (
-            "%(default)s)"
-            if layer_default is not None
-            else f"the layer validated for the behavior on this model, else {DEMO_LAYER})"
-        ),
+        default=None,
+        help="decoder layer to steer; negative counts from the last (-1) (default: the layer validated for "
+        f"the shipped behavior on this model, else {FALLBACK_LAYER}; INNSteer then also gets the training "
+        "options validated there)",
     )
     p.add_argument(
         "--mode",
@@ -308,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(50 items, 10 prompts, both sides), up to 25 for others.",
     )
     _add_model(p)
-    _add_data(p, layer_default=None, behavior_default=DEMO_BEHAVIOR)
+    _add_data(p, behavior_default=DEMO_BEHAVIOR)
     _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2,3,4,6,8,12", n_test=None, n_open=10, max_new_tokens=32)
     p.add_argument(
         "--seeds", type=_seeds, default=[0], help="training seeds (each also reseeds the train/validation split)"

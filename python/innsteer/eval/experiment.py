@@ -32,10 +32,11 @@ def fit_methods(
     mode: str = "answer",
     tokens: str = "all",
     n_train: Optional[int] = None,
+    options: Optional[dict[str, dict]] = None,
     progress: bool = True,
 ) -> tuple[dict, dict]:
-    """Fit each method on the training part of ``data.train`` (a seeded split; the rest validates):
-    ({method: steerer}, {method: seconds})."""
+    """Fit each method on the training part of ``data.train`` (a seeded split; the rest validates),
+    with ``options[method]`` as its keyword arguments: ({method: steerer}, {method: seconds})."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from: {', '.join(METHODS)}")
@@ -56,7 +57,7 @@ def fit_methods(
     steerers, seconds = {}, {}
     for method in methods:
         start = time.perf_counter()
-        kwargs = {"progress": progress} if method == "innsteer" else {}
+        kwargs = {**({"progress": progress} if method == "innsteer" else {}), **(options or {}).get(method, {})}
         steerers[method] = METHODS[method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **kwargs)
         steerers[method].extra.update(mode=mode, tokens=tokens)
         seconds[method] = round(time.perf_counter() - start, 2)
@@ -78,14 +79,16 @@ def run_behavior(
     max_new_tokens: int = 32,
     metrics: Sequence[str] = METRICS,
     steerers: Optional[dict] = None,
+    options: Optional[dict[str, dict]] = None,
     progress: bool = True,
 ) -> tuple[dict, dict]:
-    """(the report dict for one behavior (see ``report``), {method: steerer}); ``steerers`` skips fitting."""
+    """(the report dict for one behavior (see ``report``), {method: steerer}); ``steerers`` skips
+    fitting, ``options`` as ``fit_methods``'."""
     layer = check_layer(lm.model, layer)
     fit_seconds = {}
     if steerers is None:
         steerers, fit_seconds = fit_methods(
-            lm, data, layer, methods, mode=mode, tokens=tokens, n_train=n_train, progress=progress
+            lm, data, layer, methods, mode=mode, tokens=tokens, n_train=n_train, options=options, progress=progress
         )
     test = data.test[:n_test] if n_test else data.test
     questions = data.prompts[:n_open]
