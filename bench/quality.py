@@ -85,7 +85,7 @@ def combine(paths: list[str], out: str) -> int:
         + " ".join(paths),
         "code_version": sorted({part["code_version"] for part in parts}),
     }
-    path = Path(out) / f"{first['model_id']}-{first['behavior']}-L{first['layer']}.json"
+    path = result_path(Path(out), result)
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path} (seeds {seeds})")
     for metric in first["metrics"]:
@@ -97,6 +97,16 @@ def combine(paths: list[str], out: str) -> int:
 def option_text(value) -> str:
     """An INNSteer option's value as file names and tables show it (1.0 -> '1')."""
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def result_path(out: Path, result: dict) -> Path:
+    """<model>-<behavior>-L<layer>-s<seeds>[-<INNSteer options>][-caaL<layer>][-<dtype>].json: INNSteer
+    options other than TrainConfig's defaults are in the name, so runs of both can sit side by side."""
+    options, caa_layer = result["specs"]["innsteer"]["options"], result["specs"]["caa"]["layer"]
+    tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
+    tag += ("" if caa_layer is None else f"-caaL{caa_layer}") + dtype_tag(result.get("dtype", "float32"))
+    seeds = "".join(str(seed) for seed in result["seeds"])
+    return out / f"{result['model_id']}-{result['behavior']}-L{result['layer']}-s{seeds}{tag}.json"
 
 
 SAME_SETTINGS = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
@@ -226,10 +236,7 @@ def main() -> int:
                 for side, sign in (("toward", 1), ("away", -1))
             }
         result.update(command=command, code_version=version, seconds=round(time.time() - start))
-        # INNSteer options other than TrainConfig's defaults are in the name: runs of both can sit side by side
-        tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
-        tag += ("" if args.caa_layer is None else f"-caaL{args.caa_layer}") + dtype_tag(args.dtype)
-        path = out / f"{lm.model_id}-{behavior}-L{layer}-s{args.seeds.replace(',', '')}{tag}.json"
+        path = result_path(out, result)
         path.write_text(json.dumps(result, indent=1))
         results.append(result)
         print(f"{behavior}: {result['seconds']} s, wrote {path}", flush=True)

@@ -74,3 +74,20 @@ def test_validated_layers_name_shipped_behaviors_and_fall_back_to_the_default_la
         assert behavior in BEHAVIORS and isinstance(layer, int) and layer >= 0
         assert validated_layer(model_id, behavior) == layer
     assert validated_layer("another-model", behavior) == DEFAULT_LAYER
+
+
+def test_result_files_are_named_by_their_settings(tmp_path):
+    from bench.quality import result_path
+
+    result = {
+        "model_id": "M",
+        "behavior": "refusal",
+        "layer": 14,
+        "seeds": [0, 1, 2],
+        "specs": {"caa": {"layer": None}, "innsteer": {"options": {}}},
+    }
+    assert result_path(tmp_path, result).name == "M-refusal-L14-s012.json"  # float32, the defaults
+    result["specs"] = {"caa": {"layer": 22}, "innsteer": {"options": {"transport_weight": 1.0, "num_couplings": 8}}}
+    result.update(dtype="bfloat16", seeds=[1])
+    name = "M-refusal-L14-s1-transport_weight1-num_couplings8-caaL22-bfloat16.json"
+    assert result_path(tmp_path, result) == tmp_path / name
