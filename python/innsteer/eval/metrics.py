@@ -13,7 +13,8 @@ While steering, the steerer acts from the last prompt token onward (as in genera
 Fluency: greedy replies to open-ended prompts, generated with steering, scored by the unsteered
 model as mean negative log-likelihood per token (log perplexity). The fluency cost of a setting is
 its NLL minus the unsteered model's NLL on its own greedy replies. Repetitive loops can score a low
-NLL, so the distinct-bigram ratio of the replies is reported beside it.
+NLL, so the distinct-bigram ratio of the replies is reported beside it, and the comparison protocol
+records each reply's repetition (``repetition``) to keep such loops out of its budgets.
 """
 
 from __future__ import annotations
@@ -175,6 +176,14 @@ def reply_nll(lm: LoadedModel, prompt_ids: Sequence[Tensor], reply_ids: Sequence
 def distinct_bigrams(reply_ids: Sequence[Tensor]) -> float:
     pairs = [tuple(r[i : i + 2].tolist()) for r in reply_ids for i in range(len(r) - 1)]
     return len(set(pairs)) / len(pairs) if pairs else 0.0
+
+
+def repetition(reply: Sequence[int], n: int = 4) -> float:
+    """seq-rep-n of one reply (Welleck et al. 2019): the fraction of its n-grams that repeat an
+    earlier one, 1 - unique / total; 0 for a reply with no n-gram. Degenerate loops ("and and and",
+    "I, I, I") have a low NLL under the unsteered model; this is what catches them."""
+    grams = [tuple(reply[i : i + n]) for i in range(len(reply) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def fluency(

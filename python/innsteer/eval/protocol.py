@@ -26,6 +26,7 @@ from ..datasets.ab import METRICS, ABItem, train_val_split
 from ..hf.collect import contrastive_activations
 from ..hf.models import LoadedModel
 from .batched import BatchedFluency, BatchedScorer
+from .metrics import repetition
 from .tradeoff import paired_bootstrap
 
 ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
@@ -55,21 +56,45 @@ def measure_curve(
 ) -> dict:
     """Points on both sides of the ladder, each side stopping one point after its fluency cost
     (mean NLL/token over the unsteered model's) passes ``stop_cost``: the budgets up to
-    ``stop_cost`` are then determined. {"alphas", "scores": {metric: [alpha][item]}, "nll", "tokens"}."""
-    run = {"alphas": [], "scores": {m: [] for m in scorer.metrics}, "nll": [], "tokens": []}
+    ``stop_cost`` are then determined. {"alphas", "scores": {metric: [alpha][item]}, "nll",
+    "tokens", "repetition", "replies"} (the last three per alpha and fluency prompt)."""
+    run = {"alphas": [], "scores": {m: [] for m in scorer.metrics}}
+    run.update({key: [] for key in ("nll", "tokens", "repetition", "replies")})
     for sign in (1, -1):
         for magnitude in tqdm(ladder, desc=f"alpha {'+' if sign > 0 else '-'}", disable=not progress, leave=False):
             alpha = sign * magnitude
             scores = scorer.scores(steerer, alpha)
-            nll, tokens, _ = fluency(steerer, alpha)
+            nll, tokens, replies = fluency(steerer, alpha)
             run["alphas"].append(alpha)
             for metric, values in scores.items():
                 run["scores"][metric].append(values.tolist())
             run["nll"].append(nll.tolist())
             run["tokens"].append(tokens.tolist())
+            repeats, texts = reply_record(fluency, replies)
+            run["repetition"].append(repeats)
+            run["replies"].append(texts)
             if float(nll.sum() / tokens.sum()) - base_cost > stop_cost:
                 break
     return run
+
+
+def reply_record(fluency: BatchedFluency, replies: Sequence) -> tuple[list[float], list[str]]:
+    """Each greedy reply's repetition (seq-rep-4) and text, as the result files keep them."""
+    ids = [reply.tolist() for reply in replies]
+    return [repetition(r) for r in ids], [fluency.lm.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+
+
+def fit_spec(lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, layer: int, seed: int, behavior: str):
+    """The steerer ``spec`` describes, fitted on ``train`` as seed ``seed`` of the protocol fits it
+    (``layer``: the protocol's, unless the spec names its own)."""
+    spec_layer = layer if spec.layer is None else spec.layer
+    pos, neg = contrastive_activations(
+        lm, train, spec_layer, tokens=spec.tokens, behavior=behavior, split=f"train-s{seed}", seed=seed, progress=False
+    )[spec_layer]
+    options = dict(spec.options)
+    if spec.method == "innsteer":
+        options.setdefault("seed", seed)
+    return METHODS[spec.method](pos, neg, layer=spec_layer, model_id=lm.model_id, behavior=behavior, **options)
 
 
 def run_protocol(
@@ -100,8 +125,9 @@ def run_protocol(
     scored_items = splits[seeds[0]][1] if validation else test_items
     metrics = METRICS if all(item.lettered for item in scored_items) else ("answer",)
     fluency = BatchedFluency(lm, prompts, max_new_tokens)
-    base_nll, base_tokens, _ = fluency()
+    base_nll, base_tokens, base_replies = fluency()
     base_cost = float(base_nll.sum() / base_tokens.sum())
+    base_repetition, base_texts = reply_record(fluency, base_replies)
     scorer = None if validation else BatchedScorer(lm, test_items, metrics)
     runs: dict[str, list] = {name: [] for name in specs}
     first_steerers = {}
@@ -113,28 +139,14 @@ def run_protocol(
             "base_scores": {m: v.tolist() for m, v in scorer.scores().items()},
             "base_nll": base_nll.tolist(),
             "base_tokens": base_tokens.tolist(),
+            "base_repetition": base_repetition,
+            "base_replies": base_texts,
         }
         for name, spec in specs.items():
-            spec_layer = layer if spec.layer is None else spec.layer
-            pos, neg = contrastive_activations(
-                lm,
-                train,
-                spec_layer,
-                tokens=spec.tokens,
-                behavior=behavior,
-                split=f"train-s{seed}",
-                seed=seed,
-                progress=False,
-            )[spec_layer]
-            options = dict(spec.options)
-            if spec.method == "innsteer":
-                options.setdefault("seed", seed)
-            steerer = METHODS[spec.method](
-                pos, neg, layer=spec_layer, model_id=lm.model_id, behavior=behavior, **options
-            )
+            steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior)
             first_steerers.setdefault(name, steerer)
             curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, progress=progress)
-            runs[name].append({**curve, **base, "seed": seed, "layer": spec_layer, "extra": _summary_extra(steerer)})
+            runs[name].append({**curve, **base, "seed": seed, "layer": steerer.layer, "extra": _summary_extra(steerer)})
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(curve['alphas'])} points", flush=True)
     comparison = {}

@@ -6,6 +6,10 @@ the unsteered (0, 0) and joined in order of |alpha| by straight segments. Its su
 - the shift at a fluency budget b: the largest shift on the curve at cost <= b (vertices, and the
   point where a segment crosses b), 0 if none;
 - the area under that budget function for b in [0, 1] nats/token (``auc``).
+A curve ends before its first degenerate point: one whose replies repeat themselves (mean seq-rep-4,
+``innsteer.eval.metrics.repetition``) more than the unsteered replies by over ``REPETITION_GATE``.
+Loops like "and and and" or "I, I, I" have a low NLL under the unsteered model, so without the gate
+a steer that breaks the text at large alpha could look cheap there.
 ``paired_bootstrap`` resamples test items and fluency prompts with replacement, the same draws for
 both methods, and averages each summary over seeds within a draw: the 95 % interval of the
 difference of two methods at the same fluency budget.
@@ -14,11 +18,20 @@ difference of two methods at the same fluency budget.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
 BUDGETS = (0.25, 0.5, 1.0)
 _GRID = np.linspace(0.0, 1.0, 101)
+# Fixed before any curve was summarized with it: a fifth of a reply's 4-grams repeating earlier ones
+# is a loop, not a steered but fluent reply (unsteered greedy replies here score 0-0.05).
+REPETITION_GATE = 0.2
+
+
+def has_replies(runs: Sequence[dict]) -> bool:
+    """Whether runs recorded their replies' repetition (result files before code 2026-12-04 did not)."""
+    return all("repetition" in run for run in runs)
 
 
 def budget_shifts(costs: Sequence[float], shifts: Sequence[float], budgets) -> np.ndarray:
@@ -48,12 +61,15 @@ def summarize(costs: Sequence[float], shifts: Sequence[float], budgets: Sequence
     return out
 
 
-def curve_summary(run: dict, item_idx: np.ndarray, prompt_idx: np.ndarray, sign: int, metric: str) -> dict:
+def curve_summary(
+    run: dict, item_idx: np.ndarray, prompt_idx: np.ndarray, sign: int, metric: str, gate: Optional[float]
+) -> dict:
     """Summaries of one measured run on a resample of its items and prompts.
 
     ``run``: {"alphas": [...], "scores": {metric: [alphas x items]}, "nll": [alphas x prompts],
-    "tokens": [alphas x prompts], "base_scores": {metric: [items]}, "base_nll": [prompts],
-    "base_tokens": [prompts]} (per-item p_match and per-prompt reply NLL sums / token counts)."""
+    "tokens": [alphas x prompts], "repetition": [alphas x prompts], "base_scores": {metric: [items]},
+    "base_nll": [prompts], "base_tokens": [prompts], "base_repetition": [prompts]} (per-item p_match,
+    per-prompt reply NLL sums, token counts and repetition). ``gate``: the repetition gate (None: none)."""
     alphas = np.asarray(run["alphas"], float)
     side = np.sign(alphas) == sign
     order = np.argsort(np.abs(alphas[side]))
@@ -62,11 +78,21 @@ def curve_summary(run: dict, item_idx: np.ndarray, prompt_idx: np.ndarray, sign:
     nll = np.asarray(run["nll"], float)[side][order][:, prompt_idx].sum(1)
     tokens = np.asarray(run["tokens"], float)[side][order][:, prompt_idx].sum(1)
     base_nll = np.asarray(run["base_nll"], float)[prompt_idx].sum() / np.asarray(run["base_tokens"])[prompt_idx].sum()
-    return summarize(nll / tokens - base_nll, sign * (scores - base))
+    costs, shifts = nll / tokens - base_nll, sign * (scores - base)
+    if gate is not None:
+        if "repetition" not in run:
+            raise ValueError("a run without its replies' repetition cannot be gated (bench/replies.py adds it)")
+        repeats = np.asarray(run["repetition"], float)[side][order][:, prompt_idx].mean(1)
+        base_repeats = np.asarray(run["base_repetition"], float)[prompt_idx].mean()
+        kept = np.cumprod(repeats - base_repeats <= gate).astype(bool)  # up to the first degenerate point
+        costs, shifts = costs[kept], shifts[kept]
+    return summarize(costs, shifts)
 
 
-def seed_mean_summary(runs: Sequence[dict], item_idx, prompt_idx, sign: int, metric: str) -> dict:
-    summaries = [curve_summary(run, item_idx, prompt_idx, sign, metric) for run in runs]
+def seed_mean_summary(
+    runs: Sequence[dict], item_idx, prompt_idx, sign: int, metric: str, gate: Optional[float]
+) -> dict:
+    summaries = [curve_summary(run, item_idx, prompt_idx, sign, metric, gate) for run in runs]
     return {key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]}
 
 
@@ -78,21 +104,23 @@ def paired_bootstrap(
     metric: str = "answer",
     n_resamples: int = 1000,
     seed: int = 0,
+    gate: Optional[float] = REPETITION_GATE,
 ) -> dict:
     """Method A minus method B: {summary: {"diff", "low", "high"}} with the 95 % percentile interval
     over resamples of items and prompts (shared by both methods and every seed); also each method's
-    own point estimates ``"a"`` and ``"b"``."""
+    own point estimates ``"a"`` and ``"b"``. ``gate``: the repetition gate (None: every point counts,
+    as for result files that did not record their replies)."""
     n_items = len(runs_a[0]["base_scores"][metric])
     n_prompts = len(runs_a[0]["base_nll"])
     every_item, every_prompt = np.arange(n_items), np.arange(n_prompts)
-    point_a = seed_mean_summary(runs_a, every_item, every_prompt, sign, metric)
-    point_b = seed_mean_summary(runs_b, every_item, every_prompt, sign, metric)
+    point_a = seed_mean_summary(runs_a, every_item, every_prompt, sign, metric, gate)
+    point_b = seed_mean_summary(runs_b, every_item, every_prompt, sign, metric, gate)
     rng = np.random.default_rng(seed)
     draws = {key: [] for key in point_a}
     for _ in range(n_resamples):
         items, prompts = rng.integers(0, n_items, n_items), rng.integers(0, n_prompts, n_prompts)
-        a = seed_mean_summary(runs_a, items, prompts, sign, metric)
-        b = seed_mean_summary(runs_b, items, prompts, sign, metric)
+        a = seed_mean_summary(runs_a, items, prompts, sign, metric, gate)
+        b = seed_mean_summary(runs_b, items, prompts, sign, metric, gate)
         for key in draws:
             draws[key].append(a[key] - b[key])
     return {
