@@ -1,5 +1,7 @@
 """The comparison protocol end to end on the default model, at a tiny size."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -33,6 +35,9 @@ def test_protocol_curves_and_a_paired_comparison(default_lm):
             assert np.shape(run["scores"]["answer"]) == (len(run["alphas"]), 6)
             assert np.shape(run["nll"]) == np.shape(run["tokens"]) == (len(run["alphas"]), 2)
             assert {a > 0 for a in run["alphas"]} == {True, False}  # both sides measured
+            assert np.shape(run["repetition"]) == np.shape(run["replies"]) == np.shape(run["nll"])
+            assert all(0 <= r < 1 for point in run["repetition"] for r in point)
+            assert len(run["base_replies"]) == len(run["base_repetition"]) == 2
     # the same method fitted twice measures the same curve: seeds change the split, not the model
     assert result["runs"]["same"] == result["runs"]["caa"]
     # fitted on different splits, the seeds' CAA vectors differ, and so do their curves
@@ -91,3 +96,30 @@ def test_result_files_are_named_by_their_settings(tmp_path):
     result.update(dtype="bfloat16", seeds=[1])
     name = "M-refusal-L14-s1-transport_weight1-num_couplings8-caaL22-bfloat16.json"
     assert result_path(tmp_path, result) == tmp_path / name
+
+
+def test_replies_added_to_an_earlier_file_are_the_ones_the_protocol_records(default_lm):
+    from bench.replies import Mismatch, backfill
+
+    result = run_protocol(
+        default_lm,
+        load_ab(BEHAVIOR, "generate"),  # bench/replies.py refits on the behavior's whole generate set
+        load_ab(BEHAVIOR, "test_ab", limit=4),
+        load_open_ended(BEHAVIOR, limit=2),
+        layer=10,
+        specs={"caa": MethodSpec("caa", "all")},
+        seeds=(1,),
+        behavior=BEHAVIOR,
+        max_new_tokens=8,
+        ladder=(4.0,),
+        compare=(),
+        progress=False,
+    )
+    earlier = copy.deepcopy(result)  # as written before the protocol recorded replies
+    for run in earlier["runs"]["caa"]:
+        for key in ("repetition", "replies", "base_repetition", "base_replies"):
+            del run[key]
+    assert backfill(default_lm, earlier) == result
+    earlier["runs"]["caa"][0]["nll"][0][1] += 1.0  # a curve these replies did not make
+    with pytest.raises(Mismatch, match="alpha 4"):
+        backfill(default_lm, earlier)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from innsteer.eval.tradeoff import budget_shift, paired_bootstrap, summarize
+from innsteer.eval.metrics import repetition
+from innsteer.eval.tradeoff import REPETITION_GATE, budget_shift, curve_summary, paired_bootstrap, summarize
 
 
 def dense_budget_shift(costs, shifts, budget, steps=20001):
@@ -49,6 +50,8 @@ def _run(rng, offset=0.0, n_items=50, n_prompts=10):
         "base_scores": {"answer": base.tolist()},
         "base_nll": (tokens[0] * 0.8).tolist(),
         "base_tokens": tokens[0].tolist(),
+        "repetition": np.zeros((6, n_prompts)).tolist(),
+        "base_repetition": [0.0] * n_prompts,
     }
 
 
@@ -67,3 +70,36 @@ def test_paired_bootstrap_finds_a_steeper_method_and_its_interval_excludes_zero(
     assert result["at1"]["low"] <= result["at1"]["diff"] <= result["at1"]["high"]
     away = paired_bootstrap(runs_a, runs_b, sign=-1, n_resamples=300)  # moving away from the behavior
     assert away["auc"]["diff"] > 0 and away["auc"]["low"] > 0
+
+
+def test_repetition_counts_the_n_grams_that_repeat_earlier_ones():
+    assert repetition([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repetition([7] * 7) == pytest.approx(1 - 1 / 4)  # four 4-grams, all the same
+    assert repetition([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(1 - 2 / 5)
+    assert repetition([1, 2, 3]) == 0.0  # shorter than one 4-gram
+
+
+def test_the_repetition_gate_ends_a_curve_before_its_first_degenerate_point():
+    run = _run(np.random.default_rng(0), n_prompts=4)
+    every_item, every_prompt = np.arange(50), np.arange(4)
+    # alpha 2 loops on two of four prompts (mean repetition 0.5) and looks cheap; alpha 4 is clean again
+    run["nll"][4] = [0.8 * 32.0] * 4
+    run["repetition"][4] = [1.0, 1.0, 0.0, 0.0]
+    ungated = curve_summary(run, every_item, every_prompt, 1, "answer", None)
+    gated = curve_summary(run, every_item, every_prompt, 1, "answer", REPETITION_GATE)
+    alone = {key: run[key][3:4] for key in ("nll", "tokens", "repetition")}  # the curve up to alpha 1 only
+    up_to_1 = curve_summary(
+        {**run, **alone, "alphas": [1.0], "scores": {"answer": run["scores"]["answer"][3:4]}},
+        every_item,
+        every_prompt,
+        1,
+        "answer",
+        None,
+    )
+    assert gated == pytest.approx(up_to_1) and gated["auc"] < ungated["auc"]
+    # the unsteered replies' own repetition is the reference: the same loops there pass the gate
+    run["base_repetition"] = [1.0, 1.0, 0.0, 0.0]
+    assert curve_summary(run, every_item, every_prompt, 1, "answer", REPETITION_GATE) == pytest.approx(ungated)
+    del run["repetition"]
+    with pytest.raises(ValueError, match="repetition"):
+        paired_bootstrap([run], [run], n_resamples=2)
