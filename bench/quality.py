@@ -35,7 +35,7 @@ from innsteer.eval.protocol import (  # noqa: E402
     validated_layer,
     validated_options,
 )
-from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
+from innsteer.eval.tradeoff import has_replies, paired_bootstrap  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
 
@@ -189,6 +189,9 @@ def main() -> int:
 
     if args.combine:
         return combine(args.combine, args.out)
+    for path in args.reuse or ():  # before hours of measuring: the comparison gates on the replies
+        if not has_replies([run for runs in json.loads(Path(path).read_text())["runs"].values() for run in runs]):
+            raise SystemExit(f"{path} did not record its replies; add them first: python bench/replies.py {path}")
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=DTYPES[args.dtype])
     out = Path(args.out)

@@ -26,7 +26,35 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 from bench.quality import option_text  # noqa: E402
 from bench.validation import interval  # noqa: E402
 from bench.validation import table as validation_table  # noqa: E402
-from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
+from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, paired_bootstrap  # noqa: E402
+
+# --gate: the repetition gate of every summary (innsteer.eval.tradeoff); files whose runs did not
+# record their replies are summarized without it, and the tables say which.
+GATE: Optional[float] = REPETITION_GATE
+UNGATED: set[str] = set()
+
+
+def bootstrap(runs_a: list, runs_b: list, label: str, **kwargs) -> dict:
+    """``paired_bootstrap`` with the gate where both methods' runs recorded their replies."""
+    if GATE is not None and not has_replies([*runs_a, *runs_b]):
+        UNGATED.add(label)
+        return paired_bootstrap(runs_a, runs_b, gate=None, **kwargs)
+    return paired_bootstrap(runs_a, runs_b, gate=GATE, **kwargs)
+
+
+def gate_note() -> str:
+    """What the tables above were summarized with (and clears the list of ungated files)."""
+    if GATE is None:
+        text = "No repetition gate (every measured point counts)."
+    elif UNGATED:
+        text = (
+            f"Repetition gate {GATE:g} on every row except {', '.join(sorted(UNGATED))} "
+            "(replies not recorded: every point counts)."
+        )
+    else:
+        text = f"Repetition gate {GATE:g} on every row (each curve ends before its first degenerate point)."
+    UNGATED.clear()
+    return text
 
 
 def verdict(row: dict) -> str:
@@ -58,9 +86,11 @@ def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
     ]
     counts = {"above": 0, "at least": 0, "below": 0}
     for result in results:
-        rows = result["comparison"].get(f"{metric}/{side}")
-        if not rows:
+        if metric not in result["metrics"] or "innsteer" not in result["runs"]:
             continue
+        label = f"{result['behavior']} ({layers(result)})"
+        sign = 1 if side == "toward" else -1
+        rows = bootstrap(result["runs"]["innsteer"], result["runs"]["caa"], label, sign=sign, metric=metric)
         base = result["runs"]["caa"][0]["base_scores"][metric]
         at, auc = rows["at0.5"], rows["auc"]
         counts[verdict(auc)] += 1
@@ -88,7 +118,7 @@ def other_methods(result: dict, metric: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name in sorted(at_seed, key=lambda n: (n not in ("caa", "innsteer"), n != "caa", n)):
-        row = paired_bootstrap(at_seed[name], at_seed["caa"], metric=metric, n_resamples=500)
+        row = bootstrap(at_seed[name], at_seed["caa"], result["behavior"], metric=metric, n_resamples=500)
         shifts = " | ".join(f"{row[key]['a']:+.3f}" for key in ("at0.25", "at0.5", "at1", "auc"))
         versus = "— | —" if name == "caa" else f"{interval(row['at0.5'])} | {interval(row['auc'])}"
         lines.append(f"| {name} | {shifts} | {versus} |")
@@ -125,12 +155,13 @@ def layer_choice(results: list[dict], reference: str, metric: str, only: Optiona
             runs = result["runs"]
             # a variant run at some of the layers only (an option validated where it was chosen) shows "—" elsewhere
             present = [name for name in variants if name in runs]
+            label = f"{behavior} layer {result['layer']}"
             toward = {
-                name: paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)["auc"]
+                name: bootstrap(runs[name], runs[reference], label, metric=metric, n_resamples=500)["auc"]
                 for name in present
             }
             away = {
-                name: paired_bootstrap(runs[name], runs[reference], sign=-1, metric=metric, n_resamples=500)["auc"]
+                name: bootstrap(runs[name], runs[reference], label, sign=-1, metric=metric, n_resamples=500)["auc"]
                 for name in present
             }
             for name in present:
@@ -176,7 +207,14 @@ def main() -> int:
     )
     parser.add_argument("--variants", default=None, help="(--layers) only these variants, comma-separated")
     parser.add_argument("--plot", default=None, metavar="DIR", help="write each file's curves of every method here")
+    parser.add_argument(
+        "--gate",
+        default=str(REPETITION_GATE),
+        help="the repetition gate of the summaries, or 'none' (default: %(default)s, innsteer.eval.tradeoff)",
+    )
     args = parser.parse_args()
+    global GATE
+    GATE = None if args.gate == "none" else float(args.gate)
     results = [json.loads(Path(f).read_text()) for f in args.files]
     for metric in results[0]["metrics"]:
         if args.layers:
@@ -184,20 +222,24 @@ def main() -> int:
             print(
                 layer_choice(results, args.reference, metric, set(args.variants.split(",")) if args.variants else None)
             )
+            print(f"\n{gate_note()}")
             continue
         if args.validation:
             for result in results:
                 print(f"\n#### {result['behavior']}, layer {result['layer']}, {metric} metric (validation)\n")
-                print(validation_table(result, args.reference, metric))
+                print(validation_table(result, args.reference, metric, bootstrap))
+                print(f"\n{gate_note()}")
             continue
         for side in ("toward", "away"):
             direction = "toward the behavior" if side == "toward" else "away from it (shift = decrease of p_match)"
             print(f"\n#### {metric} metric, steering {direction} (test items)\n")
             print(comparison(results, metric, side))
+            print(f"\n{gate_note()}")
         for result in results:
             if len(result["runs"]) > 2:
                 print(f"\n#### every method, {result['behavior']}, {metric} metric (test items)\n")
                 print(other_methods(result, metric))
+                print(f"\n{gate_note()}")
     if args.plot:
         for result in results:
             if len(result["runs"]) > 2:

@@ -99,9 +99,15 @@ def interval(row: dict) -> str:
     return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
-def table(result: dict, reference: str, metric: str = "answer") -> str:
+def unlabelled_bootstrap(runs_a: list, runs_b: list, label: str, **kwargs) -> dict:
+    return paired_bootstrap(runs_a, runs_b, **kwargs)
+
+
+def table(result: dict, reference: str, metric: str = "answer", bootstrap=None) -> str:
     """Markdown: each variant's seed-mean summaries toward the behavior, its difference with
-    ``reference`` [95 % CI] at 0.5 nats and in AUC, and the AUC difference away from it."""
+    ``reference`` [95 % CI] at 0.5 nats and in AUC, and the AUC difference away from it
+    (``bootstrap(runs_a, runs_b, label, **kwargs)``: how to compare, default ``paired_bootstrap``)."""
+    bootstrap = bootstrap or unlabelled_bootstrap
     lines = [
         f"| variant | seeds | shift@0.25 | shift@0.5 | shift@1.0 | AUC≤1 | − {reference} at 0.5 | − {reference}, AUC "
         f"| away: AUC≤1 | away: − {reference}, AUC |",
@@ -109,8 +115,9 @@ def table(result: dict, reference: str, metric: str = "answer") -> str:
     ]
     runs = result["runs"]
     for name in sorted(runs, key=lambda n: (n != reference, n)):
-        row = paired_bootstrap(runs[name], runs[reference], metric=metric, n_resamples=500)
-        away = paired_bootstrap(runs[name], runs[reference], sign=-1, metric=metric, n_resamples=500)["auc"]
+        label = f"{result['behavior']} layer {result['layer']}"
+        row = bootstrap(runs[name], runs[reference], label, metric=metric, n_resamples=500)
+        away = bootstrap(runs[name], runs[reference], label, sign=-1, metric=metric, n_resamples=500)["auc"]
         cells = [f"{row[k]['a']:+.3f}" for k in ("at0.25", "at0.5", "at1", "auc")]
         diffs = ["—", "—"] if name == reference else [interval(row["at0.5"]), interval(row["auc"])]
         away_cells = [f"{away['a']:+.3f}", "—" if name == reference else interval(away)]
