@@ -25,7 +25,8 @@ import numpy as np
 BUDGETS = (0.25, 0.5, 1.0)
 _GRID = np.linspace(0.0, 1.0, 101)
 # Fixed before any curve was summarized with it: a fifth of a reply's 4-grams repeating earlier ones
-# is a loop, not a steered but fluent reply (unsteered greedy replies here score 0-0.05).
+# is a loop, not a steered but fluent reply. Measured against the unsteered replies' own mean (on
+# corrigible-neutral-HHH's ten test prompts 0.06: one unsteered reply of ten loops).
 REPETITION_GATE = 0.2
 
 
