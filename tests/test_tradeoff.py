@@ -103,3 +103,13 @@ def test_the_repetition_gate_ends_a_curve_before_its_first_degenerate_point():
     del run["repetition"]
     with pytest.raises(ValueError, match="repetition"):
         paired_bootstrap([run], [run], n_resamples=2)
+
+
+def test_the_sample_alpha_stops_before_the_first_degenerate_point():
+    from innsteer.eval.protocol import alpha_within_budget
+
+    run = _run(np.random.default_rng(1), n_prompts=4)
+    run["nll"] = (np.asarray(run["tokens"]) * 0.9).tolist()  # every point costs 0.1 nat/token
+    assert alpha_within_budget(run, ["answer"]) == 4.0
+    run["repetition"][4] = [1.0] * 4  # alpha 2 loops
+    assert alpha_within_budget(run, ["answer"]) == 1.0

@@ -27,7 +27,7 @@ from ..hf.collect import contrastive_activations
 from ..hf.models import LoadedModel
 from .batched import BatchedFluency, BatchedScorer
 from .metrics import repetition
-from .tradeoff import paired_bootstrap
+from .tradeoff import REPETITION_GATE, paired_bootstrap
 
 ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
@@ -194,9 +194,16 @@ def _point_means(run: dict, metrics: Sequence[str]) -> list[dict]:
 
 
 def alpha_within_budget(run: dict, metrics: Sequence[str], budget: float = 1.0) -> float:
-    """The largest positive alpha of a run whose fluency cost is at most ``budget`` (else its smallest)."""
+    """The largest positive alpha of a run whose fluency cost is at most ``budget``, before its first
+    degenerate point (the summaries' repetition gate, where the run recorded its replies); else its
+    smallest."""
     base_nll = sum(run["base_nll"]) / sum(run["base_tokens"])
     positive = [p for p in _point_means(run, metrics) if p["alpha"] > 0]
+    if "repetition" in run:
+        base_repeats = sum(run["base_repetition"]) / len(run["base_repetition"])
+        repeats = {a: sum(r) / len(r) for a, r in zip(run["alphas"], run["repetition"])}
+        degenerate = [p["alpha"] for p in positive if repeats[p["alpha"]] - base_repeats > REPETITION_GATE]
+        positive = [p for p in positive if not degenerate or p["alpha"] < min(degenerate)] or positive[:1]
     fits = [p["alpha"] for p in positive if p["nll"] - base_nll <= budget]
     return max(fits) if fits else min(p["alpha"] for p in positive)
 
