@@ -107,6 +107,36 @@ def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
     return "\n".join(lines)
 
 
+def gate_sensitivity(results: list[dict], metric: str, gates: list[Optional[float]]) -> str:
+    """INNSteer - CAA in area to 1 nat toward the behavior [95 % CI] under each repetition gate (None:
+    every point counts), and each method's first degenerate alpha toward the behavior per seed."""
+    names = ["none" if gate is None else f"{gate:g}" for gate in gates]
+    lines = [
+        "| behavior | layer | "
+        + " | ".join(f"gate {name}" for name in names)
+        + f" | first degenerate alpha (gate {REPETITION_GATE:g}): CAA | INNSteer |",
+        "|---|---|" + "---|" * (len(gates) + 2),
+    ]
+    for result in results:
+        runs = result["runs"]
+        if not has_replies([*runs["caa"], *runs["innsteer"]]):
+            continue
+        diffs = [
+            interval(paired_bootstrap(runs["innsteer"], runs["caa"], metric=metric, gate=gate)["auc"]) for gate in gates
+        ]
+        firsts = [", ".join(first_degenerate(run) for run in runs[name]) for name in ("caa", "innsteer")]
+        lines.append(f"| {result['behavior']} | {layers(result)} | " + " | ".join(diffs + firsts) + " |")
+    return "\n".join(lines)
+
+
+def first_degenerate(run: dict) -> str:
+    """The smallest positive alpha whose replies fail the repetition gate ("—": none)."""
+    base = sum(run["base_repetition"]) / len(run["base_repetition"])
+    means = {alpha: sum(r) / len(r) for alpha, r in zip(run["alphas"], run["repetition"])}
+    failing = [alpha for alpha, mean in means.items() if alpha > 0 and mean - base > REPETITION_GATE]
+    return f"{min(failing):g}" if failing else "—"
+
+
 def other_methods(result: dict, metric: str) -> str:
     """Every method's curve summaries at the file's first seed, and the paired bootstrap interval of
     its difference to CAA at that seed (over items and prompts only: one seed)."""
@@ -208,6 +238,12 @@ def main() -> int:
     parser.add_argument("--variants", default=None, help="(--layers) only these variants, comma-separated")
     parser.add_argument("--plot", default=None, metavar="DIR", help="write each file's curves of every method here")
     parser.add_argument(
+        "--gate-sensitivity",
+        default=None,
+        metavar="GATES",
+        help="instead of the tables: INNSteer - CAA under each of these gates, e.g. none,0.1,0.2,0.4",
+    )
+    parser.add_argument(
         "--gate",
         default=str(REPETITION_GATE),
         help="the repetition gate of the summaries, or 'none' (default: %(default)s, innsteer.eval.tradeoff)",
@@ -216,6 +252,11 @@ def main() -> int:
     global GATE
     GATE = None if args.gate == "none" else float(args.gate)
     results = [json.loads(Path(f).read_text()) for f in args.files]
+    if args.gate_sensitivity:
+        gates = [None if g == "none" else float(g) for g in args.gate_sensitivity.split(",")]
+        print("#### INNSteer − CAA, area to 1 nat toward the behavior, answer metric, by repetition gate\n")
+        print(gate_sensitivity(results, "answer", gates))
+        return 0
     for metric in results[0]["metrics"]:
         if args.layers:
             print(f"\n#### layer per behavior, {metric} metric (validation)")
