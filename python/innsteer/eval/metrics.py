@@ -192,4 +192,11 @@ def fluency(
     texts, prompt_ids, reply_ids = generate(lm, questions, steerer=steerer, alpha=alpha, max_new_tokens=max_new_tokens)
     total, count = reply_nll(lm, prompt_ids, reply_ids)
     nll = total / max(count, 1)
-    return {"nll": nll, "ppl": math.exp(nll), "distinct2": distinct_bigrams(reply_ids), "samples": texts}
+    repeats = [repetition(r.tolist()) for r in reply_ids]
+    return {
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "distinct2": distinct_bigrams(reply_ids),
+        "repetition": sum(repeats) / max(len(repeats), 1),
+        "samples": texts,
+    }

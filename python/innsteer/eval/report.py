@@ -46,15 +46,16 @@ def _fmt(x, spec=".3f") -> str:
 def sweep_table(result: dict) -> str:
     base = baseline_point(result["points"])
     lines = [
-        "| method | alpha | p_match (answer text) | p_match (letter) | fluency NLL/token | Δ NLL | distinct-2 |",
-        "|---|---|---|---|---|---|---|",
+        "| method | alpha | p_match (answer text) | p_match (letter) | fluency NLL/token | Δ NLL | distinct-2 "
+        "| seq-rep-4 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, points in _by_method(result["points"]).items():
         for p in points:
             cost = None if p["nll"] is None or base["nll"] is None else p["nll"] - base["nll"]
             lines.append(
                 f"| {method} | {p['alpha']:g} | {_fmt(p['answer'])} | {_fmt(p['letter'])} | {_fmt(p['nll'])} "
-                f"| {_fmt(cost, '+.3f')} | {_fmt(p['distinct2'], '.2f')} |"
+                f"| {_fmt(cost, '+.3f')} | {_fmt(p['distinct2'], '.2f')} | {_fmt(p.get('repetition'), '.2f')} |"
             )
     return "\n".join(lines)
 

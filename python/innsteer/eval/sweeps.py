@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..datasets.ab import ABItem
 from ..hf.models import LoadedModel
 from .metrics import ABScorer, fluency
+from .tradeoff import REPETITION_GATE
 
 
 @dataclass
@@ -22,6 +23,7 @@ class SweepPoint:
     nll: Optional[float]  # fluency: mean NLL/token of steered replies under the unsteered model
     distinct2: Optional[float]
     samples: list
+    repetition: Optional[float] = None  # mean seq-rep-4 of the replies (innsteer.eval.metrics.repetition)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +55,7 @@ def sweep(
                 flu.get("nll"),
                 flu.get("distinct2"),
                 flu.get("samples", []),
+                flu.get("repetition"),
             )
         )
     return points
@@ -63,15 +66,25 @@ def tradeoff(
     baseline: SweepPoint,
     metric: str = "answer",
     budgets: Sequence[float] = (0.25, 0.5, 1.0),
+    gate: Optional[float] = REPETITION_GATE,
 ) -> dict:
     """Largest behaviour shift (metric minus the unsteered value) reached at a fluency cost (NLL
-    increase over the unsteered model, nats/token) within each budget; 0 when no setting fits."""
+    increase over the unsteered model, nats/token) within each budget; 0 when no setting fits. On
+    each side of alpha 0, points from the first whose replies loop (repetition more than ``gate``
+    above the unsteered replies', as innsteer.eval.tradeoff) on do not count."""
     base = getattr(baseline, metric)
+    usable = []
+    for sign in (1, -1):
+        for p in sorted((p for p in points if sign * p.alpha > 0), key=lambda p: abs(p.alpha)):
+            if gate is not None and None not in (p.repetition, baseline.repetition):
+                if p.repetition - baseline.repetition > gate:
+                    break
+            usable.append(p)
     result = {}
     for budget in budgets:
         shifts = [
             getattr(p, metric) - base
-            for p in points
+            for p in usable
             if p.nll is not None and p.nll - baseline.nll <= budget and getattr(p, metric) is not None
         ]
         result[budget] = max([0.0] + shifts)
