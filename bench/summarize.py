@@ -4,6 +4,7 @@ bench/quality.py and bench/validation.py), so that no number is copied by hand.
     python bench/summarize.py docs/results/SmolLM2-135M-Instruct.Q4_1-*-L10-s012.json
     python bench/summarize.py --validation docs/results/validation/*.json
     python bench/summarize.py --layers docs/results/validation/layers-s0/*.json
+    python bench/summarize.py --two-sided docs/results/*-s012*.json
 
 For the test comparison: per behavior and metric, CAA's and INNSteer's seed-mean shift at the
 0.5-nat budget and the area to 1 nat, the paired bootstrap 95 % interval of INNSteer - CAA, and the
@@ -26,7 +27,7 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 from bench.quality import option_text  # noqa: E402
 from bench.validation import interval  # noqa: E402
 from bench.validation import table as validation_table  # noqa: E402
-from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, paired_bootstrap  # noqa: E402
+from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, mirrored, paired_bootstrap  # noqa: E402
 
 # --gate: the repetition gate of every summary (innsteer.eval.tradeoff); files whose runs did not
 # record their replies are summarized without it, and the tables say which.
@@ -104,6 +105,32 @@ def comparison(results: list[dict], metric: str, side: str = "toward") -> str:
         f"\nINNSteer's area to 1 nat: above CAA (interval excluding 0) on {counts['above']}, at least CAA "
         f"(interval containing 0) on {counts['at least']}, below on {counts['below']} of {sum(counts.values())}."
     )
+    return "\n".join(lines)
+
+
+def two_sided(results: list[dict], metric: str) -> str:
+    """Per behavior and method: the area to 1 nat of p_match's rise steering toward the behavior, of
+    its rise steering away, and the paired interval of the difference (``tradeoff.mirrored``). Where
+    that interval contains 0 the method moves p_match alike both ways: its "toward" shift is
+    disruption, not steering, and a comparison of two methods there compares how they disrupt."""
+    lines = [
+        "| behavior | layer | method | rise toward, AUC | rise away, AUC | toward − away, AUC | steers? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        if metric not in result["metrics"]:
+            continue
+        for method in ("caa", "innsteer"):
+            runs = result["runs"].get(method)
+            if not runs:
+                continue
+            label = f"{result['behavior']} ({layers(result)})"
+            auc = bootstrap(runs, mirrored(runs), label, metric=metric)["auc"]
+            steers = "yes" if auc["low"] > 0 else ("reversed" if auc["high"] < 0 else "not shown")
+            lines.append(
+                f"| {result['behavior']} | {layers(result)} | {method} | {auc['a']:+.3f} | {auc['b']:+.3f} | "
+                f"{interval(auc)} | {steers} |"
+            )
     return "\n".join(lines)
 
 
@@ -236,6 +263,11 @@ def main() -> int:
         "--reference", default="caa-token", help="(--validation, --layers) the variant compared against"
     )
     parser.add_argument("--variants", default=None, help="(--layers) only these variants, comma-separated")
+    parser.add_argument(
+        "--two-sided",
+        action="store_true",
+        help="instead of the tables: whether each method steers at all (p_match's rise toward vs away)",
+    )
     parser.add_argument("--plot", default=None, metavar="DIR", help="write each file's curves of every method here")
     parser.add_argument(
         "--gate-sensitivity",
@@ -256,6 +288,12 @@ def main() -> int:
         gates = [None if g == "none" else float(g) for g in args.gate_sensitivity.split(",")]
         print("#### INNSteer − CAA, area to 1 nat toward the behavior, answer metric, by repetition gate\n")
         print(gate_sensitivity(results, "answer", gates))
+        return 0
+    if args.two_sided:
+        for metric in results[0]["metrics"]:
+            print(f"\n#### two-sided check, {metric} metric (test items)\n")
+            print(two_sided(results, metric))
+            print(f"\n{gate_note()}")
         return 0
     for metric in results[0]["metrics"]:
         if args.layers:

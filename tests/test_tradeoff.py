@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from innsteer.eval.metrics import repetition
-from innsteer.eval.tradeoff import REPETITION_GATE, budget_shift, curve_summary, paired_bootstrap, summarize
+from innsteer.eval.tradeoff import (
+    REPETITION_GATE,
+    budget_shift,
+    curve_summary,
+    mirrored,
+    paired_bootstrap,
+    summarize,
+)
 
 
 def dense_budget_shift(costs, shifts, budget, steps=20001):
@@ -35,10 +42,14 @@ def test_summary_of_a_straight_line():
     assert summarize([3.0], [0.5])["at1"] == pytest.approx(1 / 6)  # on the first segment, interpolated
 
 
-def _run(rng, offset=0.0, n_items=50, n_prompts=10):
+def _run(rng, offset=0.0, n_items=50, n_prompts=10, symmetric=False):
+    """A synthetic run: p_match moves linearly with alpha (``symmetric``: with |alpha|, the same on
+    both sides, as a steer that only disrupts the model)."""
     alphas = [-4.0, -2.0, -1.0, 1.0, 2.0, 4.0]
     base = rng.uniform(0.3, 0.6, n_items)
-    slope = np.array([-0.12, -0.06, -0.03, 0.03, 0.06, 0.12])
+    slope = 0.03 * np.array(alphas)
+    if symmetric:
+        slope = np.abs(slope)
     scores = base + slope[:, None] * (1 + offset) + rng.normal(0, 0.02, (6, n_items))
     tokens = np.full((6, n_prompts), 32.0)
     nll = tokens * (0.8 + 0.2 * np.abs(np.array(alphas))[:, None]) + rng.normal(0, 0.5, (6, n_prompts))
@@ -113,3 +124,22 @@ def test_the_sample_alpha_stops_before_the_first_degenerate_point():
     assert alpha_within_budget(run, ["answer"]) == 4.0
     run["repetition"][4] = [1.0] * 4  # alpha 2 loops
     assert alpha_within_budget(run, ["answer"]) == 1.0
+
+
+def test_two_sided_check_tells_a_steer_from_a_disruption():
+    steering = [_run(np.random.default_rng(s)) for s in range(3)]
+    disrupting = [_run(np.random.default_rng(s), symmetric=True) for s in range(3)]
+    steered = paired_bootstrap(steering, mirrored(steering), n_resamples=200)
+    # the away side lowers p_match, so its rise is 0 and the check equals the toward area itself
+    toward = paired_bootstrap(steering, steering, n_resamples=1)["auc"]["a"]
+    assert steered["auc"]["diff"] == pytest.approx(toward) and steered["auc"]["low"] > 0
+    disrupted = paired_bootstrap(disrupting, mirrored(disrupting), n_resamples=200)
+    assert disrupted["auc"]["a"] > 0.02  # it does raise p_match toward the behavior...
+    assert abs(disrupted["auc"]["diff"]) < 0.01 and disrupted["auc"]["low"] < 0 < disrupted["auc"]["high"]
+
+
+def test_mirrored_flips_only_the_alphas():
+    run = _run(np.random.default_rng(0))
+    (flipped,) = mirrored([run])
+    assert flipped["alphas"] == [-a for a in run["alphas"]] and flipped["scores"] is run["scores"]
+    assert mirrored(mirrored([run]))[0]["alphas"] == run["alphas"]

@@ -13,6 +13,10 @@ a steer that breaks the text at large alpha could look cheap there.
 ``paired_bootstrap`` resamples test items and fluency prompts with replacement, the same draws for
 both methods, and averages each summary over seeds within a draw: the 95 % interval of the
 difference of two methods at the same fluency budget.
+``mirrored`` reads a run's away side as a toward side: ``paired_bootstrap(runs, mirrored(runs))`` is
+the two-sided check, how much more a method raises p_match steering toward the behavior than
+steering away from it. A steer that only disrupts the model moves p_match alike on both sides, and
+its "toward" shift is then no evidence of steering.
 """
 
 from __future__ import annotations
@@ -88,6 +92,12 @@ def curve_summary(
         kept = np.cumprod(repeats - base_repeats <= gate).astype(bool)  # up to the first degenerate point
         costs, shifts = costs[kept], shifts[kept]
     return summarize(costs, shifts)
+
+
+def mirrored(runs: Sequence[dict]) -> list[dict]:
+    """The runs with every alpha's sign flipped, so that the toward side's summaries of the result
+    measure how far steering *away* from the behavior raises p_match."""
+    return [dict(run, alphas=[-alpha for alpha in run["alphas"]]) for run in runs]
 
 
 def seed_mean_summary(
