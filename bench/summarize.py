@@ -120,15 +120,15 @@ def two_sided(results: list[dict], metric: str) -> str:
     for result in results:
         if metric not in result["metrics"]:
             continue
+        layer = layers(result)
         for method in ("caa", "innsteer"):
             runs = result["runs"].get(method)
             if not runs:
                 continue
-            label = f"{result['behavior']} ({layers(result)})"
-            auc = bootstrap(runs, mirrored(runs), label, metric=metric)["auc"]
+            auc = bootstrap(runs, mirrored(runs), f"{result['behavior']} ({layer})", metric=metric)["auc"]
             steers = "yes" if auc["low"] > 0 else ("reversed" if auc["high"] < 0 else "not shown")
             lines.append(
-                f"| {result['behavior']} | {layers(result)} | {method} | {auc['a']:+.3f} | {auc['b']:+.3f} | "
+                f"| {result['behavior']} | {layer} | {method} | {auc['a']:+.3f} | {auc['b']:+.3f} | "
                 f"{interval(auc)} | {steers} |"
             )
     return "\n".join(lines)

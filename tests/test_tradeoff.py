@@ -10,6 +10,7 @@ from innsteer.eval.tradeoff import (
     curve_summary,
     mirrored,
     paired_bootstrap,
+    seed_mean_summary,
     summarize,
 )
 
@@ -131,7 +132,8 @@ def test_two_sided_check_tells_a_steer_from_a_disruption():
     disrupting = [_run(np.random.default_rng(s), symmetric=True) for s in range(3)]
     steered = paired_bootstrap(steering, mirrored(steering), n_resamples=200)
     # the away side lowers p_match, so its rise is 0 and the check equals the toward area itself
-    toward = paired_bootstrap(steering, steering, n_resamples=1)["auc"]["a"]
+    every_item, every_prompt = np.arange(50), np.arange(10)
+    toward = seed_mean_summary(steering, every_item, every_prompt, 1, "answer", REPETITION_GATE)["auc"]
     assert steered["auc"]["diff"] == pytest.approx(toward) and steered["auc"]["low"] > 0
     disrupted = paired_bootstrap(disrupting, mirrored(disrupting), n_resamples=200)
     assert disrupted["auc"]["a"] > 0.02  # it does raise p_match toward the behavior...
