@@ -294,6 +294,11 @@ VALIDATED_LAYERS: dict[tuple[str, str], int] = {
     # seeds 0-2: CAA's area 0.157 at 22 against 0.078 at 10 and 0.075 at 14; INNSteer's 0.198 at 22, tied
     # with 0.204 at 10 (+0.006 [-0.028, +0.037]) and above 0.178 at 14 (seed 0 alone had ranked 14 first)
     ("SmolLM2-135M-Instruct.Q4_1", "corrigible-neutral-HHH"): 22,
+    # Qwen, candidates 9 / 14 / 21, seed 0, INNSteer with its defaults: both methods' areas largest at
+    # 21 (coordinate: CAA 0.287, INNSteer 0.327; corrigible: 0.266, 0.311) and at 14 (refusal: 0.073, 0.162)
+    ("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M", "coordinate-other-ais"): 21,
+    ("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M", "corrigible-neutral-HHH"): 21,
+    ("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M", "refusal"): 14,
 }
 
 
