@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +129,8 @@ def reuse_runs(paths: list[str], result: dict, specs: dict) -> dict:
             raise SystemExit(f"{path} was measured with other settings (one of {SAME_SETTINGS}, dtype)")
         taken = {}
         for name, spec in specs.items():
-            if earlier["specs"].get(name) != asdict(spec):
-                raise SystemExit(f"{path} has no runs of {name} as specified here ({asdict(spec)})")
+            if earlier["specs"].get(name) != spec.record():
+                raise SystemExit(f"{path} has no runs of {name} as specified here ({spec.record()})")
             taken[name] = earlier["runs"][name]
         where = Path(path).resolve()
         file = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
@@ -228,7 +228,7 @@ def main() -> int:
         if reused_specs:
             reused = reuse_runs(args.reuse, result, reused_specs)
             result["runs"] = {**reused["runs"], **result["runs"]}
-            result["specs"] = {**{n: asdict(s) for n, s in reused_specs.items()}, **result["specs"]}
+            result["specs"] = {**{n: s.record() for n, s in reused_specs.items()}, **result["specs"]}
             result["reused"] = {"methods": list(reused_specs), "file": reused["file"], "command": reused["command"]}
             result["compare"] = ["innsteer", "caa"]
             result["comparison"] = {

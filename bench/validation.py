@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ VARIANTS = {
     "default-clamp0.5": MethodSpec("innsteer", "all", {**DEFAULT, "clamp": 0.5}),
     "default-lr3e-4": MethodSpec("innsteer", "all", {**DEFAULT, "lr": 3e-4}),
     "default-epochs5": MethodSpec("innsteer", "all", {**DEFAULT, "max_epochs": 5}),
+    "default-pairs50": MethodSpec("innsteer", "all", {**DEFAULT}, train_fraction=0.5),  # half the training items
     # the transport term (TrainConfig.transport_weight): the selection criterion as a training loss
     "default-transport1": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 1.0}),
     "default-transport10": MethodSpec("innsteer", "all", {**DEFAULT, "transport_weight": 10.0}),
@@ -155,7 +157,7 @@ def main() -> int:
     for name in names:
         spec = VARIANTS[name]
         if spec.method == "innsteer" and common:
-            spec = MethodSpec(spec.method, spec.tokens, {**common, **spec.options}, spec.layer)
+            spec = replace(spec, options={**common, **spec.options})
         specs[name] = spec
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype=DTYPES[args.dtype])

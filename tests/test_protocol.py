@@ -4,9 +4,10 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from innsteer.datasets.caa import load_ab, load_open_ended
-from innsteer.eval.protocol import MethodSpec, comparison_table, run_protocol
+from innsteer.eval.protocol import MethodSpec, comparison_table, fit_spec, run_protocol
 
 pytestmark = pytest.mark.slow
 BEHAVIOR = "corrigible-neutral-HHH"
@@ -96,6 +97,23 @@ def test_result_files_are_named_by_their_settings(tmp_path):
     result.update(dtype="bfloat16", seeds=[1])
     name = "M-refusal-L14-s1-transport_weight1-num_couplings8-caaL22-bfloat16.json"
     assert result_path(tmp_path, result) == tmp_path / name
+
+
+def test_train_fraction_fits_on_the_first_part_of_the_shuffled_training_items(default_lm):
+    items = load_ab(BEHAVIOR, "generate", limit=20)
+
+    def caa(spec, train):
+        return fit_spec(default_lm, spec, train, layer=10, seed=0, behavior=BEHAVIOR).vector
+
+    half = caa(MethodSpec("caa", "mean", train_fraction=0.5), items)
+    assert torch.equal(half, caa(MethodSpec("caa", "mean"), items[:10]))
+    assert not torch.allclose(half, caa(MethodSpec("caa", "mean"), items))
+    # result files written before the field existed still match the same spec
+    assert "train_fraction" not in MethodSpec("caa").record()
+    assert MethodSpec("caa", train_fraction=0.5).record()["train_fraction"] == 0.5
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="train_fraction"):
+            MethodSpec("caa", train_fraction=bad)
 
 
 def test_replies_added_to_an_earlier_file_are_the_ones_the_protocol_records(default_lm):

@@ -36,12 +36,25 @@ ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 class MethodSpec:
     """How one method is fitted: ``METHODS[method]`` on activations of ``tokens`` ('mean', 'last',
     'all'), with ``options`` (e.g. INNSteer's TrainConfig fields), at ``layer`` (None: the
-    protocol's layer)."""
+    protocol's layer), on the first ``train_fraction`` of each seed's (shuffled) training part."""
 
     method: str
     tokens: str = "mean"
     options: dict = field(default_factory=dict)
     layer: Optional[int] = None
+    train_fraction: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+
+    def record(self) -> dict:
+        """The spec as result files keep it: ``train_fraction`` only where it is not 1, so files
+        written before it existed still compare equal to the same spec."""
+        record = asdict(self)
+        if self.train_fraction == 1:
+            del record["train_fraction"]
+        return record
 
 
 def measure_curve(
@@ -88,8 +101,16 @@ def fit_spec(lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, laye
     """The steerer ``spec`` describes, fitted on ``train`` as seed ``seed`` of the protocol fits it
     (``layer``: the protocol's, unless the spec names its own)."""
     spec_layer = layer if spec.layer is None else spec.layer
+    n_items = max(1, round(len(train) * spec.train_fraction))
     pos, neg = contrastive_activations(
-        lm, train, spec_layer, tokens=spec.tokens, behavior=behavior, split=f"train-s{seed}", seed=seed, progress=False
+        lm,
+        train[:n_items],
+        spec_layer,
+        tokens=spec.tokens,
+        behavior=behavior,
+        split=f"train-s{seed}",
+        seed=seed,
+        progress=False,
     )[spec_layer]
     options = dict(spec.options)
     if spec.method == "innsteer":
@@ -166,7 +187,7 @@ def run_protocol(
         "n_prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "metrics": list(metrics),
-        "specs": {name: asdict(spec) for name, spec in specs.items()},
+        "specs": {name: spec.record() for name, spec in specs.items()},
         "compare": list(compare),
         "comparison": comparison,
         "runs": runs,
