@@ -32,7 +32,7 @@ from bench.quality import DTYPES, code_version, dtype_tag, same_settings  # noqa
 from innsteer.datasets.caa import load_ab  # noqa: E402
 from innsteer.datasets.files import NEUTRAL_PROMPTS  # noqa: E402
 from innsteer.eval.protocol import MethodSpec, run_protocol  # noqa: E402
-from innsteer.eval.tradeoff import paired_bootstrap  # noqa: E402
+from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, paired_bootstrap  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
 # The variants of the ablation. Options are TrainConfig / FlowConfig fields, spelled out in full
@@ -102,7 +102,9 @@ def interval(row: dict) -> str:
 
 
 def unlabelled_bootstrap(runs_a: list, runs_b: list, label: str, **kwargs) -> dict:
-    return paired_bootstrap(runs_a, runs_b, **kwargs)
+    """``paired_bootstrap``, gated only where both variants' runs recorded their replies (a file's
+    earlier runs may predate them)."""
+    return paired_bootstrap(runs_a, runs_b, gate=REPETITION_GATE if has_replies([*runs_a, *runs_b]) else None, **kwargs)
 
 
 def table(result: dict, reference: str, metric: str = "answer", bootstrap=None) -> str:
