@@ -1,12 +1,14 @@
 """``innsteer serve``: the OpenAI-compatible server (registered by ``innsteer.cli.main``).
 
 innsteer serve MODEL.gguf --steer NAME=FILE ... [--default-steer NAME[:ALPHA]] [--host 127.0.0.1]
-               [--port 8000] [--parallel N] [--queue N]       (MODEL 'smollm2': the embedded default)
+               [--port 8000] [--parallel N] [--queue N] [--api-key KEY] [--max-body-bytes N]
+               (MODEL 'smollm2': the embedded default)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 
@@ -88,6 +90,20 @@ def register(subparsers) -> None:
     p.add_argument("--ctx-size", type=_count(1), default=2048, help="context per slot, tokens (default: %(default)s)")
     p.add_argument("--threads", type=_count(1), default=None, help="llama.cpp threads per context")
     p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; also read from "
+        "INNSTEER_API_KEY, comma-separated, which keeps keys out of the process list)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_count(1),
+        default=None,
+        help="larger request bodies get 413 (default: 4 MiB)",
+    )
+    p.add_argument(
         "--steer-prompt",
         action="store_true",
         help="INN steers also steer the prompt (default: from the last prompt token on; control vectors always "
@@ -103,9 +119,11 @@ def serve_command(args: argparse.Namespace) -> int:
     if model.suffix != ".gguf":
         raise CLIError(f"innsteer serve needs a .gguf model, got {model}")
     try:
-        from ..serve.app import http_server, load_server
+        from ..serve.app import DEFAULT_MAX_BODY_BYTES, http_server, load_server
+        from ..serve.auth import ENV_VAR, api_keys, is_loopback
     except ImportError as error:
         raise CLIError(f"innsteer serve needs fastapi and uvicorn ({error}): pip install 'innsteer[serve]'") from None
+    keys = api_keys(args.api_key, os.environ.get(ENV_VAR))
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as error:
@@ -123,6 +141,12 @@ def serve_command(args: argparse.Namespace) -> int:
             steer_prompt=args.steer_prompt,
         )
         host, port = sock.getsockname()[:2]
+        if not keys and not is_loopback(host):
+            print(
+                f"innsteer: warning: serving on {host}, reachable from other machines, without an API key: anyone "
+                f"who can reach it can use it (set {ENV_VAR} or --api-key)",
+                file=sys.stderr,
+            )
         steers = ", ".join(server.catalog.steers) or "none"
         print(
             f"innsteer: serving {server.model_id} (steers: {steers}) on http://{host}:{port}/v1 "
@@ -130,7 +154,8 @@ def serve_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         try:
-            http_server(server).run(sockets=[sock])
+            limit = args.max_body_bytes or DEFAULT_MAX_BODY_BYTES
+            http_server(server, api_keys=keys, max_body_bytes=limit).run(sockets=[sock])
         finally:
             server.close()
     return 0

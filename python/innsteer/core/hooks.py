@@ -18,6 +18,7 @@ removes the hook: the model computes exactly what it did before.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Optional, Union
@@ -47,6 +48,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_layer(model: nn.Module, layer: int) -> int:
+    """``layer`` as an index into the model's decoder layers (negative counts from the end)."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise ConfigError(f"layer must be an integer (a decoder layer index), got {layer!r}")
+    layer = int(layer)
     n = len(decoder_layers(model))
     if not -n <= layer < n:
         raise ConfigError(f"layer {layer} is out of range: this model has {n} decoder layers (0..{n - 1})")

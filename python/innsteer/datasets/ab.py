@@ -18,6 +18,9 @@ from ..core.errors import InnsteerError
 _OPTION = re.compile(r"\n[ \t]*\(([A-Z])\)[ \t]*")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
 METRICS = ("answer", "letter")
+# A text's length bound: the shipped items reach 2 200 characters; one of 100 000 made collection
+# hold gigabytes of attention and activations before anything said why.
+MAX_TEXT_CHARS = 8192
 
 
 class DataError(InnsteerError, ValueError):
@@ -32,6 +35,11 @@ class ABItem:
     matching: str  # letter of the behavior-matching option, e.g. "A"
     not_matching: str
     lettered: bool = True  # the model is shown the options by letter (CAA A/B); False: plain answers
+
+    def __post_init__(self):
+        check_text(self.question, "the question")
+        for letter, text in self.options.items():
+            check_text(text, f"option ({letter})")
 
     @classmethod
     def plain(cls, prompt: str, positive: str, negative: str) -> ABItem:
@@ -60,6 +68,21 @@ class ABItem:
         if metric == "answer":
             return self.matching_text, self.not_matching_text
         raise DataError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise DataError unless ``text`` is Unicode text (JSON can hold lone surrogates, which no
+    tokenizer encodes) of at most MAX_TEXT_CHARS characters."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise DataError(
+            f"{what} holds {text[error.start]!r} at character {error.start}, a lone surrogate: not Unicode text"
+        ) from None
+    if len(text) > MAX_TEXT_CHARS:
+        raise DataError(
+            f"{what} is {len(text)} characters long, more than the {MAX_TEXT_CHARS} innsteer takes: shorten or split it"
+        )
 
 
 def _letter(value, what: str) -> str:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 
 from ..core.errors import MissingFileError
-from .ab import ABItem, DataError, parse_item
+from .ab import ABItem, DataError, check_text, parse_item
 
 _LETTER_ANSWER = re.compile(r"^\s*\([A-Z]\)\s*$")
 # General requests, unrelated to every shipped behavior's A/B and open-ended sets: fluency is
@@ -56,6 +56,8 @@ def _records(path: str, text: str) -> Iterator[tuple[str, object]]:
             records = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to be a data file") from None
         for number, record in enumerate(records, 1):
             yield f"{path}: record {number}", record
         return
@@ -63,9 +65,12 @@ def _records(path: str, text: str) -> Iterator[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            yield f"{path}:{number}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        except RecursionError:
+            raise DataError(f"{path}:{number}: JSON nested too deeply to be a record") from None
+        yield f"{path}:{number}", record
 
 
 def _items_of(record: object) -> list[ABItem]:
@@ -119,9 +124,16 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
                 record = record.get("question", record.get("prompt"))
             if not isinstance(record, str) or not record.strip():
                 raise DataError(f"{where}: expected a prompt string or an object with 'question' or 'prompt'")
-            prompts.append(record)
+            prompts.append((where, record))
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [(f"{path}:{number}", line.strip()) for number, line in enumerate(text.splitlines(), 1)]
+        prompts = [(where, line) for where, line in prompts if line]
+    for where, prompt in prompts:
+        try:
+            check_text(prompt, "the prompt")
+        except DataError as error:
+            raise DataError(f"{where}: {error}") from None
+    prompts = [prompt for _, prompt in prompts]
     if not prompts:
         raise DataError(f"{path} holds no prompts")
     return prompts

@@ -15,7 +15,7 @@ from ..core.errors import ConfigError
 from ..core.hooks import check_layer
 from ..core.methods import METHODS
 from ..core.steerers import SteererBase
-from ..datasets.ab import ABItem
+from ..datasets.ab import ABItem, DataError
 from .collect import contrastive_activations
 from .models import LoadedModel, prepare_tokenizer
 
@@ -39,7 +39,10 @@ def pairs_to_items(pairs: Sequence[Pair]) -> list[ABItem]:
         prompt, positive, negative = ("", *pair) if len(pair) == 2 else pair
         if not positive or not negative:
             raise ConfigError(f"pair {number} has an empty positive or negative text")
-        items.append(ABItem.plain(prompt, positive, negative))
+        try:
+            items.append(ABItem.plain(prompt, positive, negative))
+        except DataError as error:
+            raise ConfigError(f"pair {number}: {error}") from None
     if len(items) < 2:
         raise ConfigError(f"fit needs at least 2 contrastive pairs, got {len(items)}")
     return items

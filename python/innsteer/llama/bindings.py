@@ -15,7 +15,16 @@ import numpy as np
 
 from ..core.errors import ConfigError, InnsteerError, SteerFileError
 
-__all__ = ["SteerGGUF", "SteerHookError", "hook_library", "ERR_LEN", "MAX_THREADS", "float32_alpha", "thread_count"]
+__all__ = [
+    "SteerGGUF",
+    "SteerHookError",
+    "NonFiniteLogitsError",
+    "hook_library",
+    "ERR_LEN",
+    "MAX_THREADS",
+    "float32_alpha",
+    "thread_count",
+]
 
 ERR_LEN = 1024
 MAX_THREADS = 256  # INNSTEER_MAX_THREADS in csrc/llama_hook/innsteer_llama_hook.h
@@ -24,6 +33,10 @@ _lib = None
 
 class SteerHookError(InnsteerError, RuntimeError):
     """The native hook failed during a llama.cpp call (its logits must not be used)."""
+
+
+class NonFiniteLogitsError(SteerHookError):
+    """A decode gave NaN or Inf logits (steering too strong for the model): nothing can be sampled."""
 
 
 def hook_library() -> ctypes.CDLL:

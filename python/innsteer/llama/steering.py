@@ -30,8 +30,18 @@ from typing import Optional, Union
 import numpy as np
 
 from ..core.errors import ConfigError, SteerFileError
-from .bindings import ERR_LEN, MAX_THREADS, SteerGGUF, SteerHookError, float32_alpha, hook_library, thread_count
+from .bindings import (
+    ERR_LEN,
+    MAX_THREADS,
+    NonFiniteLogitsError,
+    SteerGGUF,
+    SteerHookError,
+    float32_alpha,
+    hook_library,
+    thread_count,
+)
 from .export import read_control_vector
+from .grammar import guard_grammars
 
 try:
     import llama_cpp
@@ -60,6 +70,12 @@ _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm
 _UNSTEERED = "unsteered"  # the steering of a state saved with no active entry and no control vector
 
 
+def _finite_last_logits(ctx, n_vocab: int) -> bool:
+    """Whether the last row of logits a decode produced is finite (~20 us for 50k tokens)."""
+    logits = llama_cpp.llama_get_logits_ith(ctx, -1)
+    return not logits or bool(np.isfinite(np.ctypeslib.as_array(logits, shape=(n_vocab,))).all())
+
+
 class _Generation:
     """One running ``Llama.generate`` (see ``LlamaSteering._track_generations``)."""
 
@@ -83,6 +99,7 @@ class LlamaSteering:
         if llm._ctx is None or llm._ctx.ctx is None:
             raise ConfigError("this Llama was closed")
         self._lib = hook_library()
+        guard_grammars()  # an unparsable grammar would crash a steered Llama's process
         self.llm = llm
         self._hook = self._lib.innsteer_hook_new()
         if not self._hook:
@@ -130,6 +147,7 @@ class LlamaSteering:
         llm.reset()
 
         lib, decode = self._lib, new_ctx.decode
+        n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model)))
 
         def checked_decode(batch):
             hook = self._live_hook()
@@ -155,6 +173,13 @@ class LlamaSteering:
             if failed:
                 llm.reset()  # the cache now holds unsteered or broken states
                 raise SteerHookError(err.value.decode(errors="replace"))
+            if n_rows > 0 and batch.batch.logits[n_rows - 1] and not _finite_last_logits(new_ctx.ctx, n_vocab):
+                # A finite alpha can still overflow the flow or the layers after it; sampling from
+                # NaN logits would end the reply silently, as if the model had stopped.
+                llm.reset()
+                raise NonFiniteLogitsError(
+                    "the model's logits are NaN or Inf under this steering: an alpha is too large for this model"
+                )
 
         new_ctx.decode = checked_decode
         llm._stack.callback(self._free)  # when the Llama closes; nothing decodes after that

@@ -10,11 +10,14 @@ OpenAI-style ``{"error": {"message", "type", "param", "code"}}`` objects.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Optional
 
+import jinja2
 import llama_cpp
 import pydantic
 from fastapi import FastAPI, Request
@@ -24,6 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..core.errors import InnsteerError
+from ..llama.bindings import NonFiniteLogitsError
+from ..llama.grammar import GrammarError, check_parses
+from .auth import ApiKeyMiddleware
 from .slots import ServerBusy, Slot, SlotPool
 from .steers import NamedSteer, Setting, SteerCatalog, SteeringError, describe_setting
 
@@ -31,6 +37,15 @@ from .steers import NamedSteer, Setting, SteerCatalog, SteeringError, describe_s
 # or not the Llama's business (user); steering is ours.
 NOT_FORWARDED = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "steering", "stream"}
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "function")  # llama-cpp-python's message kinds
+# Bounds on what a request may hand to the tokenizer, the JSON reader and the sampler.
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+MAX_JSON_DEPTH = 64  # OpenAI request bodies nest a few levels; a JSON schema or tool a few more
+MAX_STOP = 16  # stop strings, each searched in the reply after every token
+MAX_STOP_BYTES = 1024
+MAX_LOGIT_BIAS = 1024  # entries (OpenAI takes 300)
+MAX_BIAS_TEXT_BYTES = 1024  # a logit_bias_type "tokens" key is tokenized
+GRAMMAR_FIELDS = ("response_format", "tools", "functions")  # llama-cpp-python derives grammars from these
+DISCONNECTED = 499  # the client went away (nginx's code): nobody reads this answer
 
 
 class ApiError(Exception):
@@ -76,6 +91,10 @@ class InnsteerServer:
         self.model_id = model_id
         self.n_ctx = n_ctx
         self.created = int(time.time())
+        llm = pool.slots[0].llm
+        # The longest text one token stands for: a prompt of more bytes than n_ctx times this is
+        # longer than the context whatever it says, known without tokenizing it.
+        self.max_token_bytes = max(1, max(len(llm.detokenize([token], special=True)) for token in range(llm.n_vocab())))
 
     def close(self) -> None:
         for slot in self.pool.slots:
@@ -97,8 +116,57 @@ class InnsteerServer:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "slots": len(self.pool.slots), "busy": self.pool.busy, "queued": self.pool.queued}
 
-    async def complete(self, request: Request, chat: bool) -> Any:
-        body = await _json_object(request)
+    async def complete(self, request: Request, chat: bool, max_body_bytes: int) -> Any:
+        raw = await _read_body(request, max_body_bytes)
+        # Parsing, validation, tokenizing a logit bias, parsing a grammar: off the event loop.
+        parsed, setting, kwargs = await run_in_threadpool(self.prepare, raw, chat)
+        call = llama_cpp.Llama.create_chat_completion if chat else llama_cpp.Llama.create_completion
+        # the fields an error names: the prompt's, and those a derived grammar comes from
+        prompt = "messages" if chat else "prompt"
+        grammar_from = next((f for f in GRAMMAR_FIELDS if getattr(parsed, f, None) is not None), None)
+        headers = {"X-Innsteer-Steering": _header(setting)}
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            acquiring = asyncio.ensure_future(self.pool.acquire(setting))
+            await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():  # left while queued: give up the place in the queue
+                acquiring.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquiring
+                if not acquiring.cancelled():  # handed a slot just then
+                    self.pool.release(acquiring.result())
+                raise ApiError(DISCONNECTED, "the client disconnected while queued", code="client_closed")
+            try:
+                slot = acquiring.result()
+            except ServerBusy as error:
+                raise ApiError(
+                    503, str(error), code="server_busy", kind="server_error", headers={"Retry-After": "1"}
+                ) from None
+            if parsed.stream:
+                gone.cancel()  # the streaming response watches the connection itself
+                try:
+                    first = await run_in_threadpool(slot.start_stream, setting, call, kwargs)
+                except BaseException as error:
+                    self.pool.release(slot)
+                    raise _api_error(error, prompt, grammar_from) from error
+                return _SlotStream(self.pool, slot, first, headers)
+            running = asyncio.ensure_future(run_in_threadpool(slot.run, setting, call, kwargs))
+            try:
+                await asyncio.wait({running, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not running.done():  # the client went away: end the generation at its next token
+                    slot.cancel.set()
+                result = await running  # the thread ends within a token: only then is the slot free
+            except Exception as error:
+                raise _api_error(error, prompt, grammar_from) from error
+            finally:
+                self.pool.release(slot)
+        finally:
+            gone.cancel()
+        return JSONResponse({**result, "steering": describe_setting(setting)}, headers=headers)
+
+    def prepare(self, raw: bytes, chat: bool) -> tuple[pydantic.BaseModel, Setting, dict[str, Any]]:
+        """The request body's parsed form, its steering and the Llama call's keyword arguments."""
+        body = _json_object(raw)
         model = ChatCompletionRequest if chat else CompletionRequest
         if chat and isinstance(body.get("messages"), list):
             body["messages"] = [_text_message(message, i) for i, message in enumerate(body["messages"])]
@@ -112,40 +180,19 @@ class InnsteerServer:
             setting = self.catalog.parse(body["steering"]) if "steering" in body else self.default_setting
         except SteeringError as error:
             raise ApiError(400, str(error), param=error.param, code=error.code) from None
-        kwargs = self._call_arguments(parsed, chat)
-        call = llama_cpp.Llama.create_chat_completion if chat else llama_cpp.Llama.create_completion
-        prompt = "messages" if chat else "prompt"
-        headers = {"X-Innsteer-Steering": _header(setting)}
-        try:
-            slot = await self.pool.acquire(setting)
-        except ServerBusy as error:
-            raise ApiError(
-                503, str(error), code="server_busy", kind="server_error", headers={"Retry-After": "1"}
-            ) from None
-        if parsed.stream:
-            try:
-                first = await run_in_threadpool(slot.start_stream, setting, call, kwargs)
-            except BaseException as error:
-                self.pool.release(slot)
-                raise _api_error(error, prompt) from error
-            return _SlotStream(self.pool, slot, first, headers)
-        try:
-            result = await run_in_threadpool(slot.run, setting, call, kwargs)
-        except Exception as error:
-            raise _api_error(error, prompt) from error
-        finally:
-            self.pool.release(slot)
-        return JSONResponse({**result, "steering": describe_setting(setting)}, headers=headers)
+        return parsed, setting, self._call_arguments(parsed, chat)
 
     def _call_arguments(self, parsed: pydantic.BaseModel, chat: bool) -> dict[str, Any]:
         """The keyword arguments of the Llama call, as llama-cpp-python's server derives them, after the
-        checks that keep an argument from crashing llama.cpp (a grammar it cannot parse) or from
-        failing unexplained in the middle of a generation (a logit bias for a token that does not exist)."""
+        checks that keep an argument from crashing llama.cpp (a grammar it cannot parse), from running
+        unbounded (a prompt longer than the context, many stop strings) or from failing unexplained in
+        the middle of a generation (a logit bias for a token that does not exist)."""
         if parsed.n != 1:
             raise ApiError(400, f"n must be 1 (this server returns one choice per request), got {parsed.n}", param="n")
         if chat:
             if not parsed.messages:
                 raise ApiError(400, "messages: a chat completion needs at least one message", param="messages")
+            texts = [message.get("content") for message in parsed.model_dump(include={"messages"})["messages"]]
         else:
             if parsed.best_of not in (None, 1):
                 raise ApiError(400, f"best_of must be 1, got {parsed.best_of}", param="best_of")
@@ -155,25 +202,42 @@ class InnsteerServer:
                 parsed.prompt = parsed.prompt[0]
             if not parsed.prompt:  # absent or empty: llama-cpp-python asserts on an empty prompt
                 raise ApiError(400, "prompt: a completion needs a non-empty prompt", param="prompt")
+            texts = [parsed.prompt]
+        self._check_prompt_size(texts, "messages" if chat else "prompt")
+        stops = [parsed.stop] if isinstance(parsed.stop, str) else list(parsed.stop or [])
+        if len(stops) > MAX_STOP or any(len(text.encode(errors="replace")) > MAX_STOP_BYTES for text in stops):
+            raise ApiError(
+                400, f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_BYTES} bytes each", param="stop"
+            )
         kwargs = parsed.model_dump(exclude=NOT_FORWARDED)
         kwargs["model"] = self.model_id
         llm = self.pool.slots[0].llm
         if parsed.logit_bias is not None:
-            bias = parsed.logit_bias
-            if parsed.logit_bias_type == "tokens":
-                bias = {
-                    str(token): score
-                    for text, score in bias.items()
-                    for token in llm.tokenize(text.encode(), add_bos=False, special=True)
-                }
-            kwargs["logit_bias"] = _token_bias(bias, llm.n_vocab())
+            kwargs["logit_bias"] = _token_bias(_bias_by_token(parsed, llm), llm.n_vocab())
         if parsed.grammar is not None:
-            kwargs["grammar"] = _grammar(parsed.grammar, llm)
+            try:
+                check_parses(llama_cpp.llama_model_get_vocab(llm.model), parsed.grammar)
+            except GrammarError as error:
+                raise ApiError(400, str(error), param="grammar") from None
+            kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(parsed.grammar, verbose=False)
         if parsed.min_tokens > 0:
             kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
                 [llama_cpp.MinTokensLogitsProcessor(parsed.min_tokens, llm.token_eos())]
             )
         return kwargs
+
+    def _check_prompt_size(self, texts: list[Any], param: str) -> None:
+        """Refuse a prompt whose bytes alone prove it longer than the context, before tokenizing it."""
+        size = sum(len(text.strip().encode(errors="replace")) for text in texts if isinstance(text, str))
+        if size > self.n_ctx * self.max_token_bytes:
+            raise ApiError(
+                400,
+                f"the prompt does not fit the context: its {size} bytes are at least {size // self.max_token_bytes} "
+                f"tokens (no token of this model stands for more than {self.max_token_bytes} bytes), more than the "
+                f"context window of {self.n_ctx}",
+                param=param,
+                code="context_length_exceeded",
+            )
 
 
 def _field(loc: tuple) -> str:
@@ -200,6 +264,11 @@ def _text_message(message: Any, index: int) -> Any:
             400, f"{where} must be one of {', '.join(MESSAGE_ROLES)}, got {message.get('role')!r}", param=where
         )
     content = message.get("content")
+    if content is None and message["role"] == "assistant":  # OpenAI's form when it called a tool
+        return {**message, "content": ""}
+    if content is None:
+        where = f"messages[{index}].content"
+        raise ApiError(400, f"{where} must be a string or a list of text parts, got null", param=where)
     if not isinstance(content, list):
         return message
     texts = [part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None for part in content]
@@ -207,6 +276,23 @@ def _text_message(message: Any, index: int) -> Any:
         where = f"messages[{index}].content"
         raise ApiError(400, f"{where}: this server takes text only (a string or a list of text parts)", param=where)
     return {**message, "content": "".join(texts)}
+
+
+def _bias_by_token(parsed: pydantic.BaseModel, llm: llama_cpp.Llama) -> dict[str, float]:
+    """The request's logit_bias keyed by token id (a ``logit_bias_type`` "tokens" key is a text: each of
+    its tokens gets the bias)."""
+    bias = parsed.logit_bias
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(bias)}", param="logit_bias")
+    if parsed.logit_bias_type != "tokens":
+        return bias
+    by_token = {}
+    for text, score in bias.items():
+        encoded = text.encode(errors="replace")
+        if len(encoded) > MAX_BIAS_TEXT_BYTES:
+            raise ApiError(400, f"logit_bias: a text key of more than {MAX_BIAS_TEXT_BYTES} bytes", param="logit_bias")
+        by_token.update({str(token): score for token in llm.tokenize(encoded, add_bos=False, special=True)})
+    return by_token
 
 
 def _token_bias(bias: dict[str, float], n_vocab: int) -> dict[int, float]:
@@ -271,8 +357,9 @@ def _header(setting: Setting) -> str:
     return ",".join(f"{name}={alpha:g}" for name, alpha in setting) or "none"
 
 
-def _api_error(error: BaseException, prompt: str = "messages") -> ApiError:
-    """The answer to an exception raised while serving; ``prompt`` names the request's prompt field."""
+def _api_error(error: BaseException, prompt: str = "messages", grammar_from: Optional[str] = None) -> ApiError:
+    """The answer to an exception raised while serving; ``prompt`` names the request's prompt field,
+    ``grammar_from`` the field whose grammar llama-cpp-python derived."""
     if isinstance(error, ApiError):
         return error
     message = str(error)
@@ -280,26 +367,78 @@ def _api_error(error: BaseException, prompt: str = "messages") -> ApiError:
         return ApiError(
             400, f"the prompt does not fit the context: {message}", param=prompt, code="context_length_exceeded"
         )
+    if isinstance(error, NonFiniteLogitsError):
+        return ApiError(400, message, param="steering", code="non_finite_output")
+    if isinstance(error, GrammarError):
+        return ApiError(400, message, param=grammar_from)
     if isinstance(error, InnsteerError):
         return ApiError(500, message, kind="server_error", code="steering_failed")
+    if isinstance(error, jinja2.TemplateError):  # the chat template refuses these messages
+        return ApiError(400, f"the model's chat template cannot render these messages: {message}", param=prompt)
     if isinstance(error, (ValueError, TypeError, KeyError)):  # llama-cpp-python's checks of the arguments
         return ApiError(400, message)
     return ApiError(500, f"{type(error).__name__}: {message}", kind="server_error")
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        body = None  # nested too deeply for the reader: the depth check below says so
+    if body is None or _depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body nests JSON more than {MAX_JSON_DEPTH} deep", code="invalid_json")
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
 
 
-def create_app(server: InnsteerServer) -> FastAPI:
-    app = FastAPI(title="innsteer", summary="OpenAI-compatible completions with per-request nonlinear steering")
+def _depth(value: Any) -> int:
+    """How deep JSON containers nest in ``value`` (walked without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(
+    server: InnsteerServer, *, api_keys: tuple[str, ...] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
+    """The routes; with ``api_keys``, every route but /health needs one of them (``auth``)."""
+    app = FastAPI(
+        title="innsteer",
+        summary="OpenAI-compatible completions with per-request nonlinear steering",
+        docs_url=None,  # no pages that load scripts from a CDN; /openapi.json documents the routes
+        redoc_url=None,
+    )
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -316,11 +455,11 @@ def create_app(server: InnsteerServer) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await server.complete(request, chat=True)
+        return await server.complete(request, chat=True, max_body_bytes=max_body_bytes)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await server.complete(request, chat=False)
+        return await server.complete(request, chat=False, max_body_bytes=max_body_bytes)
 
     @app.get("/v1/models")
     async def models():
@@ -350,10 +489,13 @@ def load_server(
     import tempfile
 
     from ..core.errors import ConfigError
+    from ..llama.model_file import check_context, read_model_info
     from .steers import load_steer
 
     if parallel < 1 or max_queue < 0 or n_ctx < 1:
         raise ConfigError(f"need parallel >= 1, queue >= 0 and n_ctx >= 1, got {parallel}, {max_queue}, {n_ctx}")
+    # before any context exists: llama.cpp would allocate the KV cache first and check afterwards
+    check_context(read_model_info(model_path), n_ctx, contexts=parallel)
     with tempfile.TemporaryDirectory(prefix="innsteer-serve-") as workdir:  # exported steers, read at load
         named: list[NamedSteer] = []
         for name, path in steers:
@@ -380,9 +522,6 @@ def load_server(
                     steer_prompt=steer_prompt,
                 )
             )
-            trained = llama_cpp.llama_model_n_ctx_train(slots[0].llm.model)
-            if n_ctx > trained:
-                raise ConfigError(f"context size {n_ctx} exceeds the model's training context of {trained} tokens")
     except BaseException:
         for slot in slots:
             slot.close()
@@ -390,9 +529,16 @@ def load_server(
     return InnsteerServer(SlotPool(slots, max_queue), catalog, default, model_id, n_ctx)
 
 
-def http_server(server: InnsteerServer, *, log_level: str = "info"):
+def http_server(
+    server: InnsteerServer,
+    *,
+    api_keys: tuple[str, ...] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    log_level: str = "info",
+):
     """The uvicorn server for ``server``: ``.run(sockets=[sock])`` serves until Ctrl-C or SIGTERM (or
     ``should_exit`` is set from another thread)."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(create_app(server), log_level=log_level, timeout_graceful_shutdown=5))
+    app = create_app(server, api_keys=api_keys, max_body_bytes=max_body_bytes)
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))

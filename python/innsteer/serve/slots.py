@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -54,6 +55,8 @@ class Slot:
                 ) from None
         self.setting: Setting = NO_STEERING
         self.stream: Optional[Iterator] = None
+        self.cancel = threading.Event()  # set from the event loop: the running generation ends at its next token
+        self.context_full = False  # the last generation reached the end of the context
         self._reply_only = not steer_prompt
         self._wrap_generate()
 
@@ -77,7 +80,16 @@ class Slot:
         def generate_steering_the_reply(tokens, *args, **kwargs):
             if self._reply_only and any(name in self.entries for name, _ in self.setting):
                 self.steering.steer_from(max(0, len(tokens) - 1))
-            return generate(tokens, *args, **kwargs)
+            inner = generate(tokens, *args, **kwargs)
+            self.context_full = False
+            try:
+                for count, token in enumerate(inner, 1):  # completions never send tokens into the generator
+                    if self.cancel.is_set():
+                        return
+                    self.context_full = len(tokens) + count >= self.llm.n_ctx()
+                    yield token
+            finally:
+                inner.close()
 
         self.llm.generate = generate_steering_the_reply
 
@@ -104,17 +116,35 @@ class Slot:
         self.setting = setting
 
     def run(self, setting: Setting, call: Callable[..., Any], kwargs: dict) -> Any:
-        """``call(llm, **kwargs)`` (a completion or chat completion) under ``setting``."""
+        """``call(llm, **kwargs)`` (a completion or chat completion) under ``setting``; ``cancel``
+        ends it early."""
+        self.cancel.clear()
         self.configure(setting)
-        return call(self.llm, **kwargs)
+        return self._reported(call(self.llm, **kwargs))
 
     def start_stream(self, setting: Setting, call: Callable[..., Iterator], kwargs: dict) -> Any:
         """Start a streamed ``call`` under ``setting`` (its chunks are ``self.stream``) and return its
         first chunk, so that a request that fails at once (a prompt longer than the context) fails
         before the response starts."""
+        self.cancel.clear()
         self.configure(setting)
-        self.stream = call(self.llm, stream=True, **kwargs)
+        self.stream = self._reporting(call(self.llm, stream=True, **kwargs))
         return next(self.stream)
+
+    def _reported(self, result: dict) -> dict:
+        """llama-cpp-python reports a reply that ended at the end of the context (even with the
+        model's end of text in its last position) as "stop"; OpenAI's word for it is "length"."""
+        for choice in result.get("choices", []):
+            if choice.get("finish_reason") == "stop" and self.context_full:
+                choice["finish_reason"] = "length"
+        return result
+
+    def _reporting(self, chunks: Iterator) -> Iterator:
+        try:
+            for chunk in chunks:
+                yield self._reported(chunk)
+        finally:
+            chunks.close()
 
     def end_stream(self) -> None:
         """Close the stream, if any: a generation left suspended would hold the context's tokens.

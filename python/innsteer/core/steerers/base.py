@@ -102,8 +102,16 @@ class SteererBase(nn.Module):
         write_atomically(os.fspath(path), safetensors.torch.save(tensors, metadata=self.metadata()))
 
     @classmethod
+    def check_header(cls, path: str, shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> None:
+        """Raise SteerFileError unless the file's tensor names and shapes (read from its header) are
+        the ones its metadata calls for: checked before any tensor data is read, so a file with an
+        extra or oversized tensor costs nothing."""
+        raise NotImplementedError
+
+    @classmethod
     def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> SteererBase:
-        """Build the steerer from a file's tensors and metadata; raises SteerFileError."""
+        """Build the steerer from a file's tensors (names and shapes checked by ``check_header``) and
+        metadata; raises SteerFileError."""
         raise NotImplementedError
 
     @classmethod
@@ -113,13 +121,14 @@ class SteererBase(nn.Module):
         """Load a steer file of this kind (any kind when called on SteererBase); raises
         SteerFileError naming what is wrong with it, or if it was made for another model."""
         path = os.fspath(path)
-        tensors, meta = read_steer_file(path)
+        shapes, meta = read_steer_header(path)
         kind = meta.get("innsteer.kind")
         if kind not in KINDS:
             raise SteerFileError(f"{path} holds an unknown steerer kind {kind!r} (known: {', '.join(KINDS)})")
         if cls is not SteererBase and KINDS[kind] is not cls:
             raise SteerFileError(f"{path} holds a '{kind}' steerer, not {cls.DESCRIPTION}")
-        steerer = KINDS[kind].from_file(path, tensors, meta)
+        KINDS[kind].check_header(path, shapes, meta)
+        steerer = KINDS[kind].from_file(path, read_steer_tensors(path), meta)
         check_compatible(steerer, path, expect_hidden_size, expect_model_id)
         return steerer
 
@@ -169,22 +178,43 @@ def common_fields(path: str, meta: dict[str, str]) -> dict[str, Any]:
     return {"layer": layer, **fields}
 
 
-def read_steer_file(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+def read_steer_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor shapes and the metadata of a steer file, from its header alone."""
     if not os.path.isfile(path):
         raise MissingFileError(f"no steer file at {path}")
     try:
-        tensors = load_file(path)
         with safe_open(path, framework="pt") as handle:
             meta = dict(handle.metadata() or {})
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise SteerFileError(f"{path} is not a readable safetensors steer file ({error})") from error
     version = meta.get("innsteer.format_version")
     if version != str(FORMAT_VERSION):
         raise SteerFileError(f"{path} has steer format version {version!r}; this innsteer reads {FORMAT_VERSION}")
+    return shapes, meta
+
+
+def read_steer_tensors(path: str) -> dict[str, Tensor]:
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise SteerFileError(f"{path} is not a readable safetensors steer file ({error})") from error
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise SteerFileError(f"{path}: tensor '{name}' contains NaN or Inf")
-    return tensors, meta
+    return tensors
+
+
+def check_tensor_names(path: str, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], what: str):
+    """Raise SteerFileError unless the file holds exactly the ``expected`` tensors with their shapes."""
+    if set(shapes) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        raise SteerFileError(
+            f"{path}: {what} holds tensors {sorted(expected)[:8]}; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise SteerFileError(f"{path}: tensor '{name}' has shape {shapes[name]}, expected {shape} for {what}")
 
 
 def check_compatible(steerer: SteererBase, path: str, hidden_size: Optional[int], model_id: Optional[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -13,7 +14,7 @@ import innsteer_ext
 
 from ..errors import SteerFileError
 from ..flow import INN, FlowParams
-from .base import SteererBase, common_fields
+from .base import SteererBase, check_tensor_names, common_fields
 
 # The weight dtypes a float32 flow can run with (``weight_dtype``), by their name in a steer file.
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,29 +92,17 @@ class Steerer(SteererBase):
         return tensors
 
     @classmethod
+    def check_header(cls, path: str, shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> None:
+        config = _inn_config(path, meta)
+        check_tensor_names(path, shapes, expected_shapes(path, config, shapes), f"the INN config {config}")
+
+    @classmethod
     def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> Steerer:
         fields = common_fields(path, meta)
         weight_dtype = meta.get("weight_dtype")
         if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
             raise SteerFileError(f"{path}: weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-        try:
-            config = json.loads(meta["inn_config"])
-        except (KeyError, ValueError, RecursionError) as error:
-            raise SteerFileError(f"{path}: unreadable INN config ({error})") from error
-        expected = expected_shapes(path, config, tensors)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise SteerFileError(
-                f"{path}: tensors do not match the INN config {config}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for name, shape in expected.items():  # before INN allocates them
-            if tuple(tensors[name].shape) != shape:
-                raise SteerFileError(
-                    f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {shape} "
-                    f"for the INN config {config}"
-                )
+        config = _inn_config(path, meta)
         try:
             inn = INN.from_config_dict(config)
         except (TypeError, ValueError, OverflowError, RuntimeError) as error:
@@ -130,7 +119,14 @@ class Steerer(SteererBase):
         return cls(inn, tensors["direction"], **fields, weight_dtype=WEIGHT_DTYPES.get(weight_dtype))
 
 
-def expected_shapes(path: str, config: Any, tensors: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+def _inn_config(path: str, meta: dict[str, str]) -> Any:
+    try:
+        return json.loads(meta["inn_config"])
+    except (KeyError, ValueError, RecursionError) as error:
+        raise SteerFileError(f"{path}: unreadable INN config ({error})") from error
+
+
+def expected_shapes(path: str, config: Any, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
     """The tensor shapes a steer file with this INN config holds, computed without allocating them
     (a config claiming a huge hidden size, MLP width or coupling count must not allocate)."""
     if not isinstance(config, dict):
@@ -142,7 +138,7 @@ def expected_shapes(path: str, config: Any, tensors: dict[str, Tensor]) -> dict[
             raise SteerFileError(f"{path}: INN config {key} must be an integer, got {value!r}")
     # the distinct coupling indices among the tensor names bound how many names to list
     per_coupling = re.compile(r"inn\.(?:(?:w1|b1|w2|b2)\.|(?:cond|trans)_idx_)(\d+)")
-    couplings = len({match.group(1) for match in map(per_coupling.fullmatch, tensors) if match})
+    couplings = len({match.group(1) for match in map(per_coupling.fullmatch, names) if match})
     if sizes["num_couplings"] > couplings:
         raise SteerFileError(
             f"{path}: the file holds tensors of {couplings} couplings, but its INN config says "

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SteerFileError
-from .base import SteererBase, common_fields
+from .base import SteererBase, check_tensor_names, common_fields
 
 
 class PerDimensionSteerer(SteererBase):
@@ -70,22 +70,19 @@ class PerDimensionSteerer(SteererBase):
         return {name: getattr(self, name) for name in self.TENSORS}
 
     @classmethod
-    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> PerDimensionSteerer:
-        if set(tensors) != set(cls.TENSORS):
-            raise SteerFileError(
-                f"{path}: a '{cls.KIND}' steer file holds tensors {list(cls.TENSORS)}, found {sorted(tensors)}"
-            )
-        fields = common_fields(path, meta)
+    def check_header(cls, path: str, shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> None:
         try:
             hidden_size = int(meta["hidden_size"])
         except (KeyError, ValueError) as error:
             raise SteerFileError(f"{path}: unreadable steerer metadata ({error})") from error
+        check_tensor_names(path, shapes, {name: (hidden_size,) for name in cls.TENSORS}, f"a '{cls.KIND}' steer file")
+
+    @classmethod
+    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> PerDimensionSteerer:
+        fields = common_fields(path, meta)
         for name, tensor in tensors.items():
-            if tensor.dtype != torch.float32 or tuple(tensor.shape) != (hidden_size,):
-                raise SteerFileError(
-                    f"{path}: tensor '{name}' has shape {tuple(tensor.shape)} {tensor.dtype}, "
-                    f"expected ({hidden_size},) torch.float32"
-                )
+            if tensor.dtype != torch.float32:
+                raise SteerFileError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, expected torch.float32")
         fields.setdefault("method", cls.KIND)
         return cls(*(tensors[name] for name in cls.TENSORS), **fields)
 

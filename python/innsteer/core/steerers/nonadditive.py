@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, SteerFileError
-from .base import SteererBase, common_fields
+from .base import SteererBase, check_tensor_names, common_fields
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
@@ -133,27 +133,30 @@ class NonAdditiveSteerer(SteererBase):
         return {**super().metadata(), f"{self.KIND}_config": json.dumps(self.config)}
 
     @classmethod
-    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> NonAdditiveSteerer:
-        fields = common_fields(path, meta)
+    def _file_specs(cls, path: str, meta: dict[str, str]) -> tuple[dict, dict[str, tuple[tuple[int, ...], Any]]]:
+        """The file's config and the (shape, dtype) of each tensor it must hold."""
         try:
             config = json.loads(meta[f"{cls.KIND}_config"])
             hidden_size = int(meta["hidden_size"])
         except (KeyError, ValueError, RecursionError) as error:
             raise SteerFileError(f"{path}: unreadable '{cls.KIND}' steerer metadata ({error})") from error
         try:
-            specs = cls.tensor_specs(hidden_size, cls._checked_config(config))
+            return config, cls.tensor_specs(hidden_size, cls._checked_config(config))
         except ConfigError as error:
             raise SteerFileError(f"{path}: {error}") from error
-        if set(tensors) != set(specs):
-            raise SteerFileError(
-                f"{path}: a '{cls.KIND}' steer file holds tensors {sorted(specs)}, found {sorted(tensors)}"
-            )
-        for name, (shape, dtype) in specs.items():  # exact dtypes: a file is what save wrote
-            if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
-                raise SteerFileError(
-                    f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)} {tensors[name].dtype}, "
-                    f"expected {shape} {dtype}"
-                )
+
+    @classmethod
+    def check_header(cls, path: str, shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> None:
+        specs = cls._file_specs(path, meta)[1]
+        check_tensor_names(path, shapes, {name: shape for name, (shape, _) in specs.items()}, f"a '{cls.KIND}' file")
+
+    @classmethod
+    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> NonAdditiveSteerer:
+        fields = common_fields(path, meta)
+        config, specs = cls._file_specs(path, meta)
+        for name, (_, dtype) in specs.items():  # exact dtypes: a file is what save wrote
+            if tensors[name].dtype != dtype:
+                raise SteerFileError(f"{path}: tensor '{name}' has dtype {tensors[name].dtype}, expected {dtype}")
         fields.setdefault("method", cls.KIND)
         try:
             return cls(tensors, config=config, **fields)
