@@ -299,6 +299,20 @@ def test_clients_that_leave_give_up_their_queue_place_and_their_generation(serve
     server.assert_alive()
 
 
+def test_strings_that_are_not_text_are_named(server):
+    """JSON can escape a lone surrogate ("\\ud800"); no tokenizer and no C string takes one."""
+    for path, request, param in (
+        ("completions", {"prompt": "Hi \ud800"}, "prompt"),
+        ("completions", {"prompt": "Hi", "stop": ["ok", "\udc00"]}, "stop[1]"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+    ):
+        status, _, body = server.post(path, {"max_tokens": 2, **request})
+        error_of(status, body, 400, "lone surrogate", param=param)
+    status, _, body = server.post("completions", {"prompt": "Hi", "max_tokens": 2, "logprobs": 3})
+    error_of(status, body, 400, "log probabilities", param="logprobs")
+    server.assert_alive()
+
+
 def test_every_request_field_that_reaches_c_survives_hostile_values(server):
     """A sweep over the OpenAI request fields llama.cpp sees: each extreme value is answered (200 or
     4xx), never a crash, a hang or a 500."""

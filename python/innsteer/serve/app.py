@@ -203,9 +203,11 @@ class InnsteerServer:
             if not parsed.prompt:  # absent or empty: llama-cpp-python asserts on an empty prompt
                 raise ApiError(400, "prompt: a completion needs a non-empty prompt", param="prompt")
             texts = [parsed.prompt]
+            if parsed.logprobs is not None:  # llama-cpp-python needs logits_all contexts for them
+                raise ApiError(400, "logprobs: this server does not return log probabilities", param="logprobs")
         self._check_prompt_size(texts, "messages" if chat else "prompt")
         stops = [parsed.stop] if isinstance(parsed.stop, str) else list(parsed.stop or [])
-        if len(stops) > MAX_STOP or any(len(text.encode(errors="replace")) > MAX_STOP_BYTES for text in stops):
+        if len(stops) > MAX_STOP or any(len(text.encode()) > MAX_STOP_BYTES for text in stops):
             raise ApiError(
                 400, f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_BYTES} bytes each", param="stop"
             )
@@ -228,7 +230,7 @@ class InnsteerServer:
 
     def _check_prompt_size(self, texts: list[Any], param: str) -> None:
         """Refuse a prompt whose bytes alone prove it longer than the context, before tokenizing it."""
-        size = sum(len(text.strip().encode(errors="replace")) for text in texts if isinstance(text, str))
+        size = sum(len(text.strip().encode()) for text in texts if isinstance(text, str))
         if size > self.n_ctx * self.max_token_bytes:
             raise ApiError(
                 400,
@@ -288,7 +290,7 @@ def _bias_by_token(parsed: pydantic.BaseModel, llm: llama_cpp.Llama) -> dict[str
         return bias
     by_token = {}
     for text, score in bias.items():
-        encoded = text.encode(errors="replace")
+        encoded = text.encode()
         if len(encoded) > MAX_BIAS_TEXT_BYTES:
             raise ApiError(400, f"logit_bias: a text key of more than {MAX_BIAS_TEXT_BYTES} bytes", param="logit_bias")
         by_token.update({str(token): score for token in llm.tokenize(encoded, add_bos=False, special=True)})
@@ -400,25 +402,42 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    except RecursionError:
-        body = None  # nested too deeply for the reader: the depth check below says so
-    if body is None or _depth(body) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"the request body nests JSON more than {MAX_JSON_DEPTH} deep", code="invalid_json")
+    except RecursionError:  # nested too deeply for the reader itself
+        raise _too_deep() from None
+    _check_tree(body)
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
 
 
-def _depth(value: Any) -> int:
-    """How deep JSON containers nest in ``value`` (walked without recursion)."""
-    deepest, pending = 0, [(value, 1)]
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the request body nests JSON more than {MAX_JSON_DEPTH} deep", code="invalid_json")
+
+
+def _check_tree(body: Any) -> None:
+    r"""Refuse JSON nested more than MAX_JSON_DEPTH deep, and strings that are not Unicode text (JSON's
+    "\ud800" escapes give lone surrogates, which no tokenizer or C string takes). Walked without
+    recursion; the error names the field."""
+    pending: list[tuple[Any, str, int]] = [(body, "", 1)]
     while pending:
-        item, depth = pending.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth <= MAX_JSON_DEPTH:
-                pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+        item, where, depth = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as error:
+                code_point = f"\\u{ord(item[error.start]):04x}"
+                message = f"{where or 'body'} holds {code_point}, a lone surrogate: not Unicode text"
+                raise ApiError(400, message, param=where or None) from None
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                pending += [(key, where or "body", depth), (value, f"{where}.{key}" if where else key, depth + 1)]
+        else:
+            pending += [(value, f"{where}[{i}]", depth + 1) for i, value in enumerate(item)]
 
 
 async def _disconnected(request: Request) -> None:
