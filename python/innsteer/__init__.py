@@ -32,6 +32,7 @@ _EXPORTS = {
     "steering": "innsteer.core.hooks",
     "load_model": "innsteer.hf.models",
     "fit": "innsteer.hf.fit",
+    "tune": "innsteer.eval.tune",
     "load": ("innsteer.core.steerers", "load_steerer"),
 }
 

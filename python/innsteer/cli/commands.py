@@ -266,6 +266,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ..eval.tune import tune
+
+    args.mode = "answer"
+    source = _data(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    lm = _load(args)
+    _check_context(lm, 64, source.prompts, "open-ended prompt")
+    items = source.train[: args.n_train] if args.n_train else source.train
+    record = tune(
+        lm, None, items, test_items=source.test if source.test else None, prompts=source.prompts,
+        behavior=source.name, budget=args.budget, out=out, seed=args.seed,
+    )  # fmt: skip
+    print()
+    print((out / "tune.md").read_text())
+    print(f"wrote {out / 'tune.json'}, {out / 'tune.md'} and the chosen steerers " + ", ".join(
+        str(out / path) for path in record["steer_files"].values()))  # fmt: skip
+    return 0
+
+
 def _layer_sweep(lm, args, source) -> int:
     from ..core.methods import fit_caa
     from ..datasets.ab import train_val_split

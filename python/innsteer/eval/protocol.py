@@ -65,15 +65,17 @@ def measure_curve(
     *,
     ladder: Sequence[float] = ALPHA_LADDER,
     stop_cost: float = 1.0,
+    signs: Sequence[int] = (1, -1),
     progress: bool = False,
 ) -> dict:
-    """Points on both sides of the ladder, each side stopping one point after its fluency cost
-    (mean NLL/token over the unsteered model's) passes ``stop_cost``: the budgets up to
-    ``stop_cost`` are then determined. {"alphas", "scores": {metric: [alpha][item]}, "nll",
-    "tokens", "repetition", "replies"} (the last three per alpha and fluency prompt)."""
+    """Points on both sides of the ladder (``signs``: +1 toward the behavior, -1 away), each side
+    stopping one point after its fluency cost (mean NLL/token over the unsteered model's) passes
+    ``stop_cost``: the budgets up to ``stop_cost`` are then determined. {"alphas", "scores":
+    {metric: [alpha][item]}, "nll", "tokens", "repetition", "replies"} (the last three per alpha and
+    fluency prompt)."""
     run = {"alphas": [], "scores": {m: [] for m in scorer.metrics}}
     run.update({key: [] for key in ("nll", "tokens", "repetition", "replies")})
-    for sign in (1, -1):
+    for sign in signs:
         for magnitude in tqdm(ladder, desc=f"alpha {'+' if sign > 0 else '-'}", disable=not progress, leave=False):
             alpha = sign * magnitude
             scores = scorer.scores(steerer, alpha)
@@ -132,6 +134,7 @@ def run_protocol(
     ladder: Sequence[float] = ALPHA_LADDER,
     compare: tuple[str, str] = ("innsteer", "caa"),
     n_resamples: int = 1000,
+    signs: Sequence[int] = (1, -1),
     progress: bool = True,
     return_steerers: bool = False,
 ) -> dict:
@@ -166,7 +169,7 @@ def run_protocol(
         for name, spec in specs.items():
             steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior)
             first_steerers.setdefault(name, steerer)
-            curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, progress=progress)
+            curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, signs=signs, progress=progress)
             runs[name].append({**curve, **base, "seed": seed, "layer": steerer.layer, "extra": _summary_extra(steerer)})
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(curve['alphas'])} points", flush=True)
@@ -174,6 +177,8 @@ def run_protocol(
     if compare and set(compare) <= set(specs):
         for metric in metrics:
             for side, sign in (("toward", 1), ("away", -1)):
+                if sign not in signs:
+                    continue
                 comparison[f"{metric}/{side}"] = paired_bootstrap(
                     runs[compare[0]], runs[compare[1]], sign=sign, metric=metric, n_resamples=n_resamples
                 )

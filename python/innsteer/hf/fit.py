@@ -57,6 +57,16 @@ def _model_id(model) -> str:
     return Path(name).name
 
 
+def as_loaded_model(model, tokenizer, caller: str) -> LoadedModel:
+    """``model`` as a LoadedModel: a Hugging Face causal LM with its tokenizer, or a LoadedModel."""
+    if isinstance(model, LoadedModel):
+        return model
+    if tokenizer is None:
+        raise ConfigError(f"{caller} needs the model's tokenizer (or an innsteer LoadedModel)")
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, _model_id(model))
+
+
 def fit(
     model,
     tokenizer=None,
@@ -81,13 +91,7 @@ def fit(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; choose from: {', '.join(METHODS)}")
-    if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        if tokenizer is None:
-            raise ConfigError("fit needs the model's tokenizer (or an innsteer LoadedModel)")
-        prepare_tokenizer(tokenizer)
-        lm = LoadedModel(model, tokenizer, _model_id(model))
+    lm = as_loaded_model(model, tokenizer, "fit")
     items = pairs_to_items(pairs)
     layer = check_layer(lm.model, layer)
     pos, neg = contrastive_activations(

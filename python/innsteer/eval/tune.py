@@ -1,0 +1,346 @@
+"""``innsteer tune``: the validation study as one command, on any contrastive data and model.
+
+The items are split, seeded, into a training pool and test items (unless test items are given).
+On validation data only (each validation seed's held-out part of the pool, ``run_protocol`` in its
+validation mode), each method is tuned separately — CAA gets its layer chosen exactly as INNSteer
+does, so the baseline is tuned as hard as the method:
+
+1. the layer, from a grid relative to the model's depth (``TuneBudget.layer_fractions``), by the
+   validation area under the behaviour-vs-fluency curve up to 1 nat/token toward the behavior,
+   with the repetition gate (``innsteer.eval.tradeoff``);
+2. for INNSteer, its training options at its best layer (``TuneBudget.variants``).
+
+Then the chosen configurations are fitted on the pool for each test seed and compared on the
+test items in both directions, with paired bootstrap intervals (``run_protocol`` in its test
+mode). Everything is written under ``out``: ``tune.json`` (the choices with their validation
+scores, the test comparison), the chosen steerers as steer files, ``tune.md``, and each finished
+stage in ``stages/``, so a run that was interrupted resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..core.errors import ConfigError
+from ..core.hooks import decoder_layers
+from ..datasets.ab import ABItem, train_val_split
+from ..datasets.files import NEUTRAL_PROMPTS
+from ..hf.collect import contrastive_activations
+from ..hf.fit import as_loaded_model, pairs_to_items
+from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
+from .tradeoff import REPETITION_GATE, curve_summary
+
+SCHEMA_VERSION = 1
+TOKENS = "all"  # both methods fit every answer token's row (docs/RESULTS.md: both steered best so)
+TEST_FRACTION = 0.2  # of the items, held out for the test comparison when no test items are given (as --data)
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    """How much a tuning run measures. ``variants``: INNSteer's option sets tried at its best layer
+    (name -> TrainConfig fields; the first is the defaults)."""
+
+    layer_fractions: tuple[float, ...]
+    variants: dict[str, dict]
+    validation_seeds: tuple[int, ...]
+    test_seeds: tuple[int, ...]
+    n_prompts: int
+    max_new_tokens: int
+    ladder: tuple[float, ...] = ALPHA_LADDER
+
+
+# The options the ablation found to matter (docs/RESULTS.md): the transport term (on by default)
+# and the number of couplings.
+_VARIANTS = {
+    "defaults": {},
+    "no-transport": {"transport_weight": 0.0},
+    "8-couplings": {"num_couplings": 8},
+    "8-couplings-no-transport": {"num_couplings": 8, "transport_weight": 0.0},
+}
+TUNE_BUDGETS = {
+    "quick": TuneBudget(
+        layer_fractions=(0.35, 0.55, 0.75),
+        variants={name: _VARIANTS[name] for name in ("defaults", "no-transport", "8-couplings")},
+        validation_seeds=(0,),
+        test_seeds=(0, 1),
+        n_prompts=6,
+        max_new_tokens=24,
+    ),
+    "full": TuneBudget(
+        layer_fractions=(0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85),
+        variants=_VARIANTS,
+        validation_seeds=(0, 1),
+        test_seeds=(0, 1, 2),
+        n_prompts=10,
+        max_new_tokens=32,
+    ),
+}
+COMPARED = ("innsteer", "caa")
+
+
+def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
+    """The grid's layers for a model with ``n_layers`` decoder layers (the last one excluded: its
+    output feeds only the head)."""
+    if n_layers < 2:
+        raise ConfigError(f"tuning needs a model with at least 2 decoder layers, got {n_layers}")
+    return sorted({min(n_layers - 2, max(0, round(f * (n_layers - 1)))) for f in fractions})
+
+
+def validation_area(run: dict) -> float:
+    """A validation run's area to 1 nat/token toward the behavior (answer metric, repetition gate)."""
+    items = np.arange(len(run["base_scores"]["answer"]))
+    prompts = np.arange(len(run["base_nll"]))
+    return curve_summary(run, items, prompts, 1, "answer", REPETITION_GATE)["auc"]
+
+
+def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
+    """(training pool, test items): ``test_items`` as given, else a seeded TEST_FRACTION of ``items``."""
+    if test_items is not None:
+        return list(items), list(test_items)
+    pool, test = train_val_split(items, TEST_FRACTION, seed=seed)
+    if len(test) < 2 or len(pool) < 8:
+        raise ConfigError(f"tuning needs at least 10 items to hold out a test part, got {len(items)}")
+    return pool, test
+
+
+class _Stages:
+    """Finished stages under ``out/stages``, each tagged with what it depends on: a rerun with the
+    same settings reads them instead of measuring again."""
+
+    def __init__(self, out: Optional[Path], fingerprint: dict):
+        self.dir = None if out is None else out / "stages"
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples become lists)
+
+    def run(self, name: str, measure) -> dict:
+        path = None if self.dir is None else self.dir / f"{name}.json"
+        if path is not None and path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("fingerprint") == self.fingerprint:
+                return stored["result"]
+        result = measure()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".partial")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result}))
+            os.replace(tmp, path)
+        return result
+
+
+def tune(
+    model,
+    tokenizer=None,
+    items: Sequence = (),
+    *,
+    test_items: Optional[Sequence] = None,
+    prompts: Optional[Sequence[str]] = None,
+    behavior: str = "custom",
+    budget: str = "quick",
+    out: Optional[str | os.PathLike] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Tune CAA and INNSteer on ``items`` for ``model`` (see the module docstring) and return the
+    record ``tune.json`` holds; with ``out``, also write it, the steer files and the report there.
+
+    ``model``, ``tokenizer``: a Hugging Face causal LM and its tokenizer, or an innsteer
+    ``LoadedModel`` (tokenizer None). ``items`` and ``test_items``: contrastive pairs as
+    ``innsteer.fit`` takes them (``(positive, negative)`` texts, ``(prompt, positive, negative)``)
+    or A/B items. ``prompts``: open-ended prompts for the fluency measure (default: a neutral set).
+    """
+    if budget not in TUNE_BUDGETS:
+        raise ConfigError(f"unknown budget '{budget}'; choose one of: {', '.join(TUNE_BUDGETS)}")
+    lm = as_loaded_model(model, tokenizer, "tune")
+    items = pairs_to_items(items)
+    test_items = None if test_items is None else pairs_to_items(test_items)
+    plan = TUNE_BUDGETS[budget]
+    start = time.perf_counter()
+    out_dir = None if out is None else Path(out)
+    pool, test = split_items(items, test_items, seed)
+    prompts = list(prompts or NEUTRAL_PROMPTS)[: plan.n_prompts]
+    layers = candidate_layers(len(decoder_layers(lm.model)), plan.layer_fractions)
+    stages = _Stages(
+        out_dir,
+        {
+            "schema": SCHEMA_VERSION,
+            "model_id": lm.model_id,
+            "behavior": behavior,
+            "budget": asdict(plan),
+            "seed": seed,
+            "items": _digest([*pool, None, *test]),
+            "prompts": _digest(prompts),
+        },
+    )
+    common = {"behavior": behavior, "max_new_tokens": plan.max_new_tokens, "ladder": plan.ladder, "progress": progress}
+
+    def validate(layer: int, specs: dict[str, MethodSpec]) -> dict:
+        result = run_protocol(
+            lm, pool, None, prompts, layer=layer, specs=specs, seeds=plan.validation_seeds, compare=(), signs=(1,),
+            **common,
+        )  # fmt: skip
+        return {name: [validation_area(run) for run in runs] for name, runs in result["runs"].items()}
+
+    # one forward pass per validation seed collects every candidate layer (then cached on disk)
+    for s in plan.validation_seeds:
+        contrastive_activations(
+            lm, train_val_split(pool, seed=s)[0], layers, tokens=TOKENS, behavior=behavior, split=f"train-s{s}",
+            seed=s, progress=progress,
+        )  # fmt: skip
+    variants = dict(plan.variants)
+    default_variant = next(iter(variants))
+    by_layer: dict[str, dict[int, float]] = {"caa": {}, "innsteer": {}}
+    for layer in layers:
+        specs = {
+            "caa": MethodSpec("caa", TOKENS),
+            "innsteer": MethodSpec("innsteer", TOKENS, variants[default_variant]),
+        }
+        areas = stages.run(f"layer{layer}", lambda layer=layer, specs=specs: validate(layer, specs))
+        for name in by_layer:
+            by_layer[name][layer] = float(np.mean(areas[name]))
+        _say(progress, f"layer {layer}: validation area CAA {by_layer['caa'][layer]:.3f}, "
+             f"INNSteer {by_layer['innsteer'][layer]:.3f}")  # fmt: skip
+    chosen_layer = {name: max(scores, key=scores.get) for name, scores in by_layer.items()}
+
+    # INNSteer's options at its layer (the first variant was measured there already)
+    inn_layer = chosen_layer["innsteer"]
+    by_options = {default_variant: by_layer["innsteer"][inn_layer]}
+    others = {name: MethodSpec("innsteer", TOKENS, options) for name, options in list(variants.items())[1:]}
+    if others:
+        areas = stages.run(f"options-layer{inn_layer}", lambda: validate(inn_layer, others))
+        by_options.update({name: float(np.mean(values)) for name, values in areas.items()})
+    best_variant = max(by_options, key=by_options.get)
+    _say(progress, "INNSteer options: " + ", ".join(f"{n} {a:.3f}" for n, a in by_options.items()))
+
+    chosen = {
+        "caa": {
+            "layer": chosen_layer["caa"],
+            "options": {},
+            "validation": {"auc": by_layer["caa"][chosen_layer["caa"]], "by_layer": _keys(by_layer["caa"])},
+        },
+        "innsteer": {
+            "layer": inn_layer,
+            "options": dict(variants[best_variant]),
+            "variant": best_variant,
+            "validation": {
+                "auc": by_options[best_variant],
+                "by_layer": _keys(by_layer["innsteer"]),
+                "by_options": by_options,
+            },
+        },
+    }
+    final = {
+        name: MethodSpec(name, TOKENS, choice["options"], layer=choice["layer"]) for name, choice in chosen.items()
+    }
+    steerers: dict[str, Any] = {}
+
+    def test_stage() -> dict:
+        result = run_protocol(
+            lm, pool, test, prompts, layer=final["caa"].layer, specs=final, seeds=plan.test_seeds,
+            compare=COMPARED, return_steerers=True, **common,
+        )  # fmt: skip
+        steerers.update(result.pop("steerers"))
+        if out_dir is not None:  # written with the stage, so a resumed run has them too
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, steerer in steerers.items():
+                steerer.save(out_dir / f"{name}.safetensors")
+        return result
+
+    result = stages.run("test", test_stage)
+    comparison = result["comparison"]
+    test_record: dict[str, Any] = dict(comparison["answer/toward"])
+    test_record["away"] = comparison["answer/away"]
+    if "letter/toward" in comparison:
+        test_record["letter"] = {"toward": comparison["letter/toward"], "away": comparison["letter/away"]}
+    record = {
+        "schema": SCHEMA_VERSION,
+        "model_id": lm.model_id,
+        "behavior": behavior,
+        "budget": budget,
+        "seed": seed,
+        "layers": layers,
+        "n_items": {"pool": len(pool), "test": len(test), "prompts": len(prompts)},
+        "validation_seeds": list(plan.validation_seeds),
+        "test_seeds": list(plan.test_seeds),
+        "chosen": chosen,
+        "compare": list(COMPARED),
+        "test": test_record,
+        "steer_files": {name: f"{name}.safetensors" for name in final},
+        "minutes": round((time.perf_counter() - start) / 60, 2),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "tune.json").write_text(json.dumps(record, indent=1))
+        (out_dir / "tune.md").write_text(tune_markdown(record))
+    return record
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        print(f"tune: {text}", flush=True)
+
+
+def _keys(scores: dict[int, float]) -> dict[str, float]:
+    return {str(layer): score for layer, score in sorted(scores.items())}
+
+
+def _digest(values: Sequence) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(list(values)).encode()).hexdigest()[:16]
+
+
+def tune_markdown(record: dict) -> str:
+    """The tuning report: each method's choice with its validation scores, then the test comparison."""
+    chosen = record["chosen"]
+    lines = [
+        f"# innsteer tune: {record['behavior']} on {record['model_id']} ({record['budget']} budget)",
+        "",
+        f"{record['n_items']['pool']} training-pool items, {record['n_items']['test']} test items, "
+        f"{record['n_items']['prompts']} fluency prompts; validation seeds {record['validation_seeds']}, "
+        f"test seeds {record['test_seeds']}; {record['minutes']:.1f} minutes.",
+        "",
+        "## Chosen on validation data (area to 1 nat/token toward the behavior, repetition gate)",
+        "",
+        "| layer | " + " | ".join(chosen) + " |",
+        "|---|" + "---|" * len(chosen),
+    ]
+    for layer in record["layers"]:
+        cells = []
+        for choice in chosen.values():
+            value = choice["validation"]["by_layer"][str(layer)]
+            cells.append(f"**{value:.3f}**" if layer == choice["layer"] else f"{value:.3f}")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    options = chosen["innsteer"]["validation"]["by_options"]
+    lines += ["", f"INNSteer's options at layer {chosen['innsteer']['layer']}:", ""]
+    lines += [f"- {name}: {value:.3f}" + (" (chosen)" if name == chosen["innsteer"]["variant"] else "")
+              for name, value in options.items()]  # fmt: skip
+    lines += [
+        "",
+        "## Test comparison (INNSteer - CAA, each at its chosen configuration; paired bootstrap 95 % interval)",
+        "",
+        "| direction | summary | INNSteer | CAA | difference [95 % CI] |",
+        "|---|---|---|---|---|",
+    ]
+    test = record["test"]
+    for direction, rows in (("toward", {k: v for k, v in test.items() if k.startswith(("at", "auc"))}),
+                            ("away", test["away"])):  # fmt: skip
+        for key, row in rows.items():
+            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
+            lines.append(
+                f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
+                f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
+            )
+    lines += [
+        "",
+        "Shifts are p(matching answer) minus the unsteered model's, at a fluency cost (NLL/token of greedy "
+        "replies under the unsteered model) within the budget; `auc` is the area for budgets 0 to 1 nat/token. "
+        "✓: INNSteer above CAA (interval above 0); ✗: below.",
+    ]
+    return "\n".join(lines) + "\n"

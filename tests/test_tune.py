@@ -1,0 +1,142 @@
+"""``innsteer tune`` end to end on a tiny random model (shapes, choices, files, resuming), and its
+pieces against independent references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import tiny_lm
+
+import innsteer
+from innsteer.core.errors import ConfigError
+from innsteer.core.steerers import load_steerer
+from innsteer.datasets.caa import load_ab
+from innsteer.eval import tune as tune_module
+from innsteer.eval.tune import TuneBudget, candidate_layers, split_items, validation_area
+
+TINY = TuneBudget(
+    layer_fractions=(0.2, 0.8),
+    variants={"defaults": {"max_epochs": 2}, "no-transport": {"max_epochs": 2, "transport_weight": 0.0}},
+    validation_seeds=(0,),
+    test_seeds=(0, 1),
+    n_prompts=2,
+    max_new_tokens=4,
+    ladder=(1.0, 8.0),
+)
+
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    monkeypatch.setitem(tune_module.TUNE_BUDGETS, "tiny", TINY)
+    return "tiny"
+
+
+def test_candidate_layers_are_relative_to_depth():
+    assert candidate_layers(30, (0.35, 0.55, 0.75)) == [10, 16, 22]
+    assert candidate_layers(28, (0.35, 0.55, 0.75)) == [9, 15, 20]
+    assert candidate_layers(4, (0.1, 0.5, 0.9, 1.0)) == [0, 2]  # the last layer is never a candidate
+    with pytest.raises(ConfigError):
+        candidate_layers(1, (0.5,))
+
+
+def test_validation_area_against_a_hand_computed_trapezoid():
+    # points (cost, shift): alpha 1 -> (0.5, 0.2), alpha 2 -> (1.5, 0.6); the budget function is the
+    # polyline (0,0)->(0.5,0.2)->(1,0.4): area 0.5*0.2/2 + 0.5*(0.2+0.4)/2 = 0.2
+    run = {
+        "alphas": [1.0, 2.0],
+        "scores": {"answer": [[0.6, 0.6], [1.0, 1.0]]},
+        "base_scores": {"answer": [0.4, 0.4]},
+        "nll": [[3.0], [5.0]],  # per prompt: NLL sums over 2 tokens (base 1 nat/token)
+        "tokens": [[2], [2]],
+        "base_nll": [2.0],
+        "base_tokens": [2],
+        "repetition": [[0.0], [0.0]],
+        "base_repetition": [0.0],
+    }
+    assert validation_area(run) == pytest.approx(0.2, abs=1e-3)
+    run["repetition"] = [[0.0], [0.9]]  # the second point loops: the curve ends at the first
+    assert validation_area(run) == pytest.approx(0.5 * 0.2 / 2 + 0.5 * 0.2, abs=1e-3)
+
+
+def test_split_items_is_seeded_and_respects_given_test_items():
+    items = load_ab("refusal", "generate", limit=40)
+    pool, test = split_items(items, None, seed=3)
+    assert len(test) == 8 and len(pool) == 32 and not set(map(id, pool)) & set(map(id, test))
+    assert split_items(items, None, seed=3) == (pool, test)
+    assert split_items(items, None, seed=4) != (pool, test)
+    given = load_ab("refusal", "test_ab", limit=5)
+    assert split_items(items, given, seed=3) == (list(items), list(given))
+    with pytest.raises(ConfigError, match="at least 10 items"):
+        split_items(items[:6], None, seed=0)
+
+
+def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_budget, monkeypatch):
+    lm = tiny_lm(layers=5)
+    items = load_ab("corrigible-neutral-HHH", "generate", limit=30)
+    calls = []
+    real_run_protocol = tune_module.run_protocol
+    monkeypatch.setattr(tune_module, "run_protocol", lambda *a, **k: calls.append(k) or real_run_protocol(*a, **k))
+    record = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
+
+    assert record["layers"] == candidate_layers(5, TINY.layer_fractions) == [1, 3]
+    for name in ("caa", "innsteer"):
+        choice = record["chosen"][name]
+        by_layer = {int(k): v for k, v in choice["validation"]["by_layer"].items()}
+        assert choice["layer"] == max(by_layer, key=by_layer.get)  # each method's own best layer
+    options = record["chosen"]["innsteer"]["validation"]["by_options"]
+    assert set(options) == set(TINY.variants)
+    assert record["chosen"]["innsteer"]["options"] == TINY.variants[max(options, key=options.get)]
+    for row in [*(record["test"][k] for k in ("auc", "at0.5")), record["test"]["away"]["auc"]]:
+        assert row["low"] <= row["diff"] <= row["high"] and row["diff"] == pytest.approx(row["a"] - row["b"])
+    assert "letter" in record["test"]  # lettered items: both metrics
+    assert record["n_items"] == {"pool": 24, "test": 6, "prompts": 2}
+    # validation measured toward the behavior only; the test stage both ways, on the test seeds
+    assert [call.get("signs", (1, -1)) for call in calls] == [(1,), (1,), (1,), (1, -1)]
+    assert calls[-1]["seeds"] == TINY.test_seeds and calls[-1]["compare"] == ("innsteer", "caa")
+
+    stored = json.loads((tmp_path / "tune.json").read_text())
+    assert stored["chosen"] == json.loads(json.dumps(record["chosen"]))
+    for name, path in record["steer_files"].items():
+        steerer = load_steerer(tmp_path / path)
+        assert steerer.layer == record["chosen"][name]["layer"] and steerer.method == name
+    assert "## Test comparison" in (tmp_path / "tune.md").read_text()
+
+    calls.clear()  # the same command again: every stage is read back, nothing measured
+    again = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
+    assert calls == [] and again["chosen"] == record["chosen"] and again["test"] == record["test"]
+    # other settings do not reuse the stages
+    innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, seed=1, progress=False)
+    assert len(calls) == 4
+
+
+def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, capsys):
+    from innsteer.cli.main import main
+
+    monkeypatch.setitem(tune_module.TUNE_BUDGETS, "quick", TINY)  # the command's default budget, made tiny
+    lm = tiny_lm(layers=4)
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    rows = [
+        {"prompt": f"Question {i}?", "positive": f"Yes, gladly {i}.", "negative": f"No, never {i}."} for i in range(20)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "out"
+    assert main(["tune", "--data", str(data), "--model", str(tmp_path / "model"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "tune.json").read_text())
+    assert record["behavior"] == "pairs" and record["n_items"]["test"] == 4  # --data's 20 % held out
+    assert "letter" not in record["test"]  # plain answers: the answer metric only
+    assert "## Test comparison" in printed and str(out / "innsteer.safetensors") in printed
+    (tmp_path / "file").write_text("")
+    assert main(["tune", "--data", str(data), "--out", str(tmp_path / "file")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_tune_refuses_an_unknown_budget_and_too_few_items():
+    lm = tiny_lm()
+    with pytest.raises(ConfigError, match="unknown budget 'huge'"):
+        innsteer.tune(lm, None, load_ab("refusal", "generate", limit=20), budget="huge")
+    with pytest.raises(ConfigError, match="at least 10 items"):
+        innsteer.tune(lm, None, load_ab("refusal", "generate", limit=5), progress=False)
