@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from innsteer import cli
-from innsteer.core.steerers import LinearSteerer
+from innsteer.core.errors import ConfigError
+from innsteer.core.steerers import LinearSteerer, load_steerer
 from innsteer.eval.report import write_report
+from innsteer.hf.collect import contrastive_activations
 
 
 def run(argv, capsys):
@@ -60,48 +62,51 @@ def test_train_then_generate(tmp_path, capsys, default_lm):
 
 
 def test_train_defaults_to_the_validated_layer_and_options(tmp_path, capsys, default_lm, monkeypatch):
-    from innsteer.eval import experiment
     from innsteer.eval.protocol import DEFAULT_LAYER, validated_layer, validated_options
+    from innsteer.hf import fit as fit_module
 
     calls = []
+    real_fit_method = fit_module.fit_method
 
-    def spy(lm, source, layer, methods, **kwargs):
-        calls.append((layer, kwargs["options"]))
-        return fit_methods(lm, source, layer, methods, **kwargs)
+    def spy(lm, method, items, layer, **kwargs):
+        calls.append((method, layer, kwargs["options"]))
+        options = {**kwargs.pop("options"), "max_epochs": 1} if method == "innsteer" else kwargs.pop("options")
+        return real_fit_method(lm, method, items, layer, options=options, **kwargs)
 
-    fit_methods = experiment.fit_methods
-    monkeypatch.setattr(experiment, "fit_methods", spy)
+    monkeypatch.setattr(fit_module, "fit_method", spy)
     layer = validated_layer(default_lm.model_id, "refusal")
-    assert layer != DEFAULT_LAYER and validated_options(default_lm.model_id, layer, "refusal")
+    options = validated_options(default_lm.model_id, layer, "refusal")
+    assert layer != DEFAULT_LAYER and options
     path = tmp_path / "refusal.safetensors"
-    argv = ["train", "--behavior", "refusal", "--method", "caa", "--n-train", "8", "-o", str(path)]
-    code, out, err = run(argv, capsys)
-    assert code == 0, err
-    assert LinearSteerer.load(path).layer == layer and f"layer {layer}" in out
-    assert calls[-1] == (layer, {"innsteer": validated_options(default_lm.model_id, layer, "refusal")})
+    for method in ("caa", "innsteer"):
+        argv = ["train", "--behavior", "refusal", "--method", method, "--n-train", "8", "-o", str(path)]
+        code, out, err = run(argv, capsys)
+        assert code == 0, err
+        assert load_steerer(path).layer == layer and f"layer {layer}" in out
+    assert calls == [("caa", layer, {}), ("innsteer", layer, options)]
     # your own file, even one named like a shipped behavior, gets the fallback layer and no options
     data = tmp_path / "refusal.jsonl"
     data.write_text(_user_files(tmp_path)["plain"].read_text())
-    code, out, err = run(["train", "--data", str(data), "--method", "caa", "-o", str(path)], capsys)
+    code, out, err = run(["train", "--data", str(data), "--method", "innsteer", "-o", str(path)], capsys)
     assert code == 0, err
-    assert LinearSteerer.load(path).layer == DEFAULT_LAYER and calls[-1] == (DEFAULT_LAYER, {"innsteer": {}})
+    assert load_steerer(path).layer == DEFAULT_LAYER and calls[-1] == ("innsteer", DEFAULT_LAYER, {})
 
 
-def test_fit_methods_passes_each_method_its_options(default_lm):
-    from innsteer.datasets.source import shipped
-    from innsteer.eval.experiment import fit_methods
+def test_fit_method_passes_options_and_a_seed_to_the_methods_that_take_them():
+    from tiny_models import tiny_lm
 
-    steerers, _ = fit_methods(
-        default_lm,
-        shipped("refusal"),
-        10,
-        ["innsteer", "caa"],
-        n_train=8,
-        options={"innsteer": {"max_epochs": 1, "num_couplings": 2}},
-        progress=False,
-    )
-    assert steerers["innsteer"].extra["train"]["max_epochs"] == 1
-    assert steerers["innsteer"].inn.config.num_couplings == 2
+    from innsteer.datasets.caa import load_ab
+    from innsteer.hf.fit import fit_method
+
+    lm, items = tiny_lm(), load_ab("refusal", "generate", limit=8)
+    inn = fit_method(lm, "innsteer", items, 2, options={"max_epochs": 1, "num_couplings": 2}, seed=3)
+    assert inn.extra["train"]["max_epochs"] == 1 and inn.extra["train"]["seed"] == 3
+    assert inn.inn.config.num_couplings == 2 and inn.extra["tokens"] == "all"
+    caa = fit_method(lm, "caa", items, 2, seed=3, tokens="mean")  # CAA takes no seed: none is passed
+    pos, neg = contrastive_activations(lm, items, 2, tokens="mean", behavior="custom")[2]
+    torch.testing.assert_close(caa.vector, pos.mean(0) - neg.mean(0))
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        fit_method(lm, "nope", items, 2)
 
 
 def test_parsing_needs_no_torch_and_knows_every_method_and_format():
@@ -256,6 +261,8 @@ def test_user_files_through_collect_train_and_eval(tmp_path, capsys, default_lm)
         "caa",
         "--alphas",
         "4",
+        "--seeds",
+        "0",
         "--layer",
         "6",
         "--n-open",
@@ -270,7 +277,7 @@ def test_user_files_through_collect_train_and_eval(tmp_path, capsys, default_lm)
     assert code == 0, err
     result = json.loads((report / "report.json").read_text())
     assert result["behavior"] == "plain" and result["n_test"] == 12 and result["n_open"] == 1
-    caa_point = next(p for p in result["points"] if p["method"] == "caa")
+    caa_point = next(p for p in result["points"] if p["method"] == "caa" and p["alpha"] == 4)
     base = next(p for p in result["points"] if p["method"] == "none")
     assert caa_point["letter"] is None and caa_point["answer"] > base["answer"]  # steered toward the file's positives
 

@@ -73,7 +73,6 @@ def caa_file(tmp_path):
         (["generate", "hi", "--control-strength", "inf"], "--control-strength: expected a finite number"),
         (["collect", "--layers", "3,3"], "layer 3 is listed more than once"),
         (["collect", "--layers", ""], "--layers: expected at least one layer"),  # was: --layer, silently
-        (["eval", "--layer-sweep", ""], "--layer-sweep: expected at least one layer"),  # was: a full eval
         (["demo", "--methods", "caa,caa"], "method caa is listed more than once"),
         (["eval", "--methods", ","], "--methods: expected at least one method"),  # was: "unknown method(s) []"
         (["demo", "--seeds", "0,0"], "seed 0 is listed more than once"),  # was: "layer 0 is listed ..."
@@ -168,15 +167,6 @@ def test_plots_without_matplotlib_are_refused_before_the_model_loads(tmp_path, c
     code, _, err = run(["eval", "--out", str(tmp_path / "report")], capsys)
     assert_one_line_error(code, err, "--no-plots")
     assert not (tmp_path / "report").exists()
-
-
-def test_layer_sweep_refuses_options_it_would_ignore(tmp_path, capsys):
-    for extra in (["--all"], ["--out", str(tmp_path / "r")]):
-        code, _, err = run(["eval", "--layer-sweep", "8,10", *extra], capsys)
-        assert_one_line_error(code, err, "--layer-sweep")
-
-
-# --- generate: files and options that do not fit together ------------------------------------------
 
 
 def test_generate_refuses_misused_options_before_the_model_loads(tmp_path, caa_file, capsys):

@@ -9,7 +9,6 @@ from innsteer.core.hooks import steering
 from innsteer.core.methods import fit_caa
 from innsteer.datasets.caa import load_ab, load_open_ended
 from innsteer.eval.metrics import ABScorer, fluency, generate, multiple_choice_sanity, repetition, reply_nll
-from innsteer.eval.sweeps import SweepPoint, tradeoff
 from innsteer.hf.collect import contrastive_activations
 from innsteer.hf.encoding import encode_spans
 from innsteer.hf.prompts import format_prompt
@@ -98,28 +97,3 @@ def test_fluency_scores_replies_with_the_unsteered_model(default_lm, caa):
     assert steered["nll"] > plain["nll"]  # a strong push costs fluency
     assert plain["samples"] == texts
     assert plain["repetition"] == pytest.approx(sum(repetition(r.tolist()) for r in reply_ids) / len(reply_ids))
-
-
-def _point(method, alpha, answer, nll, repetition=None):
-    return SweepPoint(method, alpha, answer, None, nll, None, [], repetition)
-
-
-def test_tradeoff_takes_the_best_shift_within_each_budget():
-    base = _point("none", 0, 0.40, 1.0)
-    curve = [_point("m", 1, 0.50, 1.1), _point("m", 2, 0.70, 1.4), _point("m", 4, 0.90, 3.0)]
-    assert tradeoff(curve, base, budgets=(0.05, 0.25, 0.5, 2.5)) == pytest.approx(
-        {0.05: 0.0, 0.25: 0.10, 0.5: 0.30, 2.5: 0.50}
-    )
-
-
-def test_tradeoff_stops_each_side_at_its_first_looping_point():
-    base = _point("none", 0, 0.40, 1.0, repetition=0.05)
-    # alpha 2 loops (cheap under NLL, as loops are); alpha 4 and everything past it no longer count
-    curve = [
-        _point("m", 1, 0.50, 1.1, 0.05),
-        _point("m", 2, 0.80, 1.1, 0.60),
-        _point("m", 4, 0.90, 1.1, 0.10),
-        _point("m", -1, 0.45, 1.1, 0.05),  # the other side is cut on its own
-    ]
-    assert tradeoff(curve, base, budgets=(0.5,)) == pytest.approx({0.5: 0.10})
-    assert tradeoff(curve, base, budgets=(0.5,), gate=None) == pytest.approx({0.5: 0.50})

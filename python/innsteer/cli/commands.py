@@ -98,7 +98,7 @@ def _resolve_layers(lm, args) -> None:
 
     if getattr(args, "layer", None) is not None:
         args.layer = check_layer(lm.model, args.layer)
-    for option in ("layers", "layer_sweep"):
+    for option in ("layers",):
         layers = getattr(args, option, None)
         if layers:
             resolved = [check_layer(lm.model, layer) for layer in layers]
@@ -184,23 +184,26 @@ def cmd_collect(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ..eval.experiment import fit_methods
+    from ..datasets.ab import train_val_split
+    from ..hf.fit import fit_method
 
     check_output_file(args.output, "-o/--output")
     source = _data(args)
     lm = _load(args)
     layer = _layer_for(lm, args, source)
-    options = {"innsteer": _innsteer_options(lm, args, layer, source)}
-    steerers, seconds = fit_methods(
-        lm, source, layer, [args.method], mode=args.mode, tokens=args.tokens, n_train=args.n_train, options=options
-    )
-    steerer = steerers[args.method]
+    options = _innsteer_options(lm, args, layer, source) if args.method == "innsteer" else {}
+    train = train_val_split(source.train)[0]  # the protocol's seed-0 training part; the rest validates
+    start = time.perf_counter()
+    steerer = fit_method(
+        lm, args.method, train[: args.n_train] if args.n_train else train, layer, tokens=args.tokens,
+        mode=args.mode, options=options, behavior=source.name, split="train-s0", progress=True,
+    )  # fmt: skip
     if args.alpha is not None:
         steerer.alpha = args.alpha
     steerer.save(args.output)
     print(
         f"wrote {args.output}: {args.method} steerer for {lm.model_id} layer {steerer.layer} "
-        f"({source.name}, fitted in {seconds[args.method]:.1f} s)"
+        f"({source.name}, fitted in {time.perf_counter() - start:.1f} s)"
     )
     return 0
 
@@ -217,47 +220,53 @@ def _report(result: dict, args, command: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..eval.experiment import run_behavior
+    """The comparison protocol of docs/RESULTS.md on one behavior (or --all): every method fitted per
+    seed, swept on both sides, the paired bootstrap of INNSteer - CAA, the report."""
+    from ..eval.metrics import multiple_choice_sanity
+    from ..eval.protocol import MethodSpec, protocol_report, run_protocol
+    from ..eval.report import summary_markdown
 
-    if args.layer_sweep and (args.all or args.out):
-        raise CLIError("--layer-sweep prints a table of layers; it takes neither --all nor --out")
     _check_report(args)
     if args.all and (args.data or args.behavior):
         raise CLIError("--all runs every shipped behavior; it takes neither --behavior nor --data")
+    if 0 in args.alphas:
+        raise CLIError("--alphas: the protocol sweeps magnitudes on both sides of the unsteered point; 0 is not one")
     command = "innsteer " + " ".join(sys.argv[1:])
     sources = [_data(args, behavior) for behavior in BEHAVIORS] if args.all else [_data(args)]
     lm = _load(args)
-    if args.layer_sweep:
-        return _layer_sweep(lm, args, sources[0])
     questions = [q for source in sources for q in source.prompts[: args.n_open]]
     _check_context(lm, args.max_new_tokens, questions, "open-ended prompt")
+    sanity = multiple_choice_sanity(lm)
+    compare = ("innsteer", "caa") if {"innsteer", "caa"} <= set(args.methods) else ()
     results = []
     for source in sources:
-        behavior = source.name
         layer = _layer_for(lm, args, source)
-        result, _ = run_behavior(
+        chosen = _innsteer_options(lm, args, layer, source)
+        specs = {
+            method: MethodSpec(method, args.tokens, chosen if method == "innsteer" else {}, mode=args.mode)
+            for method in args.methods
+        }
+        result = run_protocol(
             lm,
-            source,
-            layer,
-            args.methods,
-            options={"innsteer": _innsteer_options(lm, args, layer, source)},
-            mode=args.mode,
-            tokens=args.tokens,
-            alphas=args.alphas,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            n_open=args.n_open,
+            source.train[: args.n_train] if args.n_train else source.train,
+            source.test[: args.n_test] if args.n_test else source.test,
+            source.prompts[: args.n_open],
+            layer=layer,
+            specs=specs,
+            seeds=args.seeds,
+            behavior=source.name,
             max_new_tokens=args.max_new_tokens,
+            ladder=sorted({abs(a) for a in args.alphas}),
+            compare=compare,
         )
-        results.append(result)
+        report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
+        results.append(report)
         if args.all and args.out:
-            sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / behavior)})
-            _report(result, sub, command)
+            sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / source.name)})
+            _report(report, sub, command)
         elif not args.all:
-            _report(result, args, command)
+            _report(report, args, command)
     if args.all:
-        from ..eval.report import summary_markdown
-
         text = summary_markdown(results, command)
         print(text)
         if args.out:
@@ -285,23 +294,6 @@ def cmd_tune(args) -> int:
     print((out / "tune.md").read_text())
     print(f"wrote {out / 'tune.json'}, {out / 'tune.md'} and the chosen steerers " + ", ".join(
         str(out / path) for path in record["steer_files"].values()))  # fmt: skip
-    return 0
-
-
-def _layer_sweep(lm, args, source) -> int:
-    from ..core.methods import fit_caa
-    from ..datasets.ab import train_val_split
-    from ..eval.sweeps import layer_sweep
-
-    train, val = train_val_split(source.train)
-    train = train[: args.n_train] if args.n_train else train
-    val = val[: args.n_test] if args.n_test else val
-    alpha = max(args.alphas)
-    shifts = layer_sweep(lm, fit_caa, train, val, args.layer_sweep, alpha=alpha, mode=args.mode, behavior=source.name)
-    print(f"CAA at alpha {alpha:g}: shift of p_match (answer text) on {len(val)} validation items")
-    for layer, shift in sorted(shifts.items()):
-        print(f"  layer {layer:3d}: {shift:+.3f}")
-    print(f"best layer: {max(shifts, key=shifts.get)}")
     return 0
 
 

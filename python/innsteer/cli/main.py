@@ -21,7 +21,7 @@ from . import commands, llama, serve
 from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, FALLBACK_LAYER, METHOD_NAMES
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
-NUMBER_OPTIONS = ("--layer", "--layers", "--layer-sweep", "--alpha", "--alphas", "--control-strength")
+NUMBER_OPTIONS = ("--layer", "--layers", "--alpha", "--alphas", "--control-strength")
 NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
@@ -245,24 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="sweep alpha for several methods; behaviour vs fluency report",
-        description="Fit each method at one layer, sweep alpha, score the test A/B items (answer-text "
-        "and letter metrics) and the fluency of open-ended replies, and write a report. "
-        "--all runs every behavior and writes a summary table; --layer-sweep picks a layer.",
+        help="compare methods with the protocol of docs/RESULTS.md: seeds, both directions, intervals",
+        description="For each seed, fit each method on a seeded training part, sweep alpha on both sides until "
+        "the fluency cost passes 1 nat/token, score the test A/B items (answer-text and letter metrics) and the "
+        "fluency of open-ended replies; compare INNSteer with CAA at fluency budgets with paired bootstrap 95%% "
+        "intervals, and write a report. --all runs every behavior and writes a summary table. To choose the "
+        "layer and options for your data, run `innsteer tune`.",
     )
     _add_model(p)
     _add_data(p)
-    _add_eval(
-        p, methods="caa,pca,probe,linear_act,innsteer", alphas="0.5,1,2,4", n_test=None, n_open=5, max_new_tokens=32
+    _add_eval(p, methods="caa,innsteer", alphas="0.5,1,2,3,4,6,8,12", n_test=None, n_open=10, max_new_tokens=32)
+    p.add_argument(
+        "--seeds", type=_seeds, default=[0, 1, 2], help="training seeds (each also reseeds the train/validation split)"
     )
     p.add_argument("--all", action="store_true", help="every behavior; writes summary.md and summary.json in --out")
-    p.add_argument(
-        "--layer-sweep",
-        type=_layers,
-        default=None,
-        metavar="LAYERS",
-        help="instead of a report: CAA's behaviour shift at each of these layers (comma-separated)",
-    )
     p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser(

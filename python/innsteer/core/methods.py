@@ -124,7 +124,15 @@ def fit_linear_act(
 
 
 def fit_innsteer(
-    pos: Tensor, neg: Tensor, *, layer: int, model_id: str = "", behavior: str = "", progress: bool = False, **config
+    pos: Tensor,
+    neg: Tensor,
+    *,
+    layer: int,
+    model_id: str = "",
+    behavior: str = "",
+    seed: int = 0,
+    progress: bool = False,
+    **config,
 ) -> Steerer:
     """train_innsteer with TrainConfig and FlowConfig fields as keywords (e.g. ``mlp_hidden=64,
     sep_weight=0.1``); the history is in ``steerer.extra``."""
@@ -133,7 +141,7 @@ def fit_innsteer(
     if unknown:
         raise TypeError(f"unknown innsteer training option(s) {unknown}; known: {sorted(flow_keys | train_keys)}")
     flow = replace(TrainConfig().flow, **{k: v for k, v in config.items() if k in flow_keys})
-    train_config = TrainConfig(flow=flow, **{k: v for k, v in config.items() if k in train_keys})
+    train_config = TrainConfig(flow=flow, seed=seed, **{k: v for k, v in config.items() if k in train_keys})
     return train_innsteer(
         pos, neg, layer=layer, model_id=model_id, behavior=behavior, config=train_config, progress=progress
     ).steerer

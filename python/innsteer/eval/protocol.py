@@ -19,15 +19,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from ..core.methods import METHODS
 from ..datasets.ab import METRICS, ABItem, train_val_split
-from ..hf.collect import contrastive_activations
+from ..hf.fit import fit_method
 from ..hf.models import LoadedModel
 from .batched import BatchedFluency, BatchedScorer
 from .metrics import repetition
-from .tradeoff import REPETITION_GATE, paired_bootstrap
+from .tradeoff import REPETITION_GATE, has_replies, paired_bootstrap, seed_mean_summary
 
 ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
@@ -43,17 +43,20 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
     layer: Optional[int] = None
     train_fraction: float = 1.0
+    mode: str = "answer"  # activations at the answer's text, or at its letter (CAA's 'letter' mode)
 
     def __post_init__(self):
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
 
     def record(self) -> dict:
-        """The spec as result files keep it: ``train_fraction`` only where it is not 1, so files
-        written before it existed still compare equal to the same spec."""
+        """The spec as result files keep it: ``train_fraction`` and ``mode`` only where they are not
+        the defaults, so files written before they existed still compare equal to the same spec."""
         record = asdict(self)
         if self.train_fraction == 1:
             del record["train_fraction"]
+        if self.mode == "answer":
+            del record["mode"]
         return record
 
 
@@ -102,22 +105,11 @@ def reply_record(fluency: BatchedFluency, replies: Sequence) -> tuple[list[float
 def fit_spec(lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, layer: int, seed: int, behavior: str):
     """The steerer ``spec`` describes, fitted on ``train`` as seed ``seed`` of the protocol fits it
     (``layer``: the protocol's, unless the spec names its own)."""
-    spec_layer = layer if spec.layer is None else spec.layer
     n_items = max(1, round(len(train) * spec.train_fraction))
-    pos, neg = contrastive_activations(
-        lm,
-        train[:n_items],
-        spec_layer,
-        tokens=spec.tokens,
-        behavior=behavior,
-        split=f"train-s{seed}",
-        seed=seed,
-        progress=False,
-    )[spec_layer]
-    options = dict(spec.options)
-    if spec.method == "innsteer":
-        options.setdefault("seed", seed)
-    return METHODS[spec.method](pos, neg, layer=spec_layer, model_id=lm.model_id, behavior=behavior, **options)
+    return fit_method(
+        lm, spec.method, train[:n_items], layer if spec.layer is None else spec.layer, tokens=spec.tokens,
+        mode=spec.mode, options=spec.options, seed=seed, behavior=behavior, split=f"train-s{seed}",
+    )  # fmt: skip
 
 
 def run_protocol(
@@ -247,10 +239,14 @@ def protocol_report(result: dict) -> dict:
     for name, run in first.items():
         for p in _point_means(run, metrics):
             points.append({"method": name, "letter": None, "distinct2": None, "samples": [], **p})
-    toward = result["comparison"].get("answer/toward", {})
+    # every method's seed-mean shift at each fluency budget toward the behavior (interpolated on its
+    # curves, gated as the comparison is)
+    items, prompts = np.arange(len(any_run["base_scores"]["answer"])), np.arange(len(any_run["base_nll"]))
     tradeoff = {}
-    for side, name in zip(("a", "b"), result["compare"]):
-        tradeoff[name] = {float(key[2:]): row[side] for key, row in toward.items() if key.startswith("at")}
+    for name, runs in result["runs"].items():
+        gate = REPETITION_GATE if has_replies(runs) else None
+        summary = seed_mean_summary(runs, items, prompts, 1, "answer", gate)
+        tradeoff[name] = {float(key[2:]): value for key, value in summary.items() if key.startswith("at")}
     return {
         **{k: v for k, v in result.items() if k not in ("runs",)},
         "mode": "answer",
@@ -258,7 +254,7 @@ def protocol_report(result: dict) -> dict:
         "points": points,
         "tradeoff": tradeoff,
         "chosen_alpha": {name: alpha_within_budget(run, metrics) for name, run in first.items()},
-        "comparison_table": {m: comparison_table([result], m) for m in metrics},
+        "comparison_table": {m: comparison_table([result], m) for m in metrics} if result["comparison"] else {},
         "runs": result["runs"],
     }
 

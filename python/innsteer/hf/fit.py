@@ -7,9 +7,10 @@ with steerer.apply(model, alpha=2.0):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from ..core.errors import ConfigError
 from ..core.hooks import check_layer
@@ -89,16 +90,39 @@ def fit(
     to the method (e.g. ``sep_weight=0.1`` for INNSteer). The steerer records the model's id;
     applying it to another model is refused.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method '{method}'; choose from: {', '.join(METHODS)}")
     lm = as_loaded_model(model, tokenizer, "fit")
     items = pairs_to_items(pairs)
+    return fit_method(lm, method, items, layer, tokens=tokens, options=options, behavior=behavior, progress=progress)
+
+
+def fit_method(
+    lm: LoadedModel,
+    method: str,
+    items: Sequence[ABItem],
+    layer: int,
+    *,
+    tokens: str = "all",
+    mode: str = "answer",
+    options: Optional[dict] = None,
+    seed: int = 0,
+    behavior: str = "",
+    split: str = "",
+    progress: bool = False,
+) -> SteererBase:
+    """The one way a steerer is fitted (``fit``, ``innsteer train``, the evaluation protocol, ``tune``):
+    ``METHODS[method]`` with ``options`` on the contrastive activations of ``items`` at ``layer``.
+    ``seed`` reseeds the activation rows' subsampling and, for a method that takes one, its
+    training; ``split`` names the items in the activation cache."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}'; choose from: {', '.join(METHODS)}")
     layer = check_layer(lm.model, layer)
     pos, neg = contrastive_activations(
-        lm, items, layer, mode="answer", tokens=tokens, behavior=behavior or "custom", progress=progress
-    )[layer]
-    if method == "innsteer":
-        options.setdefault("progress", progress)
-    steerer = METHODS[method](pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **options)
-    steerer.extra["tokens"] = tokens
+        lm, items, layer, mode=mode, tokens=tokens, behavior=behavior or "custom", split=split, seed=seed,
+        progress=progress,
+    )[layer]  # fmt: skip
+    fitter = METHODS[method]
+    accepted = inspect.signature(fitter).parameters
+    extra = {name: value for name, value in (("seed", seed), ("progress", progress)) if name in accepted}
+    steerer = fitter(pos, neg, layer=layer, model_id=lm.model_id, behavior=behavior, **{**extra, **(options or {})})
+    steerer.extra.update(tokens=tokens, mode=mode)
     return steerer
