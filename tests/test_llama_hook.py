@@ -120,6 +120,36 @@ def test_changing_alpha_never_reuses_a_steered_prefix(gguf_path, plain_llm, rand
     assert llm.create_completion(PROMPT, max_tokens=8, temperature=0.0)["choices"][0]["text"] == plain
 
 
+def test_a_steering_change_keeps_the_unsteered_prefix_and_only_that(gguf_path, random_steer_file):
+    """Steering from the last prompt token on, a change of alpha keeps the prompt's cache before it
+    (evaluated once), and the reply equals the one from an empty cache; a control vector, which
+    acts at every position, keeps nothing."""
+    llm = SteeredLlama(gguf_path, steer=random_steer_file, alpha=3.0, n_ctx=256, n_threads=2)
+    prompt = llm.tokenize(PROMPT.encode())
+    evaluated = []
+    evaluate = llm.eval
+    llm.eval = lambda tokens: evaluated.append(len(tokens)) or evaluate(tokens)
+
+    def reply(alpha, fresh=False):
+        if fresh:
+            llm.reset()
+        llm.steering.set_alpha(alpha)
+        llm.steering.steer_from(len(prompt) - 1)
+        evaluated.clear()
+        return llm.create_completion(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+
+    first = reply(3.0, fresh=True)
+    assert evaluated[0] == len(prompt)
+    for alpha in (-4.0, 6.0, 3.0):
+        text = reply(alpha)
+        assert evaluated[0] == 1  # only the last (steered) prompt token is evaluated again
+        assert text == reply(alpha, fresh=True) and evaluated[0] == len(prompt)
+    assert reply(3.0) == first
+    assert llm.n_tokens > len(prompt)
+    llm.steering.set_control_vector({5: _vector(1, 1.0).numpy()}, 1.0)
+    assert llm.n_tokens == 0  # a control vector changes every position
+
+
 def _vector(seed, scale=4.0):
     return torch.randn(SMOLLM_DIM, generator=torch.Generator().manual_seed(seed)) * scale
 

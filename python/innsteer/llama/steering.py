@@ -70,6 +70,16 @@ _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm
 _UNSTEERED = "unsteered"  # the steering of a state saved with no active entry and no control vector
 
 
+def _unsteered_until(state: tuple, n_tokens: int) -> int:
+    """The positions a steering ``state`` (``LlamaSteering._state``) leaves unsteered: all of them
+    without an active entry or control vector; before ``steer_from``'s position with entries only;
+    none under a control vector (llama.cpp adds it at every position)."""
+    alphas, start_position, cvec = state
+    if cvec is not None:
+        return 0
+    return n_tokens if not any(alphas) else min(start_position, n_tokens)
+
+
 def _finite_last_logits(ctx, n_vocab: int) -> bool:
     """Whether the last row of logits a decode produced is finite (~20 us for 50k tokens)."""
     logits = llama_cpp.llama_get_logits_ith(ctx, -1)
@@ -277,30 +287,41 @@ class LlamaSteering:
     @contextlib.contextmanager
     def _change(self):
         """Around every change: refuse a closed Llama, then, if the steering really changed, drop
-        the KV cache, re-evaluating the tokens of a generation in progress under the new steering
-        (resetting alone would make it decode its next token at position 0)."""
+        the KV cache from the first position whose state it changes (the positions before every
+        steered position, under both the old and the new steering, stay: a chat template's shared
+        prefix is evaluated once), re-evaluating the dropped tokens of a generation in progress under
+        the new steering (dropping alone would make it decode its next token at the wrong position)."""
         with self._lock:
             self._live_hook()
             before = self._state()
             try:
                 yield
             finally:
-                if self._state() != before:
-                    self._drop_cache()
+                after = self._state()
+                if after != before:
+                    n_tokens = self.llm.n_tokens
+                    self._drop_cache(min(_unsteered_until(before, n_tokens), _unsteered_until(after, n_tokens)))
 
-    def _drop_cache(self) -> None:
+    def _drop_cache(self, keep: int = 0) -> None:
+        """Remove the KV cache from position ``keep`` on (0: all of it)."""
         llm = self.llm
-        kept = llm.input_ids[: llm.n_tokens].tolist() if self._generations else []
-        llm.reset()
-        if not kept:
+        if keep <= 0 or not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+        redo = llm.input_ids[keep : llm.n_tokens].tolist() if self._generations else []
+        if keep == 0:
+            llm.reset()
+        else:
+            llm.n_tokens = keep
+            llm._requires_eval = True  # the last logits are not those of the kept prefix
+        if not redo:
             return
         try:
-            llm.eval(kept)
+            llm.eval(redo)
         except Exception as error:
             llm.reset()
             for generation in self._generations:
                 generation.broken = (
-                    f"the steering changed during this generation and re-evaluating its {len(kept)} tokens "
+                    f"the steering changed during this generation and re-evaluating its {len(redo)} tokens "
                     f"failed: {error}"
                 )
             raise
