@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from ..core.errors import InnsteerError, MissingFileError
 from ..datasets.caa import BEHAVIORS
+from ._args import CLIError, check_input_file, check_output_dir, check_output_file
 
 DEFAULT_BEHAVIOR = "corrigible-neutral-HHH"
 # The demo's: the behavior where the validated settings steer best against CAA on validation data
@@ -25,49 +23,10 @@ DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: promp
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
 
 
-class CLIError(InnsteerError):
-    """A user error: printed as 'innsteer: error: ...' with exit status 2."""
-
-
-def check_input_file(path: str, option: str) -> None:
-    if os.path.isdir(path):
-        raise CLIError(f"{option} {path} is a directory, not a file")
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{option}: no file at {path}")
-
-
-def _check_writable(directory: Path, option: str, path: str) -> None:
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise CLIError(f"{option} {path}: cannot write in {directory} ({error.strerror})") from None
-
-
-def check_output_file(path: str, option: str) -> None:
-    """Before any work: a file can be written (created or replaced) at ``path``."""
-    if os.path.isdir(path):
-        raise CLIError(f"{option} {path} is a directory; name the file to write")
-    directory = Path(path).absolute().parent
-    if not directory.is_dir():
-        raise CLIError(f"{option} {path}: directory {directory} does not exist")
-    _check_writable(directory, option, path)
-
-
-def _check_output_dir(path: str, option: str) -> None:
-    """Before any work: ``path`` is, or can be made, a writable directory."""
-    existing = Path(path).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CLIError(f"{option} {path}: {existing} exists and is not a directory")
-    _check_writable(existing, option, path)
-
-
 def _check_report(args) -> None:
     """Before any work: the report's directory, and matplotlib for its plots."""
     if args.out:
-        _check_output_dir(args.out, "--out")
+        check_output_dir(args.out, "--out")
         if not args.no_plots:
             try:
                 import matplotlib  # noqa: F401
@@ -280,9 +239,8 @@ def cmd_tune(args) -> int:
 
     args.mode = "answer"
     source = _data(args)
+    check_output_dir(args.out, "--out")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
     lm = _load(args)
     _check_context(lm, 64, source.prompts, "open-ended prompt")
     items = source.train[: args.n_train] if args.n_train else source.train
@@ -317,6 +275,8 @@ def cmd_generate(args) -> int:
         return generate_gguf(args)
     if args.control_vector or args.control_strength is not None:
         raise CLIError("--control-vector and --control-strength are for llama.cpp: they need --gguf MODEL.gguf")
+    from ..llama.model_file import is_gguf
+
     if args.steer and is_gguf(args.steer):
         raise CLIError(f"--steer {args.steer} is a GGUF for llama.cpp: run it with --gguf MODEL.gguf")
     from ..core.steerers import load_steerer
@@ -344,11 +304,6 @@ def cmd_generate(args) -> int:
             print(f"[{steerer.method} alpha={alpha:g}] {steered[i].strip()}")
         print()
     return 0
-
-
-def is_gguf(path: str) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
 
 
 def cmd_demo(args) -> int:

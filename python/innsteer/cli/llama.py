@@ -14,7 +14,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from .commands import CLIError
+from ._args import CLIError, check_input_file
 
 # innsteer.llama.export's FORMATS and WEIGHT_DTYPES, without importing torch to parse arguments
 FORMATS = ("innsteer", "controlvector")
@@ -86,7 +86,7 @@ def _steer_for_llama(
     """(steer GGUF, control vector GGUF, its strength, its label) for ``--steer``: a steer GGUF as is; a safetensors
     INN steerer exported as a steer GGUF; a linear one (CAA, PCA, probe: h + alpha * v) as a llama.cpp
     control vector, which llama.cpp adds at every position."""
-    from .commands import is_gguf
+    from ..llama.model_file import is_gguf
 
     if is_gguf(args.steer):
         return args.steer, None, 0.0, ""
@@ -122,7 +122,6 @@ def generate_gguf(args: argparse.Namespace) -> int:
     and/or ``--control-vector``. Steering starts at the last prompt token (as in the PyTorch path)
     unless ``--steer-prompt``; control vectors steer every position."""
     from ..hf.models import model_id_for, resolve_model_path
-    from .commands import check_input_file
 
     if getattr(args, "model", None):
         raise CLIError("--model and --gguf both name the model: pass one")

@@ -18,6 +18,7 @@ from typing import Optional
 from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
 from . import commands, llama, serve
+from ._args import count
 from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, FALLBACK_LAYER, METHOD_NAMES
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
@@ -49,16 +50,6 @@ def _finite(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
     if not abs(value) <= FLOAT32_MAX:  # also false for NaN
         raise argparse.ArgumentTypeError(f"expected a finite number within float32's range, got '{text}'")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -165,9 +156,7 @@ def _add_data(p: argparse.ArgumentParser, *, behavior_default: str = DEFAULT_BEH
         help="which answer tokens give activations: all (each its own row), their mean, or the last "
         "(default: %(default)s)",
     )
-    p.add_argument(
-        "--n-train", type=_positive, default=None, help="use at most this many training pairs (default: all)"
-    )
+    p.add_argument("--n-train", type=count(1), default=None, help="use at most this many training pairs (default: all)")
 
 
 def _methods(text: str) -> list[str]:
@@ -195,14 +184,14 @@ def _add_eval(
         "method (default: %(default)s)",
     )
     p.add_argument(
-        "--n-test", type=_positive, default=n_test, help="test A/B items to score (default: %(default)s = all 50)"
+        "--n-test", type=count(1), default=n_test, help="test A/B items to score (default: %(default)s = all 50)"
     )
     p.add_argument(
-        "--n-open", type=_positive, default=n_open, help="open-ended prompts for fluency (default: %(default)s)"
+        "--n-open", type=count(1), default=n_open, help="open-ended prompts for fluency (default: %(default)s)"
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_positive,
+        type=count(1),
         default=max_new_tokens,
         help="reply length for fluency (default: %(default)s)",
     )
@@ -298,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=("quick", "full"), default="quick", help="(default: %(default)s)")
     p.add_argument("--out", default="innsteer-tune", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")
-    p.add_argument(
-        "--n-train", type=_positive, default=None, help="use at most this many training items (default: all)"
-    )
+    p.add_argument("--n-train", type=count(1), default=None, help="use at most this many training items (default: all)")
     p.set_defaults(func=commands.cmd_tune)
 
     p = sub.add_parser(
@@ -318,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs as a llama.cpp control vector)",
     )
     p.add_argument("--alpha", type=_finite, default=None, help="steering strength (default: the file's)")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=count(1), default=64, help="(default: %(default)s)")
     p.add_argument(
         "--steer-prompt",
         action="store_true",

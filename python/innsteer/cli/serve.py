@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from .commands import CLIError
+from ._args import CLIError, count
 
 
 def _steer(text: str) -> tuple[str, str]:
@@ -32,21 +32,6 @@ def _default_steer(text: str) -> dict:
         return {"steer": name, "alpha": float(alpha)}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME:ALPHA with a number as ALPHA, got '{text}'") from None
-
-
-def _count(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
-        return value
-
-    return parse
 
 
 def register(subparsers) -> None:
@@ -77,18 +62,18 @@ def register(subparsers) -> None:
         help="steering for requests that do not name any (repeatable; default: none; alpha: the file's)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=_count(0, 65535), default=8000, help="(default: %(default)s; 0 picks a free port)")
+    p.add_argument("--port", type=count(0, 65535), default=8000, help="(default: %(default)s; 0 picks a free port)")
     p.add_argument(
-        "--parallel", type=_count(1), default=1, help="llama.cpp contexts serving at once (default: %(default)s)"
+        "--parallel", type=count(1), default=1, help="llama.cpp contexts serving at once (default: %(default)s)"
     )
     p.add_argument(
         "--queue",
-        type=_count(0),
+        type=count(0),
         default=16,
         help="requests that may wait for a context; more get 503 (default: %(default)s)",
     )
-    p.add_argument("--ctx-size", type=_count(1), default=2048, help="context per slot, tokens (default: %(default)s)")
-    p.add_argument("--threads", type=_count(1), default=None, help="llama.cpp threads per context")
+    p.add_argument("--ctx-size", type=count(1), default=2048, help="context per slot, tokens (default: %(default)s)")
+    p.add_argument("--threads", type=count(1), default=None, help="llama.cpp threads per context")
     p.add_argument(
         "--api-key",
         action="append",
@@ -99,7 +84,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--max-body-bytes",
-        type=_count(1),
+        type=count(1),
         default=None,
         help="larger request bodies get 413 (default: 4 MiB)",
     )

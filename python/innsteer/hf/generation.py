@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
 from ..core.hooks import steering_unless_identity
-from .models import LoadedModel
 from .prompts import format_prompt, uses_chat_template
+
+if TYPE_CHECKING:  # models imports this module for LoadedModel.chat
+    from .models import LoadedModel
 
 
 @torch.inference_mode()

@@ -42,6 +42,12 @@ class ModelInfo:
         return 2 * n_ctx * self.n_layer * kv_width * KV_BYTES
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` starts with GGUF's magic (needs neither gguf nor llama.cpp)."""
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
     """The header of the GGUF model at ``path``; raises ModelFileError naming what the file is instead."""
     import gguf
@@ -49,9 +55,8 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MissingFileError(f"no model file at {path}")
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ModelFileError(f"{path} is not a GGUF model file")
+    if not is_gguf(path):
+        raise ModelFileError(f"{path} is not a GGUF model file")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as error:  # gguf raises ValueError/struct.error/IndexError on damaged files

@@ -19,6 +19,7 @@ import numpy as np
 from ..core.errors import ConfigError, MissingFileError, SteerFileError
 from ..llama.bindings import SteerGGUF, float32_alpha
 from ..llama.export import export_control_vector, export_steer_gguf, read_control_vector
+from ..llama.model_file import is_gguf
 
 INN = "innsteer"
 CONTROL_VECTOR = "control_vector"
@@ -55,11 +56,6 @@ class NamedSteer:
         return {"name": self.name, "kind": self.kind, "layers": list(self.layers), "default_alpha": self.default_alpha}
 
 
-def _is_gguf(path: str) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
-
-
 def _gguf_architecture(path: str) -> Optional[str]:
     import gguf
 
@@ -79,7 +75,7 @@ def load_steer(name: str, path: str, *, model_id: str, workdir: str) -> NamedSte
         raise ConfigError(f"{path} is a directory, not a steer file")
     if not os.path.isfile(path):
         raise MissingFileError(f"no file at {path}")
-    if _is_gguf(path):
+    if is_gguf(path):
         if _gguf_architecture(path) == "controlvector":
             return _control_vector(name, path, path, 1.0)
         steer = SteerGGUF.load(path)
