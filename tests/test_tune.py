@@ -22,6 +22,7 @@ TINY = TuneBudget(
     test_seeds=(0, 1),
     n_prompts=2,
     max_new_tokens=4,
+    validation_ladder=(2.0, 8.0),
     ladder=(1.0, 8.0),
 )
 
@@ -86,14 +87,22 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
         assert choice["layer"] == max(by_layer, key=by_layer.get)  # each method's own best layer
     options = record["chosen"]["innsteer"]["validation"]["by_options"]
     assert set(options) == set(TINY.variants)
-    assert record["chosen"]["innsteer"]["options"] == TINY.variants[max(options, key=options.get)]
+    caa_away = record["chosen"]["caa"]["validation"]["away_auc"]
+    eligible = [name for name, areas in options.items() if areas["away"] >= caa_away] or list(options)
+    best = max(eligible, key=lambda name: options[name]["toward"])
+    assert record["chosen"]["innsteer"]["options"] == TINY.variants[best]
+    assert (
+        options["defaults"]["toward"]
+        == record["chosen"]["innsteer"]["validation"]["by_layer"][str(record["chosen"]["innsteer"]["layer"])]
+    )
     for row in [*(record["test"][k] for k in ("auc", "at0.5")), record["test"]["away"]["auc"]]:
         assert row["low"] <= row["diff"] <= row["high"] and row["diff"] == pytest.approx(row["a"] - row["b"])
     assert "letter" in record["test"]  # lettered items: both metrics
     assert record["n_items"] == {"pool": 24, "test": 6, "prompts": 2}
     # validation measured toward the behavior only; the test stage both ways, on the test seeds
-    assert [call.get("signs", (1, -1)) for call in calls] == [(1,), (1,), (1,), (1, -1)]
+    assert [call.get("signs", (1, -1)) for call in calls] == [(1,), (1,), (1, -1), (-1,), (1, -1)]
     assert calls[-1]["seeds"] == TINY.test_seeds and calls[-1]["compare"] == ("innsteer", "caa")
+    assert calls[0]["ladder"] == TINY.validation_ladder and calls[-1]["ladder"] == TINY.ladder
 
     stored = json.loads((tmp_path / "tune.json").read_text())
     assert stored["chosen"] == json.loads(json.dumps(record["chosen"]))
@@ -107,7 +116,7 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     assert calls == [] and again["chosen"] == record["chosen"] and again["test"] == record["test"]
     # other settings do not reuse the stages
     innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, seed=1, progress=False)
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,10 @@ does, so the baseline is tuned as hard as the method:
 1. the layer, from a grid relative to the model's depth (``TuneBudget.layer_fractions``), by the
    validation area under the behaviour-vs-fluency curve up to 1 nat/token toward the behavior,
    with the repetition gate (``innsteer.eval.tradeoff``);
-2. for INNSteer, its training options at its best layer (``TuneBudget.variants``).
+2. for INNSteer, its training options at its best layer (``TuneBudget.variants``), measured in
+   both directions: the variant with the largest area toward the behavior among those whose area
+   away from it is at least CAA's at its layer (the steer is used at both signs, and a map trained
+   for alpha = +1 alone can fail to steer away); the largest area toward if none is.
 
 Then the chosen configurations are fitted on the pool for each test seed and compared on the
 test items in both directions, with paired bootstrap intervals (``run_protocol`` in its test
@@ -54,25 +57,30 @@ class TuneBudget:
     test_seeds: tuple[int, ...]
     n_prompts: int
     max_new_tokens: int
-    ladder: tuple[float, ...] = ALPHA_LADDER
+    validation_ladder: tuple[float, ...] = ALPHA_LADDER  # the alphas of the validation curves
+    ladder: tuple[float, ...] = ALPHA_LADDER  # of the test curves
 
 
-# The options the ablation found to matter (docs/RESULTS.md): the transport term (on by default)
-# and the number of couplings.
+# The options the ablation found to matter (docs/RESULTS.md): the transport term (on by default),
+# the sides it trains for (both: the steer also carries positives onto negatives at alpha = -1; on
+# myopic-reward's validation items at layer 16 it raised the area away from 0.011 to 0.077, CAA
+# 0.056, and lowered the area toward from 0.280 to 0.223, CAA 0.007), and the number of couplings.
 _VARIANTS = {
     "defaults": {},
+    "both-sides": {"transport_sides": "both"},
     "no-transport": {"transport_weight": 0.0},
     "8-couplings": {"num_couplings": 8},
-    "8-couplings-no-transport": {"num_couplings": 8, "transport_weight": 0.0},
+    "8-couplings-both-sides": {"num_couplings": 8, "transport_sides": "both"},
 }
 TUNE_BUDGETS = {
     "quick": TuneBudget(
         layer_fractions=(0.35, 0.55, 0.75),
-        variants={name: _VARIANTS[name] for name in ("defaults", "no-transport", "8-couplings")},
+        variants={name: _VARIANTS[name] for name in ("defaults", "both-sides", "no-transport")},
         validation_seeds=(0,),
         test_seeds=(0, 1),
         n_prompts=6,
         max_new_tokens=24,
+        validation_ladder=(1.0, 2.0, 4.0, 8.0, 12.0),
     ),
     "full": TuneBudget(
         layer_fractions=(0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85),
@@ -94,11 +102,12 @@ def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
     return sorted({min(n_layers - 2, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
-def validation_area(run: dict) -> float:
-    """A validation run's area to 1 nat/token toward the behavior (answer metric, repetition gate)."""
+def validation_area(run: dict, sign: int = 1) -> float:
+    """A validation run's area to 1 nat/token toward the behavior (``sign`` -1: away from it; answer
+    metric, repetition gate)."""
     items = np.arange(len(run["base_scores"]["answer"]))
     prompts = np.arange(len(run["base_nll"]))
-    return curve_summary(run, items, prompts, 1, "answer", REPETITION_GATE)["auc"]
+    return curve_summary(run, items, prompts, sign, "answer", REPETITION_GATE)["auc"]
 
 
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
@@ -178,14 +187,19 @@ def tune(
             "prompts": _digest(prompts),
         },
     )
-    common = {"behavior": behavior, "max_new_tokens": plan.max_new_tokens, "ladder": plan.ladder, "progress": progress}
+    common = {"behavior": behavior, "max_new_tokens": plan.max_new_tokens, "progress": progress}
 
-    def validate(layer: int, specs: dict[str, MethodSpec]) -> dict:
+    def validate(layer: int, specs: dict[str, MethodSpec], signs: tuple[int, ...] = (1,)) -> dict:
+        """{name: {"toward"/"away": the seed-mean validation area}} for the measured sides."""
         result = run_protocol(
-            lm, pool, None, prompts, layer=layer, specs=specs, seeds=plan.validation_seeds, compare=(), signs=(1,),
-            **common,
+            lm, pool, None, prompts, layer=layer, specs=specs, seeds=plan.validation_seeds, compare=(), signs=signs,
+            ladder=plan.validation_ladder, **common,
         )  # fmt: skip
-        return {name: [validation_area(run) for run in runs] for name, runs in result["runs"].items()}
+        sides = {1: "toward", -1: "away"}
+        return {
+            name: {sides[sign]: float(np.mean([validation_area(run, sign) for run in runs])) for sign in signs}
+            for name, runs in result["runs"].items()
+        }
 
     # one forward pass per validation seed collects every candidate layer (then cached on disk)
     for s in plan.validation_seeds:
@@ -195,41 +209,57 @@ def tune(
         )  # fmt: skip
     variants = dict(plan.variants)
     default_variant = next(iter(variants))
+
+    def specs_default(layer: Optional[int] = None) -> MethodSpec:
+        return MethodSpec("innsteer", TOKENS, variants[default_variant], layer=layer)
+
     by_layer: dict[str, dict[int, float]] = {"caa": {}, "innsteer": {}}
     for layer in layers:
-        specs = {
-            "caa": MethodSpec("caa", TOKENS),
-            "innsteer": MethodSpec("innsteer", TOKENS, variants[default_variant]),
-        }
+        specs = {"caa": MethodSpec("caa", TOKENS), "innsteer": specs_default()}
         areas = stages.run(f"layer{layer}", lambda layer=layer, specs=specs: validate(layer, specs))
         for name in by_layer:
-            by_layer[name][layer] = float(np.mean(areas[name]))
+            by_layer[name][layer] = areas[name]["toward"]
         _say(progress, f"layer {layer}: validation area CAA {by_layer['caa'][layer]:.3f}, "
              f"INNSteer {by_layer['innsteer'][layer]:.3f}")  # fmt: skip
     chosen_layer = {name: max(scores, key=scores.get) for name, scores in by_layer.items()}
 
-    # INNSteer's options at its layer (the first variant was measured there already)
-    inn_layer = chosen_layer["innsteer"]
-    by_options = {default_variant: by_layer["innsteer"][inn_layer]}
+    # INNSteer's options at its layer, both ways (the first variant was measured toward already), and
+    # CAA away at its layer: the bar a variant's area away must reach
+    inn_layer, caa_layer = chosen_layer["innsteer"], chosen_layer["caa"]
     others = {name: MethodSpec("innsteer", TOKENS, options) for name, options in list(variants.items())[1:]}
-    if others:
-        areas = stages.run(f"options-layer{inn_layer}", lambda: validate(inn_layer, others))
-        by_options.update({name: float(np.mean(values)) for name, values in areas.items()})
-    best_variant = max(by_options, key=by_options.get)
-    _say(progress, "INNSteer options: " + ", ".join(f"{n} {a:.3f}" for n, a in by_options.items()))
+    by_options = stages.run(f"options-layer{inn_layer}", lambda: validate(inn_layer, others, (1, -1)))
+    away = stages.run(
+        f"away-layers{caa_layer}-{inn_layer}",
+        lambda: validate(
+            inn_layer,
+            {"caa": MethodSpec("caa", TOKENS, layer=caa_layer), default_variant: specs_default(inn_layer)},
+            (-1,),
+        ),
+    )
+    by_options = {default_variant: {"toward": by_layer["innsteer"][inn_layer], **away[default_variant]}, **by_options}
+    caa_away = away["caa"]["away"]
+    steer_both_ways = [name for name, areas in by_options.items() if areas["away"] >= caa_away]
+    best_variant = max(steer_both_ways or by_options, key=lambda name: by_options[name]["toward"])
+    _say(progress, f"INNSteer options (toward / away; CAA away {caa_away:.3f}): "
+         + ", ".join(f"{n} {a['toward']:.3f} / {a['away']:.3f}" for n, a in by_options.items()))  # fmt: skip
 
     chosen = {
         "caa": {
             "layer": chosen_layer["caa"],
             "options": {},
-            "validation": {"auc": by_layer["caa"][chosen_layer["caa"]], "by_layer": _keys(by_layer["caa"])},
+            "validation": {
+                "auc": by_layer["caa"][caa_layer],
+                "away_auc": caa_away,
+                "by_layer": _keys(by_layer["caa"]),
+            },
         },
         "innsteer": {
             "layer": inn_layer,
             "options": dict(variants[best_variant]),
             "variant": best_variant,
             "validation": {
-                "auc": by_options[best_variant],
+                "auc": by_options[best_variant]["toward"],
+                "away_auc": by_options[best_variant]["away"],
                 "by_layer": _keys(by_layer["innsteer"]),
                 "by_options": by_options,
             },
@@ -243,7 +273,7 @@ def tune(
     def test_stage() -> dict:
         result = run_protocol(
             lm, pool, test, prompts, layer=final["caa"].layer, specs=final, seeds=plan.test_seeds,
-            compare=COMPARED, return_steerers=True, **common,
+            compare=COMPARED, return_steerers=True, ladder=plan.ladder, **common,
         )  # fmt: skip
         steerers.update(result.pop("steerers"))
         if out_dir is not None:  # written with the stage, so a resumed run has them too
@@ -318,9 +348,16 @@ def tune_markdown(record: dict) -> str:
             cells.append(f"**{value:.3f}**" if layer == choice["layer"] else f"{value:.3f}")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     options = chosen["innsteer"]["validation"]["by_options"]
-    lines += ["", f"INNSteer's options at layer {chosen['innsteer']['layer']}:", ""]
-    lines += [f"- {name}: {value:.3f}" + (" (chosen)" if name == chosen["innsteer"]["variant"] else "")
-              for name, value in options.items()]  # fmt: skip
+    caa_away = chosen["caa"]["validation"]["away_auc"]
+    lines += [
+        "",
+        f"INNSteer's options at layer {chosen['innsteer']['layer']}, area toward / away (the largest toward among "
+        f"those whose area away reaches CAA's {caa_away:.3f} at its layer {chosen['caa']['layer']}):",
+        "",
+    ]
+    lines += [f"- {name}: {areas['toward']:.3f} / {areas['away']:.3f}"
+              + (" (chosen)" if name == chosen["innsteer"]["variant"] else "")
+              for name, areas in options.items()]  # fmt: skip
     lines += [
         "",
         "## Test comparison (INNSteer - CAA, each at its chosen configuration; paired bootstrap 95 % interval)",
