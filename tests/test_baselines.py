@@ -342,7 +342,9 @@ def test_tensor_does_not_match_metadata(saved):
 
 def test_wrong_tensor_names(saved):
     rewrite(saved, tensors={"direction": torch.zeros(8)})
-    with pytest.raises(SteerFileError, match=r"holds tensors \['vector'\], found \['direction'\]"):
+    with pytest.raises(
+        SteerFileError, match=r"holds tensors \['vector'\]; missing \['vector'\], unexpected \['direction'\]"
+    ):
         load_steerer(saved)
 
 

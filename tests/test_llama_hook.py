@@ -142,7 +142,7 @@ def test_a_steering_change_keeps_the_unsteered_prefix_and_only_that(gguf_path, r
     assert evaluated[0] == len(prompt)
     for alpha in (-4.0, 6.0, 3.0):
         text = reply(alpha)
-        assert evaluated[0] == 1  # only the last (steered) prompt token is evaluated again
+        assert evaluated[0] == 2  # only the last (steered) prompt token and the one before it, again
         assert text == reply(alpha, fresh=True) and evaluated[0] == len(prompt)
     assert reply(3.0) == first
     assert llm.n_tokens > len(prompt)

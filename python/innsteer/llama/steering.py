@@ -300,7 +300,11 @@ class LlamaSteering:
                 after = self._state()
                 if after != before:
                     n_tokens = self.llm.n_tokens
-                    self._drop_cache(min(_unsteered_until(before, n_tokens), _unsteered_until(after, n_tokens)))
+                    keep = min(_unsteered_until(before, n_tokens), _unsteered_until(after, n_tokens))
+                    # one token more is dropped: llama.cpp computes a batch of one token along another path
+                    # than a longer batch (logits differ by ~0.6 on SmolLM2), so the first steered token is
+                    # evaluated with the one before it, as a fresh prompt evaluates it
+                    self._drop_cache(keep if keep >= n_tokens else keep - 1)
 
     def _drop_cache(self, keep: int = 0) -> None:
         """Remove the KV cache from position ``keep`` on (0: all of it)."""
