@@ -137,6 +137,7 @@ def _asan_compiler():
     return compiler if probe.returncode == 0 else None
 
 
+@pytest.mark.slow  # a sanitizer build
 def test_loader_fuzz_under_address_sanitizer(tmp_path):
     compiler = _asan_compiler()
     if compiler is None:

@@ -133,6 +133,7 @@ def asan_driver(tmp_path_factory):
     return _build(compiler, tmp_path_factory.mktemp("asan"), flags, flags, flags)
 
 
+@pytest.mark.slow  # a sanitizer build
 @pytest.mark.parametrize("part", ["ownership", "arguments", "threads"])
 def test_hook_api_under_address_sanitizer(asan_driver, small_steer_file, part):
     """ownership: a steer freed by its caller while two hooks use it still steers exactly like a
@@ -146,6 +147,7 @@ def test_hook_api_under_address_sanitizer(asan_driver, small_steer_file, part):
     assert f"hook_api_check {part}: 0 failed" in run.stdout
 
 
+@pytest.mark.slow  # a sanitizer build
 def test_hook_api_threads_under_thread_sanitizer(tmp_path, small_steer_file):
     """Entries added and changed from one thread while decodes run in two others: no data race
     (the entries vector used to be read by the callback while hook_add reallocated it)."""
