@@ -112,6 +112,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data(p: argparse.ArgumentParser, *, behavior_default: str = DEFAULT_BEHAVIOR) -> None:
+    _add_sources(p, behavior_default)
+    _add_activations(p)
+
+
+def _add_sources(p: argparse.ArgumentParser, behavior_default: str = DEFAULT_BEHAVIOR) -> None:
     data = p.add_argument_group("data (a shipped CAA behavior, or your own files)")
     data.add_argument(
         "--behavior",
@@ -135,6 +140,9 @@ def _add_data(p: argparse.ArgumentParser, *, behavior_default: str = DEFAULT_BEH
         help="open-ended prompts for fluency (one per line, or JSON/JSONL); default: the behavior's own, "
         "or a built-in neutral set for --data",
     )
+
+
+def _add_activations(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--layer",
         type=int,
@@ -262,28 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on 2 CPU cores; full measures more layers, options and seeds.",
     )
     _add_model(p)
-    tune_data = p.add_argument_group("data (a shipped CAA behavior, or your own files)")
-    tune_data.add_argument(
-        "--behavior",
-        choices=BEHAVIORS,
-        default=None,
-        metavar="BEHAVIOR",
-        help=f"shipped CAA behavior: {', '.join(BEHAVIORS)} (default: {DEFAULT_BEHAVIOR})",
-    )
-    tune_data.add_argument(
-        "--data",
-        default=None,
-        metavar="FILE",
-        help="your contrastive items (JSON/JSONL, as `innsteer train --data`); a seeded 20%% is held out for "
-        "the test comparison unless --test-data",
-    )
-    tune_data.add_argument("--test-data", default=None, metavar="FILE", help="test items for --data")
-    tune_data.add_argument(
-        "--prompts",
-        default=None,
-        metavar="FILE",
-        help="open-ended prompts for fluency (default: the behavior's own, or a neutral set)",
-    )
+    _add_sources(p)
     p.add_argument("--budget", choices=("quick", "full"), default="quick", help="(default: %(default)s)")
     p.add_argument("--out", default="innsteer-tune", help="output directory (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")
