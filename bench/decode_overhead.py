@@ -64,12 +64,12 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
     return model.eval()
 
 
-def build_steerer(dim: int, layer: int, device: str, hidden: int, couplings: int) -> innsteer.Steerer:
+def build_steerer(dim: int, layer: int, device: str, hidden: int, couplings: int) -> innsteer.INNSteerer:
     inn = innsteer.INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
         for w2 in inn.w2:  # a non-trivial flow (the default init is the identity)
             w2.normal_(std=0.02)
-    steerer = innsteer.Steerer(inn, torch.randn(dim), layer, alpha=1.0, weight_dtype=torch.bfloat16)
+    steerer = innsteer.INNSteerer(inn, torch.randn(dim), layer, alpha=1.0, weight_dtype=torch.bfloat16)
     return steerer.to(device)
 
 

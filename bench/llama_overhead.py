@@ -26,20 +26,20 @@ import time
 import numpy as np
 import torch
 
-from innsteer import INN, Steerer
+from innsteer import INN, INNSteerer
 from innsteer.hf.models import default_gguf_path
 from innsteer.llama.export import export_steer_gguf
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def random_steerer(dim: int, hidden: int, couplings: int, layer: int) -> Steerer:
+def random_steerer(dim: int, hidden: int, couplings: int, layer: int) -> INNSteerer:
     gen = torch.Generator().manual_seed(0)
     inn = INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
         for p in list(inn.w2) + list(inn.b2):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    return Steerer(inn, torch.randn(dim, generator=gen), layer, alpha=1.0)
+    return INNSteerer(inn, torch.randn(dim, generator=gen), layer, alpha=1.0)
 
 
 def decode_seconds_per_token(llm, prompt_tokens, decode_tokens) -> tuple[float, float]:

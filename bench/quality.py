@@ -1,5 +1,5 @@
 """The quality comparison of docs/RESULTS.md: CAA vs INNSteer (and optionally other methods) under
-the protocol of innsteer.eval.protocol, per behavior, written to docs/results/<model>-<behavior>.json
+the protocol of innsteer.eval.protocol, per behavior, written to results/<model>-<behavior>.json
 with the command and the code version, and a Markdown table on stdout.
 
     python bench/quality.py --behaviors corrigible-neutral-HHH,coordinate-other-ais --seeds 0,1,2

@@ -6,7 +6,7 @@ Every run is refitted exactly as the protocol fitted it (same spec, split, seed 
 replies' NLL must equal the recorded NLL (same token counts, NLL within 1e-4 relative), else the
 file is left unchanged and the mismatch named. The A/B scores are not recomputed.
 
-    python bench/replies.py docs/results/SmolLM2-135M-Instruct.Q4_1-refusal-L22-s012-transport_weight1.json
+    python bench/replies.py results/SmolLM2-135M-Instruct.Q4_1-refusal-L22-s012-transport_weight1.json
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from innsteer import INN, Steerer
+from innsteer import INN, INNSteerer
 from innsteer.core.steerers.linear import LinearSteerer
 from innsteer.hf.models import default_gguf_path, model_id_for
 from innsteer.llama.export import export_control_vector, export_steer_gguf
@@ -72,7 +72,7 @@ def write_steers(directory: str, layer: int) -> tuple[str, str]:
         for p in list(inn.w2) + list(inn.b2):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     inn_path, cv_path = os.path.join(directory, "inn.gguf"), os.path.join(directory, "cv.gguf")
-    export_steer_gguf(Steerer(inn, torch.randn(576, generator=gen), layer, alpha=1.0, model_id=model_id), inn_path)
+    export_steer_gguf(INNSteerer(inn, torch.randn(576, generator=gen), layer, alpha=1.0, model_id=model_id), inn_path)
     vector = torch.randn(576, generator=gen)
     export_control_vector(LinearSteerer(vector, layer, model_id=model_id), cv_path, model_hint="llama")
     return inn_path, cv_path

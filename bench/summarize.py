@@ -1,10 +1,10 @@
-"""The Markdown tables of docs/RESULTS.md, made from the result files in docs/results/ (written by
+"""The Markdown tables of docs/RESULTS.md, made from the result files in results/ (written by
 bench/quality.py and bench/validation.py), so that no number is copied by hand.
 
-    python bench/summarize.py docs/results/SmolLM2-135M-Instruct.Q4_1-*-L10-s012.json
-    python bench/summarize.py --validation docs/results/validation/*.json
-    python bench/summarize.py --layers docs/results/validation/layers-s0/*.json
-    python bench/summarize.py --two-sided docs/results/*-s012*.json
+    python bench/summarize.py results/SmolLM2-135M-Instruct.Q4_1-*-L10-s012.json
+    python bench/summarize.py --validation results/validation/*.json
+    python bench/summarize.py --layers results/validation/layers-s0/*.json
+    python bench/summarize.py --two-sided results/*-s012*.json
 
 For the test comparison: per behavior and metric, CAA's and INNSteer's seed-mean shift at the
 0.5-nat budget and the area to 1 nat, the paired bootstrap 95 % interval of INNSteer - CAA, and the

@@ -6,7 +6,7 @@ part of ``train_val_split(seed)`` (per-token rows, as the protocol fits them) an
 its held-out transport ratio: the energy distance of the steered held-out negatives to the held-out
 positives relative to CAA's translation (``innsteer.core.train.transport_ratio``; 1 = no better than
 CAA, which is where selection falls back to epoch 0). Only training rows are read: no validation
-or test items are scored. Results: docs/results/transport/<model>-L<layer>.json and a Markdown table.
+or test items are scored. Results: results/transport/<model>-L<layer>.json and a Markdown table.
 
     python bench/transport.py --behaviors myopic-reward,refusal --variants inn-token-class-transport,default-h512
 """

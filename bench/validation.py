@@ -5,7 +5,7 @@ Each seed splits the behavior's CAA ``generate`` set (``train_val_split(seed)``)
 fitted on the training part and its behaviour-vs-fluency curve measured on the validation part,
 fluency on the built-in neutral prompts (not the behavior's open-ended test prompts). Every variant
 is compared with CAA on the same rows by the paired bootstrap of innsteer.eval.tradeoff. Test
-items are never read. Results: docs/results/validation/<model>-<behavior>-L<layer>.json, merged
+items are never read. Results: results/validation/<model>-<behavior>-L<layer>.json, merged
 with earlier runs of other variants at the same settings.
 
     python bench/validation.py --behaviors corrigible-neutral-HHH --variants caa-token,inn-token --seeds 0,1,2

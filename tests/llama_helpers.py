@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from innsteer import INN, Steerer
+from innsteer import INN, INNSteerer
 
 SMOLLM_DIM = 576
 SMOLLM_LAYERS = 30
@@ -21,7 +21,7 @@ def random_inn_steerer(
     seed: int = 0,
     weight_scale: float = 0.05,
     **kwargs,
-) -> Steerer:
+) -> INNSteerer:
     """A nonlinear INN steerer with random (nonzero) couplings and a data-like standardization."""
     gen = torch.Generator().manual_seed(seed)
     inn = INN(dim, num_couplings=couplings, mlp_hidden=mlp_hidden, seed=seed)
@@ -32,10 +32,10 @@ def random_inn_steerer(
             for p in params:
                 p.copy_(torch.randn(p.shape, generator=gen) * weight_scale)
     direction = torch.randn(dim, generator=gen)
-    return Steerer(inn, direction, layer, alpha=alpha, **kwargs).requires_grad_(False)
+    return INNSteerer(inn, direction, layer, alpha=alpha, **kwargs).requires_grad_(False)
 
 
-def linear_equivalent_steerer(vector: torch.Tensor, layer: int, *, seed: int = 0) -> Steerer:
+def linear_equivalent_steerer(vector: torch.Tensor, layer: int, *, seed: int = 0) -> INNSteerer:
     """An INN steerer whose steer is h + alpha * vector: couplings are the identity (zero last
     layers), so steer(h) = ((h - m) / s + alpha * v) * s + m with v = vector / s."""
     dim = vector.shape[0]
@@ -44,7 +44,7 @@ def linear_equivalent_steerer(vector: torch.Tensor, layer: int, *, seed: int = 0
     with torch.no_grad():
         inn.mean.copy_(torch.randn(dim, generator=gen))
         inn.scale.copy_(torch.rand(dim, generator=gen) + 0.5)
-    return Steerer(inn, vector / inn.scale, layer, alpha=1.0).requires_grad_(False)
+    return INNSteerer(inn, vector / inn.scale, layer, alpha=1.0).requires_grad_(False)
 
 
 def last_logits(llm, tokens) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import one_thread, synthetic_pairs  # noqa: F401  (autouse fixture applies here too)
 
-from innsteer import AffineSteerer, LinearSteerer, Steerer, SteerFileError, load_steerer
+from innsteer import AffineSteerer, INNSteerer, LinearSteerer, SteerFileError, load_steerer
 from innsteer.core.methods import METHODS, fit_caa, fit_linear_act, fit_pca, fit_probe
 
 D = 24
@@ -331,7 +331,7 @@ def test_kind_mismatch_between_classes(tmp_path, saved):
     with pytest.raises(SteerFileError, match="holds a 'linear' steerer, not a 'affine' one"):
         AffineSteerer.load(saved)
     with pytest.raises(SteerFileError, match="holds a 'linear' steerer, not an INN steerer"):
-        Steerer.load(saved)
+        INNSteerer.load(saved)
 
 
 def test_tensor_does_not_match_metadata(saved):

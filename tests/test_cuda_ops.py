@@ -319,7 +319,7 @@ def test_cuda_graph_capture_and_replay(tokens, dtype):
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_torch_compile(mode):
-    steerer = innsteer.Steerer(random_inn(64), torch.randn(64), layer=0).to(CUDA)
+    steerer = innsteer.INNSteerer(random_inn(64), torch.randn(64), layer=0).to(CUDA)
 
     class Block(torch.nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""innsteer.INN and innsteer.Steerer: construction, dtypes, training through the ops, files."""
+"""innsteer.INN and innsteer.INNSteerer: construction, dtypes, training through the ops, files."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from flows import as_float64, random_inn, rel_err
 from safetensors.torch import load_file, save_file
 
 import innsteer
-from innsteer import Steerer, SteerFileError
+from innsteer import INNSteerer, SteerFileError
 from innsteer_ext import reference
 
 
@@ -83,7 +83,7 @@ def test_inn_rejects_bad_input():
 
 def _steerer(dim=16, **meta):
     meta = {"model_id": "test/model", "behavior": "sycophancy", **meta}
-    return Steerer(random_inn(dim), torch.randn(dim), layer=5, alpha=2.5, **meta)
+    return INNSteerer(random_inn(dim), torch.randn(dim), layer=5, alpha=2.5, **meta)
 
 
 def test_steerer_uses_the_op_and_alpha_zero_is_identity():
@@ -109,7 +109,7 @@ def test_save_load_round_trip(tmp_path):
     steerer = _steerer(extra={"note": "x"})
     path = tmp_path / "s.safetensors"
     steerer.save(path)
-    loaded = Steerer.load(path)
+    loaded = INNSteerer.load(path)
     h = torch.randn(4, 16)
     assert torch.equal(loaded(h, 1.3), steerer(h, 1.3))
     assert (loaded.layer, loaded.alpha, loaded.model_id, loaded.behavior, loaded.hidden_size, loaded.extra) == (
@@ -148,58 +148,68 @@ class TestBadFiles:
         data = saved.read_bytes()
         saved.write_bytes(data[: len(data) // 2])
         with pytest.raises(SteerFileError, match="not a readable safetensors steer file"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_garbage(self, saved):
         saved.write_bytes(os.urandom(300))
         with pytest.raises(SteerFileError):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_missing_file(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="no steer file"):
-            Steerer.load(tmp_path / "nope.safetensors")
+            INNSteerer.load(tmp_path / "nope.safetensors")
 
     def test_wrong_version(self, saved):
         self._rewrite(saved, **{"innsteer.format_version": "99"})
         with pytest.raises(SteerFileError, match="format version '99'"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_missing_tensor(self, saved):
         tensors = load_file(str(saved))
         del tensors["inn.w1.2"]
         self._rewrite(saved, tensors)
         with pytest.raises(SteerFileError, match=r"missing \['inn.w1.2'\]"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_wrong_shape(self, saved):
         tensors = load_file(str(saved))
         tensors["direction"] = torch.zeros(17)
         self._rewrite(saved, tensors)
         with pytest.raises(SteerFileError, match="'direction' has shape"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_config_disagrees_with_tensors(self, saved):
         self._rewrite(saved, inn_config=json.dumps({"dim": 16, "num_couplings": 4, "hidden": 7}))
         with pytest.raises(SteerFileError, match="has shape"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_non_finite_weights(self, saved):
         tensors = load_file(str(saved))
         tensors["inn.w2.0"][0, 0] = float("nan")
         self._rewrite(saved, tensors)
         with pytest.raises(SteerFileError, match="NaN or Inf"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_broken_partition(self, saved):
         tensors = load_file(str(saved))
         tensors["inn.cond_idx_1"][0] = tensors["inn.cond_idx_1"][1]
         self._rewrite(saved, tensors)
         with pytest.raises(SteerFileError, match="do not partition"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_other_model_or_hidden_size(self, saved):
         with pytest.raises(SteerFileError, match="hidden size 16"):
-            Steerer.load(saved, expect_hidden_size=576)
+            INNSteerer.load(saved, expect_hidden_size=576)
         with pytest.raises(SteerFileError, match="trained for model 'test/model'"):
-            Steerer.load(saved, expect_model_id="other/model")
-        assert Steerer.load(saved, expect_hidden_size=16, expect_model_id="test/model").layer == 5
+            INNSteerer.load(saved, expect_model_id="other/model")
+        assert INNSteerer.load(saved, expect_hidden_size=16, expect_model_id="test/model").layer == 5
+
+
+def test_the_old_name_of_the_inn_steerer_still_works_with_a_deprecation_warning():
+    from innsteer.core import steerers
+
+    with pytest.warns(DeprecationWarning, match="Steerer is now INNSteerer"):
+        assert steerers.Steerer is INNSteerer
+    with pytest.warns(DeprecationWarning, match="Steerer is now INNSteerer"):
+        old = innsteer.__getattr__("Steerer")  # as `innsteer.Steerer` on first use
+    assert old is innsteer.INNSteerer is INNSteerer

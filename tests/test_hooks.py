@@ -5,7 +5,7 @@ import torch
 
 from innsteer.core.flow import INN
 from innsteer.core.hooks import decoder_layers, steering
-from innsteer.core.steerers import LinearSteerer, Steerer
+from innsteer.core.steerers import INNSteerer, LinearSteerer
 
 LAYER = 10
 
@@ -84,7 +84,7 @@ def test_inn_steerer_goes_through_the_ops(default_lm, ids):
     inn.fit_standardization(base[0, 1:])  # skip the massive-activation first row
     for p in inn.parameters():  # a non-identity flow
         torch.nn.init.normal_(p, std=0.02)
-    steerer = Steerer(inn, torch.randn(576, generator=torch.Generator().manual_seed(2)), LAYER)
+    steerer = INNSteerer(inn, torch.randn(576, generator=torch.Generator().manual_seed(2)), LAYER)
     with steering(model, steerer, alpha=0.5):
         h, _ = _layer_outputs(model, ids)
     with torch.no_grad():

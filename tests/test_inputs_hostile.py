@@ -53,7 +53,7 @@ def test_a_steer_file_is_refused_from_its_header_before_any_tensor_is_read(tmp_p
 def test_inn_steer_files_are_checked_from_the_header_too(tmp_path, monkeypatch):
     from flows import random_inn
 
-    steerer = innsteer.Steerer(random_inn(16), torch.randn(16), 5, alpha=1.0, model_id="m")
+    steerer = innsteer.INNSteerer(random_inn(16), torch.randn(16), 5, alpha=1.0, model_id="m")
     steerer.save(tmp_path / "inn.safetensors")
     _with_extra_tensor(tmp_path / "inn.safetensors", tmp_path / "big.safetensors", 2**20)
     monkeypatch.setattr(steerers_base, "load_file", lambda path: pytest.fail("tensor data read"))

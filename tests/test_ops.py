@@ -324,7 +324,7 @@ def test_in_place_with_residual_that_is_hidden_itself_on_the_blas_path():
 
 
 def test_torch_compile_traces_through_the_op():
-    steerer = innsteer.Steerer(random_inn(40), torch.randn(40), layer=0)
+    steerer = innsteer.INNSteerer(random_inn(40), torch.randn(40), layer=0)
 
     class Block(torch.nn.Module):
         def __init__(self):

@@ -16,15 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import innsteer_ext
-from innsteer import ConfigError, Steerer, SteerFileError
+from innsteer import ConfigError, INNSteerer, SteerFileError
 from innsteer.core.flow import INN, FlowConfig
 from innsteer.core.train import TrainConfig, train_innsteer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _steerer(**kwargs) -> Steerer:
-    return Steerer(
+def _steerer(**kwargs) -> INNSteerer:
+    return INNSteerer(
         random_inn(16),
         torch.randn(16, generator=torch.Generator().manual_seed(1)),
         5,
@@ -54,7 +54,7 @@ class TestConfigAgainstTensors:
         config = {"dim": 16, "num_couplings": 4, "mlp_hidden": 32, "clamp": 2.0, "seed": 0, key: value}
         _rewrite(saved, inn_config=json.dumps(config))
         with pytest.raises(SteerFileError, match=str(value)):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     @pytest.mark.parametrize("dim,num_couplings", [(2, 1), (9, 3), (16, 4)])
     def test_state_shapes_are_those_of_the_inn(self, dim, num_couplings):
@@ -66,13 +66,13 @@ class TestConfigAgainstTensors:
     def test_config_sizes_must_be_integers(self, saved, value):
         _rewrite(saved, inn_config=json.dumps({"dim": value, "num_couplings": 4, "mlp_hidden": 32}))
         with pytest.raises(SteerFileError, match="dim must be an integer"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_clamp_beyond_the_bound_in_a_file(self, saved):
         config = {"dim": 16, "num_couplings": 4, "mlp_hidden": 32, "clamp": 1e39, "seed": 0}
         _rewrite(saved, inn_config=json.dumps(config))
         with pytest.raises(SteerFileError, match="clamp must be in"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
 
 class TestMetadata:
@@ -82,31 +82,31 @@ class TestMetadata:
     def test_extra_that_is_not_an_object(self, saved, extra):
         _rewrite(saved, extra=extra)
         with pytest.raises(SteerFileError, match="extra"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_deeply_nested_inn_config(self, saved):
         _rewrite(saved, inn_config='{"a": ' * 100_000 + "1" + "}" * 100_000)
         with pytest.raises(SteerFileError, match="INN config"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     @pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
     def test_non_finite_alpha(self, saved, alpha):
         _rewrite(saved, alpha=alpha)
         with pytest.raises(SteerFileError, match="alpha"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     def test_unknown_weight_dtype(self, saved):
         _rewrite(saved, weight_dtype="float16")
         with pytest.raises(SteerFileError, match="weight_dtype"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
 
 class TestRoundTrips:
     def test_float64_steerer(self, tmp_path):
         inn = random_inn(16).double()
-        steerer = Steerer(inn, torch.randn(16, dtype=torch.float64), 3, alpha=0.7)
+        steerer = INNSteerer(inn, torch.randn(16, dtype=torch.float64), 3, alpha=0.7)
         steerer.save(tmp_path / "s.safetensors")
-        loaded = Steerer.load(tmp_path / "s.safetensors")
+        loaded = INNSteerer.load(tmp_path / "s.safetensors")
         assert loaded.inn.dtype == torch.float64 and loaded.direction.dtype == torch.float64
         h = torch.randn(4, 16, dtype=torch.float64)
         assert torch.equal(loaded(h), steerer(h))
@@ -116,13 +116,13 @@ class TestRoundTrips:
         tensors["inn.w1.0"] = tensors["inn.w1.0"].double()
         _rewrite(saved, tensors)
         with pytest.raises(SteerFileError, match="'inn.w1.0'"):
-            Steerer.load(saved)
+            INNSteerer.load(saved)
 
     @pytest.mark.parametrize("weight_dtype", [None, torch.float32, torch.bfloat16])
     def test_weight_dtype(self, tmp_path, weight_dtype):
         steerer = _steerer(weight_dtype=weight_dtype)
         steerer.save(tmp_path / "s.safetensors")
-        loaded = Steerer.load(tmp_path / "s.safetensors")
+        loaded = INNSteerer.load(tmp_path / "s.safetensors")
         assert loaded.weight_dtype == weight_dtype
         h = torch.randn(4, 16)
         assert torch.equal(loaded(h, 1.0), steerer(h, 1.0))
@@ -160,7 +160,7 @@ class TestSave:
         assert len(os.listdir(saved.parent)) == 2  # the file and one orphan
         _steerer(extra={"new": 1}).save(saved)
         assert os.listdir(saved.parent) == [saved.name]
-        assert Steerer.load(saved).extra == {"new": 1}
+        assert INNSteerer.load(saved).extra == {"new": 1}
 
     @pytest.mark.parametrize("umask", [0o022, 0o077])
     def test_saved_file_gets_the_usual_permissions(self, tmp_path, umask):

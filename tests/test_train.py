@@ -185,9 +185,9 @@ def test_untrained_flow_steers_like_caa(data):
     # with phi = standardization only, phi^-1(phi(h) + v) = h + (mu+ - mu-): INNSteer starts at CAA
     pos, neg = data
     inn = untrained_inn(pos, neg)
-    from innsteer import Steerer
+    from innsteer import INNSteerer
 
-    steerer = Steerer(inn, latent_direction(inn, pos, neg), layer=0)
+    steerer = INNSteerer(inn, latent_direction(inn, pos, neg), layer=0)
     with torch.no_grad():
         steered = steerer(neg, 0.5)
     expected = neg.double() + 0.5 * (pos.double().mean(0) - neg.double().mean(0))

@@ -17,7 +17,8 @@ from typing import Any
 _EXPORTS = {
     "INN": "innsteer.core.flow",
     "FlowConfig": "innsteer.core.flow",
-    "Steerer": "innsteer.core.steerers",
+    "INNSteerer": "innsteer.core.steerers",
+    "Steerer": "innsteer.core.steerers",  # deprecated: INNSteerer
     "SteererBase": "innsteer.core.steerers",
     "LinearSteerer": "innsteer.core.steerers",
     "AffineSteerer": "innsteer.core.steerers",

@@ -90,11 +90,11 @@ def _steer_for_llama(
 
     if is_gguf(args.steer):
         return args.steer, None, 0.0, ""
-    from ..core.steerers import Steerer, load_steerer
+    from ..core.steerers import INNSteerer, load_steerer
     from ..llama.export import export
 
     steerer = load_steerer(args.steer, expect_model_id=model_id)
-    if isinstance(steerer, Steerer):
+    if isinstance(steerer, INNSteerer):
         path = os.path.join(tmpdir, "steer.gguf")
         export(steerer, path)
         return path, None, 0.0, ""

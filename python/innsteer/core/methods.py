@@ -10,7 +10,7 @@
   innsteer    the invertible-network steerer (core/train.py)
 
 Every entry of METHODS has one signature, ``fit(pos, neg, *, layer, model_id="", behavior="", **kw)``,
-and returns a steerer with ``Steerer``'s call signature. The direction methods (pca, probe) are
+and returns a steerer with ``INNSteerer``'s call signature. The direction methods (pca, probe) are
 unit directions sign-aligned with the mean difference and scaled to its length |mu+ - mu-|, so
 alpha = 1 moves every activation as far as CAA does and one alpha grid suits every method. The
 transport methods (linear_act, mimic) map mu- exactly onto mu+ at alpha = 1, odesteer moves every
@@ -32,7 +32,7 @@ from torch import Tensor
 from .classifiers import fit_linear_probe
 from .flow import FlowConfig
 from .methods_nonadditive import fit_hpr, fit_mimic, fit_odesteer, fit_truthflow
-from .steerers import AffineSteerer, LinearSteerer, Steerer
+from .steerers import AffineSteerer, INNSteerer, LinearSteerer
 from .train import TrainConfig, check_contrastive, train_innsteer
 
 
@@ -133,7 +133,7 @@ def fit_innsteer(
     seed: int = 0,
     progress: bool = False,
     **config,
-) -> Steerer:
+) -> INNSteerer:
     """train_innsteer with TrainConfig and FlowConfig fields as keywords (e.g. ``mlp_hidden=64,
     sep_weight=0.1``); the history is in ``steerer.extra``."""
     flow_keys, train_keys = set(FlowConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__) - {"flow"}

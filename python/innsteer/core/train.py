@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .flow import INN, FlowConfig
-from .steerers import Steerer
+from .steerers import INNSteerer
 
 MIN_TRAIN_PAIRS = 8
 NLL_CHOICES = ("joint", "class")
@@ -114,7 +114,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    steerer: Steerer
+    steerer: INNSteerer
     # per-epoch lists: train_loss, val_loss, nll, separation_loss, logdet_reg, transport_loss (training means),
     # val_nll, val_fisher_separation (validation split)
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -396,5 +396,5 @@ def _train(
         "history": history,
         **({"val_transport": best_score} if criterion == "transport" else {}),
     }
-    steerer = Steerer(inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra)
+    steerer = INNSteerer(inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra)
     return TrainResult(steerer, history, best_epoch, initial["fisher"], seconds)

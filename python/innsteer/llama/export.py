@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..core.errors import ConfigError, MissingFileError, SteerFileError
-from ..core.steerers import LinearSteerer, Steerer, SteererBase, load_steerer
+from ..core.steerers import INNSteerer, LinearSteerer, SteererBase, load_steerer
 
 STEER_FORMAT_VERSION = 1  # innsteer.format_version; the C loader (csrc/llama_hook) reads exactly this
 FORMATS = ("innsteer", "controlvector")
@@ -150,7 +150,7 @@ def _write(writer, path: str | os.PathLike, source: Optional[str | os.PathLike])
 
 
 def export_steer_gguf(
-    steerer: Steerer,
+    steerer: INNSteerer,
     path: str | os.PathLike,
     *,
     weight_dtype: str = "float32",
@@ -161,7 +161,7 @@ def export_steer_gguf(
     steer file it was loaded from, which the output may not replace."""
     import gguf
 
-    if not isinstance(steerer, Steerer):
+    if not isinstance(steerer, INNSteerer):
         raise ConfigError(
             f"a {steerer.method} steerer ({type(steerer).__name__}) is not an INN steerer; "
             "linear steerers export with --format controlvector (format='controlvector')"
@@ -226,7 +226,7 @@ def export_control_vector(
     """
     import gguf
 
-    if isinstance(steerer, Steerer):
+    if isinstance(steerer, INNSteerer):
         raise ConfigError(
             "an INN steerer is nonlinear and has no llama.cpp control vector; export it with "
             "--format innsteer (format='innsteer')"

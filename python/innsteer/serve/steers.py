@@ -81,11 +81,11 @@ def load_steer(name: str, path: str, *, model_id: str, workdir: str) -> NamedSte
         steer = SteerGGUF.load(path)
         return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer)
 
-    from ..core.steerers import Steerer, load_steerer
+    from ..core.steerers import INNSteerer, load_steerer
 
     steerer = load_steerer(path, expect_model_id=model_id)
     exported = os.path.join(workdir, f"{name}.gguf")
-    if isinstance(steerer, Steerer):
+    if isinstance(steerer, INNSteerer):
         export_steer_gguf(steerer, exported, source=path)
         steer = SteerGGUF.load(exported)
         return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer)

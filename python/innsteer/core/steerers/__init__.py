@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+import warnings
+from typing import Any, Optional
 
 from .base import SteererBase
 from .flowcorrection import FlowCorrectionSteerer
 from .hpr import HouseholderSteerer
-from .inn import Steerer
+from .inn import INNSteerer
 from .linear import AffineSteerer, LinearSteerer, PerDimensionSteerer
 from .nonadditive import NonAdditiveSteerer
 from .odesteer import ODESteerer
@@ -20,7 +21,7 @@ from .transport import TransportSteerer
 
 __all__ = [
     "SteererBase",
-    "Steerer",
+    "INNSteerer",
     "LinearSteerer",
     "AffineSteerer",
     "PerDimensionSteerer",
@@ -39,3 +40,15 @@ def load_steerer(
     """Load any steer file (any kind above); raises SteerFileError for a corrupted file,
     another format version, an unknown kind, or another model / hidden size."""
     return SteererBase.load(path, expect_hidden_size=expect_hidden_size, expect_model_id=expect_model_id)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Steerer":  # the INN kind's name before INNSteerer; kept for one release
+        warnings.warn(
+            "innsteer's Steerer is now INNSteerer (SteererBase is the type of every kind); the old name "
+            "will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return INNSteerer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

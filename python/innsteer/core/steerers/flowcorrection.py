@@ -16,7 +16,7 @@ training activations, so alpha = 1 moves the class means about as far as CAA doe
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,25 +36,10 @@ class FlowCorrectionSteerer(NonAdditiveSteerer):
     """
 
     KIND = "flowcorrection"
+    METHOD = "truthflow"
     DESCRIPTION = "a TruthFlow-style flow-correction steerer"
     HIDDEN_TENSOR = "source_center"
     CONFIG = {"mlp_hidden": int, "rank": int, "n_steps": int, "source_scale": float, "target_scale": float}
-
-    def __init__(
-        self,
-        tensors: dict[str, Tensor],
-        layer: int,
-        *,
-        config: dict[str, Any],
-        alpha: float = 1.0,
-        model_id: str = "",
-        behavior: str = "",
-        method: str = "truthflow",
-        extra: Optional[dict[str, Any]] = None,
-    ):
-        super().__init__(
-            tensors, layer, config=config, alpha=alpha, model_id=model_id, behavior=behavior, method=method, extra=extra
-        )
 
     @classmethod
     def tensor_specs(cls, hidden_size: int, config: dict[str, Any]) -> dict[str, TensorSpec]:

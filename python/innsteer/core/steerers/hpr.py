@@ -19,7 +19,7 @@ on the training negatives).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,22 +41,6 @@ class HouseholderSteerer(NonAdditiveSteerer):
     DESCRIPTION = "a Householder pseudo-rotation (HPR) steerer"
     HIDDEN_TENSOR = "probe_weight"
     CONFIG = {"probe_bias": float, "input_scale": float, "out_bias": float, "mlp_hidden": int}
-
-    def __init__(
-        self,
-        tensors: dict[str, Tensor],
-        layer: int,
-        *,
-        config: dict[str, Any],
-        alpha: float = 1.0,
-        model_id: str = "",
-        behavior: str = "",
-        method: str = "hpr",
-        extra: Optional[dict[str, Any]] = None,
-    ):
-        super().__init__(
-            tensors, layer, config=config, alpha=alpha, model_id=model_id, behavior=behavior, method=method, extra=extra
-        )
 
     @classmethod
     def tensor_specs(cls, hidden_size: int, config: dict[str, Any]) -> dict[str, TensorSpec]:

@@ -20,7 +20,7 @@ from .base import SteererBase, check_tensor_names, common_fields
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class Steerer(SteererBase):
+class INNSteerer(SteererBase):
     """``steerer(h, alpha)`` steers hidden states h [..., dim] at one layer through the fused op.
 
     alpha = 0 returns h bit for bit. ``residual`` fuses the decoder layer's residual add:
@@ -97,7 +97,7 @@ class Steerer(SteererBase):
         check_tensor_names(path, shapes, expected_shapes(path, config, shapes), f"the INN config {config}")
 
     @classmethod
-    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> Steerer:
+    def from_file(cls, path: str, tensors: dict[str, Tensor], meta: dict[str, str]) -> INNSteerer:
         fields = common_fields(path, meta)
         weight_dtype = meta.get("weight_dtype")
         if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:

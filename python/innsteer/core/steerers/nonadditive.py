@@ -33,6 +33,7 @@ class NonAdditiveSteerer(SteererBase):
 
     CONFIG: ClassVar[dict[str, type]] = {}
     HIDDEN_TENSOR: ClassVar[str] = ""
+    METHOD: ClassVar[str] = ""  # the METHODS name that fits this kind, where it is not the kind's own
 
     def __init__(
         self,
@@ -46,7 +47,7 @@ class NonAdditiveSteerer(SteererBase):
         method: Optional[str] = None,
         extra: Optional[dict[str, Any]] = None,
     ):
-        method = self.KIND if method is None else method
+        method = (self.METHOD or self.KIND) if method is None else method
         super().__init__(layer, alpha=alpha, model_id=model_id, behavior=behavior, method=method, extra=extra)
         self.config = self._checked_config(config)
         anchor = tensors.get(self.HIDDEN_TENSOR)
@@ -157,7 +158,7 @@ class NonAdditiveSteerer(SteererBase):
         for name, (_, dtype) in specs.items():  # exact dtypes: a file is what save wrote
             if tensors[name].dtype != dtype:
                 raise SteerFileError(f"{path}: tensor '{name}' has dtype {tensors[name].dtype}, expected {dtype}")
-        fields.setdefault("method", cls.KIND)
+        fields.setdefault("method", cls.METHOD or cls.KIND)
         try:
             return cls(tensors, config=config, **fields)
         except ConfigError as error:

@@ -17,7 +17,7 @@ as CAA's step, toward the positives; a negative alpha steers toward the negative
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,22 +66,6 @@ class ODESteerer(NonAdditiveSteerer):
         "offset": float,
         "bias": float,
     }
-
-    def __init__(
-        self,
-        tensors: dict[str, Tensor],
-        layer: int,
-        *,
-        config: dict[str, Any],
-        alpha: float = 1.0,
-        model_id: str = "",
-        behavior: str = "",
-        method: str = "odesteer",
-        extra: Optional[dict[str, Any]] = None,
-    ):
-        super().__init__(
-            tensors, layer, config=config, alpha=alpha, model_id=model_id, behavior=behavior, method=method, extra=extra
-        )
 
     @classmethod
     def tensor_specs(cls, hidden_size: int, config: dict[str, Any]) -> dict[str, TensorSpec]:

@@ -9,7 +9,7 @@ interpolates toward it.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,31 +21,9 @@ class TransportSteerer(NonAdditiveSteerer):
     """``steerer(h, alpha) = h + alpha * (h @ matrix.T + shift - h)`` (file kind "transport")."""
 
     KIND = "transport"
+    METHOD = "mimic"
     DESCRIPTION = "an affine transport (MiMiC) steerer"
     HIDDEN_TENSOR = "shift"
-
-    def __init__(
-        self,
-        tensors: dict[str, Tensor],
-        layer: int,
-        *,
-        config: Optional[dict[str, Any]] = None,
-        alpha: float = 1.0,
-        model_id: str = "",
-        behavior: str = "",
-        method: str = "mimic",
-        extra: Optional[dict[str, Any]] = None,
-    ):
-        super().__init__(
-            tensors,
-            layer,
-            config={} if config is None else config,
-            alpha=alpha,
-            model_id=model_id,
-            behavior=behavior,
-            method=method,
-            extra=extra,
-        )
 
     @classmethod
     def tensor_specs(cls, hidden_size: int, config: dict[str, Any]) -> dict[str, TensorSpec]:
