@@ -110,6 +110,7 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
         steerer = load_steerer(tmp_path / path)
         assert steerer.layer == record["chosen"][name]["layer"] and steerer.method == name
     assert "## Test comparison" in (tmp_path / "tune.md").read_text()
+    assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
 
     calls.clear()  # the same command again: every stage is read back, nothing measured
     again = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)

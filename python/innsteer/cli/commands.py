@@ -37,10 +37,13 @@ def _check_report(args) -> None:
 
 
 def _load(args):
+    import torch
+
     from ..hf.models import load_model
 
     t = time.perf_counter()
-    lm = load_model(args.model)  # a file that holds no model raises ModelLoadError, reported in one line
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    lm = load_model(args.model, dtype=dtype)  # a file that holds no model raises ModelLoadError, in one line
     print(
         f"model {lm.model_id}: {lm.num_layers} layers, hidden size {lm.hidden_size} "
         f"(loaded in {time.perf_counter() - t:.1f} s)",
@@ -239,19 +242,20 @@ def cmd_tune(args) -> int:
 
     args.mode = "answer"
     source = _data(args)
-    check_output_dir(args.out, "--out")
+    _check_report(args)
     out = Path(args.out)
     lm = _load(args)
     _check_context(lm, 64, source.prompts, "open-ended prompt")
     items = source.train[: args.n_train] if args.n_train else source.train
     record = tune(
         lm, None, items, test_items=source.test if source.test else None, prompts=source.prompts,
-        behavior=source.name, budget=args.budget, out=out, seed=args.seed,
+        behavior=source.name, budget=args.budget, out=out, seed=args.seed, plots=not args.no_plots,
     )  # fmt: skip
     print()
     print((out / "tune.md").read_text())
-    print(f"wrote {out / 'tune.json'}, {out / 'tune.md'} and the chosen steerers " + ", ".join(
-        str(out / path) for path in record["steer_files"].values()))  # fmt: skip
+    written = [out / "tune.json", out / "tune.md", *([] if args.no_plots else [out / "tune.png"])]
+    written += [out / path for path in record["steer_files"].values()]
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 

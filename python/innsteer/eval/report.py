@@ -17,7 +17,7 @@ from pathlib import Path
 PLOT_HINT = "plots need matplotlib: pip install 'innsteer[plot]' (or pass --no-plots)"
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as error:
@@ -112,7 +112,7 @@ def markdown(result: dict) -> str:
 
 
 def plot_alpha(result: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     base = baseline_point(result["points"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("answer", "letter")):
@@ -136,7 +136,7 @@ def plot_alpha(result: dict, path: Path) -> None:
 
 
 def plot_tradeoff(result: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     base = baseline_point(result["points"])
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method, points in _by_method(result["points"]).items():
@@ -168,7 +168,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
 
 
 def plot_training(history: dict, path: Path, title: str = "INNSteer training") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = range(1, len(history.get("train_loss", [])) + 1)
     for key in ("train_loss", "val_loss"):

@@ -39,6 +39,7 @@ from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
 from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
+from .report import pyplot
 from .tradeoff import REPETITION_GATE, curve_summary
 
 SCHEMA_VERSION = 1
@@ -154,6 +155,7 @@ def tune(
     budget: str = "quick",
     out: Optional[str | os.PathLike] = None,
     seed: int = 0,
+    plots: bool = True,
     progress: bool = True,
 ) -> dict:
     """Tune CAA and INNSteer on ``items`` for ``model`` (see the module docstring) and return the
@@ -163,9 +165,12 @@ def tune(
     ``LoadedModel`` (tokenizer None). ``items`` and ``test_items``: contrastive pairs as
     ``innsteer.fit`` takes them (``(positive, negative)`` texts, ``(prompt, positive, negative)``)
     or A/B items. ``prompts``: open-ended prompts for the fluency measure (default: a neutral set).
+    ``plots``: with ``out``, also ``tune.png`` (needs matplotlib, checked before any work).
     """
     if budget not in TUNE_BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose one of: {', '.join(TUNE_BUDGETS)}")
+    if plots and out is not None:
+        pyplot()  # now, not after the measurements
     lm = as_loaded_model(model, tokenizer, "tune")
     items = pairs_to_items(items)
     test_items = None if test_items is None else pairs_to_items(test_items)
@@ -308,6 +313,8 @@ def tune(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tune.json").write_text(json.dumps(record, indent=1))
         (out_dir / "tune.md").write_text(tune_markdown(record))
+        if plots:
+            plot_tune(record, out_dir / "tune.png")
     return record
 
 
@@ -381,3 +388,33 @@ def tune_markdown(record: dict) -> str:
         "✓: INNSteer above CAA (interval above 0); ✗: below.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def plot_tune(record: dict, path: Path) -> None:
+    """Left: each method's validation area toward the behavior by layer (its choice marked); right:
+    INNSteer's options at its layer, toward and away, against CAA's area away."""
+    plt = pyplot()
+    chosen = record["chosen"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, choice in chosen.items():
+        layers = [int(layer) for layer in choice["validation"]["by_layer"]]
+        areas = list(choice["validation"]["by_layer"].values())
+        (line,) = left.plot(layers, areas, "o-", label=name)
+        left.plot([choice["layer"]], [choice["validation"]["auc"]], "*", ms=16, color=line.get_color())
+    left.set(xlabel="layer", ylabel="validation area to 1 nat/token (toward)", title="layer (★ chosen)")
+    left.legend()
+    options = chosen["innsteer"]["validation"]["by_options"]
+    names = list(options)
+    x = np.arange(len(names))
+    right.bar(x - 0.2, [options[n]["toward"] for n in names], 0.4, label="toward")
+    right.bar(x + 0.2, [options[n]["away"] for n in names], 0.4, label="away")
+    right.axhline(chosen["caa"]["validation"]["away_auc"], color="gray", ls=":", label="CAA away")
+    right.set_xticks(x, [n + (" ★" if n == chosen["innsteer"]["variant"] else "") for n in names], fontsize=8)
+    right.set(
+        ylabel="validation area to 1 nat/token", title=f"INNSteer's options at layer {chosen['innsteer']['layer']}"
+    )
+    right.legend(fontsize=8)
+    fig.suptitle(f"innsteer tune: {record['behavior']} on {record['model_id']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
