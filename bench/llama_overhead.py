@@ -67,7 +67,8 @@ def main() -> None:
     import llama_cpp
 
     from innsteer.llama.bindings import SteerGGUF
-    from innsteer.llama.steering import SteeredLlama, load_llama
+    from innsteer.llama.loading import load_llama
+    from innsteer.llama.steering import SteeredLlama
 
     model = str(default_gguf_path())
     common = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)

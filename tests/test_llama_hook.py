@@ -38,7 +38,8 @@ def test_load_llama_keeps_the_weights_out_of_the_amx_buffers_where_llama_cpp_has
     elsewhere load as llama_cpp.Llama does. In a child process, because the failure is a segfault."""
     code = f"""
 import llama_cpp
-from innsteer.llama.steering import SteeredLlama, amx_kernels_built, load_llama
+from innsteer.llama.loading import amx_kernels_built, load_llama
+from innsteer.llama.steering import SteeredLlama
 path = {gguf_path!r}
 for llm in (load_llama(path, n_ctx=64, n_threads=2, verbose=False), SteeredLlama(path, n_ctx=64, n_threads=2)):
     assert llm.model_params.use_extra_bufts is not amx_kernels_built()
@@ -52,7 +53,7 @@ print("evaluated")
 
 @pytest.fixture(scope="module")
 def plain_llm(gguf_path):
-    from innsteer.llama.steering import load_llama
+    from innsteer.llama.loading import load_llama
 
     return load_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
 
@@ -189,7 +190,7 @@ def test_several_layers_at_once_match_control_vectors(gguf_path, tokens, tmp_pat
 
 
 def test_attach_to_existing_llama(gguf_path, plain_llm, tokens, random_steer_file):
-    from innsteer.llama.steering import load_llama
+    from innsteer.llama.loading import load_llama
 
     llm = load_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
     base = last_logits(llm, tokens)
@@ -240,7 +241,7 @@ def test_refuses_bad_layers_and_incompatible_steers(gguf_path, tmp_path, random_
 
 def test_steer_from_position_across_ubatches(gguf_path, tokens, random_steer_file):
     """steer_from(k) leaves tokens before k unsteered, also when llama.cpp splits the call into ubatches."""
-    from innsteer.llama.steering import load_llama
+    from innsteer.llama.loading import load_llama
 
     n = len(tokens)
     plain = load_llama(gguf_path, n_ctx=256, n_threads=2, n_batch=64, n_ubatch=4, verbose=False)

@@ -49,7 +49,7 @@ def steer_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_llm(gguf_path):
-    from innsteer.llama.steering import load_llama
+    from innsteer.llama.loading import load_llama
 
     return load_llama(gguf_path, n_ctx=256, n_threads=2, verbose=False)
 

@@ -176,7 +176,7 @@ def generate_gguf(args: argparse.Namespace) -> int:
 
 
 def _reply(llm, index: int, prompt: str, max_new_tokens: int, steer_prompt: bool) -> str:
-    from ..llama.steering import chat_reply
+    from ..llama.chat import chat_reply
 
     try:
         return chat_reply(llm, prompt, max_new_tokens, steer_prompt=steer_prompt)

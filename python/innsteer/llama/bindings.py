@@ -26,6 +26,12 @@ __all__ = [
     "thread_count",
 ]
 
+# What an import of llama-cpp-python that fails says (the llama.cpp parts are an optional extra).
+INSTALL_HINT = (
+    "innsteer's llama.cpp support needs llama-cpp-python 0.3.36: `pip install 'innsteer[llama]'` "
+    "(or `pip install llama-cpp-python==0.3.36`), then rebuild innsteer "
+    "(`pip install --no-build-isolation -e .`) so its llama.cpp hook is compiled"
+)
 ERR_LEN = 1024
 MAX_THREADS = 256  # INNSTEER_MAX_THREADS in csrc/llama_hook/innsteer_llama_hook.h
 _lib = None

@@ -11,7 +11,7 @@ import numpy as np
 from ..datasets.ab import METRICS, DataError
 from ..hf.encoding import encode_spans
 from ..hf.prompts import ab_prompt
-from .steering import last_token_logits
+from .chat import last_token_logits
 
 if TYPE_CHECKING:
     import llama_cpp

@@ -3,16 +3,17 @@
     from innsteer.llama.steering import SteeredLlama
     llm = SteeredLlama("model.gguf", steer="steer.gguf", alpha=4.0)
     llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=32)
-    llm.steering.set_alpha(0.0)   # or .disable() / .enable(); the KV cache is reset for you
+    llm.steering.set_alpha(0.0)   # or .disable() / .enable(); the KV cache is trimmed for you
 
 or ``steering = attach(llm, "steer.gguf", alpha=4.0)`` on an existing ``llama_cpp.Llama`` (built with
-``load_llama``, which also runs on CPUs where llama.cpp's AMX kernels crash).
+``innsteer.llama.loading.load_llama``, which also runs on CPUs where llama.cpp's AMX kernels crash).
 
 The steer runs in C (csrc/llama_hook, built by setup.py when llama-cpp-python is installed) as
 llama.cpp's eval callback: it rewrites ``l_out-L`` (decoder layer L's output) in place; no Python
 runs per graph node. Stock llama.cpp control vectors (the linear baseline) load through
-``llama_set_adapter_cvec``. This is the only module that touches llama-cpp-python's private
-attributes.
+``llama_set_adapter_cvec``. The ``Llama`` object is patched here (its context, ``generate``,
+``eval``, saved states): with ``grammar`` (the sampler's grammar step) and ``chat`` (its context and
+model handles), the only code touching llama-cpp-python's private attributes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 from ..core.errors import ConfigError, SteerFileError
 from .bindings import (
     ERR_LEN,
+    INSTALL_HINT,
     MAX_THREADS,
     NonFiniteLogitsError,
     SteerGGUF,
@@ -42,28 +44,15 @@ from .bindings import (
 )
 from .export import read_control_vector
 from .grammar import guard_grammars
+from .loading import weights_in_plain_cpu_buffers
 
 try:
     import llama_cpp
     from llama_cpp import _internals
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 except ImportError as _error:  # optional dependency
-    raise ImportError(
-        "innsteer.llama.steering needs llama-cpp-python 0.3.36: `pip install 'innsteer[llama]'` "
-        "(or `pip install llama-cpp-python==0.3.36`), then rebuild innsteer "
-        "(`pip install --no-build-isolation -e .`) so its llama.cpp hook is compiled"
-    ) from _error
+    raise ImportError(INSTALL_HINT) from _error
 
-__all__ = [
-    "SteeredLlama",
-    "attach",
-    "load_llama",
-    "LlamaSteering",
-    "SteerGGUF",
-    "SteerHookError",
-    "chat_reply",
-    "last_token_logits",
-]
+__all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookError"]
 
 _MAX_POSITION = 2**62  # steer_from's bound: position - batch start must fit the hook's int64
 _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm.steering may be reassigned)
@@ -535,47 +524,6 @@ def attach(
     return steering
 
 
-_MODEL_DEFAULTS_LOCK = threading.Lock()
-
-
-def amx_kernels_built() -> bool:
-    """Whether this llama.cpp build has its AMX matmul kernels (a native build on a CPU with AMX)."""
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
-
-
-@contextlib.contextmanager
-def _weights_in_plain_cpu_buffers():
-    """Where llama.cpp has AMX kernels, make the Llama built inside keep its weights out of the AMX
-    buffer type (``use_extra_bufts = False``). Those kernels crash the process on any batch of two
-    or more tokens (seen with llama-cpp-python 0.3.36 on a Sapphire Rapids host; llama.cpp issue
-    #20824, open), and ``Llama()`` has no option for it: it takes its model parameters from
-    ``llama_model_default_params``, which is wrapped for the duration."""
-    if not amx_kernels_built():
-        yield
-        return
-    module = llama_cpp.llama_cpp  # the module whose defaults Llama.__init__ reads
-    defaults = module.llama_model_default_params
-
-    def without_extra_buffer_types():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    with _MODEL_DEFAULTS_LOCK:
-        module.llama_model_default_params = without_extra_buffer_types
-        try:
-            yield
-        finally:
-            module.llama_model_default_params = defaults
-
-
-def load_llama(model_path: str, **llama_kwargs) -> llama_cpp.Llama:
-    """``llama_cpp.Llama(model_path, **llama_kwargs)`` that also runs on CPUs with AMX (see
-    ``_weights_in_plain_cpu_buffers``); ``attach`` steering to it, or use ``SteeredLlama``."""
-    with _weights_in_plain_cpu_buffers():
-        return llama_cpp.Llama(model_path, **llama_kwargs)
-
-
 class SteeredLlama(llama_cpp.Llama):
     """A ``llama_cpp.Llama`` with innsteer's hook installed; ``.steering`` controls it.
 
@@ -596,7 +544,7 @@ class SteeredLlama(llama_cpp.Llama):
         **llama_kwargs,
     ):
         llama_kwargs.setdefault("verbose", False)
-        with _weights_in_plain_cpu_buffers():
+        with weights_in_plain_cpu_buffers():
             super().__init__(model_path, **llama_kwargs)
         self.steering = attach(
             self,
@@ -607,26 +555,3 @@ class SteeredLlama(llama_cpp.Llama):
             control_strength=control_strength,
             expect_model_id=expect_model_id,
         )
-
-
-def last_token_logits(llm: llama_cpp.Llama) -> np.ndarray:
-    """A copy of the logits llama.cpp computed for the last token of the last decode."""
-    logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-    return np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).copy()
-
-
-def chat_reply(llm: llama_cpp.Llama, prompt: str, max_tokens: int, *, steer_prompt: bool = False) -> str:
-    """A greedy reply to ``prompt`` formatted with the GGUF's chat template (plain text if none)."""
-    template = llm.metadata.get("tokenizer.chat_template")
-    text = prompt
-    if template:
-        formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llm._model.token_get_text(llm.token_eos()),
-            bos_token=llm._model.token_get_text(llm.token_bos()),
-        )
-        text = formatter(messages=[{"role": "user", "content": prompt}]).prompt
-    tokens = llm.tokenize(text.encode(), add_bos=not template, special=True)
-    llm.steering.steer_from(0 if steer_prompt else len(tokens) - 1)
-    out = llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0)
-    return out["choices"][0]["text"].strip()
