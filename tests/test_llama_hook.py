@@ -204,9 +204,11 @@ def test_attach_to_existing_llama(gguf_path, plain_llm, tokens, random_steer_fil
 def test_missing_l_out_tensor_fails_loudly(gguf_path, tokens, random_steer_file):
     """An entry whose l_out-L never appears (architectures without l_out) must raise, not pass."""
     llm = SteeredLlama(gguf_path, n_ctx=256, n_threads=2)
+    from innsteer.llama.steering import _Entry
+
     steer = SteerGGUF.load(random_steer_file)
     steering = llm.steering
-    steering._steers.append(steer)
+    steering._steer_entries.append(_Entry(steer, 77, 1.0))
     err = ctypes.create_string_buffer(256)
     # bypass add()'s layer check to stand in for a graph without that tensor name
     assert steering._lib.innsteer_hook_add(steering._hook, steer.handle, 77, 1.0, err, 256) == 0

@@ -26,6 +26,7 @@ import operator
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
@@ -75,6 +76,16 @@ def _finite_last_logits(ctx, n_vocab: int) -> bool:
     return not logits or bool(np.isfinite(np.ctypeslib.as_array(logits, shape=(n_vocab,))).all())
 
 
+@dataclass
+class _Entry:
+    """One steer installed in the hook (the hook's entry of the same index)."""
+
+    steer: SteerGGUF
+    layer: int
+    alpha: float
+    enabled: bool = True
+
+
 class _Generation:
     """One running ``Llama.generate`` (see ``LlamaSteering._track_generations``)."""
 
@@ -103,10 +114,7 @@ class LlamaSteering:
         self._hook = self._lib.innsteer_hook_new()
         if not self._hook:
             raise MemoryError("innsteer_hook_new failed")
-        self._steers: list[SteerGGUF] = []
-        self._layers: list[int] = []
-        self._alphas: list[float] = []
-        self._enabled: list[bool] = []
+        self._steer_entries: list[_Entry] = []  # the hook's entries, by index
         self._cvec: Optional[np.ndarray] = None
         self._generations: list[_Generation] = []
         # Evaluation and steering changes from several threads run one at a time (see _serialize_evals).
@@ -269,7 +277,7 @@ class LlamaSteering:
 
     def _state(self) -> tuple:
         """What decides the steered outputs; a call that leaves it equal changes nothing."""
-        alphas = tuple(alpha if enabled else 0.0 for alpha, enabled in zip(self._alphas, self._enabled))
+        alphas = tuple(entry.alpha if entry.enabled else 0.0 for entry in self._steer_entries)
         cvec = None if self._cvec is None else self._cvec.tobytes()
         return alphas, self.start_position, cvec
 
@@ -348,8 +356,8 @@ class LlamaSteering:
                 f"cannot steer layer {layer} of a {self.n_layer}-layer model: layers 0..{self.n_layer - 2} "
                 "can be steered (the last layer's output holds only the output rows)"
             )
-        for entry, (other, other_layer) in enumerate(zip(self._steers, self._layers)):
-            if other_layer == layer and _same_steer(other, steer):
+        for entry, other in enumerate(self._steer_entries):
+            if other.layer == layer and _same_steer(other.steer, steer):
                 raise ConfigError(
                     f"{source} already steers layer {layer} (entry {entry}): adding it again would "
                     "steer twice; use set_alpha to change its strength"
@@ -360,14 +368,11 @@ class LlamaSteering:
             entry = self._lib.innsteer_hook_add(hook, steer.handle, layer, alpha, err, ERR_LEN)
             if entry < 0:
                 raise ConfigError(err.value.decode(errors="replace"))
-            self._steers.append(steer)
-            self._layers.append(layer)
-            self._alphas.append(alpha)
-            self._enabled.append(True)
+            self._steer_entries.append(_Entry(steer, layer, alpha))
         return entry
 
     def _entries(self, entry: Optional[int]) -> range:
-        n = len(self._steers)
+        n = len(self._steer_entries)
         if entry is None:
             return range(n)
         entry = operator.index(entry)
@@ -383,12 +388,12 @@ class LlamaSteering:
             for i in entries:
                 if self._lib.innsteer_hook_set_alpha(self._hook, i, alpha):
                     raise RuntimeError(f"the hook refused alpha {alpha} for entry {i}")
-                self._alphas[i] = alpha
+                self._steer_entries[i].alpha = alpha
 
     @property
     def alphas(self) -> list[float]:
         """The current alpha of each entry."""
-        return list(self._alphas)
+        return [entry.alpha for entry in self._steer_entries]
 
     def _set_enabled(self, entry: Optional[int], enabled: bool) -> None:
         entries = self._entries(entry)
@@ -396,7 +401,7 @@ class LlamaSteering:
             for i in entries:
                 if self._lib.innsteer_hook_set_enabled(self._hook, i, enabled):
                     raise RuntimeError(f"the hook refused to {'enable' if enabled else 'disable'} entry {i}")
-                self._enabled[i] = enabled
+                self._steer_entries[i].enabled = enabled
 
     def enable(self, entry: Optional[int] = None) -> None:
         self._set_enabled(entry, True)
