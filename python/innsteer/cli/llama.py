@@ -9,7 +9,6 @@ innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from typing import Optional
@@ -83,36 +82,30 @@ def _context_length(model: str) -> Optional[int]:
 def _steer_for_llama(
     args: argparse.Namespace, model_id: str, tmpdir: str
 ) -> tuple[Optional[str], Optional[str], float, str]:
-    """(steer GGUF, control vector GGUF, its strength, its label) for ``--steer``: a steer GGUF as is; a safetensors
-    INN steerer exported as a steer GGUF; a linear one (CAA, PCA, probe: h + alpha * v) as a llama.cpp
-    control vector, which llama.cpp adds at every position."""
-    from ..llama.model_file import is_gguf
+    """(steer GGUF, control vector GGUF, its strength, its label) for ``--steer``, as
+    ``innsteer.llama.export.for_llama`` prepares it: an INN runs in the hook; a linear steerer (CAA,
+    PCA, probe: h + alpha * v) or a control vector GGUF as a llama.cpp control vector, which
+    llama.cpp adds at every position."""
+    from ..llama.export import for_llama
 
-    if is_gguf(args.steer):
-        return args.steer, None, 0.0, ""
-    from ..core.steerers import INNSteerer, load_steerer
-    from ..llama.export import export
-
-    steerer = load_steerer(args.steer, expect_model_id=model_id)
-    if isinstance(steerer, INNSteerer):
-        path = os.path.join(tmpdir, "steer.gguf")
-        export(steerer, path)
-        return path, None, 0.0, ""
+    prepared = for_llama(args.steer, model_id=model_id, workdir=tmpdir)
+    if prepared.kind == "innsteer":
+        return prepared.path, None, 0.0, ""
+    what = "a control vector" if prepared.steerer is None else f"the {prepared.steerer.method} steerer"
     if args.control_vector:
         raise CLIError(
-            f"--steer {args.steer} is a linear steerer, which runs as a llama.cpp control vector: "
-            "it cannot be combined with --control-vector"
+            f"--steer {args.steer} runs as a llama.cpp control vector: it cannot be combined with --control-vector"
         )
-    path = os.path.join(tmpdir, "steer-controlvector.gguf")
-    export(steerer, path, format="controlvector")  # a clear error for the affine (linear_act) kind
     if not args.steer_prompt:
         print(
-            f"innsteer: note: the {steerer.method} steerer runs as a llama.cpp control vector, "
-            "which steers the prompt too (as --steer-prompt)",
+            f"innsteer: note: {what} runs as a llama.cpp control vector, which steers the prompt too "
+            "(as --steer-prompt)",
             file=sys.stderr,
         )
-    alpha = steerer.alpha if args.alpha is None else args.alpha
-    return None, path, alpha, f"{steerer.method} alpha={alpha:g} (control vector)"
+    default = 1.0 if prepared.steerer is None else prepared.steerer.alpha
+    alpha = default if args.alpha is None else args.alpha
+    method = "control vector" if prepared.steerer is None else prepared.steerer.method
+    return None, prepared.path, alpha, f"{method} alpha={alpha:g} (control vector)"
 
 
 def generate_gguf(args: argparse.Namespace) -> int:

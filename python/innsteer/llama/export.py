@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -325,3 +326,33 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, np.ndarray],
         "model_hint": field("controlvector.model_hint") or "",
         "layer_count": field("controlvector.layer_count"),
     }
+
+
+@dataclass(frozen=True)
+class LlamaSteer:
+    """A steer file made ready for llama.cpp: ``path`` is a steer GGUF (``kind`` "innsteer", run by
+    the hook) or a control vector GGUF (``kind`` "controlvector", added by llama.cpp at every
+    position); ``steerer`` is the .safetensors steerer it was exported from, if it was one."""
+
+    kind: str
+    path: str
+    steerer: Optional[SteererBase] = None
+
+
+def for_llama(path: str, *, model_id: str, workdir: str, name: str = "steer") -> LlamaSteer:
+    """The one decision of how a steer file runs in llama.cpp (``innsteer generate --gguf``, ``innsteer
+    serve``): a steer or control vector GGUF as it is; a .safetensors INN steerer exported as a
+    steer GGUF into ``workdir``, a linear one (CAA, PCA, probe) as a control vector, any other kind
+    refused by name. A steerer made for another model than ``model_id`` is refused."""
+    from .model_file import gguf_architecture, is_gguf
+
+    if is_gguf(path):
+        return LlamaSteer("controlvector" if gguf_architecture(path) == "controlvector" else "innsteer", path)
+    steerer = load_steerer(path, expect_model_id=model_id)
+    if isinstance(steerer, INNSteerer):
+        exported = os.path.join(workdir, f"{name}.gguf")
+        export_steer_gguf(steerer, exported, source=path)
+        return LlamaSteer("innsteer", exported, steerer)
+    exported = os.path.join(workdir, f"{name}-controlvector.gguf")
+    export_control_vector(steerer, exported, source=path)  # a clear error for the non-additive kinds
+    return LlamaSteer("controlvector", exported, steerer)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..core.errors import ConfigError, MissingFileError
+from ..core.errors import ConfigError, MissingFileError, SteerFileError
 
 # general.architecture of the GGUFs innsteer writes (llama/export.py): steers, not models
 NOT_MODELS = {"innsteer": "an innsteer steer GGUF", "controlvector": "a llama.cpp control vector"}
@@ -46,6 +46,17 @@ def is_gguf(path: str | os.PathLike) -> bool:
     """Whether the file at ``path`` starts with GGUF's magic (needs neither gguf nor llama.cpp)."""
     with open(path, "rb") as handle:
         return handle.read(4) == b"GGUF"
+
+
+def gguf_architecture(path: str | os.PathLike) -> Optional[str]:
+    """A GGUF file's ``general.architecture`` (None if it has none); SteerFileError if unreadable."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.architecture")
+    except Exception as error:  # gguf raises ValueError/struct.error/IndexError on damaged files
+        raise SteerFileError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error})") from error
+    return None if field is None else str(field.contents())
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:

@@ -16,10 +16,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..core.errors import ConfigError, MissingFileError, SteerFileError
+from ..core.errors import ConfigError, MissingFileError
 from ..llama.bindings import SteerGGUF, float32_alpha
-from ..llama.export import export_control_vector, export_steer_gguf, read_control_vector
-from ..llama.model_file import is_gguf
+from ..llama.export import for_llama, read_control_vector
 
 INN = "innsteer"
 CONTROL_VECTOR = "control_vector"
@@ -56,16 +55,6 @@ class NamedSteer:
         return {"name": self.name, "kind": self.kind, "layers": list(self.layers), "default_alpha": self.default_alpha}
 
 
-def _gguf_architecture(path: str) -> Optional[str]:
-    import gguf
-
-    try:
-        field = gguf.GGUFReader(path).fields.get("general.architecture")
-    except Exception as error:  # gguf raises ValueError/struct.error/IndexError on damaged files
-        raise SteerFileError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error})") from error
-    return None if field is None else str(field.contents())
-
-
 def load_steer(name: str, path: str, *, model_id: str, workdir: str) -> NamedSteer:
     """Load the steer file ``path`` as ``name``; a .safetensors steerer is exported into ``workdir``.
     Checks the file itself; whether it fits the served model is checked when a context takes it."""
@@ -75,22 +64,12 @@ def load_steer(name: str, path: str, *, model_id: str, workdir: str) -> NamedSte
         raise ConfigError(f"{path} is a directory, not a steer file")
     if not os.path.isfile(path):
         raise MissingFileError(f"no file at {path}")
-    if is_gguf(path):
-        if _gguf_architecture(path) == "controlvector":
-            return _control_vector(name, path, path, 1.0)
-        steer = SteerGGUF.load(path)
-        return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer)
-
-    from ..core.steerers import INNSteerer, load_steerer
-
-    steerer = load_steerer(path, expect_model_id=model_id)
-    exported = os.path.join(workdir, f"{name}.gguf")
-    if isinstance(steerer, INNSteerer):
-        export_steer_gguf(steerer, exported, source=path)
-        steer = SteerGGUF.load(exported)
-        return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer)
-    export_control_vector(steerer, exported, source=path)  # a clear error for a non-additive steerer
-    return _control_vector(name, path, exported, float(steerer.alpha))
+    prepared = for_llama(path, model_id=model_id, workdir=workdir, name=name)
+    if prepared.kind == "controlvector":
+        alpha = 1.0 if prepared.steerer is None else float(prepared.steerer.alpha)
+        return _control_vector(name, path, prepared.path, alpha)
+    steer = SteerGGUF.load(prepared.path)
+    return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer)
 
 
 def _control_vector(name: str, source: str, path: str, alpha: float) -> NamedSteer:
