@@ -40,7 +40,7 @@ class NonAdditiveSteerer(SteererBase):
         tensors: dict[str, Tensor],
         layer: int,
         *,
-        config: dict[str, Any],
+        config: Optional[dict[str, Any]] = None,  # None: no settings (a kind whose CONFIG is empty)
         alpha: float = 1.0,
         model_id: str = "",
         behavior: str = "",
@@ -49,7 +49,7 @@ class NonAdditiveSteerer(SteererBase):
     ):
         method = (self.METHOD or self.KIND) if method is None else method
         super().__init__(layer, alpha=alpha, model_id=model_id, behavior=behavior, method=method, extra=extra)
-        self.config = self._checked_config(config)
+        self.config = self._checked_config({} if config is None else config)
         anchor = tensors.get(self.HIDDEN_TENSOR)
         if not isinstance(anchor, Tensor) or anchor.dim() == 0:
             raise ConfigError(f"{type(self).__name__} needs a tensor '{self.HIDDEN_TENSOR}' of at least 1 dimension")
