@@ -129,12 +129,10 @@ class InnsteerServer:
         try:
             acquiring = asyncio.ensure_future(self.pool.acquire(setting))
             await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not acquiring.done():  # left while queued: give up the place in the queue
+            if not acquiring.done():  # left while queued: give up the place (acquire hands on a slot it got)
                 acquiring.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await acquiring
-                if not acquiring.cancelled():  # handed a slot just then
-                    self.pool.release(acquiring.result())
                 raise ApiError(DISCONNECTED, "the client disconnected while queued", code="client_closed")
             try:
                 slot = acquiring.result()
