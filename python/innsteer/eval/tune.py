@@ -232,7 +232,7 @@ def tune(
     # CAA away at its layer: the bar a variant's area away must reach
     inn_layer, caa_layer = chosen_layer["innsteer"], chosen_layer["caa"]
     others = {name: MethodSpec("innsteer", TOKENS, options) for name, options in list(variants.items())[1:]}
-    by_options = stages.run(f"options-layer{inn_layer}", lambda: validate(inn_layer, others, (1, -1)))
+    by_options = stages.run(f"options-layer{inn_layer}", lambda: validate(inn_layer, others, (1, -1))) if others else {}
     away = stages.run(
         f"away-layers{caa_layer}-{inn_layer}",
         lambda: validate(
@@ -273,14 +273,13 @@ def tune(
     final = {
         name: MethodSpec(name, TOKENS, choice["options"], layer=choice["layer"]) for name, choice in chosen.items()
     }
-    steerers: dict[str, Any] = {}
 
     def test_stage() -> dict:
         result = run_protocol(
             lm, pool, test, prompts, layer=final["caa"].layer, specs=final, seeds=plan.test_seeds,
             compare=COMPARED, return_steerers=True, ladder=plan.ladder, **common,
         )  # fmt: skip
-        steerers.update(result.pop("steerers"))
+        steerers = result.pop("steerers")  # the first test seed's
         if out_dir is not None:  # written with the stage, so a resumed run has them too
             out_dir.mkdir(parents=True, exist_ok=True)
             for name, steerer in steerers.items():
