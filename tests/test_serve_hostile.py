@@ -404,10 +404,22 @@ def test_contexts_are_checked_before_they_are_allocated(args, words):
 
 def test_files_that_are_not_models_are_one_line_errors(tmp_path, steer_file):
     """Was: a steer file or a random .gguf given as the model gave a traceback."""
+    import gguf
+    import numpy as np
+
     (tmp_path / "random.gguf").write_bytes(os.urandom(4096))
     (tmp_path / "header.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    for name, tensor in (("no-embedding", "blk.0.attn_q.weight"), ("embedding-only", "token_embd.weight")):
+        writer = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch="llama")  # a header, but no model
+        writer.add_tensor(tensor, np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     cases = [(steer_file, "steer GGUF, not a model"), (tmp_path / "random.gguf", "not a GGUF model file"),
-             (tmp_path / "header.gguf", "not a readable GGUF file")]  # fmt: skip
+             (tmp_path / "header.gguf", "not a readable GGUF file"),
+             (tmp_path / "no-embedding.gguf", "no token embedding tensor"),
+             (tmp_path / "embedding-only.gguf", "llama.cpp cannot load the model")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for path, words in cases:
         command = [sys.executable, "-m", "innsteer.cli", "serve", str(path), "--port", "0"]

@@ -86,7 +86,8 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         raise ModelFileError(f"{path} is a GGUF file without general.architecture: not a model")
     if arch in NOT_MODELS:
         raise ModelFileError(f"{path} is {NOT_MODELS[arch]}, not a model (pass it with --steer)")
-    if not any(name.startswith("token_embd") for name in (t.name for t in reader.tensors)):
+    split = value("split.count")  # a model split into several files: this one may hold other tensors
+    if not (isinstance(split, int) and split > 1) and not any(t.name.startswith("token_embd") for t in reader.tensors):
         raise ModelFileError(f"{path} has no token embedding tensor: not a model llama.cpp can load")
 
     def integer(key: str) -> Optional[int]:

@@ -506,7 +506,7 @@ def load_server(
     import tempfile
 
     from ..core.errors import ConfigError
-    from ..llama.model_file import check_context, read_model_info
+    from ..llama.model_file import ModelFileError, check_context, read_model_info
     from .steers import load_steer
 
     if parallel < 1 or max_queue < 0 or n_ctx < 1:
@@ -539,9 +539,11 @@ def load_server(
                     steer_prompt=steer_prompt,
                 )
             )
-    except BaseException:
+    except BaseException as error:
         for slot in slots:
             slot.close()
+        if isinstance(error, ValueError) and not isinstance(error, InnsteerError):  # llama-cpp-python's load error
+            raise ModelFileError(f"llama.cpp cannot load the model {model_path}: {error}") from None
         raise
     return InnsteerServer(SlotPool(slots, max_queue), catalog, default, model_id, n_ctx)
 
