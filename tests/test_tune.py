@@ -13,7 +13,7 @@ from innsteer.core.errors import ConfigError
 from innsteer.core.steerers import load_steerer
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import tune as tune_module
-from innsteer.eval.tune import TuneBudget, candidate_layers, split_items, validation_area
+from innsteer.eval.tune import TuneBudget, candidate_layers, choose_variant, split_items, validation_area
 
 TINY = TuneBudget(
     layer_fractions=(0.2, 0.8),
@@ -60,6 +60,19 @@ def test_validation_area_against_a_hand_computed_trapezoid():
     assert validation_area(run) == pytest.approx(0.5 * 0.2 / 2 + 0.5 * 0.2, abs=1e-3)
 
 
+def test_the_option_choice_keeps_the_gain_toward_and_reaches_caa_away_where_it_can():
+    # myopic-reward's validation areas (docs/RESULTS.md): CAA 0.017 toward, 0.047 away
+    myopic = {"defaults": {"toward": 0.284, "away": 0.011}, "both-sides": {"toward": 0.218, "away": 0.074},
+              "no-transport": {"toward": 0.049, "away": 0.065}}  # fmt: skip
+    assert choose_variant(myopic, 0.017, 0.047) == "both-sides"
+    # corrigible-neutral-HHH's: CAA 0.123 / 0.100; no option reaches both, so the most toward wins
+    corrigible = {"defaults": {"toward": 0.169, "away": 0.074}, "both-sides": {"toward": 0.116, "away": 0.137},
+                  "no-transport": {"toward": 0.109, "away": 0.097}}  # fmt: skip
+    assert choose_variant(corrigible, 0.123, 0.100) == "defaults"
+    assert choose_variant(corrigible, 0.100, 0.090) == "both-sides"  # of the two reaching CAA, more toward
+    assert choose_variant(corrigible, 0.100, 0.070) == "defaults"  # every option reaches CAA
+
+
 def test_split_items_is_seeded_and_respects_given_test_items():
     items = load_ab("refusal", "generate", limit=40)
     pool, test = split_items(items, None, seed=3)
@@ -87,9 +100,8 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
         assert choice["layer"] == max(by_layer, key=by_layer.get)  # each method's own best layer
     options = record["chosen"]["innsteer"]["validation"]["by_options"]
     assert set(options) == set(TINY.variants)
-    caa_away = record["chosen"]["caa"]["validation"]["away_auc"]
-    eligible = [name for name, areas in options.items() if areas["away"] >= caa_away] or list(options)
-    best = max(eligible, key=lambda name: options[name]["toward"])
+    caa = record["chosen"]["caa"]["validation"]
+    best = choose_variant(options, caa["auc"], caa["away_auc"])
     assert record["chosen"]["innsteer"]["options"] == TINY.variants[best]
     assert (
         options["defaults"]["toward"]

@@ -9,9 +9,9 @@ does, so the baseline is tuned as hard as the method:
    validation area under the behaviour-vs-fluency curve up to 1 nat/token toward the behavior,
    with the repetition gate (``innsteer.eval.tradeoff``);
 2. for INNSteer, its training options at its best layer (``TuneBudget.variants``), measured in
-   both directions: the variant with the largest area toward the behavior among those whose area
-   away from it is at least CAA's at its layer (the steer is used at both signs, and a map trained
-   for alpha = +1 alone can fail to steer away); the largest area toward if none is.
+   both directions: the variant with the largest area toward the behavior among those whose areas
+   toward and away both reach CAA's at its layer (the steer is used at both signs, and a map
+   trained for alpha = +1 alone can fail to steer away); the largest area toward if none does.
 
 Then the chosen configurations are fitted on the pool for each test seed and compared on the
 test items in both directions, with paired bootstrap intervals (``run_protocol`` in its test
@@ -109,6 +109,13 @@ def validation_area(run: dict, sign: int = 1) -> float:
     items = np.arange(len(run["base_scores"]["answer"]))
     prompts = np.arange(len(run["base_nll"]))
     return curve_summary(run, items, prompts, sign, "answer", REPETITION_GATE)["auc"]
+
+
+def choose_variant(by_options: dict[str, dict[str, float]], caa_toward: float, caa_away: float) -> str:
+    """The option set with the largest validation area toward the behavior among those whose areas
+    toward and away both reach CAA's; where none does, the gain toward the behavior comes first."""
+    at_least_caa = [n for n, a in by_options.items() if a["toward"] >= caa_toward and a["away"] >= caa_away]
+    return max(at_least_caa or by_options, key=lambda name: by_options[name]["toward"])
 
 
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
@@ -243,8 +250,7 @@ def tune(
     )
     by_options = {default_variant: {"toward": by_layer["innsteer"][inn_layer], **away[default_variant]}, **by_options}
     caa_away = away["caa"]["away"]
-    steer_both_ways = [name for name, areas in by_options.items() if areas["away"] >= caa_away]
-    best_variant = max(steer_both_ways or by_options, key=lambda name: by_options[name]["toward"])
+    best_variant = choose_variant(by_options, by_layer["caa"][caa_layer], caa_away)
     _say(progress, f"INNSteer options (toward / away; CAA away {caa_away:.3f}): "
          + ", ".join(f"{n} {a['toward']:.3f} / {a['away']:.3f}" for n, a in by_options.items()))  # fmt: skip
 
@@ -358,7 +364,8 @@ def tune_markdown(record: dict) -> str:
     lines += [
         "",
         f"INNSteer's options at layer {chosen['innsteer']['layer']}, area toward / away (the largest toward among "
-        f"those whose area away reaches CAA's {caa_away:.3f} at its layer {chosen['caa']['layer']}):",
+        f"those reaching CAA's {chosen['caa']['validation']['auc']:.3f} / {caa_away:.3f} at its layer "
+        f"{chosen['caa']['layer']}; else the largest toward):",
         "",
     ]
     lines += [f"- {name}: {areas['toward']:.3f} / {areas['away']:.3f}"
