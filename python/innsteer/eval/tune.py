@@ -39,6 +39,7 @@ from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
 from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
+from .provenance import provenance
 from .report import pyplot
 from .tradeoff import REPETITION_GATE, curve_summary
 
@@ -164,6 +165,7 @@ def tune(
     seed: int = 0,
     plots: bool = True,
     progress: bool = True,
+    command: Optional[list[str]] = None,
 ) -> dict:
     """Tune CAA and INNSteer on ``items`` for ``model`` (see the module docstring) and return the
     record ``tune.json`` holds; with ``out``, also write it, the steer files and the report there.
@@ -173,6 +175,7 @@ def tune(
     ``innsteer.fit`` takes them (``(positive, negative)`` texts, ``(prompt, positive, negative)``)
     or A/B items. ``prompts``: open-ended prompts for the fluency measure (default: a neutral set).
     ``plots``: with ``out``, also ``tune.png`` (needs matplotlib, checked before any work).
+    ``command``: the command line recorded in the record's provenance (default: this process's).
     """
     if budget not in TUNE_BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose one of: {', '.join(TUNE_BUDGETS)}")
@@ -313,6 +316,7 @@ def tune(
         "test": test_record,
         "steer_files": {name: f"{name}.safetensors" for name in final},
         "minutes": round((time.perf_counter() - start) / 60, 2),
+        "provenance": provenance(command),
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +351,15 @@ def tune_markdown(record: dict) -> str:
         f"{record['n_items']['pool']} training-pool items, {record['n_items']['test']} test items, "
         f"{record['n_items']['prompts']} fluency prompts; validation seeds {record['validation_seeds']}, "
         f"test seeds {record['test_seeds']}; {record['minutes']:.1f} minutes.",
+    ]
+    if "provenance" in record:
+        where = record["provenance"]
+        lines.append(
+            f"`{where['command']}` ({where['date']}, innsteer {where['commit'] or where['innsteer']}, torch "
+            f"{where['torch']} with {where['torch_threads']} threads, {where['cpu']['model']} "
+            f"({', '.join(where['cpu']['simd'])}))."
+        )
+    lines += [
         "",
         "## Chosen on validation data (area to 1 nat/token toward the behavior, repetition gate)",
         "",
