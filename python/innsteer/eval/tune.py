@@ -307,6 +307,7 @@ def tune(
         "behavior": behavior,
         "budget": budget,
         "seed": seed,
+        "n_layers": len(decoder_layers(lm.model)),
         "layers": layers,
         "n_items": {"pool": len(pool), "test": len(test), "prompts": len(prompts)},
         "validation_seeds": list(plan.validation_seeds),
