@@ -32,10 +32,9 @@ from innsteer.eval.protocol import (  # noqa: E402
     comparison_table,
     default_specs,
     run_protocol,
-    validated_layer,
-    validated_options,
 )
 from innsteer.eval.tradeoff import has_replies, paired_bootstrap  # noqa: E402
+from innsteer.eval.tuned import choice  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
 
@@ -146,8 +145,8 @@ def main() -> int:
         "--layer",
         type=int,
         default=None,
-        help="default: the validation study's layer for each behavior (innsteer.eval.protocol.VALIDATED_LAYERS, "
-        "else 10)",
+        help="default: INNSteer's layer in `innsteer tune`'s shipped record for each behavior on the model "
+        "(innsteer.eval.tuned), else the records' usual depth",
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n-prompts", type=int, default=10)
@@ -156,14 +155,14 @@ def main() -> int:
     parser.add_argument(
         "--innsteer-options",
         default=None,
-        help="JSON: INNSteer training options (default: the validation study's choice for each behavior, "
-        "innsteer.eval.protocol.VALIDATED_OPTIONS, else TrainConfig's defaults)",
+        help="JSON: INNSteer training options (default: the shipped tune record's choice at its layer, "
+        "else TrainConfig's defaults)",
     )
     parser.add_argument(
         "--caa-layer",
         type=int,
         default=None,
-        help="CAA at this layer instead of INNSteer's (where the validation study chose another layer for each)",
+        help="CAA at this layer (default: its layer in the shipped tune record, else --layer)",
     )
     parser.add_argument("--extra-methods", default="", help="comma-separated METHODS, fitted on the same rows")
     parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
@@ -182,7 +181,7 @@ def main() -> int:
         help="take CAA's runs from these earlier result files (same behavior, settings and CAA spec) "
         "instead of measuring them again",
     )
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (run behaviors in parallel)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     args = parser.parse_args()
@@ -201,14 +200,16 @@ def main() -> int:
     results = []
     for behavior in args.behaviors.split(","):
         start = time.time()
-        layer = validated_layer(lm.model_id, behavior) if args.layer is None else args.layer
+        inn, caa = (choice(lm.model_id, behavior, method, lm.num_layers) for method in ("innsteer", "caa"))
+        layer = inn.layer if args.layer is None else args.layer
         if args.innsteer_options is None:
-            options = validated_options(lm.model_id, layer, behavior)
+            options = inn.options if layer == inn.layer else {}
         else:
             options = json.loads(args.innsteer_options)
         specs = default_specs(options, args.tokens)
-        if args.caa_layer is not None:
-            specs["caa"] = replace(specs["caa"], layer=args.caa_layer)
+        caa_layer = args.caa_layer if args.caa_layer is not None else (caa.layer if args.layer is None else layer)
+        if caa_layer != layer:
+            specs["caa"] = replace(specs["caa"], layer=caa_layer)
         for name in filter(None, args.extra_methods.split(",")):
             specs[name] = MethodSpec(name, args.tokens)
         reused_specs = {"caa": specs.pop("caa")} if args.reuse else {}

@@ -76,7 +76,7 @@ def main() -> int:
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--variants", default="inn-token-class-transport")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "transport"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "transport"))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     variants = args.variants.split(",")

@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ladder", default="0.5,1,2,3,4,6,8,12", help="alpha magnitudes, both signs")
     parser.add_argument("--reference", default="caa-token")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "validation"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "validation"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")

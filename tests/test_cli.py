@@ -61,8 +61,8 @@ def test_train_then_generate(tmp_path, capsys, default_lm):
     assert code == 0 and "[unsteered]" in out and "[caa alpha=3]" in out
 
 
-def test_train_defaults_to_the_validated_layer_and_options(tmp_path, capsys, default_lm, monkeypatch):
-    from innsteer.eval.protocol import DEFAULT_LAYER, validated_layer, validated_options
+def test_train_defaults_to_the_tuned_layer_and_options(tmp_path, capsys, default_lm, monkeypatch):
+    from innsteer.eval import tuned
     from innsteer.hf import fit as fit_module
 
     calls = []
@@ -74,22 +74,40 @@ def test_train_defaults_to_the_validated_layer_and_options(tmp_path, capsys, def
         return real_fit_method(lm, method, items, layer, options=options, **kwargs)
 
     monkeypatch.setattr(fit_module, "fit_method", spy)
-    layer = validated_layer(default_lm.model_id, "refusal")
-    options = validated_options(default_lm.model_id, layer, "refusal")
-    assert layer != DEFAULT_LAYER and options
+    record = {
+        "model_id": default_lm.model_id,
+        "behavior": "refusal",
+        "n_layers": default_lm.num_layers,
+        "chosen": {
+            "caa": {"layer": 20, "options": {}},
+            "innsteer": {"layer": 13, "options": {"transport_sides": "both"}},
+        },
+    }
+    (tmp_path / "tuned" / default_lm.model_id).mkdir(parents=True)
+    (tmp_path / "tuned" / default_lm.model_id / "refusal.json").write_text(json.dumps(record))
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path / "tuned")
+    tuned.records.cache_clear()
     path = tmp_path / "refusal.safetensors"
-    for method in ("caa", "innsteer"):
+    for method, layer in (("caa", 20), ("innsteer", 13)):
         argv = ["train", "--behavior", "refusal", "--method", method, "--n-train", "8", "-o", str(path)]
         code, out, err = run(argv, capsys)
         assert code == 0, err
         assert load_steerer(path).layer == layer and f"layer {layer}" in out
-    assert calls == [("caa", layer, {}), ("innsteer", layer, options)]
-    # your own file, even one named like a shipped behavior, gets the fallback layer and no options
+    assert calls == [("caa", 20, {}), ("innsteer", 13, {"transport_sides": "both"})]
+    # another layer given: the record's options were chosen at its layer, so the defaults
+    code, out, err = run(
+        ["train", "--behavior", "refusal", "--method", "innsteer", "--layer", "5", "-o", str(path)], capsys
+    )
+    assert code == 0, err
+    assert calls[-1] == ("innsteer", 5, {})
+    # your own file, even one named like a shipped behavior, gets the default layer and no options
     data = tmp_path / "refusal.jsonl"
     data.write_text(_user_files(tmp_path)["plain"].read_text())
     code, out, err = run(["train", "--data", str(data), "--method", "innsteer", "-o", str(path)], capsys)
     assert code == 0, err
-    assert load_steerer(path).layer == DEFAULT_LAYER and calls[-1] == ("innsteer", DEFAULT_LAYER, {})
+    default = tuned.default_layer(default_lm.num_layers)
+    assert load_steerer(path).layer == default and calls[-1] == ("innsteer", default, {})
+    tuned.records.cache_clear()
 
 
 def test_fit_method_passes_options_and_a_seed_to_the_methods_that_take_them():
@@ -129,10 +147,8 @@ def test_parsing_needs_no_torch_and_knows_every_method_and_format():
     assert set(commands.METHOD_NAMES) == set(METHODS)
     assert (llama_cli.FORMATS, llama_cli.WEIGHT_DTYPES) == (FORMATS, WEIGHT_DTYPES)
     from innsteer.cli.main import build_parser
-    from innsteer.eval.protocol import DEFAULT_LAYER
     from innsteer.eval.tune import TUNE_BUDGETS
 
-    assert commands.FALLBACK_LAYER == DEFAULT_LAYER
     tune_parser = build_parser()._subparsers._group_actions[0].choices["tune"]
     assert set(tune_parser._option_string_actions["--budget"].choices) == set(TUNE_BUDGETS)
 
@@ -341,13 +357,10 @@ def test_demo_prints_the_comparison_with_intervals_and_writes_the_report(tmp_pat
 
 @pytest.mark.slow
 def test_demo_takes_the_behavior_and_layer_given(tmp_path, capsys, default_lm):
-    from innsteer.eval.protocol import validated_options
-
-    # an explicit layer wins over the validated one; negative counts from the last (-20 of 30 is 10)
+    # an explicit layer wins over the tuned ones; negative counts from the last (-20 of 30 is 10)
     argv = ["demo", "--behavior", "refusal", "--layer", "-20", "--n-test", "2", "--n-open", "1"]
     argv += ["--max-new-tokens", "4", "--alphas", "8", "--n-train", "20", "--no-plots", "--out", str(tmp_path / "demo")]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    assert validated_options(default_lm.model_id, 10, "refusal") == {}  # the case: none validated there
-    assert "refusal at layer 10; INNSteer options chosen on validation data there: none" in out
+    assert "innsteer: layer 10, options the defaults (--layer)" in err or "innsteer: layer 10" in err
     assert "| refusal | 10 | at0.5 |" in out

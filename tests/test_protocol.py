@@ -49,39 +49,6 @@ def test_protocol_curves_and_a_paired_comparison(default_lm):
     assert f"| {BEHAVIOR} | 10 | auc |" in table
 
 
-def test_validated_options_are_known_training_options_of_shipped_behaviors():
-    """Each per-behavior choice of the validation study must be usable as it stands: a typo in a key
-    would make the demo fail (or, for a behavior name, never apply)."""
-    import torch
-
-    from innsteer.core.methods import fit_innsteer
-    from innsteer.datasets.caa import BEHAVIORS
-    from innsteer.eval.protocol import VALIDATED_OPTIONS, validated_options
-
-    assert VALIDATED_OPTIONS
-    g = torch.Generator().manual_seed(0)
-    pos, neg = torch.randn(48, 8, generator=g) + 1, torch.randn(48, 8, generator=g)
-    for (model_id, layer, behavior), options in VALIDATED_OPTIONS.items():
-        assert behavior in BEHAVIORS and layer >= 0
-        chosen = validated_options(model_id, layer, behavior)
-        assert chosen == options
-        chosen["max_epochs"] = 1  # a copy: the table itself is unchanged
-        assert "max_epochs" not in VALIDATED_OPTIONS[(model_id, layer, behavior)]
-        fit_innsteer(pos, neg, layer=layer, model_id=model_id, behavior=behavior, **chosen)
-    assert validated_options("another-model", 10, behavior) == {}
-
-
-def test_validated_layers_name_shipped_behaviors_and_fall_back_to_the_default_layer():
-    from innsteer.datasets.caa import BEHAVIORS
-    from innsteer.eval.protocol import DEFAULT_LAYER, VALIDATED_LAYERS, validated_layer
-
-    assert VALIDATED_LAYERS
-    for (model_id, behavior), layer in VALIDATED_LAYERS.items():
-        assert behavior in BEHAVIORS and isinstance(layer, int) and layer >= 0
-        assert validated_layer(model_id, behavior) == layer
-    assert validated_layer("another-model", behavior) == DEFAULT_LAYER
-
-
 def test_result_files_are_named_by_their_settings(tmp_path):
     from bench.quality import result_path
 

@@ -16,8 +16,6 @@ DEFAULT_BEHAVIOR = "corrigible-neutral-HHH"
 # The demo's: the behavior where the validated settings steer best against CAA on validation data
 # (docs/RESULTS.md, "Layer per behavior").
 DEMO_BEHAVIOR = "myopic-reward"
-# innsteer.eval.protocol.DEFAULT_LAYER (the layer of data nobody validated), without importing torch
-FALLBACK_LAYER = 10
 DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: prompts, reply length
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
@@ -73,23 +71,33 @@ def _resolve_layers(lm, args) -> None:
             setattr(args, option, resolved)
 
 
-def _layer_for(lm, args, source) -> int:
-    """--layer, else the layer the validation study chose for this shipped behavior on this model,
-    else the fallback layer (your --data is never taken for a shipped behavior of the same name)."""
-    from ..core.hooks import check_layer
-    from ..eval.protocol import DEFAULT_LAYER, validated_layer
+def _choice(lm, args, source, method: str):
+    """Where and how ``method`` steers (``innsteer.eval.tuned.Choice``): ``--layer`` if given, else the
+    layer ``innsteer tune`` chose for this shipped behavior on this model (the shipped record; your
+    --data never takes a shipped behavior's), else the depth-relative default. The record's training
+    options come with its layer only."""
+    from ..eval.tuned import Choice, choice
 
-    if args.layer is not None:
-        return args.layer
-    layer = DEFAULT_LAYER if args.data else validated_layer(lm.model_id, source.name)
-    return check_layer(lm.model, layer)
+    tuned = choice(lm.model_id, None if args.data else source.name, method, lm.num_layers)
+    if args.layer is None or args.layer == tuned.layer:
+        return tuned
+    return Choice(args.layer, {}, "--layer")
 
 
-def _innsteer_options(lm, args, layer: int, source) -> dict:
-    """INNSteer's training options the validation study chose there (none for --data)."""
-    from ..eval.protocol import validated_options
+def _specs(lm, args, source, methods) -> dict:
+    """Each method's MethodSpec at its own chosen layer, with its chosen options."""
+    from ..eval.protocol import MethodSpec
 
-    return {} if args.data else validated_options(lm.model_id, layer, source.name)
+    specs = {}
+    for method in methods:
+        chosen = _choice(lm, args, source, method)
+        mode = getattr(args, "mode", "answer")
+        specs[method] = MethodSpec(method, args.tokens, chosen.options, layer=chosen.layer, mode=mode)
+        print(
+            f"{method}: layer {chosen.layer}, options {chosen.options or 'the defaults'} ({chosen.source})",
+            file=sys.stderr,
+        )
+    return specs
 
 
 def _check_context(lm, max_new_tokens: int, prompts: list[str], what: str = "prompt") -> None:
@@ -135,7 +143,7 @@ def cmd_collect(args) -> int:
     source = _data(args)
     items = (source.test if args.split == "test_ab" else source.train)[: args.n_train]
     lm = _load(args)
-    layers = args.layers or [_layer_for(lm, args, source)]
+    layers = args.layers or sorted({_choice(lm, args, source, method).layer for method in ("caa", "innsteer")})
     acts = contrastive_activations(
         lm, items, layers, mode=args.mode, tokens=args.tokens, behavior=source.name, split=args.split
     )
@@ -152,13 +160,12 @@ def cmd_train(args) -> int:
     check_output_file(args.output, "-o/--output")
     source = _data(args)
     lm = _load(args)
-    layer = _layer_for(lm, args, source)
-    options = _innsteer_options(lm, args, layer, source) if args.method == "innsteer" else {}
+    chosen = _choice(lm, args, source, args.method)
     train = train_val_split(source.train)[0]  # the protocol's seed-0 training part; the rest validates
     start = time.perf_counter()
     steerer = fit_method(
-        lm, args.method, train[: args.n_train] if args.n_train else train, layer, tokens=args.tokens,
-        mode=args.mode, options=options, behavior=source.name, split="train-s0", progress=True,
+        lm, args.method, train[: args.n_train] if args.n_train else train, chosen.layer, tokens=args.tokens,
+        mode=args.mode, options=chosen.options, behavior=source.name, split="train-s0", progress=True,
     )  # fmt: skip
     if args.alpha is not None:
         steerer.alpha = args.alpha
@@ -185,7 +192,7 @@ def cmd_eval(args) -> int:
     """The comparison protocol of docs/RESULTS.md on one behavior (or --all): every method fitted per
     seed, swept on both sides, the paired bootstrap of INNSteer - CAA, the report."""
     from ..eval.metrics import multiple_choice_sanity
-    from ..eval.protocol import MethodSpec, protocol_report, run_protocol
+    from ..eval.protocol import protocol_report, run_protocol
     from ..eval.report import summary_markdown
 
     _check_report(args)
@@ -202,18 +209,13 @@ def cmd_eval(args) -> int:
     compare = ("innsteer", "caa") if {"innsteer", "caa"} <= set(args.methods) else ()
     results = []
     for source in sources:
-        layer = _layer_for(lm, args, source)
-        chosen = _innsteer_options(lm, args, layer, source)
-        specs = {
-            method: MethodSpec(method, args.tokens, chosen if method == "innsteer" else {}, mode=args.mode)
-            for method in args.methods
-        }
+        specs = _specs(lm, args, source, args.methods)
         result = run_protocol(
             lm,
             source.train[: args.n_train] if args.n_train else source.train,
             source.test[: args.n_test] if args.n_test else source.test,
             source.prompts[: args.n_open],
-            layer=layer,
+            layer=next(iter(specs.values())).layer,
             specs=specs,
             seeds=args.seeds,
             behavior=source.name,
@@ -313,7 +315,7 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from ..eval.metrics import generate, multiple_choice_sanity
-    from ..eval.protocol import MethodSpec, comparison_table, protocol_report, run_protocol
+    from ..eval.protocol import comparison_table, layers_label, protocol_report, run_protocol
     from ..eval.report import sanity_line
 
     missing = [m for m in ("caa", "innsteer") if m not in args.methods]
@@ -329,16 +331,13 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     lm = _load(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
-    args.layer = _layer_for(lm, args, source)  # _load made a given layer absolute
-    chosen = _innsteer_options(lm, args, args.layer, source)
-    specs = {method: MethodSpec(method, args.tokens, chosen if method == "innsteer" else {}) for method in args.methods}
-    print(f"{source.name} at layer {args.layer}; INNSteer options chosen on validation data there: {chosen or 'none'}")
+    specs = _specs(lm, args, source, args.methods)
     result = run_protocol(
         lm,
         source.train[: args.n_train] if args.n_train else source.train,
         source.test[: args.n_test] if args.n_test else source.test,
         source.prompts[: args.n_open],
-        layer=args.layer,
+        layer=specs["innsteer"].layer,
         specs=specs,
         seeds=args.seeds,
         behavior=source.name,
@@ -350,8 +349,8 @@ def cmd_demo(args) -> int:
     steerers = result.pop("steerers")
     result["sanity"] = multiple_choice_sanity(lm)
     print(
-        f"\n== {source.name}, layer {result['layer']}: {result['n_test']} test items, {result['n_prompts']} prompts, "
-        f"seeds {result['seeds']} =="
+        f"\n== {source.name}, layers {layers_label(result)}: {result['n_test']} test items, "
+        f"{result['n_prompts']} prompts, seeds {result['seeds']} =="
     )
     print(sanity_line(result["sanity"]))
     for metric in result["metrics"]:

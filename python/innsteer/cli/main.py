@@ -20,7 +20,7 @@ from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
 from . import commands, llama, serve
 from ._args import count
-from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, FALLBACK_LAYER, METHOD_NAMES
+from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, METHOD_NAMES
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
 NUMBER_OPTIONS = ("--layer", "--layers", "--alpha", "--alphas", "--control-strength")
@@ -155,9 +155,9 @@ def _add_activations(p: argparse.ArgumentParser) -> None:
         "--layer",
         type=int,
         default=None,
-        help="decoder layer to steer; negative counts from the last (-1) (default: the layer validated for "
-        f"the shipped behavior on this model, else {FALLBACK_LAYER}; INNSteer then also gets the training "
-        "options validated there)",
+        help="decoder layer to steer; negative counts from the last (-1) (default: each method's layer and "
+        "options from `innsteer tune`'s shipped record for the behavior on this model, else a layer at the "
+        "depth the shipped records chose most; run `innsteer tune` to choose them for your data)",
     )
     p.add_argument(
         "--mode",
@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the main job: INNSteer vs CAA on one behavior, with intervals, samples and a report",
-        description=f"On the default model: {DEMO_BEHAVIOR} at its validated layer. Fits CAA and INNSteer "
-        "on the same per-token activations with the layer and settings chosen on validation data "
-        "(docs/RESULTS.md; innsteer.eval.protocol.VALIDATED_LAYERS and VALIDATED_OPTIONS), "
+        description=f"On the default model: {DEMO_BEHAVIOR}. Fits CAA and INNSteer on the same per-token "
+        "activations, each at the layer and with the settings `innsteer tune` chose on validation data "
+        "(its records ship in innsteer/eval/tuned/; docs/RESULTS.md), "
         "sweeps alpha on both sides until the fluency cost passes 1 nat/token, and prints each method's "
         "behaviour shift at fluency budgets with the paired bootstrap 95% interval of the difference, "
         "sample generations, and the report. About 5-10 minutes for the default behavior on 2 CPU cores "

@@ -259,6 +259,14 @@ def protocol_report(result: dict) -> dict:
     }
 
 
+def layers_label(result: dict) -> str:
+    """The compared methods' layers ("22/16" where they differ), else the protocol's layer."""
+    specs = result.get("specs", {})
+    layers = [specs[name].get("layer") for name in result.get("compare", ()) if name in specs]
+    layers = [result["layer"] if layer is None else layer for layer in layers]
+    return "/".join(map(str, layers)) if len(set(layers)) > 1 else str(layers[0] if layers else result["layer"])
+
+
 def comparison_table(results: Sequence[dict], metric: str = "answer", side: str = "toward") -> str:
     """Markdown: per behavior, each method's seed-mean shift at the budgets and its AUC, and the
     difference with its 95 % paired bootstrap interval."""
@@ -273,67 +281,10 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
         for key, row in comparison.items():
             mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
             lines.append(
-                f"| {result['behavior']} | {result['layer']} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
+                f"| {result['behavior']} | {layers_label(result)} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
                 f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
             )
     return "\n".join(lines)
-
-
-# INNSteer options the validation study chose for one behavior (docs/RESULTS.md, bench/validation.py),
-# keyed by the model and layer it was run on; everything else gets TrainConfig's defaults. The
-# transport term is the default since these choices (finding 7); they stay spelled out so the result
-# files they name (bench/quality.py tags the options) keep their names whatever the default.
-VALIDATED_OPTIONS: dict[tuple[str, int, str], dict] = {
-    # without the transport term, 3 seeds: AUC - CAA +0.067 [+0.049, +0.087], with it -0.009 [-0.022, +0.003]
-    ("SmolLM2-135M-Instruct.Q4_1", 10, "coordinate-other-ais"): {"transport_weight": 0.0},
-    # at CAA's layer 22, seed 0: 8 couplings +0.034 [-0.001, +0.079] (area 0.247, the largest of any
-    # INNSteer variant at any layer), width 512 +0.016, 4 couplings -0.039, the transport term -0.052
-    ("SmolLM2-135M-Instruct.Q4_1", 22, "coordinate-other-ais"): {"transport_weight": 0.0, "num_couplings": 8},
-    # the transport term: validation AUC - CAA +0.126 [+0.100, +0.148], without it +0.013 [+0.004, +0.021]
-    ("SmolLM2-135M-Instruct.Q4_1", 10, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
-    # at layer 22, seeds 0-2: AUC - CAA +0.041 [+0.016, +0.064]; 8 couplings with it +0.043 (tied with
-    # this, +0.002 [-0.009, +0.013], and worse away: -0.071 against -0.023), 8 couplings without it -0.026
-    ("SmolLM2-135M-Instruct.Q4_1", 22, "corrigible-neutral-HHH"): {"transport_weight": 1.0},
-    # the same term at the validated layer 22, seed 0: AUC - CAA +0.236 [+0.205, +0.272] (without it +0.008)
-    ("SmolLM2-135M-Instruct.Q4_1", 22, "myopic-reward"): {"transport_weight": 1.0},
-    # seed 0: AUC - CAA +0.043 [+0.018, +0.058] (without it epoch 0 was kept: CAA itself)
-    ("SmolLM2-135M-Instruct.Q4_1", 22, "refusal"): {"transport_weight": 1.0},
-    # seed 0: AUC - CAA +0.026 [+0.008, +0.045] (without it -0.027 [-0.045, -0.013])
-    ("SmolLM2-135M-Instruct.Q4_1", 22, "survival-instinct"): {"transport_weight": 1.0},
-}
-
-
-# The layer the validation study chose for one behavior over DEFAULT_LAYER (docs/RESULTS.md, "Layer
-# per behavior": bench/validation.py at the candidate layers 10, 14 and 22, CAA and INNSteer each; the
-# layer where both methods' validation area to 1 nat toward the behavior was largest, a method's tie
-# between layers, paired interval containing 0, going to the layer the other method needs).
-DEFAULT_LAYER = 10
-VALIDATED_LAYERS: dict[tuple[str, str], int] = {
-    ("SmolLM2-135M-Instruct.Q4_1", "coordinate-other-ais"): 22,  # INNSteer with 8 couplings (VALIDATED_OPTIONS)
-    ("SmolLM2-135M-Instruct.Q4_1", "myopic-reward"): 22,
-    ("SmolLM2-135M-Instruct.Q4_1", "refusal"): 22,
-    ("SmolLM2-135M-Instruct.Q4_1", "survival-instinct"): 22,
-    # seeds 0-2: CAA's area 0.157 at 22 against 0.078 at 10 and 0.075 at 14; INNSteer's 0.198 at 22, tied
-    # with 0.204 at 10 (+0.006 [-0.028, +0.037]) and above 0.178 at 14 (seed 0 alone had ranked 14 first)
-    ("SmolLM2-135M-Instruct.Q4_1", "corrigible-neutral-HHH"): 22,
-    # Qwen, candidates 9 / 14 / 21, seed 0, INNSteer with its defaults: both methods' areas largest at
-    # 21 (coordinate: CAA 0.287, INNSteer 0.327; corrigible: 0.266, 0.311) and at 14 (refusal: 0.073, 0.162)
-    ("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M", "coordinate-other-ais"): 21,
-    ("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M", "corrigible-neutral-HHH"): 21,
-    ("Qwen2.5-Coder-1.5B-Instruct.Q4_K_M", "refusal"): 14,
-}
-
-
-def validated_layer(model_id: str, behavior: str) -> int:
-    """The steered layer for this model and behavior: the validation study's choice where it made
-    one (``VALIDATED_LAYERS``), else ``DEFAULT_LAYER``."""
-    return VALIDATED_LAYERS.get((model_id, behavior), DEFAULT_LAYER)
-
-
-def validated_options(model_id: str, layer: int, behavior: str) -> dict:
-    """INNSteer's training options for this model, layer and behavior: the validation study's choice
-    where it made one (``VALIDATED_OPTIONS``), else {} (TrainConfig's defaults)."""
-    return dict(VALIDATED_OPTIONS.get((model_id, layer, behavior), {}))
 
 
 def default_specs(innsteer_options: Optional[dict] = None, tokens: str = "all") -> dict[str, MethodSpec]:

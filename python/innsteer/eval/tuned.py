@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 TUNED_DIR = Path(__file__).with_name("tuned")
+UNTUNED_FRACTION = 0.55  # the middle of tune's grid, while no record exists at all
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ def record_path(model_id: str, behavior: str) -> Path:
 
 def default_layer(n_layers: int, method: str = "innsteer") -> int:
     """The layer for data or a model without a record: the median of the depths the shipped records
-    chose for ``method`` (as a fraction of each model's depth, as ``candidate_layers`` places the grid), on this model."""
+    chose for ``method`` (each a fraction of its model's depth, as ``candidate_layers`` places the
+    grid), on this model."""
     fractions = [
         record["chosen"][method]["layer"] / (record["n_layers"] - 1)
         for record in records().values()
@@ -53,6 +55,7 @@ def default_layer(n_layers: int, method: str = "innsteer") -> int:
     ]
     if not fractions:  # a method no record tuned: the others' choices
         fractions = [c["layer"] / (r["n_layers"] - 1) for r in records().values() for c in r["chosen"].values()]
+    fractions = fractions or [UNTUNED_FRACTION]
     return min(n_layers - 2, max(0, round(statistics.median(fractions) * (n_layers - 1))))
 
 
@@ -63,5 +66,6 @@ def choice(model_id: str, behavior: Optional[str], method: str, n_layers: int) -
     record = records().get((model_id, behavior)) if behavior else None
     if record is not None and method in record["chosen"]:
         chosen = record["chosen"][method]
-        return Choice(chosen["layer"], dict(chosen["options"]), str(record_path(model_id, behavior).relative_to(TUNED_DIR)))
+        source = record_path(model_id, behavior).relative_to(TUNED_DIR)
+        return Choice(chosen["layer"], dict(chosen["options"]), str(source))
     return Choice(default_layer(n_layers, method))
