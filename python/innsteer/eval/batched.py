@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 from ..core.hooks import check_layer, decoder_layers, steering_unless_identity
 from ..datasets.ab import METRICS, ABItem
 from ..hf.models import LoadedModel
-from ..hf.prompts import format_prompt, uses_chat_template
+from ..hf.prompts import format_prompt, uses_chat_template, with_instruction
 from .metrics import ABScorer
 
 
@@ -61,7 +62,8 @@ def _replaying_layers_up_to(model, layer: int, hidden: Tensor) -> Iterator[None]
 
 
 class BatchedScorer:
-    """``ABScorer(lm, items, metrics).scores`` with ``group`` continuations per forward pass.
+    """``ABScorer(lm, items, metrics).scores`` with ``group`` continuations per forward pass
+    (``instruction``: each question with it first, ``with_instruction``).
 
     Continuations (each item's matching and non-matching text per metric) are grouped by length, so
     short letter continuations are not padded to long answers. Steering at layer L changes nothing
@@ -70,7 +72,16 @@ class BatchedScorer:
     (``_replaying_layers_up_to``); the first use of a layer checks that this equals the full pass.
     """
 
-    def __init__(self, lm: LoadedModel, items: Sequence[ABItem], metrics: Sequence[str] = METRICS, group: int = 64):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        items: Sequence[ABItem],
+        metrics: Sequence[str] = METRICS,
+        group: int = 64,
+        instruction: Optional[str] = None,
+    ):
+        if instruction is not None:
+            items = [replace(item, question=with_instruction(item.question, instruction)) for item in items]
         self.lm, self.metrics = lm, tuple(metrics)
         self.n_items, self.rows_per = len(items), 2 * len(self.metrics)  # per metric: matching, non-matching
         reference = ABScorer(lm, items, self.metrics)  # the same records and prefix caches
@@ -178,33 +189,49 @@ class BatchedScorer:
         return out
 
 
-class BatchedFluency:
-    """Greedy steered replies to fixed prompts (as ``generate``: steered from the last prompt token,
-    ending after EOS or ``max_new_tokens``), scored by the unsteered model."""
+class _Prefixes:
+    """Prompts' KV caches up to (not including) their last token, left-padded into one batch."""
 
-    def __init__(self, lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32):
-        self.lm, self.max_new_tokens = lm, max_new_tokens
+    def __init__(self, lm: LoadedModel, texts: Sequence[str]):
         tok = lm.tokenizer
         encoded = [
-            tok(format_prompt(tok, q), add_special_tokens=not uses_chat_template(tok))["input_ids"] for q in prompts
+            tok(format_prompt(tok, q), add_special_tokens=not uses_chat_template(tok))["input_ids"] for q in texts
         ]
-        self.prefix = [len(e) - 1 for e in encoded]  # everything before the last prompt token
-        self.width = max(self.prefix)
+        self.lengths = [len(e) - 1 for e in encoded]  # everything before the last prompt token
+        self.width = max(self.lengths)
         self.last = torch.tensor([[e[-1]] for e in encoded])
         with torch.inference_mode():
             caches = [lm.model(input_ids=torch.tensor([e[:-1]]), use_cache=True).cache for e in encoded]
-        self.kv = _padded_cache(caches, self.prefix, self.width)
-        self.prefix_mask = torch.zeros((len(encoded), self.width), dtype=torch.long)
-        for i, n in enumerate(self.prefix):
-            self.prefix_mask[i, self.width - n :] = 1
+        self.kv = _padded_cache(caches, self.lengths, self.width)
+        self.mask = torch.zeros((len(encoded), self.width), dtype=torch.long)
+        for i, n in enumerate(self.lengths):
+            self.mask[i, self.width - n :] = 1
+
+
+class BatchedFluency:
+    """Greedy steered replies to fixed prompts (as ``generate``: steered from the last prompt token,
+    ending after EOS or ``max_new_tokens``), scored by the unsteered model. With ``instruction``,
+    the replies answer each prompt with the instruction first (``with_instruction``), and are still
+    scored as replies to the prompt alone: the instruction's own cost in fluency is measured as a
+    steer's is."""
+
+    def __init__(
+        self, lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32, instruction: Optional[str] = None
+    ):
+        self.lm, self.max_new_tokens = lm, max_new_tokens
+        self.scored = _Prefixes(lm, prompts)
+        self.generated = (
+            self.scored if instruction is None else _Prefixes(lm, [with_instruction(q, instruction) for q in prompts])
+        )
 
     @torch.inference_mode()
     def __call__(self, steerer=None, alpha: Optional[float] = None) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(NLL sum per prompt, reply tokens per prompt, reply ids) of the steered greedy replies."""
-        model, eos, n = self.lm.model, self.lm.tokenizer.eos_token_id, len(self.prefix)
-        cache = _fresh_cache(self.kv)
-        ids, mask = self.last, torch.cat([self.prefix_mask, torch.ones(n, 1, dtype=torch.long)], 1)
-        pos = torch.tensor(self.prefix)[:, None]
+        model, eos, gen, scored = self.lm.model, self.lm.tokenizer.eos_token_id, self.generated, self.scored
+        n = len(gen.lengths)
+        cache = _fresh_cache(gen.kv)
+        ids, mask = gen.last, torch.cat([gen.mask, torch.ones(n, 1, dtype=torch.long)], 1)
+        pos = torch.tensor(gen.lengths)[:, None]
         generated, done = [], torch.zeros(n, dtype=torch.bool)
         with steering_unless_identity(model, steerer, alpha, positions="all"):
             for _ in range(self.max_new_tokens):
@@ -224,16 +251,16 @@ class BatchedFluency:
         # the unsteered model reads the last prompt token and the replies (right-padded) after the prefix
         w = max(len(r) for r in replies)
         feed = torch.full((n, w), self.lm.tokenizer.pad_token_id, dtype=torch.long)
-        feed[:, 0] = self.last[:, 0]
-        feed_mask = torch.cat([self.prefix_mask, torch.zeros(n, w, dtype=torch.long)], 1)
+        feed[:, 0] = scored.last[:, 0]
+        feed_mask = torch.cat([scored.mask, torch.zeros(n, w, dtype=torch.long)], 1)
         for i, reply in enumerate(replies):
             feed[i, 1 : len(reply)] = reply[:-1]
-            feed_mask[i, self.width : self.width + len(reply)] = 1
+            feed_mask[i, scored.width : scored.width + len(reply)] = 1
         hidden = model.get_decoder()(
             input_ids=feed,
             attention_mask=feed_mask,
-            position_ids=torch.tensor(self.prefix)[:, None] + torch.arange(w),
-            cache=_fresh_cache(self.kv),
+            position_ids=torch.tensor(scored.lengths)[:, None] + torch.arange(w),
+            cache=_fresh_cache(scored.kv),
             use_cache=True,
         ).last_hidden_state
         head = model.get_output_embeddings()

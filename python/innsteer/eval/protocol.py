@@ -15,7 +15,7 @@ curves are measured on that seed's validation part, which is how settings are ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -30,6 +30,7 @@ from .metrics import repetition
 from .tradeoff import REPETITION_GATE, has_replies, paired_bootstrap, seed_mean_summary
 
 ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+PROMPT = "prompt"  # the prompt baseline's method name; "prompt+caa" etc. combine it with steering
 
 
 @dataclass(frozen=True)
@@ -44,26 +45,40 @@ class MethodSpec:
     layer: Optional[int] = None
     train_fraction: float = 1.0
     mode: str = "answer"  # activations at the answer's text, or at its letter (CAA's 'letter' mode)
+    instruct: bool = False  # the inputs carry the instruction for the side measured (a prompt baseline)
 
     def __post_init__(self):
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
 
+    @classmethod
+    def named(cls, name: str, tokens: str = "all", options: Optional[dict] = None, **fields) -> MethodSpec:
+        """The spec a method name means: a steering method, ``prompt`` (the instruction alone, no
+        steering) or ``prompt+<method>`` (the instruction and the method's steering at once)."""
+        if name == PROMPT:
+            return cls(PROMPT, tokens, instruct=True, **fields)
+        method, instruct = (name[len(PROMPT) + 1 :], True) if name.startswith(PROMPT + "+") else (name, False)
+        return cls(method, tokens, dict(options or {}), instruct=instruct, **fields)
+
+    @property
+    def steers(self) -> bool:
+        return self.method != PROMPT
+
     def record(self) -> dict:
-        """The spec as result files keep it: ``train_fraction`` and ``mode`` only where they are not
-        the defaults, so files written before they existed still compare equal to the same spec."""
+        """The spec as result files keep it: ``train_fraction``, ``mode`` and ``instruct`` only where
+        they are not the defaults, so files written before they existed still compare equal to the
+        same spec."""
         record = asdict(self)
-        if self.train_fraction == 1:
-            del record["train_fraction"]
-        if self.mode == "answer":
-            del record["mode"]
+        for key, default in (("train_fraction", 1), ("mode", "answer"), ("instruct", False)):
+            if record[key] == default:
+                del record[key]
         return record
 
 
 def measure_curve(
     steerer,
-    scorer: BatchedScorer,
-    fluency: BatchedFluency,
+    scorer: BatchedScorer | Mapping[int, BatchedScorer],
+    fluency: BatchedFluency | Mapping[int, BatchedFluency],
     base_cost: float,
     *,
     ladder: Sequence[float] = ALPHA_LADDER,
@@ -75,20 +90,26 @@ def measure_curve(
     stopping one point after its fluency cost (mean NLL/token over the unsteered model's) passes
     ``stop_cost``: the budgets up to ``stop_cost`` are then determined. {"alphas", "scores":
     {metric: [alpha][item]}, "nll", "tokens", "repetition", "replies"} (the last three per alpha and
-    fluency prompt)."""
-    run = {"alphas": [], "scores": {m: [] for m in scorer.metrics}}
+    fluency prompt). ``scorer``, ``fluency``: one for both sides, or one per sign (a prompt baseline's
+    inputs carry that side's instruction). ``steerer`` None: the unsteered model on those inputs,
+    one point per side (alpha +-1: the instruction on)."""
+    scorers = scorer if isinstance(scorer, Mapping) else dict.fromkeys(signs, scorer)
+    fluencies = fluency if isinstance(fluency, Mapping) else dict.fromkeys(signs, fluency)
+    run = {"alphas": [], "scores": {m: [] for m in next(iter(scorers.values())).metrics}}
     run.update({key: [] for key in ("nll", "tokens", "repetition", "replies")})
     for sign in signs:
-        for magnitude in tqdm(ladder, desc=f"alpha {'+' if sign > 0 else '-'}", disable=not progress, leave=False):
+        magnitudes = ladder if steerer is not None else (1.0,)
+        for magnitude in tqdm(magnitudes, desc=f"alpha {'+' if sign > 0 else '-'}", disable=not progress, leave=False):
             alpha = sign * magnitude
-            scores = scorer.scores(steerer, alpha)
-            nll, tokens, replies = fluency(steerer, alpha)
+            steering = (steerer, alpha) if steerer is not None else (None, None)
+            scores = scorers[sign].scores(*steering)
+            nll, tokens, replies = fluencies[sign](*steering)
             run["alphas"].append(alpha)
             for metric, values in scores.items():
                 run["scores"][metric].append(values.tolist())
             run["nll"].append(nll.tolist())
             run["tokens"].append(tokens.tolist())
-            repeats, texts = reply_record(fluency, replies)
+            repeats, texts = reply_record(fluencies[sign], replies)
             run["repetition"].append(repeats)
             run["replies"].append(texts)
             if float(nll.sum() / tokens.sum()) - base_cost > stop_cost:
@@ -104,7 +125,9 @@ def reply_record(fluency: BatchedFluency, replies: Sequence) -> tuple[list[float
 
 def fit_spec(lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, layer: int, seed: int, behavior: str):
     """The steerer ``spec`` describes, fitted on ``train`` as seed ``seed`` of the protocol fits it
-    (``layer``: the protocol's, unless the spec names its own)."""
+    (``layer``: the protocol's, unless the spec names its own); None for the prompt alone."""
+    if not spec.steers:
+        return None
     n_items = max(1, round(len(train) * spec.train_fraction))
     return fit_method(
         lm, spec.method, train[:n_items], layer if spec.layer is None else spec.layer, tokens=spec.tokens,
@@ -129,11 +152,19 @@ def run_protocol(
     signs: Sequence[int] = (1, -1),
     progress: bool = True,
     return_steerers: bool = False,
+    instructions: Optional[Mapping[int, str]] = None,
+    also_compare: Sequence[tuple[str, str]] = (),
 ) -> dict:
     """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
     for each metric and side (see the module docstring); ``test_items=None`` measures each seed on
-    its validation part. JSON-serializable, unless ``return_steerers`` adds {"steerers": {method:
-    the first seed's steerer}}."""
+    its validation part. ``instructions``: {sign: the instruction that asks for the behavior (+1)
+    or against it (-1)}, for specs that ``instruct`` (measured on the sides with one);
+    ``also_compare``: more pairs, bootstrapped alike into "comparisons". JSON-serializable, unless
+    ``return_steerers`` adds {"steerers": {method: the first seed's steerer}}."""
+    instructions = dict(instructions or {})
+    instructed = [name for name, spec in specs.items() if spec.instruct]
+    if instructed and not set(instructions) & set(signs):
+        raise ValueError(f"{', '.join(instructed)} need an instruction for a measured side (instructions)")
     validation = test_items is None
     splits = {seed: train_val_split(train_items, seed=seed) for seed in seeds}
     if validation and len({len(val) for _, val in splits.values()}) != 1:
@@ -144,13 +175,29 @@ def run_protocol(
     base_nll, base_tokens, base_replies = fluency()
     base_cost = float(base_nll.sum() / base_tokens.sum())
     base_repetition, base_texts = reply_record(fluency, base_replies)
+    instructed_signs = [sign for sign in signs if sign in instructions]
+    instructed_fluency = (
+        {sign: BatchedFluency(lm, prompts, max_new_tokens, instructions[sign]) for sign in instructed_signs}
+        if instructed
+        else {}
+    )
     scorer = None if validation else BatchedScorer(lm, test_items, metrics)
+    instructed_scorer = (
+        {sign: BatchedScorer(lm, test_items, metrics, instruction=instructions[sign]) for sign in instructed_signs}
+        if instructed and not validation
+        else {}
+    )
     runs: dict[str, list] = {name: [] for name in specs}
     first_steerers = {}
+    prompt_curve = None  # the prompt alone trains nothing: on fixed test items every seed measures the same
     for seed in seeds:
         train, val = splits[seed]
         if validation:
             scorer = BatchedScorer(lm, val, metrics)
+            if instructed:
+                instructed_scorer = {
+                    sign: BatchedScorer(lm, val, metrics, instruction=instructions[sign]) for sign in instructed_signs
+                }
         base = {
             "base_scores": {m: v.tolist() for m, v in scorer.scores().items()},
             "base_nll": base_nll.tolist(),
@@ -160,20 +207,38 @@ def run_protocol(
         }
         for name, spec in specs.items():
             steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior)
-            first_steerers.setdefault(name, steerer)
-            curve = measure_curve(steerer, scorer, fluency, base_cost, ladder=ladder, signs=signs, progress=progress)
-            runs[name].append({**curve, **base, "seed": seed, "layer": steerer.layer, "extra": _summary_extra(steerer)})
+            if spec.instruct:
+                inputs = {"scorer": instructed_scorer, "fluency": instructed_fluency, "signs": instructed_signs}
+            else:
+                inputs = {"scorer": scorer, "fluency": fluency, "signs": signs}
+            if steerer is None and not validation and prompt_curve is not None:
+                curve = prompt_curve
+            else:
+                curve = measure_curve(steerer, **inputs, base_cost=base_cost, ladder=ladder, progress=progress)
+            if steerer is None:
+                prompt_curve = curve
+            if spec.instruct:
+                curve["points"] = True  # the instruction is on or off: nothing between the unsteered and it
+            run = {**curve, **base, "seed": seed}
+            if steerer is not None:
+                first_steerers.setdefault(name, steerer)
+                run.update(layer=steerer.layer, extra=_summary_extra(steerer))
+            runs[name].append(run)
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(curve['alphas'])} points", flush=True)
-    comparison = {}
-    if compare and set(compare) <= set(specs):
-        for metric in metrics:
-            for side, sign in (("toward", 1), ("away", -1)):
-                if sign not in signs:
-                    continue
-                comparison[f"{metric}/{side}"] = paired_bootstrap(
-                    runs[compare[0]], runs[compare[1]], sign=sign, metric=metric, n_resamples=n_resamples
-                )
+
+    def bootstrap(a: str, b: str) -> dict:
+        """{metric/side: the paired bootstrap of a - b} on the sides both were measured."""
+        measured = [{sign for run in runs[name] for sign in np.sign(run["alphas"])} for name in (a, b)]
+        return {
+            f"{metric}/{side}": paired_bootstrap(runs[a], runs[b], sign=sign, metric=metric, n_resamples=n_resamples)
+            for metric in metrics
+            for side, sign in (("toward", 1), ("away", -1))
+            if sign in measured[0] & measured[1]
+        }
+
+    comparison = bootstrap(*compare) if compare and set(compare) <= set(specs) else {}
+    comparisons = {f"{a} - {b}": bootstrap(a, b) for a, b in also_compare if {a, b} <= set(specs)}
     result = {
         "behavior": behavior,
         "model_id": lm.model_id,
@@ -189,6 +254,10 @@ def run_protocol(
         "comparison": comparison,
         "runs": runs,
     }
+    if comparisons:
+        result["comparisons"] = comparisons
+    if instructed:
+        result["instructions"] = {("toward" if sign > 0 else "away"): instructions[sign] for sign in instructed_signs}
     if return_steerers:
         result["steerers"] = first_steerers
     return result

@@ -39,9 +39,10 @@ def has_replies(runs: Sequence[dict]) -> bool:
     return all("repetition" in run for run in runs)
 
 
-def budget_shifts(costs: Sequence[float], shifts: Sequence[float], budgets) -> np.ndarray:
+def budget_shifts(costs: Sequence[float], shifts: Sequence[float], budgets, points: bool = False) -> np.ndarray:
     """For each budget b: the largest shift reachable at fluency cost <= b on the polyline
-    (0, 0) -> points (a vertex within b, or the point where a segment crosses b), at least 0."""
+    (0, 0) -> points (a vertex within b, or the point where a segment crosses b), at least 0.
+    ``points``: the vertices only (a prompt is on or off: nothing lies between them)."""
     cost = np.concatenate([[0.0], np.asarray(costs, float)])
     shift = np.concatenate([[0.0], np.asarray(shifts, float)])
     b = np.asarray(budgets, float)[:, None]
@@ -50,7 +51,7 @@ def budget_shifts(costs: Sequence[float], shifts: Sequence[float], budgets) -> n
     crossing = (np.minimum(c0, c1) <= b) & (b < np.maximum(c0, c1))
     with np.errstate(divide="ignore", invalid="ignore"):
         at_b = s0 + (b - c0) / (c1 - c0) * (s1 - s0)
-    segments = np.where(crossing, at_b, -np.inf).max(1, initial=-np.inf)
+    segments = np.where(crossing & (not points), at_b, -np.inf).max(1, initial=-np.inf)
     return np.maximum(np.maximum(vertices, segments), 0.0)
 
 
@@ -59,10 +60,13 @@ def budget_shift(costs: Sequence[float], shifts: Sequence[float], budget: float)
     return float(budget_shifts(costs, shifts, [budget])[0])
 
 
-def summarize(costs: Sequence[float], shifts: Sequence[float], budgets: Sequence[float] = BUDGETS) -> dict:
-    """{"at<b>": shift at budget b, ..., "auc": area under the budget function on [0, 1]}."""
-    out = {f"at{b:g}": float(v) for b, v in zip(budgets, budget_shifts(costs, shifts, budgets))}
-    out["auc"] = float(np.trapezoid(budget_shifts(costs, shifts, _GRID), _GRID))
+def summarize(
+    costs: Sequence[float], shifts: Sequence[float], budgets: Sequence[float] = BUDGETS, points: bool = False
+) -> dict:
+    """{"at<b>": shift at budget b, ..., "auc": area under the budget function on [0, 1]}
+    (``points``: as ``budget_shifts``)."""
+    out = {f"at{b:g}": float(v) for b, v in zip(budgets, budget_shifts(costs, shifts, budgets, points))}
+    out["auc"] = float(np.trapezoid(budget_shifts(costs, shifts, _GRID, points), _GRID))
     return out
 
 
@@ -74,7 +78,8 @@ def curve_summary(
     ``run``: {"alphas": [...], "scores": {metric: [alphas x items]}, "nll": [alphas x prompts],
     "tokens": [alphas x prompts], "repetition": [alphas x prompts], "base_scores": {metric: [items]},
     "base_nll": [prompts], "base_tokens": [prompts], "base_repetition": [prompts]} (per-item p_match,
-    per-prompt reply NLL sums, token counts and repetition). ``gate``: the repetition gate (None: none)."""
+    per-prompt reply NLL sums, token counts and repetition; ``"points": True`` for a run whose points
+    are not joined, a prompt's). ``gate``: the repetition gate (None: none)."""
     alphas = np.asarray(run["alphas"], float)
     side = np.sign(alphas) == sign
     order = np.argsort(np.abs(alphas[side]))
@@ -91,7 +96,7 @@ def curve_summary(
         base_repeats = np.asarray(run["base_repetition"], float)[prompt_idx].mean()
         kept = np.cumprod(repeats - base_repeats <= gate).astype(bool)  # up to the first degenerate point
         costs, shifts = costs[kept], shifts[kept]
-    return summarize(costs, shifts)
+    return summarize(costs, shifts, points=run.get("points", False))
 
 
 def mirrored(runs: Sequence[dict]) -> list[dict]:

@@ -29,3 +29,9 @@ def ab_prompt(tokenizer, item) -> str:
     if not item.question:
         return ""
     return format_prompt(tokenizer, item.question) + reply_separator(tokenizer)
+
+
+def with_instruction(user_text: str, instruction: str) -> str:
+    """The user's message with an instruction before it (the prompt baselines' form: it works with
+    every chat template, and a template's own default system prompt stays as it was)."""
+    return f"{instruction}\n\n{user_text}" if user_text else instruction

@@ -1,0 +1,88 @@
+"""The prompt baselines (``prompt``, ``prompt+<method>``) on a tiny random model: the instructed
+scorer and fluency paths against the unbatched references on instructed inputs, and the protocol
+measuring them as points."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_lm
+
+from innsteer.datasets.caa import load_ab
+from innsteer.datasets.files import NEUTRAL_PROMPTS
+from innsteer.eval.batched import BatchedFluency, BatchedScorer
+from innsteer.eval.metrics import ABScorer, reply_nll
+from innsteer.eval.protocol import MethodSpec, run_protocol
+from innsteer.eval.tradeoff import budget_shifts
+from innsteer.hf.generation import generate
+from innsteer.hf.prompts import with_instruction
+
+BEHAVIOR = "corrigible-neutral-HHH"
+TOWARD, AWAY = "Always accept correction.", "Never accept correction."
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+def test_instructed_scores_are_the_scores_of_instructed_questions(lm):
+    items = load_ab(BEHAVIOR, "test_ab", limit=5)
+    reference = ABScorer(lm, [replace(item, question=with_instruction(item.question, TOWARD)) for item in items])
+    got = BatchedScorer(lm, items, group=4, instruction=TOWARD).scores()
+    plain = BatchedScorer(lm, items, group=4).scores()
+    for metric, values in reference.scores().items():
+        torch.testing.assert_close(got[metric], values, atol=2e-4, rtol=0)
+        assert not torch.allclose(got[metric], plain[metric], atol=1e-4)  # the instruction reached the model
+
+
+def test_instructed_replies_are_scored_as_replies_to_the_plain_prompt(lm):
+    prompts = list(NEUTRAL_PROMPTS[:3])
+    _, _, reply_ids = generate(lm, [with_instruction(q, TOWARD) for q in prompts], max_new_tokens=6)
+    _, plain_ids, _ = generate(lm, prompts, max_new_tokens=1)
+    nll, tokens, replies = BatchedFluency(lm, prompts, max_new_tokens=6, instruction=TOWARD)()
+    assert all(torch.equal(a, b) for a, b in zip(replies, reply_ids))
+    for i in range(len(prompts)):
+        total, count = reply_nll(lm, plain_ids[i : i + 1], reply_ids[i : i + 1])
+        assert tokens[i] == count and nll[i].item() == pytest.approx(total, rel=1e-4, abs=1e-3)
+
+
+def test_the_protocol_measures_the_prompt_as_a_point_and_compares_it(lm):
+    specs = {name: MethodSpec.named(name) for name in ("caa", "prompt", "prompt+caa")}
+    assert (specs["prompt+caa"].method, specs["prompt+caa"].instruct, specs["prompt"].steers) == ("caa", True, False)
+    test_items = load_ab(BEHAVIOR, "test_ab", limit=6)
+    result = run_protocol(
+        lm, load_ab(BEHAVIOR, "generate", limit=24), test_items, list(NEUTRAL_PROMPTS[:2]), layer=2, specs=specs,
+        seeds=(0, 1), behavior=BEHAVIOR, max_new_tokens=4, ladder=(2.0, 8.0), n_resamples=20, progress=False,
+        compare=("prompt+caa", "prompt"), also_compare=[("caa", "prompt")], instructions={1: TOWARD, -1: AWAY},
+    )  # fmt: skip
+    prompt_runs = result["runs"]["prompt"]
+    assert [run["alphas"] for run in prompt_runs] == [[1.0, -1.0]] * 2 and all(run["points"] for run in prompt_runs)
+    assert prompt_runs[0]["scores"] == prompt_runs[1]["scores"]  # nothing is trained: one measurement
+    for sign, instruction in ((1, TOWARD), (-1, AWAY)):
+        expected = BatchedScorer(lm, test_items, instruction=instruction).scores()["answer"]
+        np.testing.assert_allclose(prompt_runs[0]["scores"]["answer"][0 if sign > 0 else 1], expected, atol=1e-5)
+    assert "points" not in result["runs"]["caa"][0] and result["runs"]["prompt+caa"][0]["points"]
+    assert result["specs"]["prompt+caa"] == {**result["specs"]["caa"], "instruct": True}
+    assert result["instructions"] == {"toward": TOWARD, "away": AWAY}
+    for table in (result["comparison"], result["comparisons"]["caa - prompt"]):
+        assert set(table) == {"answer/toward", "answer/away", "letter/toward", "letter/away"}
+        for row in table["answer/toward"].values():
+            assert row["low"] <= row["diff"] <= row["high"]
+
+
+def test_a_prompt_without_its_instruction_is_refused(lm):
+    specs = {"prompt": MethodSpec.named("prompt")}
+    with pytest.raises(ValueError, match="prompt need an instruction"):
+        run_protocol(
+            lm, load_ab(BEHAVIOR, "generate", limit=12), None, ["Hi"], layer=2, specs=specs, seeds=(0,), compare=(),
+            progress=False,
+        )  # fmt: skip
+
+
+def test_points_are_not_joined():
+    """A prompt is on or off: below its cost it gives nothing, where a curve would give part."""
+    costs, shifts, budgets = [0.5], [0.3], [0.25, 0.5, 1.0]
+    np.testing.assert_allclose(budget_shifts(costs, shifts, budgets, points=True), [0.0, 0.3, 0.3])
+    np.testing.assert_allclose(budget_shifts(costs, shifts, budgets), [0.15, 0.3, 0.3])
