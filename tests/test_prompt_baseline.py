@@ -86,3 +86,47 @@ def test_points_are_not_joined():
     costs, shifts, budgets = [0.5], [0.3], [0.25, 0.5, 1.0]
     np.testing.assert_allclose(budget_shifts(costs, shifts, budgets, points=True), [0.0, 0.3, 0.3])
     np.testing.assert_allclose(budget_shifts(costs, shifts, budgets), [0.15, 0.3, 0.3])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, lm):
+    """The tiny model as a Hugging Face directory, for the command line."""
+    path = tmp_path_factory.mktemp("models") / "tiny-chat"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_runs_the_prompt_methods_from_the_command_line(tmp_path, capsys, tiny_dir):
+    import json
+
+    from innsteer import cli
+    from innsteer.datasets.behaviors import BEHAVIOR_TEXT
+
+    argv = ["eval", "--model", str(tiny_dir), "--behavior", "refusal", "--methods", "caa,prompt,prompt+caa"]
+    argv += ["--n-train", "16", "--n-test", "3", "--n-open", "1", "--max-new-tokens", "3", "--alphas", "4"]
+    argv += ["--seeds", "0", "--no-plots", "--out", str(tmp_path / "report")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    text = BEHAVIOR_TEXT["refusal"]
+    assert report["instructions"] == {"toward": text.toward, "away": text.away}
+    assert set(report["comparisons"]) == {"caa - prompt", "prompt+caa - prompt"} and report["unjoined"] == [
+        "prompt",
+        "prompt+caa",
+    ]
+    assert "## Prompt baselines" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_prompt_methods_on_own_data_need_an_instruction(tmp_path, capsys, monkeypatch):
+    import innsteer.hf.models as models
+    from innsteer import cli
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "positive": "yes", "negative": "no"}}\n' for i in range(12)))
+    assert cli.main(["eval", "--data", str(data), "--methods", "caa,prompt+caa"]) == 2
+    err = capsys.readouterr().err
+    assert "give --instruction TEXT" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own error
+        cli.main(["eval", "--data", str(data), "--methods", "prompt", "--instruction", ""])
+    assert exit_info.value.code == 2 and "expected some text" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,7 @@ DEFAULT_BEHAVIOR = "corrigible-neutral-HHH"
 # (docs/RESULTS.md, "Layer per behavior").
 DEMO_BEHAVIOR = "myopic-reward"
 DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: prompts, reply length
+PROMPT = "prompt"  # innsteer.eval.protocol.PROMPT: the prompt baselines' name
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
 
@@ -84,20 +86,48 @@ def _choice(lm, args, source, method: str):
     return Choice(args.layer, {}, "--layer")
 
 
-def _specs(lm, args, source, methods) -> dict:
-    """Each method's MethodSpec at its own chosen layer, with its chosen options."""
+def _specs(lm, args, source, names) -> dict:
+    """Each method's MethodSpec at its own chosen layer, with its chosen options (``prompt+<method>``:
+    the method's)."""
     from ..eval.protocol import MethodSpec
 
     specs = {}
-    for method in methods:
-        chosen = _choice(lm, args, source, method)
-        mode = getattr(args, "mode", "answer")
-        specs[method] = MethodSpec(method, args.tokens, chosen.options, layer=chosen.layer, mode=mode)
+    for name in names:
+        spec = MethodSpec.named(name, args.tokens, mode=getattr(args, "mode", "answer"))
+        if not spec.steers:
+            specs[name] = spec
+            continue
+        chosen = _choice(lm, args, source, spec.method)
+        specs[name] = replace(spec, options=chosen.options, layer=chosen.layer)
         print(
-            f"{method}: layer {chosen.layer}, options {chosen.options or 'the defaults'} ({chosen.source})",
+            f"{name}: layer {chosen.layer}, options {chosen.options or 'the defaults'} ({chosen.source})",
             file=sys.stderr,
         )
     return specs
+
+
+def _instructions(args, source) -> dict[int, str]:
+    """{sign: instruction} for the prompt methods: --instruction / --away-instruction, else the
+    shipped behavior's; checked before any model loads."""
+    names = [m for m in args.methods if m == PROMPT or m.startswith(PROMPT + "+")]
+    if not names:
+        return {}
+    if args.instruction is not None:
+        toward, away = args.instruction, args.away_instruction
+    else:
+        toward, away = source.text.toward, args.away_instruction or source.text.away
+    if toward is None:
+        raise CLIError(f"--methods {','.join(names)}: your data has no shipped instruction; give --instruction TEXT")
+    return {1: toward, **({-1: away} if away else {})}
+
+
+def _pairs(methods) -> list[tuple[str, str]]:
+    """The comparisons beside INNSteer - CAA where prompt methods run: each method against the prompt
+    alone, and the prompt with INNSteer against the prompt with CAA."""
+    pairs = [(m, PROMPT) for m in methods if m != PROMPT] if PROMPT in methods else []
+    if {f"{PROMPT}+innsteer", f"{PROMPT}+caa"} <= set(methods):
+        pairs.append((f"{PROMPT}+innsteer", f"{PROMPT}+caa"))
+    return pairs
 
 
 def _check_context(lm, max_new_tokens: int, prompts: list[str], what: str = "prompt") -> None:
@@ -202,6 +232,7 @@ def cmd_eval(args) -> int:
         raise CLIError("--alphas: the protocol sweeps magnitudes on both sides of the unsteered point; 0 is not one")
     command = "innsteer " + " ".join(sys.argv[1:])
     sources = [_data(args, behavior) for behavior in BEHAVIORS] if args.all else [_data(args)]
+    instructions = {source.name: _instructions(args, source) for source in sources}
     lm = _load(args)
     questions = [q for source in sources for q in source.prompts[: args.n_open]]
     _check_context(lm, args.max_new_tokens, questions, "open-ended prompt")
@@ -222,6 +253,8 @@ def cmd_eval(args) -> int:
             max_new_tokens=args.max_new_tokens,
             ladder=sorted({abs(a) for a in args.alphas}),
             compare=compare,
+            instructions=instructions[source.name],
+            also_compare=_pairs(args.methods),
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
         results.append(report)
@@ -328,6 +361,7 @@ def cmd_demo(args) -> int:
     if not args.behavior and not args.data:
         args.behavior = DEMO_BEHAVIOR
     source = _data(args)
+    instructions = _instructions(args, source)
     start = time.perf_counter()
     lm = _load(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
@@ -345,6 +379,8 @@ def cmd_demo(args) -> int:
         ladder=sorted({abs(a) for a in args.alphas}),
         compare=("innsteer", "caa"),
         return_steerers=True,
+        instructions=instructions,
+        also_compare=_pairs(args.methods),
     )
     steerers = result.pop("steerers")
     result["sanity"] = multiple_choice_sanity(lm)

@@ -20,7 +20,7 @@ from ..core.errors import InnsteerError
 from ..datasets.caa import BEHAVIORS
 from . import commands, llama, serve
 from ._args import count
-from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, METHOD_NAMES
+from .commands import DEFAULT_BEHAVIOR, DEMO_BEHAVIOR, METHOD_NAMES, PROMPT
 
 FLOAT32_MAX = 3.4028234663852886e38  # steerers compute in float32: a larger alpha overflows
 NUMBER_OPTIONS = ("--layer", "--layers", "--alpha", "--alphas", "--control-strength")
@@ -177,10 +177,26 @@ def _add_activations(p: argparse.ArgumentParser) -> None:
 
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    known = (*METHOD_NAMES, PROMPT, *(f"{PROMPT}+{m}" for m in METHOD_NAMES))
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from: {', '.join(METHOD_NAMES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown}; choose from: {', '.join(METHOD_NAMES)}, {PROMPT} (the instruction "
+            f"alone) or {PROMPT}+METHOD (the instruction and the method's steering)"
+        )
     return _distinct(methods, "method", text)
+
+
+def _text(text: str) -> str:
+    from ..datasets.ab import DataError, check_text
+
+    try:
+        check_text(text, "the text")
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected some text, got an empty string")
+    return text
 
 
 def _add_eval(
@@ -190,7 +206,22 @@ def _add_eval(
         "--methods",
         type=_methods,
         default=_methods(methods),
-        help=f"comma-separated: {', '.join(METHOD_NAMES)} (default: {methods})",
+        help=f"comma-separated: {', '.join(METHOD_NAMES)}; {PROMPT} (an instruction asking for the behavior, "
+        f"or its opposite away from it, instead of steering) and {PROMPT}+METHOD (both at once) (default: {methods})",
+    )
+    p.add_argument(
+        "--instruction",
+        type=_text,
+        default=None,
+        help="for the prompt methods: the instruction that asks for the behavior, put before each question "
+        "(default: the shipped behavior's, CAA's system prompt; required with --data)",
+    )
+    p.add_argument(
+        "--away-instruction",
+        type=_text,
+        default=None,
+        help="the instruction that asks for the opposite (default: the shipped behavior's; without one, the "
+        "prompt methods are measured toward the behavior only)",
     )
     p.add_argument(
         "--alphas",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .ab import ABItem, DataError, train_val_split
+from .behaviors import BEHAVIOR_TEXT, BehaviorText
 from .caa import load_ab, load_open_ended
 from .files import NEUTRAL_PROMPTS, load_items, load_prompts
 
@@ -21,6 +22,7 @@ class DataSource:
     train: list[ABItem]
     test: list[ABItem]
     prompts: list[str]
+    text: BehaviorText = BehaviorText()  # the behavior in words: the prompt baselines' instructions, the judge's
 
     @property
     def lettered(self) -> bool:
@@ -35,6 +37,7 @@ def shipped(behavior: str, prompts: Optional[str] = None) -> DataSource:
         load_ab(behavior, "generate"),
         load_ab(behavior, "test_ab"),
         load_prompts(prompts) if prompts else load_open_ended(behavior),
+        BEHAVIOR_TEXT[behavior],
     )
 
 

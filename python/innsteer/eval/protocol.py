@@ -323,9 +323,27 @@ def protocol_report(result: dict) -> dict:
         "points": points,
         "tradeoff": tradeoff,
         "chosen_alpha": {name: alpha_within_budget(run, metrics) for name, run in first.items()},
+        "unjoined": [name for name, run in first.items() if run.get("points")],  # plotted as points
         "comparison_table": {m: comparison_table([result], m) for m in metrics} if result["comparison"] else {},
+        "comparisons_table": {
+            pair: pair_table(result, pair, metric) for pair in result.get("comparisons", {}) for metric in metrics[:1]
+        },
         "runs": result["runs"],
     }
+
+
+def pair_table(result: dict, pair: str, metric: str = "answer") -> str:
+    """Markdown: one extra comparison ("a - b" in ``result["comparisons"]``) on both sides."""
+    a, b = pair.split(" - ")
+    lines = [f"| side | summary | {a} | {b} | difference [95 % CI] |", "|---|---|---|---|---|"]
+    for side in ("toward", "away"):
+        for key, row in result["comparisons"][pair].get(f"{metric}/{side}", {}).items():
+            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
+            lines.append(
+                f"| {side} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
+                f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
+            )
+    return "\n".join(lines)
 
 
 def layers_label(result: dict) -> str:

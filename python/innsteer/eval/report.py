@@ -103,6 +103,14 @@ def markdown(result: dict) -> str:
     ]
     for metric, table in result.get("comparison_table", {}).items():
         parts += [f"## INNSteer - CAA, {metric} metric: seed means and paired bootstrap 95 % intervals", table]
+    if result.get("instructions"):
+        parts.append(
+            "## Prompt baselines\n\nInstructions put before each question: "
+            + "; ".join(f"{side}: {text!r}" for side, text in result["instructions"].items())
+            + ". A prompt is one point per side (on or off), never interpolated."
+        )
+    for pair, table in result.get("comparisons_table", {}).items():
+        parts += [f"## {pair}, answer metric: seed means and paired bootstrap 95 % intervals", table]
     samples = result.get("samples")
     if samples:
         parts.append("## Sample generations")
@@ -118,6 +126,9 @@ def plot_alpha(result: dict, path: Path) -> None:
     for ax, metric in zip(axes, ("answer", "letter")):
         for method, points in _by_method(result["points"]).items():
             if method == "none" or points[0][metric] is None:
+                continue
+            if method in result.get("unjoined", ()):  # a prompt: on (+1, toward) or its opposite (-1)
+                ax.plot([p["alpha"] for p in points], [p[metric] for p in points], "s", label=method)
                 continue
             ax.plot(
                 [0] + [p["alpha"] for p in points], [base[metric]] + [p[metric] for p in points], "o-", label=method
@@ -151,6 +162,8 @@ def plot_tradeoff(result: dict, path: Path) -> None:
             xs = [0.0] + [p["nll"] - base["nll"] for p in branch]
             ys = [base["answer"]] + [p["answer"] for p in branch]
             label = method if color is None else None
+            if method in result.get("unjoined", ()):  # a prompt: on or off, nothing between
+                xs, ys, style = xs[1:], ys[1:], "s" if side > 0 else "D"
             (line,) = ax.plot(xs, ys, style, color=color, label=label)
             color = line.get_color()
             for x, y, p in zip(xs[1:], ys[1:], branch):
@@ -159,7 +172,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     ax.set(
         xlabel="fluency cost: Δ NLL/token of steered replies (unsteered scorer)",
         ylabel="p_match (answer text)",
-        title=f"{result['behavior']} (dashed: alpha < 0)",
+        title=f"{result['behavior']} (dashed, diamonds: away from it)",
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
