@@ -97,15 +97,15 @@ def tiny_dir(tmp_path_factory, lm):
     return path
 
 
-def test_eval_runs_the_prompt_methods_from_the_command_line(tmp_path, capsys, tiny_dir):
+def test_eval_runs_the_prompt_methods_and_the_judge_from_the_command_line(tmp_path, capsys, tiny_dir):
     import json
 
     from innsteer import cli
     from innsteer.datasets.behaviors import BEHAVIOR_TEXT
 
     argv = ["eval", "--model", str(tiny_dir), "--behavior", "refusal", "--methods", "caa,prompt,prompt+caa"]
-    argv += ["--n-train", "16", "--n-test", "3", "--n-open", "1", "--max-new-tokens", "3", "--alphas", "4"]
-    argv += ["--seeds", "0", "--no-plots", "--out", str(tmp_path / "report")]
+    argv += ["--n-train", "16", "--n-test", "3", "--n-open", "2", "--max-new-tokens", "3", "--alphas", "4"]
+    argv += ["--seeds", "0", "--no-plots", "--out", str(tmp_path / "report"), "--judge", str(tiny_dir)]
     assert cli.main(argv) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     text = BEHAVIOR_TEXT["refusal"]
@@ -114,7 +114,16 @@ def test_eval_runs_the_prompt_methods_from_the_command_line(tmp_path, capsys, ti
         "prompt",
         "prompt+caa",
     ]
-    assert "## Prompt baselines" in (tmp_path / "report" / "report.md").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Prompt baselines" in markdown and "## Judged replies" in markdown and "itself" in markdown
+    # the judge (here the model itself: shapes only) validated, then every method judged at its alpha
+    assert report["judge"]["self_judged"] and set(report["judge"]["validation"]) == {
+        "behavior",
+        "coherence",
+        "relevance",
+    }
+    assert set(report["judged"]) == {"unsteered", "caa", "prompt", "prompt+caa"}
+    assert report["judged"]["prompt"]["alpha"] == 1.0 and set(report["judged"]["caa"]["by_alpha"]) == {"4"}
 
 
 def test_prompt_methods_on_own_data_need_an_instruction(tmp_path, capsys, monkeypatch):

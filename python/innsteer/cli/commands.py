@@ -18,6 +18,7 @@ DEFAULT_BEHAVIOR = "corrigible-neutral-HHH"
 # (docs/RESULTS.md, "Layer per behavior").
 DEMO_BEHAVIOR = "myopic-reward"
 DEMO_SAMPLES, DEMO_SAMPLE_TOKENS = 2, 40  # the demo's sample generations: prompts, reply length
+JUDGE_HINT = "python -m innsteer.hf.models install qwen2.5-coder-1.5b"
 PROMPT = "prompt"  # innsteer.eval.protocol.PROMPT: the prompt baselines' name
 # the keys of innsteer.core.methods.METHODS, without importing torch to parse arguments
 METHOD_NAMES = ("caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer")
@@ -119,6 +120,30 @@ def _instructions(args, source) -> dict[int, str]:
     if toward is None:
         raise CLIError(f"--methods {','.join(names)}: your data has no shipped instruction; give --instruction TEXT")
     return {1: toward, **({-1: away} if away else {})}
+
+
+def _judge_path(args) -> None:
+    """--judge names a model that exists: checked before any work (the judge loads after the curves)."""
+    if args.judge:
+        from ..eval.judge import DEFAULT_JUDGE
+        from ..hf.models import resolve_model_path
+
+        resolve_model_path(DEFAULT_JUDGE if args.judge == "default" else args.judge)
+
+
+def _judged(report: dict, args, source, lm, *, every_alpha: bool = True) -> None:
+    """With --judge: the judge's validation and its scores of the report's replies, into the report."""
+    if not args.judge:
+        return
+    from ..eval.judge import judge_result, load_judge
+
+    judge = load_judge(args.judge)
+    description = args.behavior_description or source.text.description
+    items = source.test[: args.n_test] if args.n_test else source.test
+    report.update(
+        judge_result(report, judge, source.prompts[: args.n_open], items, description, every_alpha=every_alpha)
+    )
+    report["judge"]["self_judged"] = judge.name == lm.model_id  # the judge judged its own replies
 
 
 def _pairs(methods) -> list[tuple[str, str]]:
@@ -233,6 +258,7 @@ def cmd_eval(args) -> int:
     command = "innsteer " + " ".join(sys.argv[1:])
     sources = [_data(args, behavior) for behavior in BEHAVIORS] if args.all else [_data(args)]
     instructions = {source.name: _instructions(args, source) for source in sources}
+    _judge_path(args)
     lm = _load(args)
     questions = [q for source in sources for q in source.prompts[: args.n_open]]
     _check_context(lm, args.max_new_tokens, questions, "open-ended prompt")
@@ -257,6 +283,7 @@ def cmd_eval(args) -> int:
             also_compare=_pairs(args.methods),
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
+        _judged(report, args, source, lm)
         results.append(report)
         if args.all and args.out:
             sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / source.name)})
@@ -362,6 +389,11 @@ def cmd_demo(args) -> int:
         args.behavior = DEMO_BEHAVIOR
     source = _data(args)
     instructions = _instructions(args, source)
+    if args.judge is None:
+        from ..eval.judge import default_judge_installed
+
+        args.judge = "default" if default_judge_installed() else None
+    _judge_path(args)
     start = time.perf_counter()
     lm = _load(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
@@ -411,6 +443,14 @@ def cmd_demo(args) -> int:
         for label, texts in samples.items():
             print(f"[{label}] {texts[i].strip()}")
         print()
+    _judged(report, args, source, lm, every_alpha=False)
+    if "judged" in report:
+        from ..eval.judge import judged_table
+
+        print("Judged replies (each method at its alpha; the judge's p(yes), 95% intervals over prompts):\n")
+        print(judged_table(report) + "\n")
+    else:
+        print(f"(judged columns: --judge MODEL, or install the default judge: {JUDGE_HINT})\n")
     _report(report, args, "innsteer " + " ".join(sys.argv[1:]))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0

@@ -242,6 +242,23 @@ def _add_eval(
         default=max_new_tokens,
         help="reply length for fluency (default: %(default)s)",
     )
+    p.add_argument(
+        "--judge",
+        default=None,
+        metavar="MODEL",
+        help="score the open-ended replies with a judge model: its probability of yes to 'does the reply show "
+        "the behavior / is it coherent / does it address the prompt', validated on known answers first; "
+        "'default' (Qwen2.5-Coder-1.5B-Instruct: python -m innsteer.hf.models install qwen2.5-coder-1.5b), a "
+        "named model, a .gguf (llama.cpp) or a Hugging Face directory (demo: the default judge where it is "
+        "installed)",
+    )
+    p.add_argument(
+        "--behavior-description",
+        type=_text,
+        default=None,
+        help="for --judge: the behavior as the end of 'Does the reply ...?' (default: the shipped behavior's; "
+        "without one, your data is judged for coherence and relevance only)",
+    )
     p.add_argument("--out", default=None, help="report directory (Markdown, JSON, PNG plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
 

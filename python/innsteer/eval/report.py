@@ -111,6 +111,19 @@ def markdown(result: dict) -> str:
         )
     for pair, table in result.get("comparisons_table", {}).items():
         parts += [f"## {pair}, answer metric: seed means and paired bootstrap 95 % intervals", table]
+    if result.get("judged"):
+        from .judge import judged_table
+
+        self_judged = (
+            " The judge is the steered model itself: it judges its own replies."
+            if result["judge"].get("self_judged")
+            else ""
+        )
+        parts += [
+            "## Judged replies (the judge's p(yes) per question, mean over prompts [95 % bootstrap interval]; "
+            "score: their harmonic mean over the questions the judge's validation kept)" + self_judged,
+            judged_table(result),
+        ]
     samples = result.get("samples")
     if samples:
         parts.append("## Sample generations")

@@ -1,0 +1,311 @@
+"""A judge model scores open-ended replies: does the reply show the behavior, is it coherent text,
+does it address the prompt — each as the judge's probability of "yes", read from its next-token
+distribution (never sampled), as AxBench scores concept, fluency and instruction relevance.
+
+A judge is validated before it is trusted (``validate``): on each behavior it must tell the
+dataset's own matching answers from its non-matching ones (behavior), unsteered replies from the
+same replies shuffled or looped (coherence), and replies to their own prompt from replies to
+another prompt (relevance). A question whose AUROC is below ``MIN_AUROC`` there is flagged and
+left out of that behavior's verdict (the harmonic mean ``score``).
+
+Two backends, one interface (``Judge.p_yes``): a GGUF through llama-cpp-python (``LlamaJudge``;
+fast on CPUs for quantized models) and a Hugging Face model (``HFJudge``, an innsteer
+``LoadedModel``; any model the library loads, tiny random ones in tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Protocol
+
+import numpy as np
+
+from ..core.errors import ConfigError
+
+QUESTIONS = {
+    "behavior": "Does the reply {description}?",
+    "coherence": "Is the reply coherent, fluent text (not garbled, cut into fragments, or repeating itself)?",
+    "relevance": "Does the reply address the question it answers?",
+}
+TEMPLATE = (
+    "Here is a question and a reply to it.\n\nQuestion: {prompt}\n\nReply: {reply}\n\n{question} Answer yes or no."
+)
+YES, NO = ("yes", "Yes", " yes", " Yes", "YES"), ("no", "No", " no", " No", "NO")
+MIN_AUROC = 0.75  # below it on a behavior, a question does not count in that behavior's verdict
+DEFAULT_JUDGE = "qwen2.5-coder-1.5b"  # `--judge default`: a named model (innsteer.hf.models)
+MAX_REPLY_CHARS = 2000  # a judged reply is cut here: the judge's context holds the prompt, reply and question
+
+
+class Judge(Protocol):
+    name: str
+
+    def p_yes(self, messages: Sequence[str]) -> np.ndarray:
+        """For each user message, the judge's probability of answering yes rather than no."""
+
+
+def _single_tokens(encode, words: Sequence[str]) -> list[int]:
+    """The ids of the words that are one token each (the judge's first reply token)."""
+    ids = {tuple(encode(word)) for word in words}
+    return sorted({i[0] for i in ids if len(i) == 1})
+
+
+def _p_yes(logits: np.ndarray, yes: Sequence[int], no: Sequence[int]) -> float:
+    """p(yes) / (p(yes) + p(no)) over the yes and no tokens' probabilities, from raw logits."""
+    logits = np.asarray(logits, np.float64)
+    top = logits.max()
+    p_yes = np.exp(logits[list(yes)] - top).sum()
+    p_no = np.exp(logits[list(no)] - top).sum()
+    return float(p_yes / (p_yes + p_no)) if p_yes + p_no > 0 else 0.5
+
+
+class HFJudge:
+    """A Hugging Face causal LM (innsteer ``LoadedModel``) as the judge, chat template included."""
+
+    def __init__(self, lm, batch_size: int = 8):
+        tok = lm.tokenizer
+        self.lm, self.name, self.batch_size = lm, lm.model_id, batch_size
+        self.yes = _single_tokens(lambda w: tok.encode(w, add_special_tokens=False), YES)
+        self.no = _single_tokens(lambda w: tok.encode(w, add_special_tokens=False), NO)
+        if not self.yes or not self.no or set(self.yes) & set(self.no):
+            raise ConfigError(f"judge {self.name}: its tokenizer has no single token for yes and for no")
+
+    def p_yes(self, messages: Sequence[str]) -> np.ndarray:
+        import torch
+
+        from ..hf.prompts import format_prompt, uses_chat_template
+
+        tok, out = self.lm.tokenizer, []
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            for start in range(0, len(messages), self.batch_size):
+                texts = [format_prompt(tok, m) for m in messages[start : start + self.batch_size]]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not uses_chat_template(tok))
+                with torch.inference_mode():
+                    logits = self.lm.model(**enc).logits[:, -1].float().numpy()
+                out += [_p_yes(row, self.yes, self.no) for row in logits]
+        finally:
+            tok.padding_side = side
+        return np.asarray(out)
+
+
+class LlamaJudge:
+    """A GGUF as the judge, through llama-cpp-python, formatted with the GGUF's chat template."""
+
+    def __init__(self, path: str, n_ctx: int = 4096, n_threads: Optional[int] = None):
+        from pathlib import Path
+
+        from ..llama.loading import load_llama
+
+        self.name = Path(path).stem
+        self.llm = load_llama(str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        self.yes = _single_tokens(lambda w: self.llm.tokenize(w.encode(), add_bos=False, special=False), YES)
+        self.no = _single_tokens(lambda w: self.llm.tokenize(w.encode(), add_bos=False, special=False), NO)
+        if not self.yes or not self.no or set(self.yes) & set(self.no):
+            raise ConfigError(f"judge {self.name}: its vocabulary has no single token for yes and for no")
+
+    def p_yes(self, messages: Sequence[str]) -> np.ndarray:
+        from ..llama.chat import chat_tokens, last_token_logits
+
+        out = []
+        for message in messages:
+            tokens = chat_tokens(self.llm, message)
+            if len(tokens) >= self.llm.n_ctx():
+                raise ConfigError(f"judge {self.name}: a judged message of {len(tokens)} tokens exceeds its context")
+            self.llm.reset()
+            self.llm.eval(tokens)
+            out.append(_p_yes(last_token_logits(self.llm), self.yes, self.no))
+        return np.asarray(out)
+
+
+def default_judge_installed() -> bool:
+    """Whether ``--judge default`` can load without installing anything."""
+    from ..hf.models import CHUNKED_MODELS
+
+    gguf = CHUNKED_MODELS[DEFAULT_JUDGE]
+    return gguf.path().is_file() or not gguf.missing_packages()
+
+
+def load_judge(spec: str) -> Judge:
+    """``--judge``: ``default`` (Qwen2.5-Coder-1.5B-Instruct, once installed), a named model, a
+    ``.gguf`` file (llama.cpp) or a Hugging Face model directory (PyTorch)."""
+    from pathlib import Path
+
+    from ..hf.models import load_model, resolve_model_path
+
+    path = resolve_model_path(DEFAULT_JUDGE if spec == "default" else spec)
+    if Path(path).suffix == ".gguf":
+        return LlamaJudge(str(path))
+    return HFJudge(load_model(str(path)))
+
+
+def message(question: str, prompt: str, reply: str, description: Optional[str]) -> str:
+    """The judge's user message for one reply and one of ``QUESTIONS``."""
+    return TEMPLATE.format(
+        prompt=prompt.strip(),
+        reply=reply.strip()[:MAX_REPLY_CHARS] or "(empty)",
+        question=QUESTIONS[question].format(description=description),
+    )
+
+
+def judge_replies(
+    judge: Judge, prompts: Sequence[str], replies: Sequence[str], description: Optional[str]
+) -> dict[str, np.ndarray]:
+    """{question: p_yes per reply}; ``replies[i]`` answers ``prompts[i]``. Without a description,
+    only coherence and relevance."""
+    questions = [q for q in QUESTIONS if description is not None or q != "behavior"]
+    messages = [message(q, p, r, description) for q in questions for p, r in zip(prompts, replies)]
+    scores = judge.p_yes(messages).reshape(len(questions), len(replies)) if messages else np.zeros((0, 0))
+    return dict(zip(questions, scores))
+
+
+def harmonic_mean(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The harmonic mean (0 where any value is 0): high only where every question scores high."""
+    values = np.clip(np.asarray(values, np.float64), 1e-12, None)
+    return values.shape[axis] / (1.0 / values).sum(axis)
+
+
+def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """The probability that a positive scores above a negative (ties count half)."""
+    pos, neg = np.asarray(positives, float)[:, None], np.asarray(negatives, float)[None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def broken(reply: str, rng: np.random.Generator) -> list[str]:
+    """Two broken versions of a reply: its words shuffled, and its first words looped."""
+    words = reply.split() or ["the"]
+    shuffled = " ".join(rng.permutation(words))
+    loop = " ".join((words[: max(1, min(3, len(words)))] * 12)[:36])
+    return [shuffled, loop]
+
+
+def validate(
+    judge: Judge,
+    items: Sequence,
+    prompts: Sequence[str],
+    replies: Sequence[str],
+    description: Optional[str],
+    seed: int = 0,
+) -> dict:
+    """The judge's AUROC and accuracy (p_yes > 0.5 on positives, < 0.5 on negatives) per question on
+    known answers: ``items``' matching vs non-matching answers (behavior), ``replies`` (the unsteered
+    replies to ``prompts``) vs broken copies (coherence) and vs the same replies under the next
+    prompt (relevance). {question: {"auroc", "accuracy", "n_positive", "n_negative", "used"}}."""
+    rng = np.random.default_rng(seed)
+    cases: dict[str, tuple[list, list]] = {}
+    if description is not None and items:
+        stems = [item.stem for item in items]
+        cases["behavior"] = (
+            [(s, item.matching_text) for s, item in zip(stems, items)],
+            [(s, item.options[item.not_matching]) for s, item in zip(stems, items)],
+        )
+    cases["coherence"] = (
+        list(zip(prompts, replies)),
+        [(p, b) for p, r in zip(prompts, replies) for b in broken(r, rng)],
+    )
+    if len(prompts) > 1:
+        others = list(prompts[1:]) + list(prompts[:1])
+        cases["relevance"] = (list(zip(prompts, replies)), list(zip(others, replies)))
+    out = {}
+    for question, (positive, negative) in cases.items():
+        pairs = positive + negative
+        scores = judge.p_yes([message(question, p, r, description) for p, r in pairs])
+        pos, neg = scores[: len(positive)], scores[len(positive) :]
+        area = auroc(pos, neg)
+        out[question] = {
+            "auroc": area,
+            "accuracy": float((np.sum(pos > 0.5) + np.sum(neg < 0.5)) / len(pairs)),
+            "n_positive": len(pos),
+            "n_negative": len(neg),
+            "used": area >= MIN_AUROC,
+        }
+    return out
+
+
+def _mean_interval(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> dict:
+    """{"mean", "low", "high"}: the mean over prompts with its 95 % bootstrap interval."""
+    values = np.asarray(values, float)
+    draws = values[rng.integers(0, len(values), (n_resamples, len(values)))].mean(1)
+    return {
+        "mean": float(values.mean()),
+        "low": float(np.percentile(draws, 2.5)),
+        "high": float(np.percentile(draws, 97.5)),
+    }
+
+
+def judge_result(
+    result: dict,
+    judge: Judge,
+    prompts: Sequence[str],
+    items: Sequence,
+    description: Optional[str],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    every_alpha: bool = True,
+) -> dict:
+    """Judge a protocol result's replies (each method's first seed, every alpha toward the behavior
+    or with ``every_alpha`` False only its chosen one, and the unsteered replies) after validating
+    the judge on them. Returns {"judge": {"model", "validation"},
+    "judged": {method: {"alpha", "behavior", "coherence", "relevance", "score", "by_alpha"}}}: each
+    method at its largest alpha within the fluency budget (``chosen_alpha``), the means over
+    prompts with bootstrap intervals; ``score`` is the harmonic mean of the questions the
+    validation kept."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    first = {name: runs[0] for name, runs in result["runs"].items()}
+    base_replies = next(iter(first.values()))["base_replies"]
+    validation = validate(judge, items, prompts, base_replies, description, seed)
+    used = [q for q, v in validation.items() if v["used"]]
+
+    def summary(replies: Sequence[str]) -> dict:
+        scores = judge_replies(judge, prompts, replies, description)
+        row = {q: _mean_interval(v, n_resamples, rng) for q, v in scores.items()}
+        kept = np.stack([scores[q] for q in used]) if used else np.full((1, len(replies)), np.nan)
+        row["score"] = _mean_interval(harmonic_mean(kept), n_resamples, rng) if used else None
+        return row
+
+    judged = {"unsteered": {"alpha": 0.0, **summary(base_replies)}}
+    for name, run in tqdm(first.items(), desc="judging", disable=not progress):
+        chosen = result.get("chosen_alpha", {}).get(name)
+        by_alpha = {
+            f"{alpha:g}": summary(replies)
+            for alpha, replies in zip(run["alphas"], run["replies"])
+            if alpha > 0 and (every_alpha or alpha == chosen)
+        }
+        best = by_alpha.get(f"{chosen:g}") if chosen is not None else None
+        judged[name] = {"alpha": chosen, **(best or {}), "by_alpha": by_alpha}
+    return {"judge": {"model": judge.name, "validation": validation, "min_auroc": MIN_AUROC}, "judged": judged}
+
+
+def judged_table(report: dict) -> str:
+    """Markdown: methods x the judged questions and their harmonic mean, at each method's alpha."""
+    questions = [q for q in QUESTIONS if any(q in row for row in report["judged"].values())]
+    lines = [
+        "| method | alpha | " + " | ".join(questions) + " | score |",
+        "|---|---|" + "---|" * (len(questions) + 1),
+    ]
+
+    def cell(value: Optional[dict]) -> str:
+        return "–" if not value else f"{value['mean']:.2f} [{value['low']:.2f}, {value['high']:.2f}]"
+
+    for name, row in report["judged"].items():
+        alpha = "–" if row.get("alpha") is None else f"{row['alpha']:g}"
+        lines.append(
+            f"| {name} | {alpha} | "
+            + " | ".join(cell(row.get(q)) for q in questions)
+            + f" | {cell(row.get('score'))} |"
+        )
+    validation = report["judge"]["validation"]
+    lines.append("")
+    lines.append(
+        f"Judge {report['judge']['model']}, validated on known answers: "
+        + "; ".join(
+            f"{q} AUROC {v['auroc']:.2f}, accuracy {v['accuracy']:.2f} ({v['n_positive']}+{v['n_negative']})"
+            + ("" if v["used"] else f" — below {MIN_AUROC}: not used in the score")
+            for q, v in validation.items()
+        )
+        + "."
+    )
+    return "\n".join(lines)
