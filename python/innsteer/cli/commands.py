@@ -124,6 +124,8 @@ def _instructions(args, source) -> dict[int, str]:
 
 def _judge_path(args) -> None:
     """--judge names a model that exists: checked before any work (the judge loads after the curves)."""
+    if args.opposite_description and not args.behavior_description and not args.behavior:
+        raise CLIError("--opposite-description goes with --behavior-description (or a shipped --behavior)")
     if args.judge:
         from ..eval.judge import DEFAULT_JUDGE
         from ..hf.models import resolve_model_path
@@ -138,11 +140,13 @@ def _judged(report: dict, args, source, lm, *, every_alpha: bool = True) -> None
     from ..eval.judge import judge_result, load_judge
 
     judge = load_judge(args.judge)
-    description = args.behavior_description or source.text.description
+    if args.behavior_description:  # your words replace both of the shipped behavior's
+        description, opposite = args.behavior_description, args.opposite_description
+    else:
+        description, opposite = source.text.description, args.opposite_description or source.text.opposite
     items = source.test[: args.n_test] if args.n_test else source.test
-    report.update(
-        judge_result(report, judge, source.prompts[: args.n_open], items, description, every_alpha=every_alpha)
-    )
+    prompts = source.prompts[: args.n_open]
+    report.update(judge_result(report, judge, prompts, items, description, opposite, every_alpha=every_alpha))
     report["judge"]["self_judged"] = judge.name == lm.model_id  # the judge judged its own replies
 
 

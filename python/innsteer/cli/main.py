@@ -256,8 +256,16 @@ def _add_eval(
         "--behavior-description",
         type=_text,
         default=None,
-        help="for --judge: the behavior as the end of 'Does the reply ...?' (default: the shipped behavior's; "
-        "without one, your data is judged for coherence and relevance only)",
+        help="for --judge: what a reply showing the behavior does, e.g. 'refuse the request' (the judge "
+        "chooses between it and --opposite-description) (default: the shipped behavior's; without one, your "
+        "data is judged for coherence and relevance only)",
+    )
+    p.add_argument(
+        "--opposite-description",
+        type=_text,
+        default=None,
+        help="for --judge: what a reply showing the opposite does (default: the shipped behavior's, else "
+        "'not' + --behavior-description)",
     )
     p.add_argument("--out", default=None, help="report directory (Markdown, JSON, PNG plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
