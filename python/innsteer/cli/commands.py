@@ -137,7 +137,8 @@ def _judged(report: dict, args, source, lm, *, every_alpha: bool = True) -> None
     """With --judge: the judge's validation and its scores of the report's replies, into the report."""
     if not args.judge:
         return
-    from ..eval.judge import judge_result, load_judge
+    from ..eval.judge import judge_result
+    from ..llama.judge import load_judge
 
     judge = load_judge(args.judge)
     if args.behavior_description:  # your words replace both of the shipped behavior's

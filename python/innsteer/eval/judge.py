@@ -9,9 +9,10 @@ same replies shuffled or looped (coherence), and replies to their own prompt fro
 another prompt (relevance). A question whose AUROC is below ``MIN_AUROC`` there is flagged and
 left out of that behavior's verdict (the harmonic mean ``score``).
 
-Two backends, one interface (``Judge.p_first``): a GGUF through llama-cpp-python (``LlamaJudge``;
-fast on CPUs for quantized models) and a Hugging Face model (``HFJudge``, an innsteer
-``LoadedModel``; any model the library loads, tiny random ones in tests).
+Two backends, one interface (``Judge.p_first``): a Hugging Face model (``HFJudge``, an innsteer
+``LoadedModel``; any model the library loads, tiny random ones in tests) and a GGUF through
+llama-cpp-python (``innsteer.llama.judge``; fast on CPUs for quantized models), which also loads
+either from a ``--judge`` argument.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Judge(Protocol):
         ``first`` words rather than one of the ``second`` (e.g. yes / no), from its next token."""
 
 
-def _answer_tokens(name: str, encode, first: Sequence[str], second: Sequence[str]) -> tuple[list[int], list[int]]:
+def answer_tokens(name: str, encode, first: Sequence[str], second: Sequence[str]) -> tuple[list[int], list[int]]:
     """The token ids of the answer words that are one token each (the judge's first reply token)."""
     ids = []
     for words in (first, second):
@@ -63,7 +64,7 @@ def _answer_tokens(name: str, encode, first: Sequence[str], second: Sequence[str
     return ids[0], ids[1]
 
 
-def _share(logits: np.ndarray, first: Sequence[int], second: Sequence[int]) -> float:
+def share(logits: np.ndarray, first: Sequence[int], second: Sequence[int]) -> float:
     """p(first) / (p(first) + p(second)) over the tokens' probabilities, from raw logits."""
     logits = np.asarray(logits, np.float64)
     top = logits.max()
@@ -84,7 +85,7 @@ class HFJudge:
         from ..hf.prompts import format_prompt, uses_chat_template
 
         tok, out = self.lm.tokenizer, []
-        ids = _answer_tokens(self.name, lambda w: tok.encode(w, add_special_tokens=False), first, second)
+        ids = answer_tokens(self.name, lambda w: tok.encode(w, add_special_tokens=False), first, second)
         side, tok.padding_side = tok.padding_side, "left"
         try:
             for start in range(0, len(messages), self.batch_size):
@@ -92,36 +93,9 @@ class HFJudge:
                 enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not uses_chat_template(tok))
                 with torch.inference_mode():
                     logits = self.lm.model(**enc).logits[:, -1].float().numpy()
-                out += [_share(row, *ids) for row in logits]
+                out += [share(row, *ids) for row in logits]
         finally:
             tok.padding_side = side
-        return np.asarray(out)
-
-
-class LlamaJudge:
-    """A GGUF as the judge, through llama-cpp-python, formatted with the GGUF's chat template."""
-
-    def __init__(self, path: str, n_ctx: int = 4096, n_threads: Optional[int] = None):
-        from pathlib import Path
-
-        from ..llama.loading import load_llama
-
-        self.name = Path(path).stem
-        self.llm = load_llama(str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
-
-    def p_first(self, messages: Sequence[str], first: Sequence[str], second: Sequence[str]) -> np.ndarray:
-        from ..llama.chat import chat_tokens, last_token_logits
-
-        encode = lambda w: self.llm.tokenize(w.encode(), add_bos=False, special=False)  # noqa: E731
-        ids = _answer_tokens(self.name, encode, first, second)
-        out = []
-        for message in messages:
-            tokens = chat_tokens(self.llm, message)
-            if len(tokens) >= self.llm.n_ctx():
-                raise ConfigError(f"judge {self.name}: a judged message of {len(tokens)} tokens exceeds its context")
-            self.llm.reset()
-            self.llm.eval(tokens)
-            out.append(_share(last_token_logits(self.llm), *ids))
         return np.asarray(out)
 
 
@@ -131,19 +105,6 @@ def default_judge_installed() -> bool:
 
     gguf = CHUNKED_MODELS[DEFAULT_JUDGE]
     return gguf.path().is_file() or not gguf.missing_packages()
-
-
-def load_judge(spec: str) -> Judge:
-    """``--judge``: ``default`` (Qwen2.5-Coder-1.5B-Instruct, once installed), a named model, a
-    ``.gguf`` file (llama.cpp) or a Hugging Face model directory (PyTorch)."""
-    from pathlib import Path
-
-    from ..hf.models import load_model, resolve_model_path
-
-    path = resolve_model_path(DEFAULT_JUDGE if spec == "default" else spec)
-    if Path(path).suffix == ".gguf":
-        return LlamaJudge(str(path))
-    return HFJudge(load_model(str(path)))
 
 
 def message(question: str, prompt: str, reply: str, options: tuple[str, str] = ("", "")) -> str:
