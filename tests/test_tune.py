@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tiny_models import tiny_lm
 
 import innsteer
@@ -127,9 +128,17 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     calls.clear()  # the same command again: every stage is read back, nothing measured
     again = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
     assert calls == [] and again["chosen"] == record["chosen"] and again["test"] == record["test"]
+    # another choice from the same validation stages (a new rule): only the test is measured again
+    other = next(name for name in TINY.variants if TINY.variants[name] != record["chosen"]["innsteer"]["options"])
+    monkeypatch.setattr(tune_module, "choose_variant", lambda *a: other)
+    rechosen = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
+    assert len(calls) == 1 and rechosen["chosen"]["innsteer"]["options"] == TINY.variants[other]
+    monkeypatch.setattr(tune_module, "choose_variant", choose_variant)
     # other settings do not reuse the stages
+    calls.clear()
     innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, seed=1, progress=False)
     assert len(calls) == 5
+    assert record["provenance"]["cpu"]["cpus"] and record["provenance"]["torch"] == torch.__version__
 
 
 def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, capsys):

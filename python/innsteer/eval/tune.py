@@ -295,7 +295,11 @@ def tune(
                 steerer.save(out_dir / f"{name}.safetensors")
         return result
 
-    result = stages.run("test", test_stage)
+    # named by the configurations it measures: a rerun that chooses differently (new code, a new
+    # rule) measures them instead of reading the other choice's test
+    result = stages.run(
+        f"test-{_digest(sorted((n, c['layer'], sorted(c['options'].items())) for n, c in chosen.items()))}", test_stage
+    )
     comparison = result["comparison"]
     test_record: dict[str, Any] = dict(comparison["answer/toward"])
     test_record["away"] = comparison["answer/away"]
