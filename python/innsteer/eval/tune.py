@@ -185,7 +185,7 @@ def tune(
     items = pairs_to_items(items)
     test_items = None if test_items is None else pairs_to_items(test_items)
     plan = TUNE_BUDGETS[budget]
-    start = time.perf_counter()
+    start, where = time.perf_counter(), provenance(command)  # the code and machine at the start: what ran
     out_dir = None if out is None else Path(out)
     pool, test = split_items(items, test_items, seed)
     prompts = list(prompts or NEUTRAL_PROMPTS)[: plan.n_prompts]
@@ -321,7 +321,7 @@ def tune(
         "test": test_record,
         "steer_files": {name: f"{name}.safetensors" for name in final},
         "minutes": round((time.perf_counter() - start) / 60, 2),
-        "provenance": provenance(command),
+        "provenance": where,
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

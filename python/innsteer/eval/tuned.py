@@ -1,7 +1,8 @@
 """The layers and options ``innsteer tune`` chose, shipped as data.
 
-Each ``tuned/<model id>/<behavior>.json`` is the ``tune.json`` one tuning run wrote, provenance
-(command, commit, machine) included, so every shipped choice is reproduced by the command it names.
+Each ``tuned/<model id>/<behavior>.json`` is the ``tune.json`` one tuning run wrote, copied
+unchanged from ``results/tune/<run>/`` with its provenance (command, commit, machine), so every
+shipped choice is reproduced by the command it names.
 ``innsteer demo``, ``collect``, ``train`` and ``eval`` steer a shipped behavior on a model with a
 record where its record says; elsewhere (your own data, another model) at ``default_layer``: the
 median depth, relative to the model's, of the layers the shipped records chose for the method.
