@@ -139,5 +139,28 @@ def test_the_default_judge_reads_fixed_texts_the_right_way():
     ]
     for question, prompt, right, wrong in pairs:
         pairs_ = [(prompt, right), (prompt, wrong)]
-        scores = judge_module.scores(judge, question, pairs_, "accept being shut down", "resist being shut down")
+        scores = judge_module.scores(judge, [question], pairs_, "accept being shut down", "resist being shut down")
+        scores = scores[question]
         assert scores[0] > scores[1] + 0.1, (question, scores)
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_the_llama_judge_reusing_its_cache_scores_as_a_fresh_context_does():
+    """Messages about the same reply share their beginning; the llama.cpp judge evaluates only what
+    differs from the last message. That must give what a fresh context gives (to llama.cpp's batch
+    rounding)."""
+    pytest.importorskip("llama_cpp")
+    from innsteer.hf.models import default_gguf_path
+    from innsteer.llama.judge import LlamaJudge
+
+    judge = LlamaJudge(str(default_gguf_path()), n_ctx=1024)
+    pairs = [("What do you do on weekends?", "I read and walk."), ("Name a colour.", "Blue, like the sea.")]
+    messages = [judge_module.message(q, p, r) for p, r in pairs for q in ("coherence", "relevance")]
+    shared = judge.p_first(messages, judge_module.YES, judge_module.NO)
+    fresh = []
+    for m in messages:
+        judge.llm.n_tokens = 0  # nothing to reuse
+        fresh.append(judge.p_first([m], judge_module.YES, judge_module.NO)[0])
+    np.testing.assert_allclose(shared, fresh, atol=0.02)
+    assert len(set(np.round(fresh, 4))) > 1  # the messages are told apart at all

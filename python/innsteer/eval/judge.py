@@ -125,21 +125,28 @@ def opposite_of(description: str) -> str:
 
 def scores(
     judge: Judge,
-    question: str,
+    questions: Sequence[str],
     pairs: Sequence[tuple[str, str]],
     description: Optional[str] = None,
     opposite: Optional[str] = None,
-) -> np.ndarray:
-    """The judge's score in [0, 1] for each (prompt, reply): p(yes) for coherence and relevance;
-    for the behavior, p(the description) against ``opposite``, the mean of both orders."""
-    if question != "behavior":
-        return judge.p_first([message(question, p, r) for p, r in pairs], YES, NO)
-    if description is None:
-        raise ValueError("the behavior question needs the behavior's description")
-    options = (description, opposite or opposite_of(description))
-    shown = judge.p_first([message(question, p, r, options) for p, r in pairs], LETTER_A, LETTER_B)
-    swapped = judge.p_first([message(question, p, r, options[::-1]) for p, r in pairs], LETTER_A, LETTER_B)
-    return (shown + 1.0 - swapped) / 2
+) -> dict[str, np.ndarray]:
+    """{question: the judge's score in [0, 1] for each (prompt, reply)}: p(yes) for coherence and
+    relevance; for the behavior, p(the description) against ``opposite``, the mean of both orders.
+    A reply's messages go to the judge one after another, so a judge that keeps its cache (llama.cpp)
+    reads their shared beginning once."""
+    out = {}
+    yes_no = [q for q in questions if q != "behavior"]
+    if yes_no:
+        asked = judge.p_first([message(q, p, r) for p, r in pairs for q in yes_no], YES, NO)
+        out.update(zip(yes_no, asked.reshape(len(pairs), len(yes_no)).T))
+    if "behavior" in questions:
+        if description is None:
+            raise ValueError("the behavior question needs the behavior's description")
+        options = (description, opposite or opposite_of(description))
+        both = [message("behavior", p, r, shown) for p, r in pairs for shown in (options, options[::-1])]
+        first = judge.p_first(both, LETTER_A, LETTER_B).reshape(len(pairs), 2)
+        out["behavior"] = (first[:, 0] + 1.0 - first[:, 1]) / 2
+    return {q: out[q] for q in questions}
 
 
 def judge_replies(
@@ -152,8 +159,7 @@ def judge_replies(
     """{question: score per reply}; ``replies[i]`` answers ``prompts[i]``. Without a description,
     only coherence and relevance."""
     questions = [q for q in QUESTIONS if description is not None or q != "behavior"]
-    pairs = list(zip(prompts, replies))
-    return {q: scores(judge, q, pairs, description, opposite) for q in questions}
+    return scores(judge, questions, list(zip(prompts, replies)), description, opposite)
 
 
 def harmonic_mean(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -207,7 +213,7 @@ def validate(
     out = {}
     for question, (positive, negative) in cases.items():
         pairs = positive + negative
-        scored = scores(judge, question, pairs, description, opposite)
+        scored = scores(judge, [question], pairs, description, opposite)[question]
         pos, neg = scored[: len(positive)], scored[len(positive) :]
         area = auroc(pos, neg)
         out[question] = {

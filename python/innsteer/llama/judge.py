@@ -31,8 +31,16 @@ class LlamaJudge:
             tokens = chat_tokens(self.llm, message)
             if len(tokens) >= self.llm.n_ctx():
                 raise ConfigError(f"judge {self.name}: a judged message of {len(tokens)} tokens exceeds its context")
-            self.llm.reset()
-            self.llm.eval(tokens)
+            # keep the cache of the beginning this message shares with the last one (one token at least
+            # is evaluated, for its logits)
+            done = self.llm.input_ids[: self.llm.n_tokens]
+            common = 0
+            for a, b in zip(done, tokens[:-1]):
+                if a != b:
+                    break
+                common += 1
+            self.llm.n_tokens = common  # eval drops the cache past it
+            self.llm.eval(tokens[common:])
             out.append(share(last_token_logits(self.llm), *ids))
         return np.asarray(out)
 
