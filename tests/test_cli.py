@@ -341,12 +341,19 @@ def test_demo_prints_the_comparison_with_intervals_and_writes_the_report(tmp_pat
         "--out",
         str(tmp_path / "demo"),
         "--no-plots",
+        "--judge",
+        "none",
     ]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    # the demo's behavior at the layer and with the options its validation chose (not the fallback layer 10)
-    assert "| myopic-reward | 22 | at0.5 |" in out and "[95 % CI]" in out
-    assert "myopic-reward at layer 22; INNSteer options chosen on validation data there: {'transport_weight': 1" in out
+    # the demo's behavior, each method at the layer and with the options its tune record chose
+    from innsteer.eval.tuned import choice
+
+    inn, caa = (choice(default_lm.model_id, "myopic-reward", m, default_lm.num_layers) for m in ("innsteer", "caa"))
+    assert inn.source == caa.source == "SmolLM2-135M-Instruct.Q4_1/myopic-reward.json"
+    label = str(inn.layer) if inn.layer == caa.layer else f"{inn.layer}/{caa.layer}"
+    assert f"| myopic-reward | {label} | at0.5 |" in out and "[95 % CI]" in out
+    assert f"innsteer: layer {inn.layer}, options {inn.options or 'the defaults'} ({inn.source})" in err
     assert "[unsteered]" in out and "[innsteer alpha=" in out and "[caa alpha=" in out
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["compare"] == ["innsteer", "caa"] and set(report["runs"]) == {"caa", "innsteer"}

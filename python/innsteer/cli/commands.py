@@ -398,6 +398,8 @@ def cmd_demo(args) -> int:
         from ..eval.judge import default_judge_installed
 
         args.judge = "default" if default_judge_installed() else None
+    elif args.judge == "none":
+        args.judge = None
     _judge_path(args)
     start = time.perf_counter()
     lm = _load(args)

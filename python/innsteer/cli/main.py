@@ -250,7 +250,7 @@ def _add_eval(
         "the behavior / is it coherent / does it address the prompt', validated on known answers first; "
         "'default' (Qwen2.5-Coder-1.5B-Instruct: python -m innsteer.hf.models install qwen2.5-coder-1.5b), a "
         "named model, a .gguf (llama.cpp) or a Hugging Face directory (demo: the default judge where it is "
-        "installed)",
+        "installed; 'none': no judge)",
     )
     p.add_argument(
         "--behavior-description",
