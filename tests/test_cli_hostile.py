@@ -392,7 +392,7 @@ def test_generate_gguf_reports_what_llama_cpp_refuses_in_one_line(tmp_path, caps
         (["--gguf", "smollm2", "--steer", str(last)], f"cannot steer layer {SMOLLM_LAYERS - 1}"),
         (["--gguf", "smollm2", "--control-vector", str(vector)], "cannot be steered by a control vector"),
         (["--gguf", str(tmp_path / "junk.gguf")], "not a readable GGUF file"),
-        (["--gguf", str(vector)], "Failed to load model"),
+        (["--gguf", str(vector)], "is a llama.cpp control vector, not a model"),
     ):
         code, out, err = run(["generate", "Hello", "--max-new-tokens", "4", *argv], capsys)
         assert_one_line_error(code, err, message)

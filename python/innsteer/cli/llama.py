@@ -66,19 +66,6 @@ def export_command(args: argparse.Namespace) -> int:
 TEMPLATE_ROOM = 512
 
 
-def _context_length(model: str) -> Optional[int]:
-    """The context the GGUF model was trained with (its ``ARCH.context_length``), if it says."""
-    import gguf
-
-    try:
-        fields = gguf.GGUFReader(model).fields
-    except Exception as error:  # gguf raises ValueError/struct.error/IndexError on damaged files
-        raise CLIError(f"--gguf {model} is not a readable GGUF file ({type(error).__name__}: {error})") from error
-    arch = fields.get("general.architecture")
-    length = fields.get(f"{arch.contents()}.context_length") if arch is not None else None
-    return int(length.contents()) if length is not None else None
-
-
 def _steer_for_llama(
     args: argparse.Namespace, model_id: str, tmpdir: str
 ) -> tuple[Optional[str], Optional[str], float, str]:
@@ -124,7 +111,9 @@ def generate_gguf(args: argparse.Namespace) -> int:
     if args.control_vector:
         check_input_file(args.control_vector, "--control-vector")
     prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
-    context = _context_length(str(model))
+    from ..llama.model_file import read_model_info
+
+    context = read_model_info(model).context_length  # a file that is no model: one line naming what it is
     if context is not None and args.max_new_tokens >= context:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens")
     n_ctx = args.max_new_tokens + max(len(p.encode()) for p in prompts) + TEMPLATE_ROOM
