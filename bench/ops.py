@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "python"), os.path.join(os.path.dirname(__file__), "..")]
 
 import innsteer  # noqa: E402
+from innsteer.eval.provenance import cpu  # noqa: E402
 from innsteer_ext import reference  # noqa: E402
 
 
@@ -77,27 +77,11 @@ def memory_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
 
 def machine_line() -> str:
     """CPU model, the SIMD extensions the kernels and MKL can use, threads and load."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    simd = [
-        f
-        for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")
-        if f in flags
-    ]
+    info = cpu()
     load = "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else ""
     return (
-        f"# machine: {model}, {os.cpu_count()} logical CPUs, SIMD {' '.join(simd) or 'unknown'}; torch "
-        f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} "
+        f"# machine: {info['model']}, {info['cpus']} logical CPUs, SIMD {' '.join(info['simd']) or 'below AVX2'}; "
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} kernels), {torch.get_num_threads()} "
         f"threads; {load}"
     )
 

@@ -15,11 +15,9 @@ of a request (sent to last byte), and errors (any non-200 answer, 503s from a fu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -34,6 +32,7 @@ import torch
 
 from innsteer import INN, INNSteerer
 from innsteer.core.steerers.linear import LinearSteerer
+from innsteer.eval.provenance import machine_line
 from innsteer.hf.models import default_gguf_path, model_id_for
 from innsteer.llama.export import export_control_vector, export_steer_gguf
 
@@ -48,20 +47,6 @@ STEERINGS = {
     "INN steer": {"steer": "inn", "alpha": 2.0},
     "control vector": {"steer": "cv", "alpha": 2.0},
 }
-
-
-def machine() -> str:
-    """CPU model, the SIMD flags llama.cpp uses, and the CPU count."""
-    model, flags = platform.machine(), set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16") if f in flags]
-    return f"{model} ({', '.join(simd) or 'no AVX2'}), {os.cpu_count()} CPUs"
 
 
 def write_steers(directory: str, layer: int) -> tuple[str, str]:
@@ -165,7 +150,7 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
 
-    print(f"# {machine()}; load average (1 min) before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
+    print(f"# {machine_line()}; load average (1 min) before/after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
     print(
         f"# clients={args.clients} requests={args.requests} max_tokens={args.max_tokens} "
         f"parallel={args.parallel} threads={args.threads} steer_prompt={args.steer_prompt}"

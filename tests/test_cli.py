@@ -147,7 +147,11 @@ def test_parsing_needs_no_torch_and_knows_every_method_and_format():
     assert set(commands.METHOD_NAMES) == set(METHODS)
     assert (llama_cli.FORMATS, llama_cli.WEIGHT_DTYPES) == (FORMATS, WEIGHT_DTYPES)
     from innsteer.cli.main import build_parser
+    from innsteer.eval.judge import DEFAULT_JUDGE
+    from innsteer.eval.protocol import PROMPT
     from innsteer.eval.tune import TUNE_BUDGETS
+
+    assert commands.PROMPT == PROMPT and DEFAULT_JUDGE in commands.JUDGE_HINT
 
     tune_parser = build_parser()._subparsers._group_actions[0].choices["tune"]
     assert set(tune_parser._option_string_actions["--budget"].choices) == set(TUNE_BUDGETS)
