@@ -5,6 +5,7 @@ bench/quality.py and bench/validation.py), so that no number is copied by hand.
     python bench/summarize.py --validation results/validation/*.json
     python bench/summarize.py --layers results/validation/layers-s0/*.json
     python bench/summarize.py --two-sided results/*-s012*.json
+    python bench/summarize.py --tune results/tune/*/tune.json
 
 For the test comparison: per behavior and metric, CAA's and INNSteer's seed-mean shift at the
 0.5-nat budget and the area to 1 nat, the paired bootstrap 95 % interval of INNSteer - CAA, and the
@@ -28,6 +29,7 @@ from bench.quality import option_text  # noqa: E402
 from bench.validation import interval  # noqa: E402
 from bench.validation import table as validation_table  # noqa: E402
 from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, mirrored, paired_bootstrap  # noqa: E402
+from innsteer.eval.tune import tune_table  # noqa: E402
 
 # --gate: the repetition gate of every summary (innsteer.eval.tradeoff); files whose runs did not
 # record their replies are summarized without it, and the tables say which.
@@ -256,6 +258,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--validation", action="store_true", help="the files are bench/validation.py's")
+    parser.add_argument("--tune", action="store_true", help="the files are innsteer tune's tune.json records")
     parser.add_argument(
         "--layers", action="store_true", help="the files are bench/validation.py's at several layers: the layer choice"
     )
@@ -284,6 +287,9 @@ def main() -> int:
     global GATE
     GATE = None if args.gate == "none" else float(args.gate)
     results = [json.loads(Path(f).read_text()) for f in args.files]
+    if args.tune:
+        print(tune_table(results))
+        return 0
     if args.gate_sensitivity:
         gates = [None if g == "none" else float(g) for g in args.gate_sensitivity.split(",")]
         print("#### INNSteer − CAA, area to 1 nat toward the behavior, answer metric, by repetition gate\n")

@@ -14,7 +14,14 @@ from innsteer.core.errors import ConfigError
 from innsteer.core.steerers import load_steerer
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import tune as tune_module
-from innsteer.eval.tune import TuneBudget, candidate_layers, choose_variant, split_items, validation_area
+from innsteer.eval.tune import (
+    TuneBudget,
+    candidate_layers,
+    choose_variant,
+    split_items,
+    tune_table,
+    validation_area,
+)
 
 TINY = TuneBudget(
     layer_fractions=(0.2, 0.8),
@@ -123,6 +130,10 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
         steerer = load_steerer(tmp_path / path)
         assert steerer.layer == record["chosen"][name]["layer"] and steerer.method == name
     assert "## Test comparison" in (tmp_path / "tune.md").read_text()
+    row = tune_table([record]).splitlines()[-1]
+    auc = record["test"]["auc"]
+    assert row.startswith(f"| custom | tiny | {record['chosen']['caa']['layer']} |")
+    assert f"{auc['diff']:+.3f} [{auc['low']:+.3f}, {auc['high']:+.3f}]" in row
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
 
     calls.clear()  # the same command again: every stage is read back, nothing measured

@@ -414,6 +414,28 @@ def tune_markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tune_table(records: Sequence[dict]) -> str:
+    """Markdown: one row per tune record — each method's choice, and INNSteer - CAA on the test
+    items in both directions (area to 1 nat/token, paired bootstrap 95 % interval)."""
+
+    def cell(row: dict) -> str:
+        mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
+        return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark}"
+
+    lines = [
+        "| data | model | CAA layer | INNSteer layer, options | toward | away | minutes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        inn = r["chosen"]["innsteer"]
+        lines.append(
+            f"| {r['behavior']} | {r['model_id']} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
+            f"{inn.get('variant') or inn['options'] or 'defaults'} | {cell(r['test']['auc'])} | "
+            f"{cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_tune(record: dict, path: Path) -> None:
     """Left: each method's validation area toward the behavior by layer (its choice marked); right:
     INNSteer's options at its layer, toward and away, against CAA's area away."""
