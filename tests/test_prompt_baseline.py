@@ -139,3 +139,20 @@ def test_prompt_methods_on_own_data_need_an_instruction(tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as exit_info:  # argparse's own error
         cli.main(["eval", "--data", str(data), "--methods", "prompt", "--instruction", ""])
     assert exit_info.value.code == 2 and "expected some text" in capsys.readouterr().err
+
+
+def test_a_judge_that_cannot_judge_is_refused_before_any_measurement(tmp_path, capsys, tiny_dir, monkeypatch):
+    from innsteer import cli
+    from innsteer.core.steerers import LinearSteerer
+    from innsteer.eval import protocol
+    from innsteer.llama.export import export
+
+    monkeypatch.setattr(protocol, "run_protocol", lambda *a, **k: pytest.fail("measured before the judge loaded"))
+    vector = tmp_path / "cv.gguf"
+    export(LinearSteerer(torch.ones(32), 2, model_id="tiny-chat"), vector, format="controlvector")
+    base = ["eval", "--model", str(tiny_dir), "--behavior", "refusal", "--n-test", "2", "--n-open", "2"]
+    for judge, message in ((tmp_path / "missing.gguf", "missing.gguf"), (vector, "control vector, not a model")):
+        assert cli.main([*base, "--judge", str(judge)]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("innsteer: error")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err

@@ -122,8 +122,8 @@ def _instructions(args, source) -> dict[int, str]:
     return {1: toward, **({-1: away} if away else {})}
 
 
-def _judge_path(args) -> None:
-    """--judge names a model that exists: checked before any work (the judge loads after the curves)."""
+def _check_judge_options(args) -> None:
+    """Before any work: the description options go together, and --judge names a model that exists."""
     if args.opposite_description and not args.behavior_description and not args.behavior:
         raise CLIError("--opposite-description goes with --behavior-description (or a shipped --behavior)")
     if args.judge:
@@ -133,14 +133,22 @@ def _judge_path(args) -> None:
         resolve_model_path(DEFAULT_JUDGE if args.judge == "default" else args.judge)
 
 
-def _judged(report: dict, args, source, lm, *, every_alpha: bool = True) -> None:
-    """With --judge: the judge's validation and its scores of the report's replies, into the report."""
+def _load_judge(args):
+    """The --judge model (None without one), loaded before the measurements so a judge that cannot
+    load or answer fails first."""
     if not args.judge:
-        return
-    from ..eval.judge import judge_result
+        return None
     from ..llama.judge import load_judge
 
-    judge = load_judge(args.judge)
+    return load_judge(args.judge)
+
+
+def _judged(report: dict, judge, args, source, lm, *, every_alpha: bool = True) -> None:
+    """With a judge: its validation and its scores of the report's replies, into the report."""
+    if judge is None:
+        return
+    from ..eval.judge import judge_result
+
     if args.behavior_description:  # your words replace both of the shipped behavior's
         description, opposite = args.behavior_description, args.opposite_description
     else:
@@ -263,8 +271,9 @@ def cmd_eval(args) -> int:
     command = "innsteer " + " ".join(sys.argv[1:])
     sources = [_data(args, behavior) for behavior in BEHAVIORS] if args.all else [_data(args)]
     instructions = {source.name: _instructions(args, source) for source in sources}
-    _judge_path(args)
+    _check_judge_options(args)
     lm = _load(args)
+    judge = _load_judge(args)
     questions = [q for source in sources for q in source.prompts[: args.n_open]]
     _check_context(lm, args.max_new_tokens, questions, "open-ended prompt")
     sanity = multiple_choice_sanity(lm)
@@ -288,7 +297,7 @@ def cmd_eval(args) -> int:
             also_compare=_pairs(args.methods),
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
-        _judged(report, args, source, lm)
+        _judged(report, judge, args, source, lm)
         results.append(report)
         if args.all and args.out:
             sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / source.name)})
@@ -400,9 +409,10 @@ def cmd_demo(args) -> int:
         args.judge = "default" if default_judge_installed() else None
     elif args.judge == "none":
         args.judge = None
-    _judge_path(args)
+    _check_judge_options(args)
     start = time.perf_counter()
     lm = _load(args)
+    judge = _load_judge(args)
     _check_context(lm, max(args.max_new_tokens, DEMO_SAMPLE_TOKENS), source.prompts[: args.n_open], "open-ended prompt")
     specs = _specs(lm, args, source, args.methods)
     result = run_protocol(
@@ -450,7 +460,7 @@ def cmd_demo(args) -> int:
         for label, texts in samples.items():
             print(f"[{label}] {texts[i].strip()}")
         print()
-    _judged(report, args, source, lm, every_alpha=False)
+    _judged(report, judge, args, source, lm, every_alpha=False)
     if "judged" in report:
         from ..eval.judge import judged_table
 

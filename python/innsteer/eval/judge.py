@@ -64,6 +64,12 @@ def answer_tokens(name: str, encode, first: Sequence[str], second: Sequence[str]
     return ids[0], ids[1]
 
 
+def check_answers(judge: Judge) -> None:
+    """Raise ConfigError unless the judge's vocabulary has the answer tokens every question reads."""
+    for first, second in ((YES, NO), (LETTER_A, LETTER_B)):
+        judge.p_first([], first, second)  # looks the tokens up before any message
+
+
 def share(logits: np.ndarray, first: Sequence[int], second: Sequence[int]) -> float:
     """p(first) / (p(first) + p(second)) over the tokens' probabilities, from raw logits."""
     logits = np.asarray(logits, np.float64)

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..eval.judge import DEFAULT_JUDGE, HFJudge, Judge, answer_tokens, share
+from ..eval.judge import DEFAULT_JUDGE, HFJudge, Judge, answer_tokens, check_answers, share
 
 
 class LlamaJudge:
@@ -47,10 +47,19 @@ class LlamaJudge:
 
 def load_judge(spec: str) -> Judge:
     """``--judge``: ``default`` (Qwen2.5-Coder-1.5B-Instruct, once installed), a named model, a
-    ``.gguf`` file (llama.cpp) or a Hugging Face model directory (PyTorch)."""
+    ``.gguf`` file (llama.cpp) or a Hugging Face model directory (PyTorch); checked to have the
+    answer tokens the questions read, so a judge that cannot answer fails before any measurement."""
     from ..hf.models import load_model, resolve_model_path
+    from .model_file import ModelFileError, read_model_info
 
     path = resolve_model_path(DEFAULT_JUDGE if spec == "default" else spec)
     if Path(path).suffix == ".gguf":
-        return LlamaJudge(str(path))
-    return HFJudge(load_model(str(path)))
+        read_model_info(path)  # a steer GGUF, a control vector or a damaged file: one line naming it
+        try:
+            judge = LlamaJudge(str(path))
+        except ValueError as error:  # llama.cpp could not load it after all
+            raise ModelFileError(f"--judge {path}: {error}") from None
+    else:
+        judge = HFJudge(load_model(str(path)))
+    check_answers(judge)
+    return judge
