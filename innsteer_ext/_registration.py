@@ -44,8 +44,8 @@ def _(z, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake(f"{_LIB}::steer")
-def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+def _check_steer(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
+    """The fake check shared by ``steer`` and its in-place form ``steer_`` (one schema but the return)."""
     _fake_check(
         hidden,
         "hidden",
@@ -60,25 +60,17 @@ def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, 
         w2=w2,
         b2=b2,
     )
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{_LIB}::steer")
+def _(*args):
+    _check_steer(*args)
+    return torch.empty_like(args[0], memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(f"{_LIB}::steer_")
-def _(hidden, residual, direction, alpha, mean, scale, cond_idx, trans_idx, w1, b1, w2, b2, clamp):
-    _fake_check(
-        hidden,
-        "hidden",
-        residual=residual,
-        direction=direction,
-        mean=mean,
-        scale=scale,
-        cond_idx=cond_idx,
-        trans_idx=trans_idx,
-        w1=w1,
-        b1=b1,
-        w2=w2,
-        b2=b2,
-    )
+def _(*args):
+    _check_steer(*args)
 
 
 def _save_inputs(ctx, inputs) -> None:
