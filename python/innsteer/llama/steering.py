@@ -11,16 +11,16 @@ or ``steering = attach(llm, "steer.gguf", alpha=4.0)`` on an existing ``llama_cp
 The steer runs in C (csrc/llama_hook, built by setup.py when llama-cpp-python is installed) as
 llama.cpp's eval callback: it rewrites ``l_out-L`` (decoder layer L's output) in place; no Python
 runs per graph node. Stock llama.cpp control vectors (the linear baseline) load through
-``llama_set_adapter_cvec``. The ``Llama`` object is patched here (its context, ``generate``,
-``eval``, saved states): with ``grammar`` (the sampler's grammar step) and ``chat`` (its context and
-model handles), the only code touching llama-cpp-python's private attributes.
+``llama_set_adapter_cvec``. How the ``Llama`` object is patched (its context, ``generate``, ``eval``,
+saved states) is ``innsteer.llama.patches``: with ``grammar`` (the sampler's grammar step) and
+``chat`` (its context and model handles), the only code touching llama-cpp-python's private
+attributes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import operator
 import os
@@ -36,7 +36,6 @@ from .bindings import (
     ERR_LEN,
     INSTALL_HINT,
     MAX_THREADS,
-    NonFiniteLogitsError,
     SteerGGUF,
     SteerHookError,
     float32_alpha,
@@ -46,10 +45,10 @@ from .bindings import (
 from .export import read_control_vector
 from .grammar import guard_grammars
 from .loading import weights_in_plain_cpu_buffers
+from .patches import UNSTEERED, install_hook_context, serialize_evals, tag_saved_states, track_generations
 
 try:
     import llama_cpp
-    from llama_cpp import _internals
 except ImportError as _error:  # optional dependency
     raise ImportError(INSTALL_HINT) from _error
 
@@ -57,7 +56,6 @@ __all__ = ["SteeredLlama", "attach", "LlamaSteering", "SteerGGUF", "SteerHookErr
 
 _MAX_POSITION = 2**62  # steer_from's bound: position - batch start must fit the hook's int64
 _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm.steering may be reassigned)
-_UNSTEERED = "unsteered"  # the steering of a state saved with no active entry and no control vector
 
 
 def _unsteered_until(state: tuple, n_tokens: int) -> int:
@@ -70,12 +68,6 @@ def _unsteered_until(state: tuple, n_tokens: int) -> int:
     return n_tokens if not any(alphas) else min(start_position, n_tokens)
 
 
-def _finite_last_logits(ctx, n_vocab: int) -> bool:
-    """Whether the last row of logits a decode produced is finite (~20 us for 50k tokens)."""
-    logits = llama_cpp.llama_get_logits_ith(ctx, -1)
-    return not logits or bool(np.isfinite(np.ctypeslib.as_array(logits, shape=(n_vocab,))).all())
-
-
 @dataclass
 class _Entry:
     """One steer installed in the hook (the hook's entry of the same index)."""
@@ -84,13 +76,6 @@ class _Entry:
     layer: int
     alpha: float
     enabled: bool = True
-
-
-class _Generation:
-    """One running ``Llama.generate`` (see ``LlamaSteering._track_generations``)."""
-
-    def __init__(self):
-        self.broken: Optional[str] = None  # why it cannot go on, once re-evaluating its tokens failed
 
 
 class LlamaSteering:
@@ -116,8 +101,8 @@ class LlamaSteering:
             raise MemoryError("innsteer_hook_new failed")
         self._steer_entries: list[_Entry] = []  # the hook's entries, by index
         self._cvec: Optional[np.ndarray] = None
-        self._generations: list[_Generation] = []
-        # Evaluation and steering changes from several threads run one at a time (see _serialize_evals).
+        self._generations: list = []  # patches.Generation: the generations suspended between tokens
+        # Evaluation and steering changes from several threads run one at a time (see patches.serialize_evals).
         self._lock = threading.RLock()
         self.start_position = 0
         self._identity = uuid.uuid4().hex  # names this steering in the states it saves
@@ -126,142 +111,18 @@ class LlamaSteering:
         self.n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(llm.model))
         self.architecture = str(llm.metadata.get("general.architecture", ""))
-        self._install()
-        self._track_generations()
-        self._serialize_evals()
-        self._tag_saved_states()
+        install_hook_context(self)
+        track_generations(self)
+        serialize_evals(self)
+        tag_saved_states(self)
         setattr(llm, _INSTALLED, self)
         llm.steering = self
 
-    def _install(self) -> None:
-        """Recreate the Llama's context with the hook as its eval callback (llama.cpp reads
-        cb_eval only at context creation), and check the hook after every decode."""
-        llm = self.llm
-        params = llm.context_params
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(
-            ctypes.cast(self._lib.innsteer_hook_eval_callback, ctypes.c_void_p).value
-        )
-        params.cb_eval = self._callback
-        params.cb_eval_user_data = ctypes.c_void_p(self._hook)
-        new_ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
-        old_ctx, llm._ctx = llm._ctx, llm._stack.enter_context(contextlib.closing(new_ctx))
-        old_ctx.close()
-        if getattr(llm, "_lora_adapter", None) is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
-            scales = (ctypes.c_float * 1)(llm.lora_scale)
-            if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales):
-                raise RuntimeError("failed to re-apply the LoRA adapter to the steered context")
-        llm.reset()
-
-        lib, decode = self._lib, new_ctx.decode
-        n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model)))
-
-        def checked_decode(batch):
-            hook = self._live_hook()
-            first_row = 0
-            n_rows = batch.batch.n_tokens
-            if n_rows > 0 and self.start_position > batch.batch.pos[0]:
-                # The hook skips whole rows: that needs row i at position pos[0] + i, as in eval's
-                # batches; embed() packs several sequences, each from position 0.
-                positions = np.ctypeslib.as_array(batch.batch.pos, shape=(n_rows,))
-                if np.any(positions != positions[0] + np.arange(n_rows)):
-                    raise SteerHookError(
-                        f"steer_from({self.start_position}) needs one sequence at consecutive positions per batch; "
-                        "this batch packs several (embed several texts one by one, or steer_from(0))"
-                    )
-                first_row = self.start_position - int(positions[0])
-            if lib.innsteer_hook_begin(hook, first_row):
-                raise RuntimeError("another decode is running with this Llama's steering hook (concurrent use)")
-            err = ctypes.create_string_buffer(ERR_LEN)
-            try:
-                decode(batch)
-            finally:
-                failed = lib.innsteer_hook_end(hook, err, ERR_LEN)
-            if failed:
-                llm.reset()  # the cache now holds unsteered or broken states
-                raise SteerHookError(err.value.decode(errors="replace"))
-            if n_rows > 0 and batch.batch.logits[n_rows - 1] and not _finite_last_logits(new_ctx.ctx, n_vocab):
-                # A finite alpha can still overflow the flow or the layers after it; sampling from
-                # NaN logits would end the reply silently, as if the model had stopped.
-                llm.reset()
-                raise NonFiniteLogitsError(
-                    "the model's logits are NaN or Inf under this steering: an alpha is too large for this model"
-                )
-
-        new_ctx.decode = checked_decode
-        llm._stack.callback(self._free)  # when the Llama closes; nothing decodes after that
-
-    def _track_generations(self) -> None:
-        """Wrap the Llama's ``generate`` (which ``create_completion`` and chat calls use) so that the
-        steering knows when a generation is suspended between tokens (a partly read stream)."""
-        generate = self.llm.generate
-
-        @functools.wraps(generate)
-        def tracked_generate(*args, **kwargs):
-            generation = _Generation()
-            inner = generate(*args, **kwargs)
-            self._generations.append(generation)
-            try:
-                sent = None  # Llama.generate takes tokens sent into it: pass them on
-                while True:
-                    try:
-                        token = inner.send(sent)
-                    except StopIteration:
-                        return
-                    sent = yield token
-                    if generation.broken:
-                        raise SteerHookError(generation.broken)
-            finally:
-                self._generations.remove(generation)
-                inner.close()
-
-        self.llm.generate = tracked_generate
-
-    def _serialize_evals(self) -> None:
-        """Two threads evaluating with one Llama at once would decode into the same cache positions
-        and batch (ctypes releases the GIL during llama_decode), and a steering change would reset
-        the cache under a running decode: both wait for the eval in progress instead."""
-        evaluate = self.llm.eval
-
-        @functools.wraps(evaluate)
-        def serialized_eval(tokens):
-            with self._lock:
-                self._live_hook()  # a closed Llama's eval would crash in llama.cpp
-                evaluate(tokens)
-
-        self.llm.eval = serialized_eval
-
-    def _tag_saved_states(self) -> None:
-        """A saved state (``save_state``, and the states ``Llama.cache`` keeps per prompt) holds a KV
-        cache computed under the steering of its time: tag it, and refuse to load it under other
-        steering, where it would silently mix two settings."""
-        save_state, load_state = self.llm.save_state, self.llm.load_state
-
-        @functools.wraps(save_state)
-        def tagged_save_state():
-            with self._lock:
-                state = save_state()
-                state.innsteer_steering = self._signature()
-            return state
-
-        @functools.wraps(load_state)
-        def checked_load_state(state):
-            with self._lock:
-                self._live_hook()
-                if getattr(state, "innsteer_steering", _UNSTEERED) != self._signature():
-                    raise ConfigError(
-                        "this saved state was computed under other steering than this Llama's now: restore that "
-                        "steering first, or, for states kept by Llama.cache, clear the cache (llm.set_cache(None))"
-                    )
-                load_state(state)
-
-        self.llm.save_state, self.llm.load_state = tagged_save_state, checked_load_state
-
     def _signature(self):
-        """The steering a KV cache was computed under: _UNSTEERED, or this steering's settings."""
+        """The steering a KV cache was computed under: UNSTEERED, or this steering's settings."""
         alphas, start_position, cvec = self._state()
         if not any(alphas) and cvec is None:
-            return _UNSTEERED
+            return UNSTEERED
         cvec_digest = None if cvec is None else hashlib.sha256(cvec).hexdigest()
         return self._identity, alphas, start_position, cvec_digest
 
