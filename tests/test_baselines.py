@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from test_train import one_thread, synthetic_pairs  # noqa: F401  (autouse fixture applies here too)
 
 from innsteer import AffineSteerer, INNSteerer, LinearSteerer, SteerFileError, load_steerer
-from innsteer.core.methods import METHODS, fit_caa, fit_linear_act, fit_pca, fit_probe
+from innsteer.core.methods import METHOD_STEERERS, METHODS, fit_caa, fit_linear_act, fit_pca, fit_probe
 
 D = 24
 
@@ -169,7 +169,9 @@ def fitted(data):
 def test_methods_share_one_interface(data, fitted):
     pos, neg = data
     assert set(fitted) == {"caa", "pca", "probe", "linear_act", "mimic", "odesteer", "hpr", "truthflow", "innsteer"}
+    assert set(METHOD_STEERERS) == set(METHODS)
     for name, steerer in fitted.items():
+        assert type(steerer) is METHOD_STEERERS[name], name  # the table: method -> class (-> file kind)
         assert (steerer.layer, steerer.model_id, steerer.behavior, steerer.method, steerer.hidden_size) == (
             5,
             "toy-model",

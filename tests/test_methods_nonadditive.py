@@ -11,13 +11,11 @@ import torch
 from test_train import one_thread, synthetic_pairs  # noqa: F401  (autouse fixture applies here too)
 
 from innsteer import ConfigError, SteerFileError, load_steerer
-from innsteer.core.methods import METHODS, fit_linear_act
+from innsteer.core.methods import METHOD_STEERERS, METHODS, fit_linear_act
 from innsteer.core.methods_nonadditive import fit_hpr, fit_mimic, fit_odesteer, fit_truthflow
 from innsteer.core.steerers import (
-    FlowCorrectionSteerer,
     HouseholderSteerer,
     ODESteerer,
-    TransportSteerer,
 )
 from innsteer.llama.export import export, export_control_vector
 
@@ -28,12 +26,6 @@ FAST = {
     "odesteer": dict(sketch_dim=64),
     "hpr": dict(mlp_hidden=16, epochs=100),
     "truthflow": dict(mlp_hidden=32, train_steps=300, rank=3),
-}
-KINDS = {
-    "mimic": TransportSteerer,
-    "odesteer": ODESteerer,
-    "hpr": HouseholderSteerer,
-    "truthflow": FlowCorrectionSteerer,
 }
 
 
@@ -337,7 +329,7 @@ def test_methods_table_and_interface(data, fitted):
     pos, neg = data
     assert set(NEW_METHODS) <= set(METHODS)
     for name, steerer in fitted.items():
-        assert isinstance(steerer, KINDS[name])
+        assert type(steerer) is METHOD_STEERERS[name]
         assert (steerer.layer, steerer.model_id, steerer.behavior, steerer.method, steerer.hidden_size) == (
             4,
             "toy-model",

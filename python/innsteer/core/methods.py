@@ -32,7 +32,16 @@ from torch import Tensor
 from .classifiers import fit_linear_probe
 from .flow import FlowConfig
 from .methods_nonadditive import fit_hpr, fit_mimic, fit_odesteer, fit_truthflow
-from .steerers import AffineSteerer, INNSteerer, LinearSteerer
+from .steerers import (
+    AffineSteerer,
+    FlowCorrectionSteerer,
+    HouseholderSteerer,
+    INNSteerer,
+    LinearSteerer,
+    ODESteerer,
+    SteererBase,
+    TransportSteerer,
+)
 from .train import TrainConfig, check_contrastive, train_innsteer
 
 
@@ -161,4 +170,18 @@ METHODS: dict[str, Callable[..., torch.nn.Module]] = {
     "hpr": fit_hpr,
     "truthflow": fit_truthflow,
     "innsteer": fit_innsteer,
+}
+
+# The one table of method name -> the steerer class its fit returns; the class's KIND names its
+# steer files (several methods share the linear kind; the file keeps the method's name too).
+METHOD_STEERERS: dict[str, type[SteererBase]] = {
+    "caa": LinearSteerer,
+    "pca": LinearSteerer,
+    "probe": LinearSteerer,
+    "linear_act": AffineSteerer,
+    "mimic": TransportSteerer,
+    "odesteer": ODESteerer,
+    "hpr": HouseholderSteerer,
+    "truthflow": FlowCorrectionSteerer,
+    "innsteer": INNSteerer,
 }
