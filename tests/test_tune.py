@@ -15,6 +15,7 @@ from innsteer.core.steerers import load_steerer
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import tune as tune_module
 from innsteer.eval.tune import (
+    TUNE_BUDGETS,
     TuneBudget,
     candidate_layers,
     choose_variant,
@@ -81,6 +82,17 @@ def test_the_option_choice_keeps_the_gain_toward_and_reaches_caa_away_where_it_c
     assert choose_variant(corrigible, 0.100, 0.070) == "defaults"  # every option reaches CAA
 
 
+def test_the_quick_budget_samples_large_data_down_in_order():
+    from innsteer.eval.tune import _sample
+
+    items = list(range(500))
+    quick = TUNE_BUDGETS["quick"]
+    kept = _sample(items, quick.max_pool, seed=3)
+    assert len(kept) == quick.max_pool == len(set(kept)) and kept == sorted(kept)
+    assert kept == _sample(items, quick.max_pool, seed=3) != _sample(items, quick.max_pool, seed=4)
+    assert _sample(items[:20], quick.max_pool, seed=3) == items[:20] and _sample(items, None, 0) == items
+
+
 def test_split_items_is_seeded_and_respects_given_test_items():
     items = load_ab("refusal", "generate", limit=40)
     pool, test = split_items(items, None, seed=3)
@@ -118,7 +130,7 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     for row in [*(record["test"][k] for k in ("auc", "at0.5")), record["test"]["away"]["auc"]]:
         assert row["low"] <= row["diff"] <= row["high"] and row["diff"] == pytest.approx(row["a"] - row["b"])
     assert "letter" in record["test"]  # lettered items: both metrics
-    assert record["n_items"] == {"pool": 24, "test": 6, "prompts": 2}
+    assert record["n_items"] == {"pool": 24, "test": 6, "prompts": 2, "available": {"pool": 24, "test": 6}}
     # validation measured toward the behavior only; the test stage both ways, on the test seeds
     assert [call.get("signs", (1, -1)) for call in calls] == [(1,), (1,), (1, -1), (-1,), (1, -1)]
     assert calls[-1]["seeds"] == TINY.test_seeds and calls[-1]["compare"] == ("innsteer", "caa")

@@ -330,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "area under the behaviour-vs-fluency curve to 1 nat/token; then fit the chosen configurations and "
         "compare them on the test items in both directions with paired bootstrap intervals. Writes "
         "tune.json, tune.md and the chosen steerers (.safetensors) in --out; rerun the same command to "
-        "resume an interrupted run. --budget quick takes about 20 minutes for ~200 items on the default model "
-        "on 2 CPU cores; full measures more layers, options and seeds.",
+        "resume an interrupted run. --budget quick measures at most 200 pool and 50 test items (a seeded "
+        "sample of larger data) and takes about 15-30 minutes on the default model on 2 CPU cores; full "
+        "measures every item and more layers, options and seeds.",
     )
     _add_model(p)
     _add_sources(p)

@@ -61,6 +61,10 @@ class TuneBudget:
     max_new_tokens: int
     validation_ladder: tuple[float, ...] = ALPHA_LADDER  # the alphas of the validation curves
     ladder: tuple[float, ...] = ALPHA_LADDER  # of the test curves
+    # at most this many pool / test items (a seeded sample of larger data; None: all): what keeps
+    # a run's time bounded whatever the data's size
+    max_pool: Optional[int] = None
+    max_test: Optional[int] = None
 
 
 # The options the ablation found to matter (docs/RESULTS.md): the transport term (on by default),
@@ -83,6 +87,8 @@ TUNE_BUDGETS = {
         n_prompts=6,
         max_new_tokens=24,
         validation_ladder=(1.0, 2.0, 4.0, 8.0, 12.0),
+        max_pool=200,
+        max_test=50,
     ),
     "full": TuneBudget(
         layer_fractions=(0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85),
@@ -127,6 +133,14 @@ def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]],
     if len(test) < 2 or len(pool) < 8:
         raise ConfigError(f"tuning needs at least 10 items to hold out a test part, got {len(items)}")
     return pool, test
+
+
+def _sample(items: list, limit: Optional[int], seed: int) -> list:
+    """At most ``limit`` of ``items``: a seeded sample in their order (all of them if fewer)."""
+    if limit is None or len(items) <= limit:
+        return items
+    keep = sorted(np.random.default_rng(seed).choice(len(items), limit, replace=False))
+    return [items[i] for i in keep]
 
 
 class _Stages:
@@ -188,6 +202,8 @@ def tune(
     start, where = time.perf_counter(), provenance(command)  # the code and machine at the start: what ran
     out_dir = None if out is None else Path(out)
     pool, test = split_items(items, test_items, seed)
+    available = {"pool": len(pool), "test": len(test)}
+    pool, test = _sample(pool, plan.max_pool, seed), _sample(test, plan.max_test, seed)
     prompts = list(prompts or NEUTRAL_PROMPTS)[: plan.n_prompts]
     layers = candidate_layers(len(decoder_layers(lm.model)), plan.layer_fractions)
     stages = _Stages(
@@ -313,7 +329,7 @@ def tune(
         "seed": seed,
         "n_layers": len(decoder_layers(lm.model)),
         "layers": layers,
-        "n_items": {"pool": len(pool), "test": len(test), "prompts": len(prompts)},
+        "n_items": {"pool": len(pool), "test": len(test), "prompts": len(prompts), "available": available},
         "validation_seeds": list(plan.validation_seeds),
         "test_seeds": list(plan.test_seeds),
         "chosen": chosen,
@@ -347,13 +363,22 @@ def _digest(values: Sequence) -> str:
     return hashlib.sha256(repr(list(values)).encode()).hexdigest()[:16]
 
 
+def _sampled(n_items: dict) -> str:
+    """ " (seeded samples of N pool / M test items)" where the budget sampled the data down."""
+    available = n_items.get("available", {})
+    if available.get("pool", 0) <= n_items["pool"] and available.get("test", 0) <= n_items["test"]:
+        return ""
+    return f" (seeded samples of {available['pool']} pool / {available['test']} test items)"
+
+
 def tune_markdown(record: dict) -> str:
     """The tuning report: each method's choice with its validation scores, then the test comparison."""
     chosen = record["chosen"]
     lines = [
         f"# innsteer tune: {record['behavior']} on {record['model_id']} ({record['budget']} budget)",
         "",
-        f"{record['n_items']['pool']} training-pool items, {record['n_items']['test']} test items, "
+        f"{record['n_items']['pool']} training-pool items, {record['n_items']['test']} test items"
+        f"{_sampled(record['n_items'])}, "
         f"{record['n_items']['prompts']} fluency prompts; validation seeds {record['validation_seeds']}, "
         f"test seeds {record['test_seeds']}; {record['minutes']:.1f} minutes.",
     ]
