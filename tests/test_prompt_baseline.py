@@ -136,6 +136,8 @@ def test_prompt_methods_on_own_data_need_an_instruction(tmp_path, capsys, monkey
     assert cli.main(["eval", "--data", str(data), "--methods", "caa,prompt+caa"]) == 2
     err = capsys.readouterr().err
     assert "give --instruction TEXT" in err and "Traceback" not in err
+    assert cli.main(["eval", "--data", str(data), "--judge", "default", "--behavior-description", "x" * 501]) == 2
+    assert "at most 500" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse's own error
         cli.main(["eval", "--data", str(data), "--methods", "prompt", "--instruction", ""])
     assert exit_info.value.code == 2 and "expected some text" in capsys.readouterr().err

@@ -126,6 +126,15 @@ def _check_judge_options(args) -> None:
     """Before any work: the description options go together, and --judge names a model that exists."""
     if args.opposite_description and not args.behavior_description and not args.behavior:
         raise CLIError("--opposite-description goes with --behavior-description (or a shipped --behavior)")
+    from ..eval.judge import MAX_DESCRIPTION_CHARS
+
+    for option in ("behavior_description", "opposite_description"):
+        text = getattr(args, option)
+        if text and len(text) > MAX_DESCRIPTION_CHARS:
+            raise CLIError(
+                f"--{option.replace('_', '-')} is {len(text)} characters long; a judge's choice takes at most "
+                f"{MAX_DESCRIPTION_CHARS} (one sentence)"
+            )
     if args.judge:
         from ..eval.judge import DEFAULT_JUDGE
         from ..hf.models import resolve_model_path

@@ -42,7 +42,9 @@ MIN_AUROC = 0.75  # below it on a behavior, a question does not count in that be
 # among those whose replies keep this share of the unsteered replies' judged coherence.
 COHERENCE_KEPT = 0.9
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"  # `--judge default`: a named model (innsteer.hf.models)
-MAX_REPLY_CHARS = 2000  # a judged reply is cut here: the judge's context holds the prompt, reply and question
+# a judged prompt and reply are cut here, the descriptions may be no longer: the judge's context
+# (LlamaJudge's n_ctx) holds them and the question
+MAX_PROMPT_CHARS, MAX_REPLY_CHARS, MAX_DESCRIPTION_CHARS = 3000, 2000, 500
 
 
 class Judge(Protocol):
@@ -118,7 +120,7 @@ def message(question: str, prompt: str, reply: str, options: tuple[str, str] = (
     question's two choices, in the order shown)."""
     first, second = (option[:1].upper() + option[1:] for option in options)
     return TEMPLATE.format(
-        prompt=prompt.strip(),
+        prompt=prompt.strip()[:MAX_PROMPT_CHARS],
         reply=reply.strip()[:MAX_REPLY_CHARS] or "(empty)",
         question=QUESTIONS[question].format(first=first, second=second),
     )

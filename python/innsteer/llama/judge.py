@@ -15,7 +15,7 @@ from ..eval.judge import DEFAULT_JUDGE, HFJudge, Judge, answer_tokens, check_ans
 class LlamaJudge:
     """A GGUF as the judge, through llama-cpp-python, formatted with the GGUF's chat template."""
 
-    def __init__(self, path: str, n_ctx: int = 4096, n_threads: Optional[int] = None):
+    def __init__(self, path: str, n_ctx: int = 8192, n_threads: Optional[int] = None):
         from .loading import load_llama
 
         self.name = Path(path).stem
