@@ -278,8 +278,8 @@ def judge_result(
     def summary(replies: Sequence[str]) -> dict:
         scored = judge_replies(judge, prompts, replies, description, opposite)
         row = {q: _mean_interval(v, n_resamples, rng) for q, v in scored.items()}
-        kept = np.stack([scored[q] for q in used]) if used else np.full((1, len(replies)), np.nan)
-        row["score"] = _mean_interval(harmonic_mean(kept), n_resamples, rng) if used else None
+        kept = [scored[q] for q in used]
+        row["score"] = _mean_interval(harmonic_mean(np.stack(kept)), n_resamples, rng) if kept else None
         return row
 
     judged = {"unsteered": {"alpha": 0.0, **summary(base_replies)}}

@@ -181,23 +181,23 @@ def run_protocol(
         if instructed
         else {}
     )
-    scorer = None if validation else BatchedScorer(lm, test_items, metrics)
-    instructed_scorer = (
-        {sign: BatchedScorer(lm, test_items, metrics, instruction=instructions[sign]) for sign in instructed_signs}
-        if instructed and not validation
-        else {}
-    )
+
+    def scorers(items: Sequence[ABItem]) -> tuple[BatchedScorer, dict[int, BatchedScorer]]:
+        """The scorer of ``items`` and, for the instructed specs, one per instructed side."""
+        instructed_scorers = {
+            sign: BatchedScorer(lm, items, metrics, instruction=instructions[sign])
+            for sign in (instructed_signs if instructed else ())
+        }
+        return BatchedScorer(lm, items, metrics), instructed_scorers
+
+    scorer, instructed_scorer = (None, {}) if validation else scorers(test_items)
     runs: dict[str, list] = {name: [] for name in specs}
     first_steerers = {}
     prompt_curve = None  # the prompt alone trains nothing: on fixed test items every seed measures the same
     for seed in seeds:
         train, val = splits[seed]
         if validation:
-            scorer = BatchedScorer(lm, val, metrics)
-            if instructed:
-                instructed_scorer = {
-                    sign: BatchedScorer(lm, val, metrics, instruction=instructions[sign]) for sign in instructed_signs
-                }
+            scorer, instructed_scorer = scorers(val)
         base = {
             "base_scores": {m: v.tolist() for m, v in scorer.scores().items()},
             "base_nll": base_nll.tolist(),
@@ -332,17 +332,19 @@ def protocol_report(result: dict) -> dict:
     }
 
 
+def difference_cell(row: dict) -> str:
+    """A paired difference with its interval, marked ✓ where the interval is above 0, ✗ below."""
+    mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
+    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark}"
+
+
 def pair_table(result: dict, pair: str, metric: str = "answer") -> str:
     """Markdown: one extra comparison ("a - b" in ``result["comparisons"]``) on both sides."""
     a, b = pair.split(" - ")
     lines = [f"| side | summary | {a} | {b} | difference [95 % CI] |", "|---|---|---|---|---|"]
     for side in ("toward", "away"):
         for key, row in result["comparisons"][pair].get(f"{metric}/{side}", {}).items():
-            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
-            lines.append(
-                f"| {side} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
-                f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
-            )
+            lines.append(f"| {side} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {difference_cell(row)} |")
     return "\n".join(lines)
 
 
@@ -366,10 +368,9 @@ def comparison_table(results: Sequence[dict], metric: str = "answer", side: str 
         if not comparison:
             continue
         for key, row in comparison.items():
-            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
             lines.append(
                 f"| {result['behavior']} | {layers_label(result)} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
-                f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
+                f"{difference_cell(row)} |"
             )
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ from ..datasets.ab import ABItem, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
-from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
+from .protocol import ALPHA_LADDER, MethodSpec, difference_cell, run_protocol
 from .provenance import provenance
 from .report import pyplot
 from .tradeoff import REPETITION_GATE, curve_summary
@@ -425,11 +425,7 @@ def tune_markdown(record: dict) -> str:
     for direction, rows in (("toward", {k: v for k, v in test.items() if k.startswith(("at", "auc"))}),
                             ("away", test["away"])):  # fmt: skip
         for key, row in rows.items():
-            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
-            lines.append(
-                f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
-                f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
-            )
+            lines.append(f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {difference_cell(row)} |")
     lines += [
         "",
         "Shifts are p(matching answer) minus the unsteered model's, at a fluency cost (NLL/token of greedy "
@@ -443,10 +439,6 @@ def tune_table(records: Sequence[dict]) -> str:
     """Markdown: one row per tune record — each method's choice, and INNSteer - CAA on the test
     items in both directions (area to 1 nat/token, paired bootstrap 95 % interval)."""
 
-    def cell(row: dict) -> str:
-        mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
-        return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark}"
-
     lines = [
         "| data | model | CAA layer | INNSteer layer, options | toward | away | minutes |",
         "|---|---|---|---|---|---|---|",
@@ -455,8 +447,8 @@ def tune_table(records: Sequence[dict]) -> str:
         inn = r["chosen"]["innsteer"]
         lines.append(
             f"| {r['behavior']} | {r['model_id']} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
-            f"{inn.get('variant') or inn['options'] or 'defaults'} | {cell(r['test']['auc'])} | "
-            f"{cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
+            f"{inn.get('variant') or inn['options'] or 'defaults'} | {difference_cell(r['test']['auc'])} | "
+            f"{difference_cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
         )
     return "\n".join(lines)
 
