@@ -27,21 +27,37 @@ using innsteer::bf16_t;
 using innsteer::half_t;
 using innsteer::llama_hook::SteerModel;
 
-// An entry owns a reference to its steer, so the steer outlives it whatever the caller frees.
+// An entry is an INN steer (it owns a reference to the steer, so the steer outlives it whatever the
+// caller frees) or a vector added to the rows (a control vector, for per-row steering: llama.cpp's own
+// control vector is one per context).
 struct Entry {
   innsteer_steer* steer;
   const SteerModel* model;
+  std::vector<float> vector;
   int32_t layer;
   std::atomic<float> alpha;
   std::atomic<bool> enabled;
   Entry(innsteer_steer* s, int32_t l, float a) : steer(s), model(&s->model), layer(l), alpha(a), enabled(true) {
     steer->retain();
   }
+  Entry(std::vector<float> v, int32_t l, float a)
+      : steer(nullptr), model(nullptr), vector(std::move(v)), layer(l), alpha(a), enabled(true) {}
   ~Entry() { innsteer_steer::release(steer); }
   Entry(const Entry&) = delete;
   Entry& operator=(const Entry&) = delete;
   bool active() const { return enabled.load() && alpha.load() != 0.0f; }
+  int64_t dim() const { return model ? model->dim : static_cast<int64_t>(vector.size()); }
 };
+
+template <class In>
+void add_vector(const std::vector<float>& vector, In* rows, int64_t n_rows, float alpha) {
+  const int64_t dim = static_cast<int64_t>(vector.size());
+  for (int64_t r = 0; r < n_rows; ++r) {
+    In* row = rows + r * dim;
+    for (int64_t i = 0; i < dim; ++i)
+      row[i] = innsteer::from_acc<In>(innsteer::to_acc(row[i]) + alpha * vector[i]);
+  }
+}
 
 // "l_out-<digits>" -> layer, else -1.
 int32_t lout_layer(const char* name) {
@@ -72,6 +88,10 @@ struct innsteer_hook {
   std::vector<uint8_t> seen;
   std::vector<int64_t> rows_done, tensor_offset;
   int64_t first_row = 0;  // rows (tokens) of this call before it are left unsteered
+  // Per-row mode (innsteer_hook_begin_rows): row r's alpha for entry e is row_alphas[r * entries + e],
+  // in place of the entries' own alpha, enabled flag and first_row; row_count < 0 outside it.
+  std::vector<float> row_alphas;
+  int64_t row_count = -1;
   int64_t nodes_asked = 0;
   std::atomic<bool> in_call{false};  // between innsteer_hook_begin and innsteer_hook_end
   std::atomic<int> n_threads{1};
@@ -87,29 +107,94 @@ struct innsteer_hook {
     if (error.empty()) error = message;
   }
 
-  bool wants(int32_t layer) const {
-    for (const auto& e : entries) {
-      if (e->layer == layer && e->active()) return true;
-    }
-    return false;
+  // Entry e's alpha at row `row` of this call (0: the row is left alone).
+  float alpha_at(size_t e, int64_t row) const {
+    if (row_count >= 0) return row_alphas[static_cast<size_t>(row) * entries.size() + e];
+    return row >= first_row && entries[e]->active() ? entries[e]->alpha.load() : 0.0f;
   }
 
-  // Whether the rows of l_out-L being asked about include any at or after first_row; advances the count.
+  // The first row in [begin, end) that an entry at `layer` steers, or end.
+  int64_t first_steered(int32_t layer, int64_t begin, int64_t end) const {
+    int64_t first = end;
+    for (size_t e = 0; e < entries.size(); ++e) {
+      if (entries[e]->layer != layer) continue;
+      for (int64_t r = begin; r < first; ++r) {
+        if (alpha_at(e, r) != 0.0f) {
+          first = r;
+          break;
+        }
+      }
+    }
+    return first;
+  }
+
+  // Whether any of the rows of l_out-L being asked about is steered; advances the count.
   bool wants_rows(int32_t layer, int64_t n_rows) {
     tensor_offset[layer] = rows_done[layer];
     rows_done[layer] += n_rows;
-    return rows_done[layer] > first_row && wants(layer);
+    if (row_count >= 0 && rows_done[layer] > row_count) {
+      record("innsteer hook: the batch has more rows than the " + std::to_string(row_count) +
+             " given to innsteer_hook_begin_rows; nothing was steered");
+      return false;
+    }
+    return first_steered(layer, tensor_offset[layer], rows_done[layer]) < rows_done[layer];
   }
 
+  // Steers rows [0, n_rows) of the tensor, which are this call's rows [offset, offset + n_rows), each
+  // run of rows with one alpha at once.
   template <class In>
-  void steer_all(int32_t layer, In* data, int64_t n_rows) {
+  void steer_all(int32_t layer, In* data, int64_t offset, int64_t n_rows, int64_t dim) {
     const int workers = std::max(1, n_threads.load());
-    for (const auto& e : entries) {
-      if (e->layer != layer || !e->active()) continue;
-      const size_t need = static_cast<size_t>(workers * e->model->workspace_per_worker());
-      if (workspace.size() < need) workspace.resize(need);
-      innsteer::llama_hook::steer_rows(*e->model, data, n_rows, e->alpha.load(), workspace.data(), workers);
+    for (size_t e = 0; e < entries.size(); ++e) {
+      const Entry& entry = *entries[e];
+      if (entry.layer != layer) continue;
+      for (int64_t begin = 0; begin < n_rows;) {
+        const float alpha = alpha_at(e, offset + begin);
+        int64_t end = begin + 1;
+        while (end < n_rows && alpha_at(e, offset + end) == alpha) ++end;
+        if (alpha != 0.0f) {
+          In* rows = data + begin * dim;
+          if (entry.model) {
+            const size_t need = static_cast<size_t>(workers * entry.model->workspace_per_worker());
+            if (workspace.size() < need) workspace.resize(need);
+            innsteer::llama_hook::steer_rows(*entry.model, rows, end - begin, alpha, workspace.data(), workers);
+          } else {
+            add_vector(entry.vector, rows, end - begin, alpha);
+          }
+        }
+        begin = end;
+      }
     }
+  }
+
+  // Adds `entry` (checked here: layer, alpha, count); its index, or -1 with err set.
+  int add(std::unique_ptr<Entry> entry, char* err, size_t err_len) {
+    const int32_t layer = entry->layer;
+    if (layer < 0 || layer > INNSTEER_MAX_LAYER) {
+      copy_message(err, err_len, "layer " + std::to_string(layer) + " is outside 0.." +
+                                     std::to_string(INNSTEER_MAX_LAYER));
+      return -1;
+    }
+    if (!std::isfinite(entry->alpha.load())) {
+      copy_message(err, err_len, "alpha must be finite (as a float32)");
+      return -1;
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    if (in_call.load()) {  // the per-row alphas of a call in progress are sized by the entries
+      copy_message(err, err_len, "innsteer_hook_add: a decode is running with this hook");
+      return -1;
+    }
+    if (entries.size() >= static_cast<size_t>(INT32_MAX)) {
+      copy_message(err, err_len, "innsteer_hook_add: too many entries");
+      return -1;
+    }
+    if (seen.size() <= static_cast<size_t>(layer)) {
+      seen.resize(layer + 1, 0);
+      rows_done.resize(layer + 1, 0);
+      tensor_offset.resize(layer + 1, 0);
+    }
+    entries.push_back(std::move(entry));
+    return static_cast<int>(entries.size() - 1);
   }
 
   void apply(ggml_tensor* t, int32_t layer) {
@@ -119,13 +204,14 @@ struct innsteer_hook {
     if (!ggml_is_contiguous(t)) return record(where + ": tensor is not contiguous");
     if (!t->buffer) return record(where + ": tensor has no backend buffer");
     for (const auto& e : entries) {
-      if (e->layer == layer && e->active() && t->ne[0] != e->model->dim)
-        return record(where + ": hidden size " + std::to_string(t->ne[0]) + " but the steer file was made for " +
-                      std::to_string(e->model->dim));
+      if (e->layer == layer && t->ne[0] != e->dim())
+        return record(where + ": hidden size " + std::to_string(t->ne[0]) + " but the steer was made for " +
+                      std::to_string(e->dim()));
     }
     const size_t n_bytes = ggml_nbytes(t);
     const int64_t n_rows = ggml_nrows(t);
-    const int64_t skip = std::min(n_rows, std::max<int64_t>(0, first_row - tensor_offset[layer]));
+    const int64_t offset = tensor_offset[layer];
+    const int64_t skip = first_steered(layer, offset, offset + n_rows) - offset;
     const size_t skip_bytes = static_cast<size_t>(skip) * t->nb[1];
     rows.resize(n_bytes);
     ggml_backend_tensor_get(t, rows.data(), 0, n_bytes);
@@ -138,10 +224,11 @@ struct innsteer_hook {
     }
     if (!finite) return record(where + ": activations contain NaN or Inf; left unsteered");
     uint8_t* first = rows.data() + skip_bytes;
+    const int64_t rest = n_rows - skip, dim = t->ne[0];
     switch (t->type) {
-      case GGML_TYPE_F32: steer_all(layer, reinterpret_cast<float*>(first), n_rows - skip); break;
-      case GGML_TYPE_F16: steer_all(layer, reinterpret_cast<half_t*>(first), n_rows - skip); break;
-      default: steer_all(layer, reinterpret_cast<bf16_t*>(first), n_rows - skip); break;
+      case GGML_TYPE_F32: steer_all(layer, reinterpret_cast<float*>(first), offset + skip, rest, dim); break;
+      case GGML_TYPE_F16: steer_all(layer, reinterpret_cast<half_t*>(first), offset + skip, rest, dim); break;
+      default: steer_all(layer, reinterpret_cast<bf16_t*>(first), offset + skip, rest, dim); break;
     }
     ggml_backend_tensor_set(t, first, skip_bytes, n_bytes - skip_bytes);
     applied.fetch_add(1);
@@ -166,30 +253,33 @@ int innsteer_hook_add(innsteer_hook* hook, innsteer_steer* steer, int32_t layer,
     copy_message(err, err_len, "innsteer_hook_add: null hook or steer");
     return -1;
   }
-  if (layer < 0 || layer > INNSTEER_MAX_LAYER) {
-    copy_message(err, err_len, "layer " + std::to_string(layer) + " is outside 0.." +
-                                   std::to_string(INNSTEER_MAX_LAYER));
+  try {
+    return hook->add(std::make_unique<Entry>(steer, layer, alpha), err, err_len);
+  } catch (const std::bad_alloc&) {
+    copy_message(err, err_len, "innsteer_hook_add: out of memory");
     return -1;
   }
-  if (!std::isfinite(alpha)) {
-    copy_message(err, err_len, "alpha must be finite (as a float32)");
+}
+
+int innsteer_hook_add_vector(innsteer_hook* hook, const float* values, int64_t dim, int32_t layer, float alpha,
+                             char* err, size_t err_len) {
+  if (!hook || !values) {
+    copy_message(err, err_len, "innsteer_hook_add_vector: null hook or values");
+    return -1;
+  }
+  if (dim < 1 || dim > INNSTEER_MAX_HIDDEN) {
+    copy_message(err, err_len, "vector size " + std::to_string(dim) + " is outside 1.." +
+                                   std::to_string(INNSTEER_MAX_HIDDEN));
+    return -1;
+  }
+  if (!std::all_of(values, values + dim, [](float v) { return std::isfinite(v); })) {
+    copy_message(err, err_len, "the vector holds NaN or Inf");
     return -1;
   }
   try {
-    std::lock_guard<std::mutex> lock(hook->mutex);
-    if (hook->entries.size() >= static_cast<size_t>(INT32_MAX)) {
-      copy_message(err, err_len, "innsteer_hook_add: too many entries");
-      return -1;
-    }
-    if (hook->seen.size() <= static_cast<size_t>(layer)) {
-      hook->seen.resize(layer + 1, 0);
-      hook->rows_done.resize(layer + 1, 0);
-      hook->tensor_offset.resize(layer + 1, 0);
-    }
-    hook->entries.push_back(std::make_unique<Entry>(steer, layer, alpha));
-    return static_cast<int>(hook->entries.size() - 1);
+    return hook->add(std::make_unique<Entry>(std::vector<float>(values, values + dim), layer, alpha), err, err_len);
   } catch (const std::bad_alloc&) {
-    copy_message(err, err_len, "innsteer_hook_add: out of memory");
+    copy_message(err, err_len, "innsteer_hook_add_vector: out of memory");
     return -1;
   }
 }
@@ -220,16 +310,62 @@ int64_t innsteer_hook_applied_count(const innsteer_hook* hook) { return hook ? h
 
 double innsteer_hook_apply_seconds(const innsteer_hook* hook) { return hook ? 1e-9 * hook->apply_ns.load() : -1.0; }
 
-int innsteer_hook_begin(innsteer_hook* hook, int64_t first_row) {
-  if (!hook || first_row < 0) return 1;
-  if (hook->in_call.exchange(true)) return 1;  // another decode is between its begin and end
-  std::lock_guard<std::mutex> lock(hook->mutex);
+namespace {
+
+// begin's common part; the caller holds hook->mutex and has set in_call.
+void start_call(innsteer_hook* hook, int64_t first_row) {
   std::fill(hook->seen.begin(), hook->seen.end(), 0);
   std::fill(hook->rows_done.begin(), hook->rows_done.end(), 0);
   hook->first_row = first_row;
   hook->nodes_asked = 0;
   std::lock_guard<std::mutex> error_lock(hook->error_mutex);
   hook->error.clear();
+}
+
+}  // namespace
+
+int innsteer_hook_begin(innsteer_hook* hook, int64_t first_row) {
+  if (!hook || first_row < 0) return 1;
+  if (hook->in_call.exchange(true)) return 1;  // another decode is between its begin and end
+  std::lock_guard<std::mutex> lock(hook->mutex);
+  hook->row_count = -1;
+  start_call(hook, first_row);
+  return 0;
+}
+
+int innsteer_hook_begin_rows(innsteer_hook* hook, const float* alphas, int64_t n_rows, int64_t n_entries, char* err,
+                             size_t err_len) {
+  if (!hook || (!alphas && n_rows > 0)) {
+    copy_message(err, err_len, "innsteer_hook_begin_rows: null hook or alphas");
+    return 1;
+  }
+  if (hook->in_call.exchange(true)) {
+    copy_message(err, err_len, "innsteer_hook_begin_rows: another decode is running with this hook");
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(hook->mutex);
+  const int64_t have = static_cast<int64_t>(hook->entries.size());
+  std::string problem;
+  if (n_entries != have)
+    problem = "alphas for " + std::to_string(n_entries) + " entries, but the hook has " + std::to_string(have);
+  else if (n_rows < 0 || n_rows > INNSTEER_MAX_ROWS)
+    problem = "n_rows " + std::to_string(n_rows) + " is outside 0.." + std::to_string(INNSTEER_MAX_ROWS);
+  else if (!std::all_of(alphas, alphas + n_rows * n_entries, [](float v) { return std::isfinite(v); }))
+    problem = "an alpha is NaN or Inf";
+  if (!problem.empty()) {
+    hook->in_call.store(false);
+    copy_message(err, err_len, "innsteer_hook_begin_rows: " + problem);
+    return 1;
+  }
+  try {
+    hook->row_alphas.assign(alphas, alphas + n_rows * n_entries);
+  } catch (const std::bad_alloc&) {
+    hook->in_call.store(false);
+    copy_message(err, err_len, "innsteer_hook_begin_rows: out of memory");
+    return 1;
+  }
+  hook->row_count = n_rows;
+  start_call(hook, 0);
   return 0;
 }
 
@@ -250,12 +386,26 @@ int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len) {
     }
   }
   std::lock_guard<std::mutex> lock(hook->mutex);
+  const int64_t row_count = hook->row_count;
+  hook->row_count = -1;
   if (hook->nodes_asked == 0) return 0;  // nothing was computed (e.g. an empty batch)
-  for (const auto& e : hook->entries) {
-    if (e->enabled.load() && !hook->seen[e->layer]) {
-      copy_message(err, err_len, "innsteer hook: the graph never produced tensor 'l_out-" + std::to_string(e->layer) +
+  for (size_t i = 0; i < hook->entries.size(); ++i) {
+    const Entry& e = *hook->entries[i];
+    bool used = e.enabled.load();
+    if (row_count >= 0) {
+      used = false;
+      for (int64_t r = 0; r < row_count && !used; ++r) used = hook->row_alphas[r * hook->entries.size() + i] != 0.0f;
+    }
+    if (used && !hook->seen[e.layer]) {
+      copy_message(err, err_len, "innsteer hook: the graph never produced tensor 'l_out-" + std::to_string(e.layer) +
                                      "' (this architecture does not name layer outputs l_out, or the model has "
                                      "fewer layers); nothing was steered");
+      return 1;
+    }
+    if (used && row_count >= 0 && hook->rows_done[e.layer] != row_count) {
+      copy_message(err, err_len, "innsteer hook: the batch had " + std::to_string(hook->rows_done[e.layer]) +
+                                     " rows, not the " + std::to_string(row_count) +
+                                     " given to innsteer_hook_begin_rows; its steering is wrong");
       return 1;
     }
   }
@@ -276,7 +426,7 @@ bool innsteer_hook_eval_callback(struct ggml_tensor* t, bool ask, void* user_dat
   }
   if (layer < 0) return true;
   std::lock_guard<std::mutex> lock(hook->mutex);
-  if (hook->wants(layer)) {
+  if (static_cast<size_t>(layer) < hook->seen.size()) {
     const auto start = std::chrono::steady_clock::now();
     try {
       hook->apply(t, layer);

@@ -32,6 +32,10 @@ struct ggml_tensor;
 #define INNSTEER_MAX_THREADS 256
 /* Layers accepted by innsteer_hook_add: 0..INNSTEER_MAX_LAYER. */
 #define INNSTEER_MAX_LAYER 65536
+/* Vector sizes accepted by innsteer_hook_add_vector: 1..INNSTEER_MAX_HIDDEN. */
+#define INNSTEER_MAX_HIDDEN (1 << 20)
+/* Rows accepted by innsteer_hook_begin_rows: 0..INNSTEER_MAX_ROWS. */
+#define INNSTEER_MAX_ROWS (1 << 24)
 typedef struct innsteer_steer innsteer_steer;
 typedef struct innsteer_hook innsteer_hook;
 
@@ -64,6 +68,11 @@ void innsteer_hook_free(innsteer_hook* hook);
  * steer; returns the entry's index (>= 0), or -1 with err set. */
 int innsteer_hook_add(innsteer_hook* hook, innsteer_steer* steer, int32_t layer, float alpha, char* err,
                       size_t err_len);
+/* Adds an entry that adds alpha * values[0, dim) to the rows of `l_out-layer` (a control vector, per
+ * row; dim in 1..INNSTEER_MAX_HIDDEN, finite values; copied); its index, or -1 with err set. Entries
+ * cannot be added while a decode is between begin and end. */
+int innsteer_hook_add_vector(innsteer_hook* hook, const float* values, int64_t dim, int32_t layer, float alpha,
+                             char* err, size_t err_len);
 /* Nonzero (and nothing changed) for a NULL hook, an entry index out of range or a non-finite alpha. */
 int innsteer_hook_set_alpha(innsteer_hook* hook, int entry, float alpha);
 int innsteer_hook_set_enabled(innsteer_hook* hook, int entry, bool enabled);
@@ -81,6 +90,13 @@ double innsteer_hook_apply_seconds(const innsteer_hook* hook);
  * while another call on this hook is between its begin and end (concurrent decodes); so call end
  * after every successful begin, also when the decode fails. */
 int innsteer_hook_begin(innsteer_hook* hook, int64_t first_row);
+/* begin for a batch of several sequences: row r of the batch (its r-th token, in the batch's order;
+ * llama.cpp keeps that order in the ubatches of a unified KV cache) gets alpha alphas[r * n_entries + e]
+ * for entry e, in place of the entries' alpha and enabled flag (0: not steered). n_entries must equal
+ * the hook's entry count, n_rows the batch's token count (end fails otherwise); alphas are copied.
+ * Nonzero with err set (and no call begun) for bad arguments or a call in progress. */
+int innsteer_hook_begin_rows(innsteer_hook* hook, const float* alphas, int64_t n_rows, int64_t n_entries, char* err,
+                             size_t err_len);
 int innsteer_hook_end(innsteer_hook* hook, char* err, size_t err_len);
 
 /* llama.cpp's ggml_backend_sched_eval_callback; user_data is the innsteer_hook*. */

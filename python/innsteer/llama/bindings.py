@@ -77,12 +77,20 @@ def hook_library() -> ctypes.CDLL:
         "innsteer_hook_new": ([], hook_p),
         "innsteer_hook_free": ([hook_p], None),
         "innsteer_hook_add": ([hook_p, steer_p, c.c_int32, c.c_float, err_t, c.c_size_t], c.c_int),
+        "innsteer_hook_add_vector": (
+            [hook_p, c.POINTER(c.c_float), c.c_int64, c.c_int32, c.c_float, err_t, c.c_size_t],
+            c.c_int,
+        ),
         "innsteer_hook_set_alpha": ([hook_p, c.c_int, c.c_float], c.c_int),
         "innsteer_hook_set_enabled": ([hook_p, c.c_int, c.c_bool], c.c_int),
         "innsteer_hook_set_threads": ([hook_p, c.c_int], c.c_int),
         "innsteer_hook_applied_count": ([hook_p], c.c_int64),
         "innsteer_hook_apply_seconds": ([hook_p], c.c_double),
         "innsteer_hook_begin": ([hook_p, c.c_int64], c.c_int),
+        "innsteer_hook_begin_rows": (
+            [hook_p, c.POINTER(c.c_float), c.c_int64, c.c_int64, err_t, c.c_size_t],
+            c.c_int,
+        ),
         "innsteer_hook_end": ([hook_p, err_t, c.c_size_t], c.c_int),
     }
     for name, (argtypes, restype) in signatures.items():

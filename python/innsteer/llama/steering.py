@@ -58,7 +58,7 @@ _MAX_POSITION = 2**62  # steer_from's bound: position - batch start must fit the
 _INSTALLED = "_innsteer_steering"  # the LlamaSteering installed in a Llama (llm.steering may be reassigned)
 
 
-def _unsteered_until(state: tuple, n_tokens: int) -> int:
+def unsteered_until(state: tuple, n_tokens: int) -> int:
     """The positions a steering ``state`` (``LlamaSteering._state``) leaves unsteered: all of them
     without an active entry or control vector; before ``steer_from``'s position with entries only;
     none under a control vector (llama.cpp adds it at every position)."""
@@ -158,7 +158,7 @@ class LlamaSteering:
                 after = self._state()
                 if after != before:
                     n_tokens = self.llm.n_tokens
-                    keep = min(_unsteered_until(before, n_tokens), _unsteered_until(after, n_tokens))
+                    keep = min(unsteered_until(before, n_tokens), unsteered_until(after, n_tokens))
                     # one token more is dropped: llama.cpp computes a batch of one token along another path
                     # than a longer batch (logits differ by ~0.6 on SmolLM2), so the first steered token is
                     # evaluated with the one before it, as a fresh prompt evaluates it
@@ -200,27 +200,11 @@ class LlamaSteering:
         hook = self._live_hook()
         if not isinstance(steer, SteerGGUF):
             steer = SteerGGUF.load(steer)
-        source = steer.source
-        if steer.hidden_size != self.n_embd:
-            raise SteerFileError(
-                f"{source} was made for hidden size {steer.hidden_size} "
-                f"({steer.meta('model_id') or 'unknown model'}), but this model has {self.n_embd}"
-            )
-        hint = steer.meta("model_hint")
-        if hint and self.architecture and hint != self.architecture:
-            raise SteerFileError(f"{source} was made for a '{hint}' model, but this model is '{self.architecture}'")
-        if expect_model_id and steer.meta("model_id") and steer.meta("model_id") != expect_model_id:
-            raise SteerFileError(f"{source} was made for model '{steer.meta('model_id')}', not '{expect_model_id}'")
-        layer = steer.layer if layer is None else operator.index(layer)
-        if not 0 <= layer < self.n_layer - 1:
-            raise ConfigError(
-                f"cannot steer layer {layer} of a {self.n_layer}-layer model: layers 0..{self.n_layer - 2} "
-                "can be steered (the last layer's output holds only the output rows)"
-            )
+        layer = check_fits(steer, self.n_embd, self.n_layer, self.architecture, layer, expect_model_id)
         for entry, other in enumerate(self._steer_entries):
             if other.layer == layer and _same_steer(other.steer, steer):
                 raise ConfigError(
-                    f"{source} already steers layer {layer} (entry {entry}): adding it again would "
+                    f"{steer.source} already steers layer {layer} (entry {entry}): adding it again would "
                     "steer twice; use set_alpha to change its strength"
                 )
         alpha = steer.alpha if alpha is None else float32_alpha(alpha)
@@ -360,6 +344,31 @@ class LlamaSteering:
             if self._cvec is not None:
                 llama_cpp.llama_set_adapter_cvec(self.llm._ctx.ctx, None, 0, self.n_embd, -1, -1)
                 self._cvec = None
+
+
+def check_fits(
+    steer: SteerGGUF, n_embd: int, n_layer: int, architecture: str, layer: Optional[int], expect_model_id: Optional[str]
+) -> int:
+    """The layer ``steer`` steers in a model of these sizes (``layer``, or the file's), after checking
+    that it was made for such a model."""
+    source = steer.source
+    if steer.hidden_size != n_embd:
+        raise SteerFileError(
+            f"{source} was made for hidden size {steer.hidden_size} "
+            f"({steer.meta('model_id') or 'unknown model'}), but this model has {n_embd}"
+        )
+    hint = steer.meta("model_hint")
+    if hint and architecture and hint != architecture:
+        raise SteerFileError(f"{source} was made for a '{hint}' model, but this model is '{architecture}'")
+    if expect_model_id and steer.meta("model_id") and steer.meta("model_id") != expect_model_id:
+        raise SteerFileError(f"{source} was made for model '{steer.meta('model_id')}', not '{expect_model_id}'")
+    layer = steer.layer if layer is None else operator.index(layer)
+    if not 0 <= layer < n_layer - 1:
+        raise ConfigError(
+            f"cannot steer layer {layer} of a {n_layer}-layer model: layers 0..{n_layer - 2} "
+            "can be steered (the last layer's output holds only the output rows)"
+        )
+    return layer
 
 
 def _same_steer(a: SteerGGUF, b: SteerGGUF) -> bool:

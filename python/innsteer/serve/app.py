@@ -30,7 +30,7 @@ from ..core.errors import InnsteerError
 from ..llama.bindings import NonFiniteLogitsError
 from ..llama.grammar import GrammarError, check_parses
 from .auth import ApiKeyMiddleware
-from .slots import ServerBusy, Slot, SlotPool
+from .slots import ServerBusy, Slot, SlotPool, open_engine
 from .steers import NamedSteer, Setting, SteerCatalog, SteeringError, describe_setting
 
 # What llama-cpp-python's server also leaves out of the call: handled here (n, min_tokens, logit_bias_type)
@@ -82,7 +82,7 @@ class ChatCompletionRequest(_Strict, CreateChatCompletionRequest):
 
 
 class InnsteerServer:
-    """The loaded model (``len(pool.slots)`` contexts), its steers and the default steering."""
+    """The loaded model (``len(pool.slots)`` sequences), its steers and the default steering."""
 
     def __init__(self, pool: SlotPool, catalog: SteerCatalog, default_setting: Setting, model_id: str, n_ctx: int):
         self.pool = pool
@@ -97,8 +97,7 @@ class InnsteerServer:
         self.max_token_bytes = max(1, max(len(llm.detokenize([token], special=True)) for token in range(llm.n_vocab())))
 
     def close(self) -> None:
-        for slot in self.pool.slots:
-            slot.close()
+        self.pool.close()
 
     def models(self) -> dict[str, Any]:
         steers = [steer.describe() for steer in self.catalog.steers.values()]
@@ -501,8 +500,9 @@ def load_server(
     n_threads: Optional[int] = None,
     steer_prompt: bool = False,
 ) -> InnsteerServer:
-    """Load the steers (``(name, file)`` pairs) and ``parallel`` contexts of the model; every steer
-    is checked against the model here, so a steer file for another model fails at start-up."""
+    """Load the steers (``(name, file)`` pairs) and the model, decoding ``parallel`` sequences at
+    once; every steer is checked against the model here, so a steer file for another model fails at
+    start-up."""
     import tempfile
 
     from ..core.errors import ConfigError
@@ -525,27 +525,16 @@ def load_server(
         default = catalog.parse(default_steering, where="default steering")
     except SteeringError as error:
         raise ConfigError(str(error)) from None
-    slots: list[Slot] = []
     try:
-        for index in range(parallel):
-            slots.append(
-                Slot(
-                    index,
-                    model_path,
-                    catalog,
-                    model_id=model_id,
-                    n_ctx=n_ctx,
-                    n_threads=n_threads,
-                    steer_prompt=steer_prompt,
-                )
-            )
-    except BaseException as error:
-        for slot in slots:
-            slot.close()
-        if isinstance(error, ValueError) and not isinstance(error, InnsteerError):  # llama-cpp-python's load error
+        engine, entries = open_engine(
+            model_path, catalog, model_id=model_id, n_seq=parallel, n_ctx=n_ctx, n_threads=n_threads
+        )
+    except ValueError as error:
+        if not isinstance(error, InnsteerError):  # llama-cpp-python's load error
             raise ModelFileError(f"llama.cpp cannot load the model {model_path}: {error}") from None
         raise
-    return InnsteerServer(SlotPool(slots, max_queue), catalog, default, model_id, n_ctx)
+    slots = [Slot(index, engine, entries, steer_prompt=steer_prompt) for index in range(parallel)]
+    return InnsteerServer(SlotPool(engine, slots, max_queue), catalog, default, model_id, n_ctx)
 
 
 def http_server(

@@ -1,9 +1,11 @@
-"""Contexts that serve requests (slots) and the bounded queue in front of them.
+"""The sequences that serve requests (slots) and the bounded queue in front of them.
 
-Each slot is a ``SteeredLlama`` holding every INN steer of the catalog (disabled until a request
-turns it on). A request holds its slot from the moment its steering is set until its generation
-ends (streamed or not), so its steering cannot change under it; setting another steering drops the
-slot's KV cache (``LlamaSteering``), so no prefix computed under one setting is reused under another.
+The server decodes every slot's sequence in one llama.cpp context (``innsteer.llama.batching``):
+each step decodes the next token of every running request at once, each row under its own
+request's steering. A request holds its slot from the moment its steering is set until its
+generation ends (streamed or not), so its steering cannot change under it; setting another steering
+removes the slot's KV cache from the first position it alters, so no prefix computed under one
+setting is reused under another.
 """
 
 from __future__ import annotations
@@ -14,72 +16,75 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
-import numpy as np
-
 from ..core.errors import SteerFileError
-from ..llama.steering import SteeredLlama
-from .steers import CONTROL_VECTOR, INN, NO_STEERING, NamedSteer, Setting, SteerCatalog
+from ..llama.batching import BatchedContext
+from ..llama.loading import load_llama
+from .steers import INN, NO_STEERING, NamedSteer, Setting, SteerCatalog
+
+
+def open_engine(
+    model_path: str, catalog: SteerCatalog, *, model_id: str, n_seq: int, n_ctx: int, n_threads: Optional[int]
+) -> tuple[BatchedContext, dict[str, list[int]]]:
+    """The batched context of ``n_seq`` sequences with every steer of the catalog as entries: {name:
+    its entry indices} (an INN steer is one entry, a control vector one per layer)."""
+    threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+    host = load_llama(model_path, n_ctx=n_ctx, verbose=False, **threads)
+    try:
+        engine = BatchedContext(host, n_seq)
+    except BaseException:
+        host.close()
+        raise
+    try:
+        entries = {steer.name: _install(engine, steer, model_id) for steer in catalog.steers.values()}
+    except BaseException:
+        engine.close()
+        host.close()
+        raise
+    return engine, entries
+
+
+def _install(engine: BatchedContext, steer: NamedSteer, model_id: str) -> list[int]:
+    try:
+        if steer.kind == INN:
+            return [engine.add_steer(steer.gguf, expect_model_id=model_id)]
+        architecture = str(engine.host.metadata.get("general.architecture", ""))
+        if steer.model_hint and architecture and steer.model_hint != architecture:
+            raise SteerFileError(f"it is a control vector for a '{steer.model_hint}' model, not '{architecture}'")
+        return [engine.add_vector(vector, layer) for layer, vector in sorted(steer.directions.items())]
+    except ValueError as error:  # another model's steer (SteerFileError), a layer it cannot steer
+        raise SteerFileError(f"steer '{steer.name}' ({steer.source}) does not fit this model: {error}") from None
 
 
 class Slot:
-    """One llama.cpp context with the catalog's steers installed.
+    """One sequence of the batched context, with the engine's entries for the catalog's steers.
 
     ``steer_prompt`` False steers INN steers from the last prompt token on (the reply, as
-    ``innsteer generate``); control vectors always steer every position (llama.cpp adds them so).
+    ``innsteer generate``); control vectors always steer every position (as llama.cpp adds them).
     """
 
-    def __init__(
-        self,
-        index: int,
-        model_path: str,
-        catalog: SteerCatalog,
-        *,
-        model_id: str,
-        n_ctx: int,
-        n_threads: Optional[int],
-        steer_prompt: bool,
-    ):
+    def __init__(self, index: int, engine: BatchedContext, entries: dict[str, list[int]], *, steer_prompt: bool):
         self.index = index
-        threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
-        self.llm = SteeredLlama(model_path, n_ctx=n_ctx, **threads)
+        self.llm = engine.sequence(index)
         self.steering = self.llm.steering
-        self.catalog = catalog
-        self.entries: dict[str, int] = {}
-        for steer in catalog.steers.values():
-            try:
-                self._install(steer, model_id)
-            except ValueError as error:  # another model's steer (SteerFileError), a layer it cannot steer
-                self.llm.close()
-                raise SteerFileError(
-                    f"steer '{steer.name}' ({steer.source}) does not fit this model: {error}"
-                ) from None
+        self.entries = entries
+        self._inn = {name for name, indices in entries.items() if engine.kinds[indices[0]] == "steer"}
         self.setting: Setting = NO_STEERING
+        self._alphas: dict[int, float] = {}  # the setting's alphas by engine entry
         self.stream: Optional[Iterator] = None
         self.cancel = threading.Event()  # set from the event loop: the running generation ends at its next token
         self.context_full = False  # the last generation reached the end of the context
         self._reply_only = not steer_prompt
         self._wrap_generate()
 
-    def _install(self, steer: NamedSteer, model_id: str) -> None:
-        if steer.kind == INN:
-            self.entries[steer.name] = self.steering.add(steer.gguf, expect_model_id=model_id)
-            self.steering.disable(self.entries[steer.name])
-        else:  # checks the layers, hidden size and architecture now, not at the first request
-            architecture = self.steering.architecture
-            if steer.model_hint and architecture and steer.model_hint != architecture:
-                raise SteerFileError(f"it is a control vector for a '{steer.model_hint}' model, not '{architecture}'")
-            self.steering.set_control_vector(steer.directions, 1.0)
-            self.steering.clear_control_vector()
-
     def _wrap_generate(self) -> None:
-        """``steer_from`` needs the prompt's length, known exactly (after the chat template and the
-        BOS rules of llama-cpp-python) only when ``generate`` receives the tokens: set it there,
-        before the generation starts."""
+        """The steering starts at the last prompt token, whose position (after the chat template and
+        the BOS rules of llama-cpp-python) is known exactly only when ``generate`` receives the
+        tokens: set it there, before the generation starts."""
         generate = self.llm.generate
 
         def generate_steering_the_reply(tokens, *args, **kwargs):
-            if self._reply_only and any(name in self.entries for name, _ in self.setting):
-                self.steering.steer_from(max(0, len(tokens) - 1))
+            start = max(0, len(tokens) - 1) if self._reply_only and any(n in self._inn for n, _ in self.setting) else 0
+            self.steering.set(self._alphas, start)
             inner = generate(tokens, *args, **kwargs)
             self.context_full = False
             try:
@@ -94,26 +99,9 @@ class Slot:
         self.llm.generate = generate_steering_the_reply
 
     def configure(self, setting: Setting) -> None:
-        """Turn on exactly the steers of ``setting`` (a change drops the KV cache)."""
-        alphas = dict(setting)
-        for name, entry in self.entries.items():
-            if name in alphas:
-                self.steering.set_alpha(alphas[name], entry)
-                self.steering.enable(entry)
-            else:
-                self.steering.disable(entry)
-        vectors: dict[int, np.ndarray] = {}
-        for name, alpha in setting:
-            steer = self.catalog[name]
-            if steer.kind == CONTROL_VECTOR:
-                for layer, direction in steer.directions.items():
-                    scaled = direction * np.float32(alpha)
-                    vectors[layer] = scaled if layer not in vectors else vectors[layer] + scaled
-        if vectors:
-            self.steering.set_control_vector(vectors, 1.0)
-        else:
-            self.steering.clear_control_vector()
+        """Turn on exactly the steers of ``setting`` (applied when its generation starts)."""
         self.setting = setting
+        self._alphas = {entry: alpha for name, alpha in setting for entry in self.entries[name]}
 
     def run(self, setting: Setting, call: Callable[..., Any], kwargs: dict) -> Any:
         """``call(llm, **kwargs)`` (a completion or chat completion) under ``setting``; ``cancel``
@@ -153,9 +141,6 @@ class Slot:
         if stream is not None:
             stream.close()
 
-    def close(self) -> None:
-        self.llm.close()
-
 
 class ServerBusy(Exception):
     """Every slot is busy and the queue is full."""
@@ -168,7 +153,8 @@ class SlotPool:
     request's is preferred: its KV cache may hold a reusable prefix.
     """
 
-    def __init__(self, slots: list[Slot], max_queue: int):
+    def __init__(self, engine: BatchedContext, slots: list[Slot], max_queue: int):
+        self.engine = engine
         self.slots = list(slots)
         self.max_queue = max_queue
         self._free: list[Slot] = list(slots)
@@ -216,3 +202,8 @@ class SlotPool:
                 waiter.set_result(slot)
                 return
         self._free.append(slot)
+
+    def close(self) -> None:
+        """Stop the batched context and free the model (no request may be running)."""
+        self.engine.close()
+        self.engine.host.close()
