@@ -134,7 +134,7 @@ def asan_driver(tmp_path_factory):
 
 
 @pytest.mark.slow  # a sanitizer build
-@pytest.mark.parametrize("part", ["ownership", "arguments", "threads"])
+@pytest.mark.parametrize("part", ["ownership", "arguments", "rows", "threads"])
 def test_hook_api_under_address_sanitizer(asan_driver, small_steer_file, part):
     """ownership: a steer freed by its caller while two hooks use it still steers exactly like a
     fresh copy (it was a heap-use-after-free); arguments: NULL pointers, entry/layer/thread/row

@@ -2,7 +2,7 @@
 // ThreadSanitizer for the concurrency part). Built by tests/test_llama_hostile.py and linked to
 // llama-cpp-python's libggml-base, it drives innsteer_hook_eval_callback with a real ggml tensor
 // named l_out-L in a CPU backend buffer, as llama.cpp's scheduler would.
-//     hook_api_check STEER.gguf {ownership|arguments|threads}
+//     hook_api_check STEER.gguf {ownership|arguments|rows|threads}
 // Prints one line per failed check and exits nonzero if any failed.
 #include <cmath>
 #include <cstdio>
@@ -209,6 +209,65 @@ void arguments(const char* path) {
   innsteer_steer_free(steer);
 }
 
+// Per-row steering (a batch of several sequences): each row under its own alphas, vectors added per
+// row, and the row count checked both ways.
+void rows(const char* path) {
+  innsteer_steer* steer = load(path);
+  const int64_t dim = innsteer_steer_hidden_size(steer), n_rows = 4;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  char err[512];
+  innsteer_hook* hook = innsteer_hook_new();
+  std::vector<float> vector(dim);
+  for (int64_t i = 0; i < dim; ++i) vector[i] = 0.01f * static_cast<float>(i % 7) - 0.03f;
+  check(innsteer_hook_add(hook, steer, 2, 0.0f, err, sizeof err) == 0, "add");
+  check(innsteer_hook_add_vector(hook, vector.data(), dim, 2, 0.0f, err, sizeof err) == 1, "add_vector");
+  check(innsteer_hook_add_vector(nullptr, vector.data(), dim, 2, 1.0f, err, sizeof err) == -1, "add_vector(NULL hook)");
+  check(innsteer_hook_add_vector(hook, nullptr, dim, 2, 1.0f, err, sizeof err) == -1, "add_vector(NULL values)");
+  check(innsteer_hook_add_vector(hook, vector.data(), 0, 2, 1.0f, err, sizeof err) == -1, "add_vector(dim 0)");
+  check(innsteer_hook_add_vector(hook, vector.data(), INT64_MAX, 2, 1.0f, err, sizeof err) == -1,
+        "add_vector(dim max)");
+  check(innsteer_hook_add_vector(hook, vector.data(), dim, -1, 1.0f, err, sizeof err) == -1, "add_vector(layer -1)");
+  check(innsteer_hook_add_vector(hook, vector.data(), dim, 2, nan, err, sizeof err) == -1, "add_vector(alpha NaN)");
+
+  // row r: (INN alpha, vector alpha)
+  const float alphas[n_rows][2] = {{1.5f, 0.0f}, {0.0f, 0.0f}, {-2.0f, 3.0f}, {0.0f, 2.0f}};
+  std::vector<float> expected = test_rows(dim, n_rows);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* row = expected.data() + r * dim;
+    if (alphas[r][0] != 0.0f) check(innsteer_steer_apply(steer, row, 1, alphas[r][0], 1, err, sizeof err) == 0, "apply");
+    for (int64_t i = 0; i < dim; ++i) row[i] += alphas[r][1] * vector[i];
+  }
+  Activations act("l_out-2", dim, n_rows);
+  act.set(test_rows(dim, n_rows));
+  check(innsteer_hook_begin_rows(hook, &alphas[0][0], n_rows, 2, err, sizeof err) == 0, "begin_rows");
+  if (innsteer_hook_eval_callback(act.tensor, true, hook)) innsteer_hook_eval_callback(act.tensor, false, hook);
+  check(innsteer_hook_end(hook, err, sizeof err) == 0, std::string("end after per-row steering: ") + err);
+  const std::vector<float> got = act.get();
+  float worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::fabs(got[i] - expected[i]));
+  check(worst < 1e-4f, "each row steered under its own alphas");
+
+  check(innsteer_hook_begin_rows(hook, nullptr, n_rows, 2, err, sizeof err) != 0, "begin_rows(NULL alphas)");
+  check(innsteer_hook_begin_rows(hook, &alphas[0][0], n_rows, 3, err, sizeof err) != 0, "begin_rows(3 entries)");
+  check(innsteer_hook_begin_rows(hook, &alphas[0][0], -1, 2, err, sizeof err) != 0, "begin_rows(-1 rows)");
+  check(innsteer_hook_begin_rows(hook, &alphas[0][0], INT64_MAX / 2, 2, err, sizeof err) != 0,
+        "begin_rows(too many rows)");
+  const float with_nan[2] = {nan, 0.0f};
+  check(innsteer_hook_begin_rows(hook, with_nan, 1, 2, err, sizeof err) != 0, "begin_rows(NaN alpha)");
+  // the tensor has 4 rows: alphas for 3 are refused when the fourth is asked about, for 5 at the end
+  check(innsteer_hook_begin_rows(hook, &alphas[0][0], 3, 2, err, sizeof err) == 0, "begin_rows(3)");
+  check(!innsteer_hook_eval_callback(act.tensor, true, hook), "more rows than given are not steered");
+  check(innsteer_hook_end(hook, err, sizeof err) != 0 && std::strstr(err, "more rows") != nullptr,
+        std::string("more rows than given: ") + err);
+  std::vector<float> five(5 * 2, 1.0f);
+  check(innsteer_hook_begin_rows(hook, five.data(), 5, 2, err, sizeof err) == 0, "begin_rows(5)");
+  if (innsteer_hook_eval_callback(act.tensor, true, hook)) innsteer_hook_eval_callback(act.tensor, false, hook);
+  check(innsteer_hook_end(hook, err, sizeof err) != 0 && std::strstr(err, "not the 5") != nullptr,
+        std::string("fewer rows than given: ") + err);
+  innsteer_hook_free(hook);
+  innsteer_steer_free(steer);
+}
+
 // Entries added and changed from another thread while decodes run (ctypes releases the GIL).
 void threads(const char* path) {
   innsteer_steer* steer = load(path);
@@ -243,7 +302,7 @@ void threads(const char* path) {
 
 int main(int argc, char** argv) {
   if (argc != 3) {
-    std::fprintf(stderr, "usage: %s STEER.gguf {ownership|arguments|threads}\n", argv[0]);
+    std::fprintf(stderr, "usage: %s STEER.gguf {ownership|arguments|rows|threads}\n", argv[0]);
     return 2;
   }
   const std::string part = argv[2];
@@ -253,6 +312,8 @@ int main(int argc, char** argv) {
     arguments(argv[1]);
   } else if (part == "threads") {
     threads(argv[1]);
+  } else if (part == "rows") {
+    rows(argv[1]);
   } else {
     std::fprintf(stderr, "unknown part %s\n", argv[2]);
     return 2;
