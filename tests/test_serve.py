@@ -351,7 +351,9 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
 def single(files):
     """One slot, a queue of one, INN steers on the prompt too, the default steering inn at alpha 4."""
     steers = steer_list(files, "inn", "cv")
-    with running_server(steers, max_queue=1, steer_prompt=True, default_steering={"steer": "inn", "alpha": 4.0}) as s:
+    with running_server(
+        steers, parallel=1, max_queue=1, steer_prompt=True, default_steering={"steer": "inn", "alpha": 4.0}
+    ) as s:
         yield s
 
 

@@ -123,7 +123,9 @@ def steer_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(steer_file):
-    with served("--steer", f"inn={steer_file}", "--ctx-size", str(N_CTX), "--max-body-bytes", "200000") as s:
+    with served(
+        "--steer", f"inn={steer_file}", "--ctx-size", str(N_CTX), "--max-body-bytes", "200000", "--parallel", "1"
+    ) as s:
         yield s
 
 

@@ -64,7 +64,10 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=count(0, 65535), default=8000, help="(default: %(default)s; 0 picks a free port)")
     p.add_argument(
-        "--parallel", type=count(1), default=1, help="llama.cpp contexts serving at once (default: %(default)s)"
+        "--parallel",
+        type=count(1),
+        default=4,
+        help="requests decoded together, one sequence each in one llama.cpp context (default: %(default)s)",
     )
     p.add_argument(
         "--queue",
@@ -135,7 +138,7 @@ def serve_command(args: argparse.Namespace) -> int:
         steers = ", ".join(server.catalog.steers) or "none"
         print(
             f"innsteer: serving {server.model_id} (steers: {steers}) on http://{host}:{port}/v1 "
-            f"with {args.parallel} slot(s), queue {args.queue}",
+            f"with {args.parallel} sequence(s), queue {args.queue}",
             file=sys.stderr,
         )
         try:

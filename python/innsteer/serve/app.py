@@ -494,7 +494,7 @@ def load_server(
     *,
     model_id: str,
     default_steering: Any = None,
-    parallel: int = 1,
+    parallel: int = 4,
     max_queue: int = 16,
     n_ctx: int = 2048,
     n_threads: Optional[int] = None,
