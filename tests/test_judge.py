@@ -102,6 +102,21 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     # the unsteered coherence; alpha 1's keep it and show the behavior
     assert caa["coherence"]["mean"] == pytest.approx((0.1 + 0.9 + 0.1) / 3)
     assert caa["at_coherence"]["alpha"] == 1.0 and caa["at_coherence"]["behavior"]["mean"] == pytest.approx(0.9)
+    # paired over prompts, each method at its alpha of equal coherence: innsteer's alpha 2 keeps the
+    # coherence here (its replies are caa's alpha 1), caa's alpha 1 is its best: the difference is 0
+    both = judge_result(
+        {"runs": {"caa": [run], "innsteer": [{**run, "replies": [REPLIES, gentle, REPLIES]}]}},
+        KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False,
+    )  # fmt: skip
+    pair = both["judged_comparisons"]["innsteer-caa"]
+    assert (pair["alpha_a"], pair["alpha_b"]) == (2.0, 1.0) and pair["mean"] == pytest.approx(0.0)
+    assert set(both["judged_comparisons"]) == {"innsteer-caa"}  # no prompt method was judged
+    worse = judge_result(
+        {"runs": {"caa": [run], "innsteer": [{**run, "replies": [REPLIES, REPLIES, REPLIES]}]}},
+        KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False,
+    )["judged_comparisons"]["innsteer-caa"]  # fmt: skip
+    behaviors = judge_replies(KnownJudge(), PROMPTS, REPLIES, "accept changes")["behavior"]
+    assert worse["mean"] == pytest.approx(behaviors.mean() - 0.9) and worse["high"] < 0
     # a judge that fails a question's validation: the score leaves that question out
     flipped = judge_result(result, KnownJudge(flip=True), PROMPTS, ITEMS, "accept changes", n_resamples=50,
                            progress=False)  # fmt: skip

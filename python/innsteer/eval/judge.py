@@ -280,6 +280,7 @@ def judge_result(
         row = {q: _mean_interval(v, n_resamples, rng) for q, v in scored.items()}
         kept = [scored[q] for q in used]
         row["score"] = _mean_interval(harmonic_mean(np.stack(kept)), n_resamples, rng) if kept else None
+        row["per_prompt"] = {q: [float(x) for x in v] for q, v in scored.items()}  # for paired comparisons
         return row
 
     judged = {"unsteered": {"alpha": 0.0, **summary(base_replies)}}
@@ -300,7 +301,38 @@ def judge_result(
             "at_coherence": None if at_coherence is None else {"alpha": float(at_coherence[0]), **at_coherence[1]},
             "by_alpha": by_alpha,
         }
-    return {"judge": {"model": judge.name, "validation": validation, "min_auroc": MIN_AUROC}, "judged": judged}
+    return {
+        "judge": {"model": judge.name, "validation": validation, "min_auroc": MIN_AUROC},
+        "judged": judged,
+        "judged_comparisons": judged_comparisons(judged, n_resamples, rng),
+    }
+
+
+# (a, b): is a's judged behavior at equal coherence above b's? The method against the baseline, and
+# steering against or on top of the prompt (issue 29's questions).
+JUDGED_PAIRS = (
+    ("innsteer", "caa"),
+    ("prompt+innsteer", "prompt+caa"),
+    ("prompt+innsteer", "prompt"),
+    ("prompt+caa", "prompt"),
+    ("innsteer", "prompt"),
+    ("caa", "prompt"),
+)
+
+
+def judged_comparisons(judged: dict, n_resamples: int, rng: np.random.Generator) -> dict:
+    """{"a-b": the mean over prompts of a's judged behavior minus b's, each at its alpha of equal
+    coherence (``at_coherence``), with a paired bootstrap interval over prompts (the same prompts'
+    replies)}, for the pairs of JUDGED_PAIRS both judged there."""
+    out = {}
+    for a, b in JUDGED_PAIRS:
+        at = [(judged.get(name) or {}).get("at_coherence") for name in (a, b)]
+        if not all(row and "behavior" in row.get("per_prompt", {}) for row in at):
+            continue
+        values = np.subtract(at[0]["per_prompt"]["behavior"], at[1]["per_prompt"]["behavior"])
+        out[f"{a}-{b}"] = {"a": a, "b": b, "alpha_a": at[0]["alpha"], "alpha_b": at[1]["alpha"]}
+        out[f"{a}-{b}"].update(_mean_interval(values, n_resamples, rng))
+    return out
 
 
 def judged_table(report: dict) -> str:
@@ -320,6 +352,17 @@ def judged_table(report: dict) -> str:
         at = "–" if not kept or "behavior" not in kept else f"{cell(kept['behavior'])} ({kept['alpha']:g})"
         cells = " | ".join(cell(row.get(q)) for q in questions)
         lines.append(f"| {name} | {alpha} | {cells} | {cell(row.get('score'))} | {at} |")
+    comparisons = report.get("judged_comparisons") or {}
+    if comparisons:
+        lines.append("")
+        lines.append("| judged behavior at equal coherence, paired over prompts | difference |")
+        lines.append("|---|---|")
+        for row in comparisons.values():
+            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
+            lines.append(
+                f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | "
+                f"{row['mean']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
+            )
     validation = report["judge"]["validation"]
     lines.append("")
     lines.append(
