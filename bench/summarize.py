@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
 from bench.quality import option_text  # noqa: E402
 from bench.validation import interval  # noqa: E402
 from bench.validation import table as validation_table  # noqa: E402
+from innsteer.eval.judge import judged_summary  # noqa: E402
 from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, mirrored, paired_bootstrap  # noqa: E402
 from innsteer.eval.tune import tune_table  # noqa: E402
 
@@ -259,6 +260,7 @@ def main() -> int:
     parser.add_argument("files", nargs="+")
     parser.add_argument("--validation", action="store_true", help="the files are bench/validation.py's")
     parser.add_argument("--tune", action="store_true", help="the files are innsteer tune's tune.json records")
+    parser.add_argument("--judged", action="store_true", help="the files are judged reports (innsteer eval --judge)")
     parser.add_argument(
         "--layers", action="store_true", help="the files are bench/validation.py's at several layers: the layer choice"
     )
@@ -289,6 +291,9 @@ def main() -> int:
     results = [json.loads(Path(f).read_text()) for f in args.files]
     if args.tune:
         print(tune_table(results))
+        return 0
+    if args.judged:
+        print(judged_summary(results))
         return 0
     if args.gate_sensitivity:
         gates = [None if g == "none" else float(g) for g in args.gate_sensitivity.split(",")]

@@ -11,7 +11,16 @@ from tiny_models import tiny_lm
 
 from innsteer.datasets.ab import ABItem
 from innsteer.eval import judge as judge_module
-from innsteer.eval.judge import HFJudge, auroc, harmonic_mean, judge_replies, judge_result, judged_table, validate
+from innsteer.eval.judge import (
+    HFJudge,
+    auroc,
+    harmonic_mean,
+    judge_replies,
+    judge_result,
+    judged_summary,
+    judged_table,
+    validate,
+)
 
 
 def test_hf_judge_is_the_yes_share_of_the_next_token_distribution():
@@ -117,6 +126,8 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     )["judged_comparisons"]["innsteer-caa"]  # fmt: skip
     behaviors = judge_replies(KnownJudge(), PROMPTS, REPLIES, "accept changes")["behavior"]
     assert worse["mean"] == pytest.approx(behaviors.mean() - 0.9) and worse["high"] < 0
+    summary = judged_summary([{**worse_report, "behavior": "b", "model_id": "m"} for worse_report in [both]])
+    assert "| b | m | 1.00 / 1.00 / 1.00 | 0.10 | 0.90 (1) | 0.90 (2) | +0.000 [+0.000, +0.000] | – |" in summary
     # a judge that fails a question's validation: the score leaves that question out
     flipped = judge_result(result, KnownJudge(flip=True), PROMPTS, ITEMS, "accept changes", n_resamples=50,
                            progress=False)  # fmt: skip

@@ -320,6 +320,12 @@ JUDGED_PAIRS = (
 )
 
 
+def _difference(row: dict) -> str:
+    from .protocol import difference_cell
+
+    return difference_cell({"diff": row["mean"], "low": row["low"], "high": row["high"]})
+
+
 def judged_comparisons(judged: dict, n_resamples: int, rng: np.random.Generator) -> dict:
     """{"a-b": the mean over prompts of a's judged behavior minus b's, each at its alpha of equal
     coherence (``at_coherence``), with a paired bootstrap interval over prompts (the same prompts'
@@ -358,11 +364,7 @@ def judged_table(report: dict) -> str:
         lines.append("| judged behavior at equal coherence, paired over prompts | difference |")
         lines.append("|---|---|")
         for row in comparisons.values():
-            mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
-            lines.append(
-                f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | "
-                f"{row['mean']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark} |"
-            )
+            lines.append(f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | {_difference(row)} |")
     validation = report["judge"]["validation"]
     lines.append("")
     lines.append(
@@ -377,5 +379,48 @@ def judged_table(report: dict) -> str:
             for q, v in validation.items()
         )
         + "."
+    )
+    return "\n".join(lines)
+
+
+SUMMARY_METHODS = ("caa", "innsteer", "prompt", "prompt+caa", "prompt+innsteer")
+
+
+def judged_summary(reports: Sequence[dict]) -> str:
+    """Markdown: one row per judged report — the judge's validation AUROCs, each method's judged
+    behavior at equal coherence (its alpha in parentheses), and the paired differences the issue
+    asks about (INNSteer − CAA, prompt+INNSteer − prompt)."""
+    methods = [m for m in SUMMARY_METHODS if any(m in r["judged"] for r in reports)]
+    pairs = ("innsteer-caa", "prompt+innsteer-prompt")
+    lines = [
+        "| behavior | model | judge AUROC (behavior / coherence / relevance) | unsteered | "
+        + " | ".join(methods)
+        + " | "
+        + " | ".join(p.replace("-", " − ") for p in pairs)
+        + " |",
+        "|---|---|---|---|" + "---|" * (len(methods) + len(pairs)),
+    ]
+    for r in reports:
+        validation = r["judge"]["validation"]
+        aurocs = " / ".join(
+            f"{validation[q]['auroc']:.2f}" + ("" if validation[q]["used"] else "*") if q in validation else "–"
+            for q in QUESTIONS
+        )
+        cells = []
+        for m in methods:
+            at = (r["judged"].get(m) or {}).get("at_coherence")
+            cells.append("–" if not at or "behavior" not in at else f"{at['behavior']['mean']:.2f} ({at['alpha']:g})")
+        compared = r.get("judged_comparisons") or {}
+        diffs = [_difference(compared[p]) if p in compared else "–" for p in pairs]
+        lines.append(
+            f"| {r['behavior']} | {r['model_id']} | {aurocs} | {r['judged']['unsteered']['behavior']['mean']:.2f} | "
+            + " | ".join(cells + diffs)
+            + " |"
+        )
+    lines.append("")
+    lines.append(
+        f"Judged behavior at equal coherence (at least {COHERENCE_KEPT:g} of the unsteered replies' judged coherence), "
+        "mean over prompts, the method's alpha in parentheses; differences paired over prompts with 95 % bootstrap "
+        f"intervals. * = the judge's AUROC on that question is below {MIN_AUROC}: not used for this behavior."
     )
     return "\n".join(lines)
