@@ -397,26 +397,35 @@ class BatchedContext:
         """Decode the next tokens of ``requests`` (up to BATCH_TOKENS rows) as one batch."""
         batch, n_entries = self._batch, len(self.kinds)
         vectors = np.array([kind == "vector" for kind in self.kinds], dtype=bool)
-        rows, alphas, last_rows, taken = 0, [], {}, {}
+        token = np.ctypeslib.as_array(batch.token, shape=(BATCH_TOKENS,))
+        pos = np.ctypeslib.as_array(batch.pos, shape=(BATCH_TOKENS,))
+        n_seq_id = np.ctypeslib.as_array(batch.n_seq_id, shape=(BATCH_TOKENS,))
+        wants_logits = np.ctypeslib.as_array(batch.logits, shape=(BATCH_TOKENS,))
+        row_alphas = np.zeros((BATCH_TOKENS, n_entries), dtype=np.float32)
+        rows, last_rows, taken = 0, {}, {}
         for request in requests:
             if request.taken == 0:  # what the sequence held from here on is stale (Llama.eval does the same)
                 self.remove(request.seq, request.n_past, -1)
             n = min(len(request.tokens) - request.taken, BATCH_TOKENS - rows)
             if n <= 0:
                 break
-            for i in range(request.taken, request.taken + n):
-                position = request.n_past + i
-                batch.token[rows] = request.tokens[i]
-                batch.pos[rows] = position
-                batch.n_seq_id[rows] = 1
-                batch.seq_id[rows][0] = request.seq
-                batch.logits[rows] = i == len(request.tokens) - 1
-                alphas.append(np.where(vectors | (position >= request.start), request.alphas, 0.0))
-                rows += 1
+            chunk = slice(rows, rows + n)
+            positions = request.n_past + np.arange(request.taken, request.taken + n)
+            token[chunk] = request.tokens[request.taken : request.taken + n]
+            pos[chunk] = positions
+            n_seq_id[chunk] = 1
+            for row in range(rows, rows + n):
+                batch.seq_id[row][0] = request.seq
+            wants_logits[chunk] = 0
+            if request.taken + n == len(request.tokens):
+                wants_logits[rows + n - 1] = 1
+            steered = vectors[None, :] | (positions >= request.start)[:, None]
+            row_alphas[chunk] = np.where(steered, request.alphas[None, :], 0.0)
+            rows += n
             taken[request.seq] = n
             last_rows[request.seq] = rows - 1
         batch.n_tokens = rows
-        row_alphas = np.ascontiguousarray(np.array(alphas, dtype=np.float32).reshape(rows, n_entries))
+        row_alphas = np.ascontiguousarray(row_alphas[:rows])
         err = ctypes.create_string_buffer(ERR_LEN)
         error: Optional[BaseException] = None
         if self._lib.innsteer_hook_begin_rows(
