@@ -92,7 +92,9 @@ def llama_hook_extensions():
             library_dirs=[lib_dir],
             runtime_library_dirs=[lib_dir],
             libraries=["ggml-base"],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-psabi"]},
+            # OpenMP: one token's flow runs on the OpenMP workers ggml (built with OpenMP) already has
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-psabi", "-fopenmp"]},
+            extra_link_args=["-fopenmp"],
             language="c++",
         )
     ]

@@ -97,6 +97,23 @@ def test_c_steer_equals_torch_op(tmp_path, weight_dtype, n_threads):
             assert np.abs(out - h.numpy()).max() > 1e-2  # it really steered
 
 
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+def test_one_tile_split_across_threads_gives_the_same_bits(tmp_path, weight_dtype):
+    """A decode's few rows (one tile) run their gemms' columns on several threads: each column sums
+    in the same order, so the rows equal one thread's bit for bit (H = 512 splits into 64-column
+    chunks per thread)."""
+    export_steer_gguf(
+        random_inn_steerer(mlp_hidden=512, weight_scale=0.1), tmp_path / "s.gguf", weight_dtype=weight_dtype
+    )
+    steer = SteerGGUF.load(tmp_path / "s.gguf")
+    h = torch.randn(8, SMOLLM_DIM, generator=torch.Generator().manual_seed(2)).numpy() * 5
+    for n_rows in (1, 3, 8):
+        one = steer.apply(h[:n_rows], 2.5, n_threads=1)
+        assert np.abs(one - h[:n_rows]).max() > 1e-2
+        for n_threads in (2, 3, 7):
+            assert np.array_equal(steer.apply(h[:n_rows], 2.5, n_threads=n_threads), one), (n_rows, n_threads)
+
+
 def test_alpha_zero_and_disabled_give_unhooked_logits(gguf_path, plain_llm, tokens, random_steer_file):
     base = last_logits(plain_llm, tokens)
     llm = SteeredLlama(gguf_path, steer=random_steer_file, alpha=0.0, n_ctx=256, n_threads=2)

@@ -14,6 +14,16 @@
 namespace innsteer {
 namespace cpu {
 
+// Runs fn(c0, c1) over the columns [0, n_cols) of a gemm's output: all at once here; the llama.cpp
+// hook passes one that splits one token's columns across threads (each column's sum keeps its
+// order, so the result is the same bits).
+struct SerialColumns {
+  template <class Fn>
+  void operator()(int64_t n_cols, Fn&& fn) const {
+    fn(int64_t(0), n_cols);
+  }
+};
+
 template <class Acc, class W>
 struct FlowShape {
   int64_t max_cond = 0;
@@ -71,10 +81,13 @@ void gather_conditioner(const CouplingView<Acc, W>& c, const Acc* u, int64_t dim
 // hidden = tanh(gathered @ w1 + b1).  A bounded activation keeps (s, t) locally constant for
 // rows far outside the training data, so the flow stays well conditioned (invertible to float32
 // precision) on LLMs' massive-activation rows.
-template <class Acc, class W>
-void hidden_layer(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* gathered, Acc* hidden, int nt) {
+template <class Acc, class W, class Columns = SerialColumns>
+void hidden_layer(const CouplingView<Acc, W>& c, int64_t n_hidden, const Acc* gathered, Acc* hidden, int nt,
+                  const Columns& columns = Columns()) {
   for (int t = 0; t < nt; ++t) std::copy(c.b1, c.b1 + n_hidden, hidden + t * n_hidden);
-  gemm_accumulate(c.w1, n_hidden, gathered, c.n_cond, hidden, n_hidden, c.n_cond, n_hidden, nt);
+  columns(n_hidden, [&](int64_t c0, int64_t c1) {
+    gemm_accumulate(c.w1 + c0, n_hidden, gathered, c.n_cond, hidden + c0, n_hidden, c.n_cond, c1 - c0, nt);
+  });
   for (int t = 0; t < nt; ++t) tanh_inplace(hidden + t * n_hidden, n_hidden);
 }
 
@@ -100,22 +113,24 @@ void apply_affine(const CouplingView<Acc, W>& c, Acc clamp, Acc* st, Acc* u, int
 }
 
 // (s, t) = bounded(hidden @ w2 + b2), then the affine step.
-template <class Acc, class W>
+template <class Acc, class W, class Columns = SerialColumns>
 void affine_step(const CouplingView<Acc, W>& c, int64_t n_hidden, Acc clamp, const Acc* hidden, Acc* st, Acc* u,
-                 int64_t dim, int nt, bool inverse, Acc* logdet) {
+                 int64_t dim, int nt, bool inverse, Acc* logdet, const Columns& columns = Columns()) {
   const int64_t n_st = 2 * c.n_trans;
   for (int t = 0; t < nt; ++t) std::copy(c.b2, c.b2 + n_st, st + t * n_st);
-  gemm_accumulate(c.w2, n_st, hidden, n_hidden, st, n_st, n_hidden, n_st, nt);
+  columns(n_st, [&](int64_t c0, int64_t c1) {
+    gemm_accumulate(c.w2 + c0, n_st, hidden, n_hidden, st + c0, n_st, n_hidden, c1 - c0, nt);
+  });
   apply_affine(c, clamp, st, u, dim, nt, inverse, logdet);
 }
 
-template <class Acc, class W>
+template <class Acc, class W, class Columns = SerialColumns>
 void coupling_tile(const FlowView<Acc, W>& f, int64_t k, const TileBuffers<Acc>& buf, int nt, bool inverse,
-                   Acc* logdet) {
+                   Acc* logdet, const Columns& columns = Columns()) {
   const CouplingView<Acc, W>& c = f.couplings[k];
   gather_conditioner(c, buf.u, f.dim, buf.gathered, nt);
-  hidden_layer(c, f.hidden, buf.gathered, buf.hidden, nt);
-  affine_step(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, inverse, logdet);
+  hidden_layer(c, f.hidden, buf.gathered, buf.hidden, nt, columns);
+  affine_step(c, f.hidden, f.clamp, buf.hidden, buf.st, buf.u, f.dim, nt, inverse, logdet, columns);
 }
 
 // Reads rows into the flow's working space and writes results back, for one call of `mode`:
@@ -191,10 +206,10 @@ struct FlowRows {
 // time streaming the weights once per tile: the decode path (and the llama.cpp hook's only one).
 // workspace holds n_workers * workspace_per_worker(f) values.
 // pfor(n, grain, fn) must call fn(begin, end, worker) over [0, n) with worker < n_workers.
-template <class Acc, class In, class W, class ParallelFor>
+template <class Acc, class In, class W, class ParallelFor, class Columns = SerialColumns>
 void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const In* residual, In* output,
               Acc* logdet_out, int64_t rows, Acc alpha, const Acc* direction, Acc* workspace, int n_workers,
-              ParallelFor&& pfor) {
+              ParallelFor&& pfor, const Columns& columns = Columns()) {
   const FlowRows<Acc, In, W> io(f, mode, input, residual, output, logdet_out, alpha, direction);
   const int64_t per_worker = workspace_per_worker(f);
 
@@ -211,12 +226,12 @@ void run_flow(const FlowView<Acc, W>& f, FlowMode mode, const In* input, const I
       io.load(r0, nt, buf.u, buf.logdet);
       if (io.identity) continue;
       if (mode != FlowMode::kInverse) {
-        for (int64_t k = 0; k < f.n_couplings; ++k) coupling_tile(f, k, buf, nt, false, buf.logdet);
+        for (int64_t k = 0; k < f.n_couplings; ++k) coupling_tile(f, k, buf, nt, false, buf.logdet, columns);
       }
       if (mode == FlowMode::kSteer) io.shift_latent(nt, buf.u);
       if (mode != FlowMode::kForward) {
         for (int64_t k = f.n_couplings - 1; k >= 0; --k)
-          coupling_tile(f, k, buf, nt, true, static_cast<Acc*>(nullptr));
+          coupling_tile(f, k, buf, nt, true, static_cast<Acc*>(nullptr), columns);
       }
       io.store(r0, nt, buf.u, buf.logdet);
     }

@@ -417,15 +417,43 @@ int64_t SteerModel::workspace_per_worker() const {
   return bf16_weights ? cpu::workspace_per_worker(flow_bf16()) : cpu::workspace_per_worker(flow_f32());
 }
 
+namespace {
+
+// One tile (a decode's few rows): its gemms' columns split across OpenMP threads. Inside llama.cpp's
+// eval callback these are ggml's own OpenMP workers, idle between two graph splits and still
+// spinning, so a fork costs microseconds, where starting threads per token would cost more than
+// the flow. Chunks are whole multiples of 64 columns, so every column sums as in one call.
+struct OpenMPColumns {
+  int n_threads;
+  template <class Fn>
+  void operator()(int64_t n_cols, Fn&& fn) const {
+    const int64_t chunk = ((n_cols + n_threads - 1) / n_threads + 63) / 64 * 64;
+    const int64_t n_chunks = (n_cols + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t i = 0; i < n_chunks; ++i) fn(i * chunk, std::min(n_cols, (i + 1) * chunk));
+  }
+};
+
+template <class In, class W, class Columns>
+void run_steer(const FlowView<float, W>& f, const SteerModel& m, In* rows, int64_t n_rows, float alpha,
+               float* workspace, int n_workers, const Columns& columns) {
+  auto pfor = [n_workers](int64_t n, int64_t, auto&& fn) { parallel_for(n_workers, n, fn); };
+  cpu::run_flow<float, In, W>(f, FlowMode::kSteer, rows, nullptr, rows, nullptr, n_rows, alpha, m.direction.data(),
+                              workspace, n_workers, pfor, columns);
+}
+
+}  // namespace
+
 template <class In>
 void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers) {
-  auto pfor = [n_workers](int64_t n, int64_t, auto&& fn) { parallel_for(n_workers, n, fn); };
+  // Several tiles: whole tiles per thread. One tile: one thread, its columns split.
+  const bool one_tile = n_rows <= cpu::kTileTokens && n_workers > 1;
   if (m.bf16_weights) {
-    cpu::run_flow<float, In, bf16_t>(m.flow_bf16(), FlowMode::kSteer, rows, nullptr, rows, nullptr, n_rows, alpha,
-                                     m.direction.data(), workspace, n_workers, pfor);
+    if (one_tile) return run_steer<In>(m.flow_bf16(), m, rows, n_rows, alpha, workspace, 1, OpenMPColumns{n_workers});
+    run_steer<In>(m.flow_bf16(), m, rows, n_rows, alpha, workspace, n_workers, cpu::SerialColumns());
   } else {
-    cpu::run_flow<float, In, float>(m.flow_f32(), FlowMode::kSteer, rows, nullptr, rows, nullptr, n_rows, alpha,
-                                    m.direction.data(), workspace, n_workers, pfor);
+    if (one_tile) return run_steer<In>(m.flow_f32(), m, rows, n_rows, alpha, workspace, 1, OpenMPColumns{n_workers});
+    run_steer<In>(m.flow_f32(), m, rows, n_rows, alpha, workspace, n_workers, cpu::SerialColumns());
   }
 }
 
