@@ -28,7 +28,9 @@ def open_engine(
     """The batched context of ``n_seq`` sequences with every steer of the catalog as entries: {name:
     its entry indices} (an INN steer is one entry, a control vector one per layer)."""
     threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
-    host = load_llama(model_path, n_ctx=n_ctx, verbose=False, **threads)
+    # the host's own context only names the context size in llama-cpp-python's errors: a small batch
+    # keeps its compute buffers small
+    host = load_llama(model_path, n_ctx=n_ctx, n_batch=32, verbose=False, **threads)
     try:
         engine = BatchedContext(host, n_seq)
     except BaseException:
