@@ -7,7 +7,9 @@ llama_decode, as in generation); configurations run in a fresh random order with
 machine noise hits them alike. Reported: the median over repeats, and the minimum (the least
 disturbed run: on a shared CPU the better estimate of the intrinsic cost). The INN steers are random flows of
 the real shape (d = 576 for the default model); speed does not depend on the trained values.
-Also reports the time spent inside the hook's l_out rewrite per decoded token (read, flow, write;
+With --threads above 1, the H = 512 steers also run with the flow on one thread (the hook's
+default splits one token's gemms across the threads). Also reports the time spent inside the
+hook's l_out rewrite per decoded token (read, flow, write;
 measured in C, so machine noise in the rest of the step does not blur it) and the flow alone on one
 row (SteerGGUF.apply, through ctypes). The hook's remaining cost, its per-node name filter, is in
 the end-to-end overheads.
@@ -81,6 +83,9 @@ def main() -> None:
         export_steer_gguf(random_steerer(576, hidden, 4, args.layer), path, weight_dtype=dtype)
         name = f"INN hook K=4 H={hidden} {dtype}"
         llms[name] = SteeredLlama(model, steer=path, **common)
+        if hidden == 512 and args.threads > 1:  # the one-token flow's columns split (default) or not
+            llms[f"{name}, flow on 1 thread"] = SteeredLlama(model, steer=path, **common)
+            llms[f"{name}, flow on 1 thread"].steering.set_threads(1)
         steer, row = SteerGGUF.load(path), np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
         times = []
         for _ in range(200):
@@ -128,7 +133,8 @@ def main() -> None:
         over_median = "" if name == "no hook" else f"{100 * (median / base_median - 1):+.1f}%"
         over_min = "" if name == "no hook" else f"{100 * (best / base_min - 1):+.1f}%"
         flow = f"{flow_ms[name]:.3f}" if name in flow_ms else ""
-        hook_ms = 1e3 * statistics.median(hook_time[name]) if name in flow_ms else None
+        hooked = getattr(llms[name], "steering", None) is not None and name != "control vector"
+        hook_ms = 1e3 * statistics.median(hook_time[name]) if hooked else None
         hook = f"{hook_ms:.3f} | {100 * hook_ms / (1e3 * base_min):.1f}%" if hook_ms is not None else " | "
         print(
             f"| {name} | {1e3 * median:.2f} | {1 / median:.1f} | {over_median} | {1e3 * best:.2f} | {over_min} "
