@@ -7,8 +7,8 @@ llama_decode, as in generation); configurations run in a fresh random order with
 machine noise hits them alike. Reported: the median over repeats, and the minimum (the least
 disturbed run: on a shared CPU the better estimate of the intrinsic cost). The INN steers are random flows of
 the real shape (d = 576 for the default model); speed does not depend on the trained values.
-With --threads above 1, the H = 512 steers also run with the flow on one thread (the hook's
-default splits one token's gemms across the threads). Also reports the time spent inside the
+With --threads above 1, the H = 512 steers also run with one token's flow split over the threads
+(``set_split_tile``; the hook's default runs it on one thread). Also reports the time spent inside the
 hook's l_out rewrite per decoded token (read, flow, write;
 measured in C, so machine noise in the rest of the step does not blur it) and the flow alone on one
 row (SteerGGUF.apply, through ctypes). The hook's remaining cost, its per-node name filter, is in
@@ -83,9 +83,9 @@ def main() -> None:
         export_steer_gguf(random_steerer(576, hidden, 4, args.layer), path, weight_dtype=dtype)
         name = f"INN hook K=4 H={hidden} {dtype}"
         llms[name] = SteeredLlama(model, steer=path, **common)
-        if hidden == 512 and args.threads > 1:  # the one-token flow's columns split (default) or not
-            llms[f"{name}, flow on 1 thread"] = SteeredLlama(model, steer=path, **common)
-            llms[f"{name}, flow on 1 thread"].steering.set_threads(1)
+        if hidden == 512 and args.threads > 1:  # the one-token flow on one thread (default) or split
+            llms[f"{name}, split over the threads"] = SteeredLlama(model, steer=path, **common)
+            llms[f"{name}, split over the threads"].steering.set_split_tile(True)
         steer, row = SteerGGUF.load(path), np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
         times = []
         for _ in range(200):

@@ -95,6 +95,7 @@ struct innsteer_hook {
   int64_t nodes_asked = 0;
   std::atomic<bool> in_call{false};  // between innsteer_hook_begin and innsteer_hook_end
   std::atomic<int> n_threads{1};
+  std::atomic<bool> split_tile{false};  // opt-in: see innsteer_hook_set_split_tile
   std::atomic<int64_t> applied{0};
   std::atomic<int64_t> apply_ns{0};  // time spent reading, steering and writing l_out tensors
   std::mutex error_mutex;
@@ -157,7 +158,8 @@ struct innsteer_hook {
           if (entry.model) {
             const size_t need = static_cast<size_t>(workers * entry.model->workspace_per_worker());
             if (workspace.size() < need) workspace.resize(need);
-            innsteer::llama_hook::steer_rows(*entry.model, rows, end - begin, alpha, workspace.data(), workers);
+            innsteer::llama_hook::steer_rows(*entry.model, rows, end - begin, alpha, workspace.data(), workers,
+                                             split_tile.load());
           } else {
             add_vector(entry.vector, rows, end - begin, alpha);
           }
@@ -303,6 +305,12 @@ int innsteer_hook_set_enabled(innsteer_hook* hook, int entry, bool enabled) {
 int innsteer_hook_set_threads(innsteer_hook* hook, int n_threads) {
   if (!hook || n_threads < 1 || n_threads > INNSTEER_MAX_THREADS) return 1;
   hook->n_threads.store(n_threads);
+  return 0;
+}
+
+int innsteer_hook_set_split_tile(innsteer_hook* hook, bool split) {
+  if (!hook) return 1;
+  hook->split_tile.store(split);
   return 0;
 }
 

@@ -165,6 +165,7 @@ void arguments(const char* path) {
   for (int n : {0, -3, INNSTEER_MAX_THREADS + 1, 1 << 30})
     check(innsteer_hook_set_threads(hook, n) != 0, "set_threads(" + std::to_string(n) + ")");
   check(innsteer_hook_set_threads(hook, 2) == 0 && innsteer_hook_set_threads(nullptr, 2) != 0, "set_threads");
+  check(innsteer_hook_set_split_tile(nullptr, true) != 0, "set_split_tile(NULL hook)");
   check(innsteer_hook_applied_count(nullptr) == -1 && innsteer_hook_apply_seconds(nullptr) < 0,
         "counters of a NULL hook");
   check(innsteer_hook_begin(nullptr, 0) != 0, "begin(NULL hook)");
@@ -217,6 +218,8 @@ void rows(const char* path) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   char err[512];
   innsteer_hook* hook = innsteer_hook_new();
+  check(innsteer_hook_set_threads(hook, 2) == 0 && innsteer_hook_set_split_tile(hook, true) == 0,
+        "2 threads, one tile split");  // the rows below are one tile
   std::vector<float> vector(dim);
   for (int64_t i = 0; i < dim; ++i) vector[i] = 0.01f * static_cast<float>(i % 7) - 0.03f;
   check(innsteer_hook_add(hook, steer, 2, 0.0f, err, sizeof err) == 0, "add");

@@ -54,7 +54,8 @@ int64_t innsteer_steer_mlp_hidden(const innsteer_steer* steer);
 bool innsteer_steer_bf16_weights(const innsteer_steer* steer);
 const char* innsteer_steer_meta(const innsteer_steer* steer, const char* key);
 
-/* Steers n_rows rows of hidden_size float32 values in place (what the callback does to l_out).
+/* Steers n_rows rows of hidden_size float32 values in place (what the callback does to l_out; with
+ * n_threads > 1 up to 8 rows split their columns over the threads, as a hook with split_tile on).
  * alpha must be finite, n_rows >= 0, n_threads in 1..INNSTEER_MAX_THREADS. */
 int innsteer_steer_apply(const innsteer_steer* steer, float* rows, int64_t n_rows, float alpha, int n_threads,
                          char* err, size_t err_len);
@@ -78,6 +79,10 @@ int innsteer_hook_set_alpha(innsteer_hook* hook, int entry, float alpha);
 int innsteer_hook_set_enabled(innsteer_hook* hook, int entry, bool enabled);
 /* Nonzero (and nothing changed) for a NULL hook or n_threads outside 1..INNSTEER_MAX_THREADS. */
 int innsteer_hook_set_threads(innsteer_hook* hook, int n_threads);
+/* Whether a decode's rows (one tile, up to 8) split their gemms' columns over the n_threads (default
+ * off): 11-16 % less time in the hook on an idle 2-core machine, but OpenMP threads stall when other
+ * work holds the cores (bench/RESULTS.md). Nonzero for a NULL hook. */
+int innsteer_hook_set_split_tile(innsteer_hook* hook, bool split);
 /* Number of l_out tensors rewritten since innsteer_hook_new (to check the hook really ran); -1 for NULL. */
 int64_t innsteer_hook_applied_count(const innsteer_hook* hook);
 /* Seconds spent rewriting l_out tensors (read, steer, write) since innsteer_hook_new; -1 for NULL. */

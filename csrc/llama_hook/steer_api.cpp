@@ -113,7 +113,8 @@ int innsteer_steer_apply(const innsteer_steer* s, float* rows, int64_t n_rows, f
   }
   try {
     std::vector<float> workspace(n_threads * s->model.workspace_per_worker());
-    innsteer::llama_hook::steer_rows(s->model, rows, n_rows, alpha, workspace.data(), n_threads);
+    innsteer::llama_hook::steer_rows(s->model, rows, n_rows, alpha, workspace.data(), n_threads,
+                                     /*split_tile=*/true);
   } catch (const std::exception& e) {
     set_error(err, err_len, e.what());
     return 1;

@@ -445,9 +445,10 @@ void run_steer(const FlowView<float, W>& f, const SteerModel& m, In* rows, int64
 }  // namespace
 
 template <class In>
-void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers) {
-  // Several tiles: whole tiles per thread. One tile: one thread, its columns split.
-  const bool one_tile = n_rows <= cpu::kTileTokens && n_workers > 1;
+void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers,
+                bool split_tile) {
+  // Several tiles: whole tiles per thread. One tile: inline, or with split_tile its columns split.
+  const bool one_tile = split_tile && n_rows <= cpu::kTileTokens && n_workers > 1;
   if (m.bf16_weights) {
     if (one_tile) return run_steer<In>(m.flow_bf16(), m, rows, n_rows, alpha, workspace, 1, OpenMPColumns{n_workers});
     run_steer<In>(m.flow_bf16(), m, rows, n_rows, alpha, workspace, n_workers, cpu::SerialColumns());
@@ -457,9 +458,9 @@ void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, floa
   }
 }
 
-template void steer_rows<float>(const SteerModel&, float*, int64_t, float, float*, int);
-template void steer_rows<half_t>(const SteerModel&, half_t*, int64_t, float, float*, int);
-template void steer_rows<bf16_t>(const SteerModel&, bf16_t*, int64_t, float, float*, int);
+template void steer_rows<float>(const SteerModel&, float*, int64_t, float, float*, int, bool);
+template void steer_rows<half_t>(const SteerModel&, half_t*, int64_t, float, float*, int, bool);
+template void steer_rows<bf16_t>(const SteerModel&, bf16_t*, int64_t, float, float*, int, bool);
 
 }  // namespace llama_hook
 }  // namespace innsteer

@@ -48,9 +48,12 @@ struct SteerModel {
 bool parse_steer_gguf(const uint8_t* data, size_t len, SteerModel& model, std::string& error);
 
 // Steers `rows` rows of model.dim values in place: x <- phi^-1(phi(x) + alpha * direction).
-// In is float, half_t or bf16_t; workspace holds n_workers * workspace_per_worker() floats.
+// In is float, half_t or bf16_t; workspace holds n_workers * workspace_per_worker() floats. Rows
+// of several tiles go to n_workers threads by tiles; one tile (a decode's rows) runs inline, or with
+// split_tile its gemms' columns go to n_workers OpenMP threads (the same bits).
 template <class In>
-void steer_rows(const SteerModel& model, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers);
+void steer_rows(const SteerModel& model, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers,
+                bool split_tile);
 
 }  // namespace llama_hook
 }  // namespace innsteer

@@ -84,6 +84,7 @@ def hook_library() -> ctypes.CDLL:
         "innsteer_hook_set_alpha": ([hook_p, c.c_int, c.c_float], c.c_int),
         "innsteer_hook_set_enabled": ([hook_p, c.c_int, c.c_bool], c.c_int),
         "innsteer_hook_set_threads": ([hook_p, c.c_int], c.c_int),
+        "innsteer_hook_set_split_tile": ([hook_p, c.c_bool], c.c_int),
         "innsteer_hook_applied_count": ([hook_p], c.c_int64),
         "innsteer_hook_apply_seconds": ([hook_p], c.c_double),
         "innsteer_hook_begin": ([hook_p, c.c_int64], c.c_int),

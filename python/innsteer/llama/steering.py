@@ -271,6 +271,13 @@ class LlamaSteering:
         if self._lib.innsteer_hook_set_threads(self._live_hook(), n_threads):
             raise RuntimeError(f"the hook refused n_threads={n_threads}")
 
+    def set_split_tile(self, split: bool) -> None:
+        """Split a decode's flow (its one tile of rows) over the hook's threads (default off): 11-16 %
+        less time in the hook on an idle machine, much more where other work holds the cores
+        (bench/RESULTS.md, issue 30)."""
+        if self._lib.innsteer_hook_set_split_tile(self._live_hook(), bool(split)):
+            raise RuntimeError("the hook refused set_split_tile")
+
     @property
     def applied_count(self) -> int:
         """How many l_out tensors the hook has rewritten so far."""
