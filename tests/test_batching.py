@@ -242,3 +242,17 @@ def test_entries_and_row_alphas_are_checked(engine):
         assert lib.innsteer_hook_end(hook, err, ERR_LEN) == 0  # nothing was decoded
     finally:
         lib.innsteer_hook_free(hook)
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_engine_goes_on(engine, reference, monkeypatch):
+    """Was not guarded: an exception in the engine's thread would leave every later eval waiting forever."""
+    step = engine._step
+
+    def broken(requests):
+        monkeypatch.setattr(engine, "_step", step)  # only the first step fails
+        raise RuntimeError("a broken step")
+
+    monkeypatch.setattr(engine, "_step", broken)
+    with pytest.raises(RuntimeError, match="a broken step"):
+        generate(engine, 0, QUESTIONS[0], reply_only=False, temperature=0.0)
+    assert generate(engine, 0, QUESTIONS[0], temperature=0.0) == reference(QUESTIONS[0], temperature=0.0)

@@ -380,7 +380,13 @@ class BatchedContext:
                         break
                     self._cond.wait(left)
                 requests = self._next_step()
-            self._step(requests)
+            try:
+                self._step(requests)
+            except Exception as error:  # the engine must outlive one bad step: its requests fail, not hang
+                with self._cond:
+                    for request in requests:
+                        if self._pending.get(request.seq) is request:
+                            self._finish(request, error)
 
     def _next_step(self) -> list[_Request]:
         """The requests of the next step: every sequence that decodes one token, or, every other step
