@@ -1,8 +1,8 @@
 """How innsteer's steering is installed into a ``llama_cpp.Llama`` object: the context rebuilt with the
 hook as its eval callback and every decode checked, ``generate`` tracked, ``eval`` serialized, saved
 states tagged. Each function patches the Llama of one ``LlamaSteering`` (``innsteer.llama.steering``)
-and reads that steering's state; with ``grammar`` and ``chat``, the only code that touches
-llama-cpp-python's private attributes (``_ctx``, ``_model``, ``_stack``, ``_internals``).
+and reads that steering's state; with ``batching``, ``grammar`` and ``chat``, the only code that
+touches llama-cpp-python's private attributes (``_ctx``, ``_model``, ``_stack``, ``_internals``).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ The steer runs in C (csrc/llama_hook, built by setup.py when llama-cpp-python is
 llama.cpp's eval callback: it rewrites ``l_out-L`` (decoder layer L's output) in place; no Python
 runs per graph node. Stock llama.cpp control vectors (the linear baseline) load through
 ``llama_set_adapter_cvec``. How the ``Llama`` object is patched (its context, ``generate``, ``eval``,
-saved states) is ``innsteer.llama.patches``: with ``grammar`` (the sampler's grammar step) and
-``chat`` (its context and model handles), the only code touching llama-cpp-python's private
-attributes.
+saved states) is ``innsteer.llama.patches``: with ``batching`` (several sequences in one context,
+what the server runs), ``grammar`` (the sampler's grammar step) and ``chat`` (its context and model
+handles), the only code touching llama-cpp-python's private attributes.
 """
 
 from __future__ import annotations
