@@ -14,6 +14,7 @@ from innsteer.eval import judge as judge_module
 from innsteer.eval.judge import (
     HFJudge,
     auroc,
+    compare_stored_replies,
     harmonic_mean,
     judge_replies,
     judge_result,
@@ -126,6 +127,13 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     )["judged_comparisons"]["innsteer-caa"]  # fmt: skip
     behaviors = judge_replies(KnownJudge(), PROMPTS, REPLIES, "accept changes")["behavior"]
     assert worse["mean"] == pytest.approx(behaviors.mean() - 0.9) and worse["high"] < 0
+    # a report written before the comparisons were kept: judged again from its stored replies
+    stored = {**both, "runs": {"caa": [run], "innsteer": [{**run, "replies": [REPLIES, gentle, REPLIES]}]}}
+    again = compare_stored_replies(stored, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
+    assert again["innsteer-caa"]["mean"] == pytest.approx(pair["mean"])
+    other = {**stored, "runs": {**stored["runs"], "innsteer": [{**run, "replies": [REPLIES] * 3}]}}
+    with pytest.raises(ValueError, match="judged again"):  # not the replies the report judged
+        compare_stored_replies(other, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
     summary = judged_summary([{**worse_report, "behavior": "b", "model_id": "m"} for worse_report in [both]])
     assert "| b | m | 1.00 / 1.00 / 1.00 | 0.10 | 0.90 (1) | 0.90 (2) | +0.000 [+0.000, +0.000] | – |" in summary
     # a judge that fails a question's validation: the score leaves that question out

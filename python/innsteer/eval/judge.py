@@ -320,6 +320,37 @@ JUDGED_PAIRS = (
 )
 
 
+def compare_stored_replies(
+    report: dict,
+    judge: Judge,
+    prompts: Sequence[str],
+    description: str,
+    opposite: Optional[str] = None,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """``judged_comparisons`` for a judged report written before they existed: judges again the
+    behavior of the stored replies (each method's first seed) at each method's alpha of equal
+    coherence, which the report names, and compares them paired over prompts. The means must equal
+    the report's (the judge reads its next-token distribution, no sampling): checked here."""
+    judged = {}
+    for name, row in report["judged"].items():
+        at = row.get("at_coherence") if name != "unsteered" else None
+        if not at or "behavior" not in at or not any(name in pair for pair in JUDGED_PAIRS):
+            continue
+        run = report["runs"][name][0]
+        replies = run["replies"][[f"{a:g}" for a in run["alphas"]].index(f"{at['alpha']:g}")]
+        behavior = scores(judge, ["behavior"], list(zip(prompts, replies)), description, opposite)["behavior"]
+        if abs(float(np.mean(behavior)) - at["behavior"]["mean"]) > 1e-3:
+            raise ValueError(
+                f"{name} at alpha {at['alpha']:g}: judged again {np.mean(behavior):.4f}, the report says "
+                f"{at['behavior']['mean']:.4f} (another judge, prompts or description?)"
+            )
+        judged[name] = {"at_coherence": {"alpha": at["alpha"], "per_prompt": {"behavior": list(behavior)}}}
+    return judged_comparisons(judged, n_resamples, np.random.default_rng(seed))
+
+
 def _difference(row: dict) -> str:
     from .protocol import difference_cell
 
