@@ -134,12 +134,12 @@ class SequenceSteering:
         before = self._state()
         self.alphas, self.start = new, int(start)
         after = self._state()
-        if after != before:
-            llm = self._llm
-            keep = min(unsteered_until(before, llm.n_tokens), unsteered_until(after, llm.n_tokens))
-            keep = keep if keep >= llm.n_tokens else keep - 1
-            llm._ctx.kv_cache_seq_rm(-1, max(0, keep), -1)
-            llm.n_tokens = max(0, keep)
+        llm = self._llm
+        keep = min(unsteered_until(before, llm.n_tokens), unsteered_until(after, llm.n_tokens))
+        if after != before and keep < llm.n_tokens:  # (one token earlier: see LlamaSteering._change)
+            keep = max(0, keep - 1)
+            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+            llm.n_tokens = keep
             llm._requires_eval = True
 
     @property
