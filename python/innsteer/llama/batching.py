@@ -45,6 +45,7 @@ from .bindings import (
     hook_library,
 )
 from .grammar import guard_grammars
+from .patches import eval_callback
 from .steering import check_fits, unsteered_until
 
 try:
@@ -207,6 +208,7 @@ class BatchedContext:
         self.host, self.n_seq, self.n_ctx = host, n_seq, host.n_ctx()
         self.n_embd = int(llama_cpp.llama_model_n_embd(host.model))
         self.n_layer = int(llama_cpp.llama_model_n_layer(host.model))
+        self.architecture = str(host.metadata.get("general.architecture", ""))
         self._n_vocab = host.n_vocab()
         threads = int(n_threads or host.context_params.n_threads)
         self._lib.innsteer_hook_set_threads(self._hook, max(1, min(threads, 256)))
@@ -217,9 +219,7 @@ class BatchedContext:
         params.kv_unified = False  # a stream of cells per sequence (see the module's notes)
         params.flash_attn_type = host.context_params.flash_attn_type
         params.n_threads = params.n_threads_batch = threads
-        self._callback = llama_cpp.ggml_backend_sched_eval_callback(
-            ctypes.cast(self._lib.innsteer_hook_eval_callback, ctypes.c_void_p).value
-        )
+        self._callback = eval_callback(self._lib)
         params.cb_eval = self._callback
         params.cb_eval_user_data = ctypes.c_void_p(self._hook)
         self._ctx = _internals.LlamaContext(model=host._model, params=params, verbose=False)
@@ -250,8 +250,7 @@ class BatchedContext:
 
     def add_steer(self, steer: SteerGGUF, layer: Optional[int] = None, expect_model_id: Optional[str] = None) -> int:
         """An INN steer at ``layer`` (the file's by default); its entry index."""
-        architecture = str(self.host.metadata.get("general.architecture", ""))
-        layer = check_fits(steer, self.n_embd, self.n_layer, architecture, layer, expect_model_id)
+        layer = check_fits(steer, self.n_embd, self.n_layer, self.architecture, layer, expect_model_id)
         err = ctypes.create_string_buffer(ERR_LEN)
         with self._cond:
             index = self._lib.innsteer_hook_add(self._hook, steer.handle, layer, 0.0, err, ERR_LEN)
@@ -464,11 +463,7 @@ class BatchedContext:
                 pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, last_rows[request.seq])
                 logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
                 if not np.isfinite(logits).all():
-                    # A finite alpha can still overflow the flow or the layers after it; sampling from
-                    # NaN logits would end the reply silently, as if the model had stopped.
-                    self._finish(request, NonFiniteLogitsError(
-                        "the model's logits are NaN or Inf under this steering: an alpha is too large for this model"
-                    ))  # fmt: skip
+                    self._finish(request, NonFiniteLogitsError())
                     continue
                 request.logits = logits
                 self._finish(request, None)

@@ -42,7 +42,12 @@ class SteerHookError(InnsteerError, RuntimeError):
 
 
 class NonFiniteLogitsError(SteerHookError):
-    """A decode gave NaN or Inf logits (steering too strong for the model): nothing can be sampled."""
+    """A decode gave NaN or Inf logits (steering too strong for the model): nothing can be sampled.
+    A finite alpha can still overflow the flow or the layers after it; sampling from NaN logits
+    would end the reply silently, as if the model had stopped."""
+
+    def __init__(self):
+        super().__init__("the model's logits are NaN or Inf under this steering: an alpha is too large for this model")
 
 
 def hook_library() -> ctypes.CDLL:

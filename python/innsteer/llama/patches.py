@@ -39,14 +39,19 @@ class Generation:
         self.broken: Optional[str] = None  # why it cannot go on, once re-evaluating its tokens failed
 
 
+def eval_callback(lib):
+    """The hook's C eval callback as llama.cpp's ``cb_eval`` (keep it referenced while a context uses it)."""
+    return llama_cpp.ggml_backend_sched_eval_callback(
+        ctypes.cast(lib.innsteer_hook_eval_callback, ctypes.c_void_p).value
+    )
+
+
 def install_hook_context(steering) -> None:
     """Recreate the Llama's context with the hook as its eval callback (llama.cpp reads
     cb_eval only at context creation), and check the hook after every decode."""
     llm = steering.llm
     params = llm.context_params
-    steering._callback = llama_cpp.ggml_backend_sched_eval_callback(
-        ctypes.cast(steering._lib.innsteer_hook_eval_callback, ctypes.c_void_p).value
-    )
+    steering._callback = eval_callback(steering._lib)
     params.cb_eval = steering._callback
     params.cb_eval_user_data = ctypes.c_void_p(steering._hook)
     new_ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
@@ -87,12 +92,8 @@ def install_hook_context(steering) -> None:
             llm.reset()  # the cache now holds unsteered or broken states
             raise SteerHookError(err.value.decode(errors="replace"))
         if n_rows > 0 and batch.batch.logits[n_rows - 1] and not finite_last_logits(new_ctx.ctx, n_vocab):
-            # A finite alpha can still overflow the flow or the layers after it; sampling from
-            # NaN logits would end the reply silently, as if the model had stopped.
             llm.reset()
-            raise NonFiniteLogitsError(
-                "the model's logits are NaN or Inf under this steering: an alpha is too large for this model"
-            )
+            raise NonFiniteLogitsError()
 
     new_ctx.decode = checked_decode
     llm._stack.callback(steering._free)  # when the Llama closes; nothing decodes after that

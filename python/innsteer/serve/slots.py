@@ -49,7 +49,7 @@ def _install(engine: BatchedContext, steer: NamedSteer, model_id: str) -> list[i
     try:
         if steer.kind == INN:
             return [engine.add_steer(steer.gguf, expect_model_id=model_id)]
-        architecture = str(engine.host.metadata.get("general.architecture", ""))
+        architecture = engine.architecture
         if steer.model_hint and architecture and steer.model_hint != architecture:
             raise SteerFileError(f"it is a control vector for a '{steer.model_hint}' model, not '{architecture}'")
         return [engine.add_vector(vector, layer) for layer, vector in sorted(steer.directions.items())]
