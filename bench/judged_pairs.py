@@ -11,12 +11,11 @@ paired over prompts) with ``judged_comparisons_by`` naming this command.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from innsteer.datasets.source import shipped
 from innsteer.eval.judge import compare_stored_replies, judged_summary
+from innsteer.eval.results import load, save
 
 
 def main() -> int:
@@ -28,15 +27,15 @@ def main() -> int:
 
     judge = load_judge(args.judge)
     reports = []
-    for path in map(Path, args.reports):
-        report = json.loads(path.read_text())
-        source = shipped(report["behavior"])
-        prompts = source.prompts[: report["n_open"]]
-        report["judged_comparisons"] = compare_stored_replies(
+    for path in args.reports:
+        report = load(path)
+        source = shipped(report.behavior)
+        prompts = source.prompts[: report.n_prompts]
+        report.extra["judged_comparisons"] = compare_stored_replies(
             report, judge, prompts, source.text.description, source.text.opposite
         )
-        report["judged_comparisons_by"] = "python bench/judged_pairs.py " + " ".join(sys.argv[1:])
-        path.write_text(json.dumps(report, indent=1, default=str))
+        report.extra["judged_comparisons_by"] = "python bench/judged_pairs.py " + " ".join(sys.argv[1:])
+        save(report, path)
         reports.append(report)
     print(judged_summary(reports))
     return 0

@@ -5,8 +5,8 @@ with the command and the code version, and a Markdown table on stdout.
     python bench/quality.py --behaviors corrigible-neutral-HHH,coordinate-other-ais --seeds 0,1,2
     python bench/quality.py --model qwen2.5-coder-1.5b --layer 14 --behaviors refusal --seeds 0
 
-Settings (layer, INNSteer's token choice and training options) come from the validation study
-recorded in docs/RESULTS.md; test items decide nothing.
+Settings (each method's layer, INNSteer's training options) come from `innsteer tune`'s shipped
+records (innsteer.eval.tuned), chosen on validation data; test items decide nothing.
 """
 
 from __future__ import annotations
@@ -14,127 +14,76 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+sys.path.insert(0, str(ROOT / "python"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
 from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended  # noqa: E402
-from innsteer.eval.protocol import (  # noqa: E402
-    MethodSpec,
-    comparison_table,
-    default_specs,
-    run_protocol,
-)
-from innsteer.eval.tradeoff import has_replies, paired_bootstrap  # noqa: E402
+from innsteer.eval.protocol import MethodSpec, compare_methods, comparison_table, default_specs, run_protocol  # noqa: E402
+from innsteer.eval.provenance import git_commit  # noqa: E402
+from innsteer.eval.results import SAME_SETTINGS, load, result_path, same_settings, save  # noqa: E402
+from innsteer.eval.tradeoff import has_replies  # noqa: E402
 from innsteer.eval.tuned import choice  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
-
-def code_version() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "python"], cwd=ROOT, capture_output=True, text=True)
-        return head.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
-# --dtype: the model's weights and activations. bfloat16 is for the larger model on CPUs with AMX or
-# AVX-512 BF16, where its matmuls run several times faster; the steerers' math stays float32.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def dtype_tag(dtype: str) -> str:
-    """File-name tag of a run's dtype: none for float32, so earlier files keep their names."""
-    return "" if dtype == "float32" else f"-{dtype}"
+COMPARED = ("innsteer", "caa")
 
 
 def combine(paths: list[str], out: str) -> int:
     """Merge per-seed result files of one behavior and method set; recompute the comparison."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = [load(p) for p in paths]
     first = parts[0]
     for part in parts[1:]:
-        same = ("behavior", "model_id", "layer", "n_test", "n_prompts", "specs", "metrics")
-        if any(part[key] != first[key] for key in same):
-            raise SystemExit(f"cannot combine: the files differ in one of {same}")
-    runs = {name: [run for part in parts for run in part["runs"][name]] for name in first["runs"]}
-    seeds = [run["seed"] for run in runs[first["compare"][0]]]
-    comparison = {
-        f"{metric}/{side}": paired_bootstrap(
-            runs[first["compare"][0]], runs[first["compare"][1]], sign=sign, metric=metric
-        )
-        for metric in first["metrics"]
-        for side, sign in (("toward", 1), ("away", -1))
-    }
-    result = {
-        **first,
-        "seeds": seeds,
-        "runs": runs,
-        "comparison": comparison,
-        "command": " ; ".join(part["command"] for part in parts)
+        if not same_settings(first, part, ("behavior", "model_id", "layer", "n_test", "n_prompts", "metrics", "specs")):
+            raise SystemExit("cannot combine: the files differ in their behavior, model, layer, items or specs")
+    curves = {name: [curve for part in parts for curve in part.curves[name]] for name in first.curves}
+    extra = {
+        **first.extra,
+        "command": " ; ".join(part.extra["command"] for part in parts)
         + " ; python bench/quality.py --combine "
         + " ".join(paths),
-        "code_version": sorted({part["code_version"] for part in parts}),
+        "code_version": sorted({str(part.extra["code_version"]) for part in parts}),
     }
-    path = result_path(Path(out), result)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path} (seeds {seeds})")
-    for metric in first["metrics"]:
+    run = replace(
+        first,
+        seeds=[curve.seed for curve in curves[COMPARED[0]]],
+        curves=curves,
+        comparison=compare_methods(curves, *COMPARED, first.metrics),
+        extra=extra,
+    )
+    path = save(run, result_path(Path(out), run))
+    print(f"wrote {path} (seeds {run.seeds})")
+    for metric in run.metrics:
         print(f"\n## {metric} metric, steering toward the behavior\n")
-        print(comparison_table([result], metric))
+        print(comparison_table([run], metric))
     return 0
 
 
-def option_text(value) -> str:
-    """An INNSteer option's value as file names and tables show it (1.0 -> '1')."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def result_path(out: Path, result: dict) -> Path:
-    """<model>-<behavior>-L<layer>-s<seeds>[-<INNSteer options>][-caaL<layer>][-<dtype>].json: INNSteer
-    options other than TrainConfig's defaults are in the name, so runs of both can sit side by side."""
-    options, caa_layer = result["specs"]["innsteer"]["options"], result["specs"]["caa"]["layer"]
-    tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
-    tag += ("" if caa_layer is None else f"-caaL{caa_layer}") + dtype_tag(result.get("dtype", "float32"))
-    seeds = "".join(str(seed) for seed in result["seeds"])
-    return out / f"{result['model_id']}-{result['behavior']}-L{result['layer']}-s{seeds}{tag}.json"
-
-
-SAME_SETTINGS = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
-
-
-def same_settings(earlier: dict, result: dict, keys: tuple[str, ...] = SAME_SETTINGS) -> bool:
-    """Whether two result files were measured alike (files from before --dtype are float32)."""
-    dtypes = (earlier.get("dtype", "float32"), result.get("dtype", "float32"))
-    return dtypes[0] == dtypes[1] and all(earlier[key] == result[key] for key in keys)
-
-
-def reuse_runs(paths: list[str], result: dict, specs: dict) -> dict:
-    """Runs of methods this call did not measure, from an earlier file of the same behavior and
+def reuse_runs(paths: list[str], run, specs: dict) -> dict:
+    """Curves of methods this call did not measure, from an earlier file of the same behavior and
     settings whose method specs are the same (CAA's curves do not change when INNSteer's do)."""
     for path in paths:
-        earlier = json.loads(Path(path).read_text())
-        if earlier["behavior"] != result["behavior"]:
+        earlier = load(path)
+        if earlier.behavior != run.behavior:
             continue
-        if not same_settings(earlier, result):
+        if not same_settings(earlier, run):
             raise SystemExit(f"{path} was measured with other settings (one of {SAME_SETTINGS}, dtype)")
         taken = {}
         for name, spec in specs.items():
-            if earlier["specs"].get(name) != spec.record():
+            if earlier.specs.get(name) != spec.record():
                 raise SystemExit(f"{path} has no runs of {name} as specified here ({spec.record()})")
-            taken[name] = earlier["runs"][name]
+            taken[name] = earlier.curves[name]
         where = Path(path).resolve()
         file = str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
-        return {"runs": taken, "file": file, "command": earlier["command"]}
-    raise SystemExit(f"no file of {result['behavior']} among --reuse {' '.join(paths)}")
+        return {"curves": taken, "file": file, "command": earlier.extra["command"]}
+    raise SystemExit(f"no file of {run.behavior} among --reuse {' '.join(paths)}")
 
 
 def main() -> int:
@@ -183,20 +132,20 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (run behaviors in parallel)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's dtype")
     args = parser.parse_args()
 
     if args.combine:
         return combine(args.combine, args.out)
     for path in args.reuse or ():  # before hours of measuring: the comparison gates on the replies
-        if not has_replies([run for runs in json.loads(Path(path).read_text())["runs"].values() for run in runs]):
+        if not has_replies([curve for curves in load(path).curves.values() for curve in curves]):
             raise SystemExit(f"{path} did not record its replies; add them first: python bench/replies.py {path}")
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=DTYPES[args.dtype])
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    version = code_version()  # at the start: the code that runs, whatever is committed meanwhile
+    version = git_commit()  # at the start: the code that runs, whatever is committed meanwhile
     results = []
     for behavior in args.behaviors.split(","):
         start = time.time()
@@ -225,27 +174,27 @@ def main() -> int:
             max_new_tokens=args.max_new_tokens,
             ladder=[float(a) for a in args.ladder.split(",")],
         )
-        result["dtype"] = args.dtype
+        result.extra["dtype"] = args.dtype
         if reused_specs:
             reused = reuse_runs(args.reuse, result, reused_specs)
-            result["runs"] = {**reused["runs"], **result["runs"]}
-            result["specs"] = {**{n: s.record() for n, s in reused_specs.items()}, **result["specs"]}
-            result["reused"] = {"methods": list(reused_specs), "file": reused["file"], "command": reused["command"]}
-            result["compare"] = ["innsteer", "caa"]
-            result["comparison"] = {
-                f"{metric}/{side}": paired_bootstrap(
-                    result["runs"]["innsteer"], result["runs"]["caa"], sign=sign, metric=metric
-                )
-                for metric in result["metrics"]
-                for side, sign in (("toward", 1), ("away", -1))
+            curves = {**reused["curves"], **result.curves}
+            result = replace(
+                result,
+                curves=curves,
+                specs={**{n: s.record() for n, s in reused_specs.items()}, **result.specs},
+                comparison=compare_methods(curves, *COMPARED, result.metrics),
+            )
+            result.extra["reused"] = {
+                "methods": list(reused_specs),
+                "file": reused["file"],
+                "command": reused["command"],
             }
-        result.update(command=command, code_version=version, seconds=round(time.time() - start))
-        path = result_path(out, result)
-        path.write_text(json.dumps(result, indent=1))
+        result.extra.update(command=command, code_version=version, seconds=round(time.time() - start))
+        path = save(result, result_path(out, result))
         results.append(result)
-        print(f"{behavior}: {result['seconds']} s, wrote {path}", flush=True)
+        print(f"{behavior}: {result.extra['seconds']} s, wrote {path}", flush=True)
         print(comparison_table([result]), flush=True)
-    for metric in results[0]["metrics"]:
+    for metric in results[0].metrics:
         print(f"\n## {metric} metric, steering toward the behavior\n")
         print(comparison_table(results, metric))
     return 0

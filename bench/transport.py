@@ -26,11 +26,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.quality import code_version  # noqa: E402
 from bench.validation import VARIANTS  # noqa: E402
 from innsteer.core.methods import METHODS  # noqa: E402
 from innsteer.datasets.caa import BEHAVIORS, load_ab  # noqa: E402
 from innsteer.eval.protocol import train_val_split  # noqa: E402
+from innsteer.eval.provenance import git_commit  # noqa: E402
 from innsteer.hf.collect import contrastive_activations  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> int:
         if "select" in spec.options and spec.options["select"] != "transport":
             raise SystemExit(f"{name} does not select by transport, so it records no transport ratio")
     torch.set_num_threads(args.threads)
-    version = code_version()
+    version = git_commit()
     lm = load_model(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.time()

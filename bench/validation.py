@@ -28,11 +28,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.quality import DTYPES, code_version, dtype_tag, same_settings  # noqa: E402
 from innsteer.datasets.caa import load_ab  # noqa: E402
 from innsteer.datasets.files import NEUTRAL_PROMPTS  # noqa: E402
 from innsteer.eval.protocol import MethodSpec, run_protocol  # noqa: E402
-from innsteer.eval.tradeoff import REPETITION_GATE, has_replies, paired_bootstrap  # noqa: E402
+from innsteer.eval.provenance import git_commit  # noqa: E402
+from innsteer.eval.results import Run, load, same_settings, save  # noqa: E402
+from innsteer.eval.summaries import Summaries  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
 
 # The variants of the ablation. Options are TrainConfig / FlowConfig fields, spelled out in full
@@ -81,53 +82,21 @@ VARIANTS = {
 }
 
 
-def merge(path: Path, result: dict) -> dict:
-    """Add ``result``'s variants to the file's earlier ones measured at the same settings."""
+def merge(path: Path, run: Run) -> Run:
+    """Add ``run``'s variants to the file's earlier ones measured at the same settings."""
     if not path.is_file():
-        return result
-    earlier = json.loads(path.read_text())
-    same = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
-    if not same_settings(earlier, result, same):
-        raise SystemExit(f"{path} was measured with other settings (one of {same}, dtype); use another --out")
-    earlier["runs"].update(result["runs"])
-    earlier["specs"].update(result["specs"])
-    earlier["commands"] = earlier.get("commands", []) + result["commands"]
-    earlier["code_versions"] = sorted(set(earlier.get("code_versions", [])) | set(result["code_versions"]))
-    return earlier
-
-
-def interval(row: dict) -> str:
-    """A paired bootstrap row as 'difference [low, high]'."""
-    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
-
-
-def unlabelled_bootstrap(runs_a: list, runs_b: list, label: str, **kwargs) -> dict:
-    """``paired_bootstrap``, gated only where both variants' runs recorded their replies (a file's
-    earlier runs may predate them)."""
-    return paired_bootstrap(runs_a, runs_b, gate=REPETITION_GATE if has_replies([*runs_a, *runs_b]) else None, **kwargs)
-
-
-def table(result: dict, reference: str, metric: str = "answer", bootstrap=None) -> str:
-    """Markdown: each variant's seed-mean summaries toward the behavior, its difference with
-    ``reference`` [95 % CI] at 0.5 nats and in AUC, and the AUC difference away from it
-    (``bootstrap(runs_a, runs_b, label, **kwargs)``: how to compare, default ``paired_bootstrap``)."""
-    bootstrap = bootstrap or unlabelled_bootstrap
-    lines = [
-        f"| variant | seeds | shift@0.25 | shift@0.5 | shift@1.0 | AUC≤1 | − {reference} at 0.5 | − {reference}, AUC "
-        f"| away: AUC≤1 | away: − {reference}, AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    runs = result["runs"]
-    for name in sorted(runs, key=lambda n: (n != reference, n)):
-        label = f"{result['behavior']} layer {result['layer']}"
-        row = bootstrap(runs[name], runs[reference], label, metric=metric, n_resamples=500)
-        away = bootstrap(runs[name], runs[reference], label, sign=-1, metric=metric, n_resamples=500)["auc"]
-        cells = [f"{row[k]['a']:+.3f}" for k in ("at0.25", "at0.5", "at1", "auc")]
-        diffs = ["—", "—"] if name == reference else [interval(row["at0.5"]), interval(row["auc"])]
-        away_cells = [f"{away['a']:+.3f}", "—" if name == reference else interval(away)]
-        seeds = ",".join(str(run["seed"]) for run in runs[name])
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells + diffs + away_cells) + " |")
-    return "\n".join(lines)
+        return run
+    earlier = load(path)
+    if not same_settings(earlier, run):
+        raise SystemExit(
+            f"{path} was measured with other settings (its items, prompts, seeds or dtype); use another --out"
+        )
+    extra = {
+        **earlier.extra,
+        "commands": earlier.extra.get("commands", []) + run.extra["commands"],
+        "code_versions": sorted(set(earlier.extra.get("code_versions", [])) | set(run.extra["code_versions"])),
+    }
+    return replace(earlier, curves={**earlier.curves, **run.curves}, specs={**earlier.specs, **run.specs}, extra=extra)
 
 
 def main() -> int:
@@ -143,7 +112,7 @@ def main() -> int:
     parser.add_argument("--reference", default="caa-token")
     parser.add_argument("--out", default=str(ROOT / "results" / "validation"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's dtype")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args()
     if args.list:
@@ -162,11 +131,11 @@ def main() -> int:
             spec = replace(spec, options={**common, **spec.options})
         specs[name] = spec
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=DTYPES[args.dtype])
+    lm = load_model(args.model, dtype=getattr(torch, args.dtype))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/validation.py " + " ".join(sys.argv[1:])
-    version = code_version()  # at the start: the code that runs, whatever is committed meanwhile
+    version = git_commit()  # at the start: the code that runs, whatever is committed meanwhile
     for behavior in args.behaviors.split(","):
         start = time.time()
         result = run_protocol(
@@ -182,15 +151,18 @@ def main() -> int:
             ladder=[float(a) for a in args.ladder.split(",")],
             compare=(),
         )
-        result.update(commands=[command], code_versions=[version], seconds=round(time.time() - start), dtype=args.dtype)
-        path = out / f"{lm.model_id}-{behavior}-L{args.layer}{dtype_tag(args.dtype)}.json"
+        result.extra.update(
+            commands=[command], code_versions=[version], seconds=round(time.time() - start), dtype=args.dtype
+        )
+        tag = "" if args.dtype == "float32" else f"-{args.dtype}"
+        path = out / f"{lm.model_id}-{behavior}-L{args.layer}{tag}.json"
         result = merge(path, result)
-        path.write_text(json.dumps(result, indent=1))
+        save(result, path)
         print(f"{behavior}: {round(time.time() - start)} s, wrote {path}", flush=True)
-        if args.reference in result["runs"]:
-            for metric in result["metrics"]:
+        if args.reference in result.curves:
+            for metric in result.metrics:
                 print(f"\n### {behavior}, layer {args.layer}, {metric} metric (validation)\n")
-                print(table(result, args.reference, metric), flush=True)
+                print(Summaries().variants(result, args.reference, metric), flush=True)
     return 0
 
 

@@ -158,32 +158,19 @@ def test_parsing_needs_no_torch_and_knows_every_method_and_format():
 
 
 def test_report_files(tmp_path):
-    points = [
-        {"method": "none", "alpha": 0.0, "answer": 0.4, "letter": 0.5, "nll": 1.0, "distinct2": 0.9, "samples": []}
-    ]
-    for method, slope in (("caa", 0.1), ("innsteer", 0.15)):
-        points += [
-            {
-                "method": method,
-                "alpha": a,
-                "answer": 0.4 + slope * a,
-                "letter": 0.5,
-                "nll": 1.0 + 0.2 * a,
-                "distinct2": 0.8,
-                "samples": [],
-            }
-            for a in (1.0, 2.0)
-        ]
+    from innsteer.eval.protocol import protocol_report
+    from innsteer.eval.results import Curve, Run, load
+
+    def curve(slope):  # p_match 0.4 + slope * alpha, fluency cost 0.2 nat/token per unit of alpha
+        return Curve(
+            seed=0, alphas=[1.0, 2.0], scores={"answer": [[0.4 + slope], [0.4 + 2 * slope]]}, nll=[[12.0], [14.0]],
+            tokens=[[10.0], [10.0]], base_scores={"answer": [0.4]}, base_nll=[10.0], base_tokens=[10.0],
+        )  # fmt: skip
+
+    curves = {"caa": [curve(0.1)], "innsteer": [curve(0.15)]}
+    run = Run("b", "m", 10, [0], 1, 1, 8, ["answer"], {"caa": {}, "innsteer": {}}, curves)
     result = {
-        "model_id": "m",
-        "behavior": "b",
-        "layer": 10,
-        "mode": "answer",
-        "n_test": 3,
-        "n_open": 2,
-        "max_new_tokens": 8,
-        "points": points,
-        "tradeoff": {"caa": {0.5: 0.2}, "innsteer": {0.5: 0.3}},
+        **protocol_report(run),
         "sanity": {
             "p_correct_letter": [0.4, 0.6],
             "p_correct_answer": [0.8, 0.6],
@@ -193,9 +180,11 @@ def test_report_files(tmp_path):
         "training": {"innsteer": {"train_loss": [2, 1], "val_loss": [2.5, 1.5], "val_fisher_separation": [1, 3]}},
     }
     paths = write_report(result, tmp_path)
-    assert json.loads(paths["json"].read_text())["tradeoff"]["innsteer"]["0.5"] == 0.3
+    assert json.loads(paths["json"].read_text())["tradeoff"]["innsteer"]["0.5"] == pytest.approx(0.3)
+    assert load(paths["json"]).curves == curves  # the report reads back as the run it reports
     md = paths["markdown"].read_text()
-    assert "| innsteer | +0.300 |" in md and "cannot map options to letters" in md
+    # budgets 0.25 / 0.5 / 1 on the polyline (0, 0) -> (0.2, 0.15) -> (0.4, 0.3), by hand
+    assert "| innsteer | +0.188 | +0.300 | +0.300 |" in md and "cannot map options to letters" in md
     for name in ("alpha", "tradeoff", "training"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,9 @@
 validation and report plumbing with a judge whose answers are known, and (slow tier) the default
 model as judge on fixed texts."""
 
+import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from innsteer.eval.judge import (
     judged_table,
     validate,
 )
+from innsteer.eval.results import Curve, Run
 
 
 def test_hf_judge_is_the_yes_share_of_the_next_token_distribution():
@@ -94,12 +97,28 @@ def test_validation_measures_each_question_on_known_answers():
     assert "behavior" not in validate(KnownJudge(), ITEMS, PROMPTS, REPLIES, None)
 
 
+def _curve(replies: list[list[str]]) -> Curve:
+    """A curve at alphas 1, 2, -2 with these replies (its scores play no part in judging)."""
+    zeros = [[0.0] * len(PROMPTS)] * 3
+    return Curve(
+        seed=0, alphas=[1.0, 2.0, -2.0], scores={"answer": [[0.5]] * 3}, nll=zeros, tokens=zeros,
+        base_scores={"answer": [0.5]}, base_nll=[0.0] * 3, base_tokens=[1.0] * 3, replies=replies,
+        base_replies=REPLIES,
+    )  # fmt: skip
+
+
+def _run(curves: dict, **extra) -> Run:
+    specs = {name: {} for name in curves}
+    return Run("b", "m", 1, [0], 1, len(PROMPTS), 8, ["answer"], specs, curves, extra=extra)
+
+
 def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     steered = ["gladly gladly gladly gladly", "My favourite colour? Gladly blue.", "gladly I would visit Rome."]
     gentle = ["Gladly, my favourite colour is blue.", "Gladly: coffee first.", "Gladly to Rome."]
-    run = {"alphas": [1.0, 2.0, -2.0], "replies": [gentle, steered, REPLIES], "base_replies": REPLIES}
-    result = {"runs": {"caa": [run, run]}, "chosen_alpha": {"caa": 2.0}}
-    out = judge_result(result, KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False)
+    run = _curve([gentle, steered, REPLIES])
+    result = _run({"caa": [run, run]})
+    chosen = {"caa": 2.0}
+    out = judge_result(result, chosen, KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False)
     caa = out["judged"]["caa"]
     assert set(caa["by_alpha"]) == {"1", "2"} and caa["alpha"] == 2.0  # toward the behavior
     expected = judge_replies(KnownJudge(), PROMPTS, steered, "accept changes")
@@ -114,31 +133,29 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     assert caa["at_coherence"]["alpha"] == 1.0 and caa["at_coherence"]["behavior"]["mean"] == pytest.approx(0.9)
     # paired over prompts, each method at its alpha of equal coherence: innsteer's alpha 2 keeps the
     # coherence here (its replies are caa's alpha 1), caa's alpha 1 is its best: the difference is 0
-    both = judge_result(
-        {"runs": {"caa": [run], "innsteer": [{**run, "replies": [REPLIES, gentle, REPLIES]}]}},
-        KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False,
-    )  # fmt: skip
+    both_run = _run({"caa": [run], "innsteer": [_curve([REPLIES, gentle, REPLIES])]})
+    both = judge_result(both_run, {}, KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False)
     pair = both["judged_comparisons"]["innsteer-caa"]
     assert (pair["alpha_a"], pair["alpha_b"]) == (2.0, 1.0) and pair["mean"] == pytest.approx(0.0)
     assert set(both["judged_comparisons"]) == {"innsteer-caa"}  # no prompt method was judged
     worse = judge_result(
-        {"runs": {"caa": [run], "innsteer": [{**run, "replies": [REPLIES, REPLIES, REPLIES]}]}},
+        _run({"caa": [run], "innsteer": [_curve([REPLIES, REPLIES, REPLIES])]}), {},
         KnownJudge(), PROMPTS, ITEMS, "accept changes", n_resamples=50, progress=False,
     )["judged_comparisons"]["innsteer-caa"]  # fmt: skip
     behaviors = judge_replies(KnownJudge(), PROMPTS, REPLIES, "accept changes")["behavior"]
     assert worse["mean"] == pytest.approx(behaviors.mean() - 0.9) and worse["high"] < 0
     # a report written before the comparisons were kept: judged again from its stored replies
-    stored = {**both, "runs": {"caa": [run], "innsteer": [{**run, "replies": [REPLIES, gentle, REPLIES]}]}}
+    stored = Run.from_dict(json.loads(json.dumps({**both_run.to_dict(), **both})))  # as a report reads back
     again = compare_stored_replies(stored, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
     assert again["innsteer-caa"]["mean"] == pytest.approx(pair["mean"])
-    other = {**stored, "runs": {**stored["runs"], "innsteer": [{**run, "replies": [REPLIES] * 3}]}}
+    other = replace(stored, curves={**stored.curves, "innsteer": [_curve([REPLIES] * 3)]})
     with pytest.raises(ValueError, match="judged again"):  # not the replies the report judged
         compare_stored_replies(other, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
-    summary = judged_summary([{**worse_report, "behavior": "b", "model_id": "m"} for worse_report in [both]])
+    summary = judged_summary([stored])
     assert "| b | m | 1.00 / 1.00 / 1.00 | 0.10 | 0.90 (1) | 0.90 (2) | +0.000 [+0.000, +0.000] | – |" in summary
     # a judge that fails a question's validation: the score leaves that question out
-    flipped = judge_result(result, KnownJudge(flip=True), PROMPTS, ITEMS, "accept changes", n_resamples=50,
-                           progress=False)  # fmt: skip
+    flipped = judge_result(result, chosen, KnownJudge(flip=True), PROMPTS, ITEMS, "accept changes",
+                           n_resamples=50, progress=False)  # fmt: skip
     kept = np.stack([expected["behavior"], expected["relevance"]])
     assert flipped["judged"]["caa"]["score"]["mean"] == pytest.approx(harmonic_mean(kept).mean())
     table = judged_table(flipped)

@@ -57,19 +57,19 @@ def test_the_protocol_measures_the_prompt_as_a_point_and_compares_it(lm):
         seeds=(0, 1), behavior=BEHAVIOR, max_new_tokens=4, ladder=(2.0, 8.0), n_resamples=20, progress=False,
         compare=("prompt+caa", "prompt"), also_compare=[("caa", "prompt")], instructions={1: TOWARD, -1: AWAY},
     )  # fmt: skip
-    prompt_runs = result["runs"]["prompt"]
-    assert [run["alphas"] for run in prompt_runs] == [[1.0, -1.0]] * 2 and all(run["points"] for run in prompt_runs)
-    assert prompt_runs[0]["scores"] == prompt_runs[1]["scores"]  # nothing is trained: one measurement
+    prompt_runs = result.curves["prompt"]
+    assert [run.alphas for run in prompt_runs] == [[1.0, -1.0]] * 2 and all(run.points for run in prompt_runs)
+    assert prompt_runs[0].scores == prompt_runs[1].scores  # nothing is trained: one measurement
     for sign, instruction in ((1, TOWARD), (-1, AWAY)):
         expected = BatchedScorer(lm, test_items, instruction=instruction).scores()["answer"]
-        np.testing.assert_allclose(prompt_runs[0]["scores"]["answer"][0 if sign > 0 else 1], expected, atol=1e-5)
-    assert "points" not in result["runs"]["caa"][0] and result["runs"]["prompt+caa"][0]["points"]
-    assert result["specs"]["prompt+caa"] == {**result["specs"]["caa"], "instruct": True}
-    assert result["instructions"] == {"toward": TOWARD, "away": AWAY}
-    for table in (result["comparison"], result["comparisons"]["caa - prompt"]):
-        assert set(table) == {"answer/toward", "answer/away", "letter/toward", "letter/away"}
-        for row in table["answer/toward"].values():
-            assert row["low"] <= row["diff"] <= row["high"]
+        np.testing.assert_allclose(prompt_runs[0].scores["answer"][0 if sign > 0 else 1], expected, atol=1e-5)
+    assert not result.curves["caa"][0].points and result.curves["prompt+caa"][0].points
+    assert result.specs["prompt+caa"] == {**result.specs["caa"], "instruct": True}
+    assert result.instructions == {"toward": TOWARD, "away": AWAY}
+    for comparison in (result.comparison, result.comparisons["caa - prompt"]):
+        assert set(comparison.sides) == {"answer/toward", "answer/away", "letter/toward", "letter/away"}
+        for row in comparison.get("answer", "toward").values():
+            assert row.low <= row.diff <= row.high
 
 
 def test_a_prompt_without_its_instruction_is_refused(lm):

@@ -1,19 +1,22 @@
 """The comparison protocol end to end on the default model, at a tiny size."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from innsteer.datasets.caa import load_ab, load_open_ended
+from innsteer.eval.backfill import Mismatch, backfill
 from innsteer.eval.protocol import MethodSpec, comparison_table, fit_spec, run_protocol
+from innsteer.eval.results import Run, load, result_path, save
 
 pytestmark = pytest.mark.slow
 BEHAVIOR = "corrigible-neutral-HHH"
 
 
-def test_protocol_curves_and_a_paired_comparison(default_lm):
+def test_protocol_curves_and_a_paired_comparison(default_lm, tmp_path):
     specs = {"innsteer": MethodSpec("caa", "all"), "caa": MethodSpec("caa", "mean"), "same": MethodSpec("caa", "mean")}
     result = run_protocol(
         default_lm,
@@ -29,39 +32,35 @@ def test_protocol_curves_and_a_paired_comparison(default_lm):
         n_resamples=50,
         progress=False,
     )
-    assert result["metrics"] == ["answer", "letter"] and set(result["runs"]) == set(specs)
-    for runs in result["runs"].values():
-        assert [run["seed"] for run in runs] == [0, 1]
-        for run in runs:
-            assert np.shape(run["scores"]["answer"]) == (len(run["alphas"]), 6)
-            assert np.shape(run["nll"]) == np.shape(run["tokens"]) == (len(run["alphas"]), 2)
-            assert {a > 0 for a in run["alphas"]} == {True, False}  # both sides measured
-            assert np.shape(run["repetition"]) == np.shape(run["replies"]) == np.shape(run["nll"])
-            assert all(0 <= r < 1 for point in run["repetition"] for r in point)
-            assert len(run["base_replies"]) == len(run["base_repetition"]) == 2
+    assert result.metrics == ["answer", "letter"] and set(result.curves) == set(specs)
+    for curves in result.curves.values():
+        assert [curve.seed for curve in curves] == [0, 1]
+        for curve in curves:
+            assert np.shape(curve.scores["answer"]) == (len(curve.alphas), 6)
+            assert np.shape(curve.nll) == np.shape(curve.tokens) == (len(curve.alphas), 2)
+            assert {a > 0 for a in curve.alphas} == {True, False}  # both sides measured
+            assert np.shape(curve.repetition) == np.shape(curve.replies) == np.shape(curve.nll)
+            assert all(0 <= r < 1 for point in curve.repetition for r in point)
+            assert len(curve.base_replies) == len(curve.base_repetition) == 2
     # the same method fitted twice measures the same curve: seeds change the split, not the model
-    assert result["runs"]["same"] == result["runs"]["caa"]
+    assert result.curves["same"] == result.curves["caa"]
     # fitted on different splits, the seeds' CAA vectors differ, and so do their curves
-    assert result["runs"]["caa"][0]["scores"] != result["runs"]["caa"][1]["scores"]
-    for key, row in result["comparison"]["answer/toward"].items():
-        assert row["low"] <= row["diff"] <= row["high"], key
+    assert result.curves["caa"][0].scores != result.curves["caa"][1].scores
+    for key, row in result.comparison.get("answer", "toward").items():
+        assert row.low <= row.diff <= row.high, key
     table = comparison_table([result])
     assert f"| {BEHAVIOR} | 10 | auc |" in table
+    # saved and loaded, the run is the same, and so is its comparison table
+    loaded = load(save(result, tmp_path / "run.json"))
+    assert loaded == result and comparison_table([loaded]) == table
 
 
 def test_result_files_are_named_by_their_settings(tmp_path):
-    from bench.quality import result_path
-
-    result = {
-        "model_id": "M",
-        "behavior": "refusal",
-        "layer": 14,
-        "seeds": [0, 1, 2],
-        "specs": {"caa": {"layer": None}, "innsteer": {"options": {}}},
-    }
+    specs = {"caa": {"layer": None}, "innsteer": {"options": {}}}
+    result = Run("refusal", "M", 14, [0, 1, 2], 1, 1, 8, ["answer"], specs, {})
     assert result_path(tmp_path, result).name == "M-refusal-L14-s012.json"  # float32, the defaults
-    result["specs"] = {"caa": {"layer": 22}, "innsteer": {"options": {"transport_weight": 1.0, "num_couplings": 8}}}
-    result.update(dtype="bfloat16", seeds=[1])
+    result.specs = {"caa": {"layer": 22}, "innsteer": {"options": {"transport_weight": 1.0, "num_couplings": 8}}}
+    result.extra["dtype"], result.seeds = "bfloat16", [1]
     name = "M-refusal-L14-s1-transport_weight1-num_couplings8-caaL22-bfloat16.json"
     assert result_path(tmp_path, result) == tmp_path / name
 
@@ -84,8 +83,6 @@ def test_train_fraction_fits_on_the_first_part_of_the_shuffled_training_items(de
 
 
 def test_replies_added_to_an_earlier_file_are_the_ones_the_protocol_records(default_lm):
-    from bench.replies import Mismatch, backfill
-
     result = run_protocol(
         default_lm,
         load_ab(BEHAVIOR, "generate"),  # bench/replies.py refits on the behavior's whole generate set
@@ -100,11 +97,10 @@ def test_replies_added_to_an_earlier_file_are_the_ones_the_protocol_records(defa
         compare=(),
         progress=False,
     )
-    earlier = copy.deepcopy(result)  # as written before the protocol recorded replies
-    for run in earlier["runs"]["caa"]:
-        for key in ("repetition", "replies", "base_repetition", "base_replies"):
-            del run[key]
-    assert backfill(default_lm, earlier) == result
-    earlier["runs"]["caa"][0]["nll"][0][1] += 1.0  # a curve these replies did not make
+    gone = dict.fromkeys(("repetition", "replies", "base_repetition", "base_replies"))
+    earlier = replace(result, curves={"caa": [replace(c, **gone) for c in result.curves["caa"]]})  # as written before
+    assert backfill(default_lm, earlier, progress=False) == result
+    earlier.curves["caa"][0].nll = copy.deepcopy(earlier.curves["caa"][0].nll)
+    earlier.curves["caa"][0].nll[0][1] += 1.0  # a curve these replies did not make
     with pytest.raises(Mismatch, match="alpha 4"):
-        backfill(default_lm, earlier)
+        backfill(default_lm, earlier, progress=False)

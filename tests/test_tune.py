@@ -14,6 +14,7 @@ from innsteer.core.errors import ConfigError
 from innsteer.core.steerers import load_steerer
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import tune as tune_module
+from innsteer.eval.results import Curve
 from innsteer.eval.tune import (
     TUNE_BUDGETS,
     TuneBudget,
@@ -53,19 +54,20 @@ def test_candidate_layers_are_relative_to_depth():
 def test_validation_area_against_a_hand_computed_trapezoid():
     # points (cost, shift): alpha 1 -> (0.5, 0.2), alpha 2 -> (1.5, 0.6); the budget function is the
     # polyline (0,0)->(0.5,0.2)->(1,0.4): area 0.5*0.2/2 + 0.5*(0.2+0.4)/2 = 0.2
-    run = {
-        "alphas": [1.0, 2.0],
-        "scores": {"answer": [[0.6, 0.6], [1.0, 1.0]]},
-        "base_scores": {"answer": [0.4, 0.4]},
-        "nll": [[3.0], [5.0]],  # per prompt: NLL sums over 2 tokens (base 1 nat/token)
-        "tokens": [[2], [2]],
-        "base_nll": [2.0],
-        "base_tokens": [2],
-        "repetition": [[0.0], [0.0]],
-        "base_repetition": [0.0],
-    }
+    run = Curve(
+        seed=0,
+        alphas=[1.0, 2.0],
+        scores={"answer": [[0.6, 0.6], [1.0, 1.0]]},
+        base_scores={"answer": [0.4, 0.4]},
+        nll=[[3.0], [5.0]],  # per prompt: NLL sums over 2 tokens (base 1 nat/token)
+        tokens=[[2], [2]],
+        base_nll=[2.0],
+        base_tokens=[2],
+        repetition=[[0.0], [0.0]],
+        base_repetition=[0.0],
+    )
     assert validation_area(run) == pytest.approx(0.2, abs=1e-3)
-    run["repetition"] = [[0.0], [0.9]]  # the second point loops: the curve ends at the first
+    run.repetition = [[0.0], [0.9]]  # the second point loops: the curve ends at the first
     assert validation_area(run) == pytest.approx(0.5 * 0.2 / 2 + 0.5 * 0.2, abs=1e-3)
 
 

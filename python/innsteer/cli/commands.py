@@ -152,8 +152,8 @@ def _load_judge(args):
     return load_judge(args.judge)
 
 
-def _judged(report: dict, judge, args, source, lm, *, every_alpha: bool = True) -> None:
-    """With a judge: its validation and its scores of the report's replies, into the report."""
+def _judged(report: dict, run, judge, args, source, lm, *, every_alpha: bool = True) -> None:
+    """With a judge: its validation and its scores of the run's replies, into its report."""
     if judge is None:
         return
     from ..eval.judge import judge_result
@@ -164,7 +164,8 @@ def _judged(report: dict, judge, args, source, lm, *, every_alpha: bool = True) 
         description, opposite = source.text.description, args.opposite_description or source.text.opposite
     items = source.test[: args.n_test] if args.n_test else source.test
     prompts = source.prompts[: args.n_open]
-    report.update(judge_result(report, judge, prompts, items, description, opposite, every_alpha=every_alpha))
+    chosen = report["chosen_alpha"]
+    report.update(judge_result(run, chosen, judge, prompts, items, description, opposite, every_alpha=every_alpha))
     report["judge"]["self_judged"] = judge.name == lm.model_id  # the judge judged its own replies
 
 
@@ -306,7 +307,7 @@ def cmd_eval(args) -> int:
             also_compare=_pairs(args.methods),
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
-        _judged(report, judge, args, source, lm)
+        _judged(report, result, judge, args, source, lm)
         results.append(report)
         if args.all and args.out:
             sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / source.name)})
@@ -440,14 +441,13 @@ def cmd_demo(args) -> int:
         instructions=instructions,
         also_compare=_pairs(args.methods),
     )
-    steerers = result.pop("steerers")
-    result["sanity"] = multiple_choice_sanity(lm)
+    sanity = multiple_choice_sanity(lm)
     print(
-        f"\n== {source.name}, layers {layers_label(result)}: {result['n_test']} test items, "
-        f"{result['n_prompts']} prompts, seeds {result['seeds']} =="
+        f"\n== {source.name}, layers {layers_label(result)}: {result.n_test} test items, "
+        f"{result.n_prompts} prompts, seeds {result.seeds} =="
     )
-    print(sanity_line(result["sanity"]))
-    for metric in result["metrics"]:
+    print(sanity_line(sanity))
+    for metric in result.metrics:
         print(
             f"\nBehaviour shift ({metric} metric, toward the behavior) at fluency cost <= budget "
             "(nats/token); the difference's paired bootstrap 95% interval:\n"
@@ -456,8 +456,8 @@ def cmd_demo(args) -> int:
     # samples: each method at its largest alpha costing at most 1 nat/token on the first seed
     prompts = source.prompts[:DEMO_SAMPLES]
     samples = {"unsteered": generate(lm, prompts, max_new_tokens=DEMO_SAMPLE_TOKENS)[0]}
-    report = protocol_report(result)
-    for method, steerer in steerers.items():
+    report = {**protocol_report(result), "sanity": sanity}
+    for method, steerer in result.steerers.items():
         alpha = report["chosen_alpha"][method]
         samples[f"{method} alpha={alpha:g}"] = generate(
             lm, prompts, steerer=steerer, alpha=alpha, max_new_tokens=DEMO_SAMPLE_TOKENS
@@ -469,7 +469,7 @@ def cmd_demo(args) -> int:
         for label, texts in samples.items():
             print(f"[{label}] {texts[i].strip()}")
         print()
-    _judged(report, judge, args, source, lm, every_alpha=False)
+    _judged(report, result, judge, args, source, lm, every_alpha=False)
     if "judged" in report:
         from ..eval.judge import judged_table
 

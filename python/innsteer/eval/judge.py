@@ -17,12 +17,13 @@ either from a ``--judge`` argument.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional, Protocol
 
 import numpy as np
 
 from ..core.errors import ConfigError
+from .results import Run
 
 # coherence and relevance are yes/no questions; the behavior is a choice between its description and
 # the opposite, asked in both orders and averaged: asked as yes/no ("Does the reply <description>?"),
@@ -246,7 +247,8 @@ def _mean_interval(values: np.ndarray, n_resamples: int, rng: np.random.Generato
 
 
 def judge_result(
-    result: dict,
+    run: Run,
+    chosen_alpha: Mapping[str, float],
     judge: Judge,
     prompts: Sequence[str],
     items: Sequence,
@@ -258,11 +260,11 @@ def judge_result(
     progress: bool = True,
     every_alpha: bool = True,
 ) -> dict:
-    """Judge a protocol result's replies (each method's first seed, every alpha toward the behavior
+    """Judge a protocol run's replies (each method's first seed, every alpha toward the behavior
     or with ``every_alpha`` False only its chosen one, and the unsteered replies) after validating
     the judge on them. Returns {"judge": {"model", "validation"},
     "judged": {method: {"alpha", "behavior", "coherence", "relevance", "score", "at_coherence", "by_alpha"}}}: each
-    method at its largest alpha within the fluency budget (``chosen_alpha``), the means over
+    method at its largest alpha within the fluency budget (``chosen_alpha[method]``), the means over
     prompts with bootstrap intervals; ``score`` is the harmonic mean of the questions the
     validation kept. ``at_coherence``: the method at its judged alpha with the most judged behavior
     among those keeping ``COHERENCE_KEPT`` of the unsteered judged coherence (None if none does):
@@ -270,8 +272,8 @@ def judge_result(
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
-    first = {name: runs[0] for name, runs in result["runs"].items()}
-    base_replies = next(iter(first.values()))["base_replies"]
+    first = {name: curves[0] for name, curves in run.curves.items()}
+    base_replies = next(iter(first.values())).base_replies
     validation = validate(judge, items, prompts, base_replies, description, opposite, seed)
     used = [q for q, v in validation.items() if v["used"]]
 
@@ -285,11 +287,11 @@ def judge_result(
 
     judged = {"unsteered": {"alpha": 0.0, **summary(base_replies)}}
     floor = COHERENCE_KEPT * judged["unsteered"]["coherence"]["mean"]
-    for name, run in tqdm(first.items(), desc="judging", disable=not progress):
-        chosen = result.get("chosen_alpha", {}).get(name)
+    for name, curve in tqdm(first.items(), desc="judging", disable=not progress):
+        chosen = chosen_alpha.get(name)
         by_alpha = {
             f"{alpha:g}": summary(replies)
-            for alpha, replies in zip(run["alphas"], run["replies"])
+            for alpha, replies in zip(curve.alphas, curve.replies)
             if alpha > 0 and (every_alpha or alpha == chosen)
         }
         best = by_alpha.get(f"{chosen:g}") if chosen is not None else None
@@ -321,7 +323,7 @@ JUDGED_PAIRS = (
 
 
 def compare_stored_replies(
-    report: dict,
+    report: Run,
     judge: Judge,
     prompts: Sequence[str],
     description: str,
@@ -330,17 +332,18 @@ def compare_stored_replies(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """``judged_comparisons`` for a judged report written before they existed: judges again the
+    """``judged_comparisons`` for a judged report (read with ``results.load``; its judge scores are
+    in ``extra``) written before they existed: judges again the
     behavior of the stored replies (each method's first seed) at each method's alpha of equal
     coherence, which the report names, and compares them paired over prompts. The means must equal
     the report's (the judge reads its next-token distribution, no sampling): checked here."""
     judged = {}
-    for name, row in report["judged"].items():
+    for name, row in report.extra["judged"].items():
         at = row.get("at_coherence") if name != "unsteered" else None
         if not at or "behavior" not in at or not any(name in pair for pair in JUDGED_PAIRS):
             continue
-        run = report["runs"][name][0]
-        replies = run["replies"][[f"{a:g}" for a in run["alphas"]].index(f"{at['alpha']:g}")]
+        curve = report.curves[name][0]
+        replies = curve.replies[[f"{a:g}" for a in curve.alphas].index(f"{at['alpha']:g}")]
         behavior = scores(judge, ["behavior"], list(zip(prompts, replies)), description, opposite)["behavior"]
         if abs(float(np.mean(behavior)) - at["behavior"]["mean"]) > 1e-3:
             raise ValueError(
@@ -352,9 +355,9 @@ def compare_stored_replies(
 
 
 def _difference(row: dict) -> str:
-    from .protocol import difference_cell
+    from .results import interval_cell
 
-    return difference_cell({"diff": row["mean"], "low": row["low"], "high": row["high"]})
+    return interval_cell(row["mean"], row["low"], row["high"])
 
 
 def judged_comparisons(judged: dict, n_resamples: int, rng: np.random.Generator) -> dict:
@@ -417,11 +420,12 @@ def judged_table(report: dict) -> str:
 SUMMARY_METHODS = ("caa", "innsteer", "prompt", "prompt+caa", "prompt+innsteer")
 
 
-def judged_summary(reports: Sequence[dict]) -> str:
-    """Markdown: one row per judged report — the judge's validation AUROCs, each method's judged
+def judged_summary(reports: Sequence[Run]) -> str:
+    """Markdown: one row per judged report (read with ``results.load``; the judge's scores are in
+    ``extra``) — the judge's validation AUROCs, each method's judged
     behavior at equal coherence (its alpha in parentheses), and the paired differences the issue
     asks about (INNSteer − CAA, prompt+INNSteer − prompt)."""
-    methods = [m for m in SUMMARY_METHODS if any(m in r["judged"] for r in reports)]
+    methods = [m for m in SUMMARY_METHODS if any(m in r.extra["judged"] for r in reports)]
     pairs = ("innsteer-caa", "prompt+innsteer-prompt")
     lines = [
         "| behavior | model | judge AUROC (behavior / coherence / relevance) | unsteered | "
@@ -431,7 +435,8 @@ def judged_summary(reports: Sequence[dict]) -> str:
         + " |",
         "|---|---|---|---|" + "---|" * (len(methods) + len(pairs)),
     ]
-    for r in reports:
+    for report in reports:
+        r = report.extra
         validation = r["judge"]["validation"]
         aurocs = " / ".join(
             f"{validation[q]['auroc']:.2f}" + ("" if validation[q]["used"] else "*") if q in validation else "–"
@@ -444,9 +449,8 @@ def judged_summary(reports: Sequence[dict]) -> str:
         compared = r.get("judged_comparisons") or {}
         diffs = [_difference(compared[p]) if p in compared else "–" for p in pairs]
         lines.append(
-            f"| {r['behavior']} | {r['model_id']} | {aurocs} | {r['judged']['unsteered']['behavior']['mean']:.2f} | "
-            + " | ".join(cells + diffs)
-            + " |"
+            f"| {report.behavior} | {report.model_id} | {aurocs} | "
+            f"{r['judged']['unsteered']['behavior']['mean']:.2f} | " + " | ".join(cells + diffs) + " |"
         )
     lines.append("")
     lines.append(

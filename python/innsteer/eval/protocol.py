@@ -16,7 +16,7 @@ curves are measured on that seed's validation part, which is how settings are ch
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -27,6 +27,7 @@ from ..hf.fit import fit_method
 from ..hf.models import LoadedModel
 from .batched import BatchedFluency, BatchedScorer
 from .metrics import repetition
+from .results import Comparison, Curve, Run
 from .tradeoff import REPETITION_GATE, has_replies, paired_bootstrap, seed_mean_summary
 
 ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
@@ -88,11 +89,11 @@ def measure_curve(
 ) -> dict:
     """Points on both sides of the ladder (``signs``: +1 toward the behavior, -1 away), each side
     stopping one point after its fluency cost (mean NLL/token over the unsteered model's) passes
-    ``stop_cost``: the budgets up to ``stop_cost`` are then determined. {"alphas", "scores":
-    {metric: [alpha][item]}, "nll", "tokens", "repetition", "replies"} (the last three per alpha and
-    fluency prompt). ``scorer``, ``fluency``: one for both sides, or one per sign (a prompt baseline's
-    inputs carry that side's instruction). ``steerer`` None: the unsteered model on those inputs,
-    one point per side (alpha +-1: the instruction on)."""
+    ``stop_cost``: the budgets up to ``stop_cost`` are then determined. A ``Curve``'s per-alpha
+    fields: {"alphas", "scores": {metric: [alpha][item]}, "nll", "tokens", "repetition", "replies"}
+    (the last four per alpha and fluency prompt). ``scorer``, ``fluency``: one for both sides, or
+    one per sign (a prompt baseline's inputs carry that side's instruction). ``steerer`` None: the
+    unsteered model on those inputs, one point per side (alpha +-1: the instruction on)."""
     scorers = scorer if isinstance(scorer, Mapping) else dict.fromkeys(signs, scorer)
     fluencies = fluency if isinstance(fluency, Mapping) else dict.fromkeys(signs, fluency)
     run = {"alphas": [], "scores": {m: [] for m in next(iter(scorers.values())).metrics}}
@@ -154,13 +155,13 @@ def run_protocol(
     return_steerers: bool = False,
     instructions: Optional[Mapping[int, str]] = None,
     also_compare: Sequence[tuple[str, str]] = (),
-) -> dict:
+) -> Run:
     """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
     for each metric and side (see the module docstring); ``test_items=None`` measures each seed on
     its validation part. ``instructions``: {sign: the instruction that asks for the behavior (+1)
     or against it (-1)}, for specs that ``instruct`` (measured on the sides with one);
-    ``also_compare``: more pairs, bootstrapped alike into "comparisons". JSON-serializable, unless
-    ``return_steerers`` adds {"steerers": {method: the first seed's steerer}}."""
+    ``also_compare``: more pairs, bootstrapped alike into ``comparisons``; ``return_steerers``:
+    the run's ``steerers`` are each method's first-seed steerer."""
     instructions = dict(instructions or {})
     instructed = [name for name, spec in specs.items() if spec.instruct]
     if instructed and not set(instructions) & set(signs):
@@ -191,7 +192,7 @@ def run_protocol(
         return BatchedScorer(lm, items, metrics), instructed_scorers
 
     scorer, instructed_scorer = (None, {}) if validation else scorers(test_items)
-    runs: dict[str, list] = {name: [] for name in specs}
+    runs: dict[str, list[Curve]] = {name: [] for name in specs}
     first_steerers = {}
     prompt_curve = None  # the prompt alone trains nothing: on fixed test items every seed measures the same
     for seed in seeds:
@@ -217,50 +218,55 @@ def run_protocol(
                 curve = measure_curve(steerer, **inputs, base_cost=base_cost, ladder=ladder, progress=progress)
             if steerer is None:
                 prompt_curve = curve
-            if spec.instruct:
-                curve["points"] = True  # the instruction is on or off: nothing between the unsteered and it
-            run = {**curve, **base, "seed": seed}
+            run = Curve(
+                **curve, **base, seed=seed,
+                points=spec.instruct,  # the instruction is on or off: nothing between the unsteered and it
+            )  # fmt: skip
             if steerer is not None:
                 first_steerers.setdefault(name, steerer)
-                run.update(layer=steerer.layer, extra=_summary_extra(steerer))
+                run = replace(run, layer=steerer.layer, extra=_summary_extra(steerer))
             runs[name].append(run)
             if progress:
-                print(f"  {behavior} seed {seed} {name}: {len(curve['alphas'])} points", flush=True)
+                print(f"  {behavior} seed {seed} {name}: {len(run.alphas)} points", flush=True)
 
-    def bootstrap(a: str, b: str) -> dict:
-        """{metric/side: the paired bootstrap of a - b} on the sides both were measured."""
-        measured = [{sign for run in runs[name] for sign in np.sign(run["alphas"])} for name in (a, b)]
-        return {
-            f"{metric}/{side}": paired_bootstrap(runs[a], runs[b], sign=sign, metric=metric, n_resamples=n_resamples)
-            for metric in metrics
-            for side, sign in (("toward", 1), ("away", -1))
-            if sign in measured[0] & measured[1]
-        }
+    def bootstrap(a: str, b: str) -> Comparison:
+        return compare_methods(runs, a, b, metrics, n_resamples)
 
-    comparison = bootstrap(*compare) if compare and set(compare) <= set(specs) else {}
-    comparisons = {f"{a} - {b}": bootstrap(a, b) for a, b in also_compare if {a, b} <= set(specs)}
-    result = {
-        "behavior": behavior,
-        "model_id": lm.model_id,
-        "layer": layer,
-        "evaluated_on": "validation" if validation else "test",
-        "seeds": list(seeds),
-        "n_test": len(scored_items),
-        "n_prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "metrics": list(metrics),
-        "specs": {name: spec.record() for name, spec in specs.items()},
-        "compare": list(compare),
-        "comparison": comparison,
-        "runs": runs,
+    comparisons = [bootstrap(a, b) for a, b in also_compare if {a, b} <= set(specs)]
+    return Run(
+        behavior=behavior,
+        model_id=lm.model_id,
+        layer=layer,
+        evaluated_on="validation" if validation else "test",
+        seeds=list(seeds),
+        n_test=len(scored_items),
+        n_prompts=len(prompts),
+        max_new_tokens=max_new_tokens,
+        metrics=list(metrics),
+        specs={name: spec.record() for name, spec in specs.items()},
+        curves=runs,
+        comparison=bootstrap(*compare) if compare and set(compare) <= set(specs) else None,
+        comparisons={c.label: c for c in comparisons},
+        instructions={("toward" if sign > 0 else "away"): instructions[sign] for sign in instructed_signs}
+        if instructed
+        else {},
+        steerers=first_steerers if return_steerers else {},
+    )
+
+
+def compare_methods(
+    curves: Mapping[str, Sequence[Curve]], a: str, b: str, metrics: Sequence[str], n_resamples: int = 1000
+) -> Comparison:
+    """The paired bootstrap of method ``a`` minus method ``b`` (their curves, one per seed), per
+    metric, on the sides both were measured."""
+    measured = [{sign for curve in curves[name] for sign in np.sign(curve.alphas)} for name in (a, b)]
+    sides = {
+        f"{metric}/{side}": paired_bootstrap(curves[a], curves[b], sign=sign, metric=metric, n_resamples=n_resamples)
+        for metric in metrics
+        for side, sign in (("toward", 1), ("away", -1))
+        if sign in measured[0] & measured[1]
     }
-    if comparisons:
-        result["comparisons"] = comparisons
-    if instructed:
-        result["instructions"] = {("toward" if sign > 0 else "away"): instructions[sign] for sign in instructed_signs}
-    if return_steerers:
-        result["steerers"] = first_steerers
-    return result
+    return Comparison(a, b, sides)
 
 
 def _summary_extra(steerer) -> dict:
@@ -270,107 +276,94 @@ def _summary_extra(steerer) -> dict:
     return {key: extra[key] for key in keys if key in extra}
 
 
-def _point_means(run: dict, metrics: Sequence[str]) -> list[dict]:
-    """A run's points as means over items (p_match) and prompts (NLL/token), by alpha."""
+def _point_means(curve: Curve, metrics: Sequence[str]) -> list[dict]:
+    """A curve's points as means over items (p_match) and prompts (NLL/token), by alpha."""
     points = []
-    for i, alpha in enumerate(run["alphas"]):
-        point = {m: sum(run["scores"][m][i]) / len(run["scores"][m][i]) for m in metrics}
-        point.update(alpha=alpha, nll=sum(run["nll"][i]) / sum(run["tokens"][i]))
+    for i, alpha in enumerate(curve.alphas):
+        point = {m: sum(curve.scores[m][i]) / len(curve.scores[m][i]) for m in metrics}
+        point.update(alpha=alpha, nll=sum(curve.nll[i]) / sum(curve.tokens[i]))
         points.append(point)
     return sorted(points, key=lambda p: p["alpha"])
 
 
-def alpha_within_budget(run: dict, metrics: Sequence[str], budget: float = 1.0) -> float:
-    """The largest positive alpha of a run whose fluency cost is at most ``budget``, before its first
-    degenerate point (the summaries' repetition gate, where the run recorded its replies); else its
-    smallest."""
-    base_nll = sum(run["base_nll"]) / sum(run["base_tokens"])
-    positive = [p for p in _point_means(run, metrics) if p["alpha"] > 0]
-    if "repetition" in run:
-        base_repeats = sum(run["base_repetition"]) / len(run["base_repetition"])
-        repeats = {a: sum(r) / len(r) for a, r in zip(run["alphas"], run["repetition"])}
+def alpha_within_budget(curve: Curve, metrics: Sequence[str], budget: float = 1.0) -> float:
+    """The largest positive alpha of a curve whose fluency cost is at most ``budget``, before its
+    first degenerate point (the summaries' repetition gate, where the curve recorded its replies);
+    else its smallest."""
+    base_nll = sum(curve.base_nll) / sum(curve.base_tokens)
+    positive = [p for p in _point_means(curve, metrics) if p["alpha"] > 0]
+    if curve.has_replies:
+        base_repeats = sum(curve.base_repetition) / len(curve.base_repetition)
+        repeats = {a: sum(r) / len(r) for a, r in zip(curve.alphas, curve.repetition)}
         degenerate = [p["alpha"] for p in positive if repeats[p["alpha"]] - base_repeats > REPETITION_GATE]
         positive = [p for p in positive if not degenerate or p["alpha"] < min(degenerate)] or positive[:1]
     fits = [p["alpha"] for p in positive if p["nll"] - base_nll <= budget]
     return max(fits) if fits else min(p["alpha"] for p in positive)
 
 
-def protocol_report(result: dict) -> dict:
-    """The first seed's curves in ``innsteer.eval.report``'s format (tables and plots), with the
-    seed-mean trade-offs and the comparison table of the whole protocol."""
-    metrics = result["metrics"]
-    first = {name: runs[0] for name, runs in result["runs"].items()}
-    any_run = next(iter(first.values()))
-    base = {m: sum(v) / len(v) for m, v in any_run["base_scores"].items()}
+def protocol_report(run: Run) -> dict:
+    """The run with what ``innsteer.eval.report`` tables and plots: the first seed's curves as
+    points, every method's seed-mean trade-off and the comparison tables of the whole protocol
+    (``Run.to_dict()`` plus those keys: ``results.load`` reads the written report back as the run)."""
+    metrics = run.metrics
+    first = {name: curves[0] for name, curves in run.curves.items()}
+    any_curve = next(iter(first.values()))
+    base = {m: sum(v) / len(v) for m, v in any_curve.base_scores.items()}
     base_point = {"method": "none", "alpha": 0.0, "letter": None, "distinct2": None, "samples": [], **base}
-    base_point["nll"] = sum(any_run["base_nll"]) / sum(any_run["base_tokens"])
+    base_point["nll"] = sum(any_curve.base_nll) / sum(any_curve.base_tokens)
     points = [base_point]
-    for name, run in first.items():
-        for p in _point_means(run, metrics):
+    for name, curve in first.items():
+        for p in _point_means(curve, metrics):
             points.append({"method": name, "letter": None, "distinct2": None, "samples": [], **p})
     # every method's seed-mean shift at each fluency budget toward the behavior (interpolated on its
     # curves, gated as the comparison is)
-    items, prompts = np.arange(len(any_run["base_scores"]["answer"])), np.arange(len(any_run["base_nll"]))
+    items, prompts = np.arange(len(any_curve.base_scores["answer"])), np.arange(len(any_curve.base_nll))
     tradeoff = {}
-    for name, runs in result["runs"].items():
-        gate = REPETITION_GATE if has_replies(runs) else None
-        summary = seed_mean_summary(runs, items, prompts, 1, "answer", gate)
+    for name, curves in run.curves.items():
+        gate = REPETITION_GATE if has_replies(curves) else None
+        summary = seed_mean_summary(curves, items, prompts, 1, "answer", gate)
         tradeoff[name] = {float(key[2:]): value for key, value in summary.items() if key.startswith("at")}
     return {
-        **{k: v for k, v in result.items() if k not in ("runs",)},
+        **run.to_dict(),
         "mode": "answer",
-        "n_open": result["n_prompts"],
+        "n_open": run.n_prompts,
         "points": points,
         "tradeoff": tradeoff,
-        "chosen_alpha": {name: alpha_within_budget(run, metrics) for name, run in first.items()},
-        "unjoined": [name for name, run in first.items() if run.get("points")],  # plotted as points
-        "comparison_table": {m: comparison_table([result], m) for m in metrics} if result["comparison"] else {},
-        "comparisons_table": {
-            pair: pair_table(result, pair, metric) for pair in result.get("comparisons", {}) for metric in metrics[:1]
-        },
-        "runs": result["runs"],
+        "chosen_alpha": {name: alpha_within_budget(curve, metrics) for name, curve in first.items()},
+        "unjoined": [name for name, curve in first.items() if curve.points],  # plotted as points
+        "comparison_table": {m: comparison_table([run], m) for m in metrics} if run.comparison else {},
+        "comparisons_table": {label: pair_table(c, metrics[0]) for label, c in run.comparisons.items()},
     }
 
 
-def difference_cell(row: dict) -> str:
-    """A paired difference with its interval, marked ✓ where the interval is above 0, ✗ below."""
-    mark = " ✓" if row["low"] > 0 else (" ✗" if row["high"] < 0 else "")
-    return f"{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{mark}"
-
-
-def pair_table(result: dict, pair: str, metric: str = "answer") -> str:
-    """Markdown: one extra comparison ("a - b" in ``result["comparisons"]``) on both sides."""
-    a, b = pair.split(" - ")
-    lines = [f"| side | summary | {a} | {b} | difference [95 % CI] |", "|---|---|---|---|---|"]
+def pair_table(comparison: Comparison, metric: str = "answer") -> str:
+    """Markdown: one comparison on both sides."""
+    lines = [f"| side | summary | {comparison.a} | {comparison.b} | difference [95 % CI] |", "|---|---|---|---|---|"]
     for side in ("toward", "away"):
-        for key, row in result["comparisons"][pair].get(f"{metric}/{side}", {}).items():
-            lines.append(f"| {side} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {difference_cell(row)} |")
+        for key, row in comparison.get(metric, side).items():
+            lines.append(f"| {side} | {key} | {row.a:+.3f} | {row.b:+.3f} | {row.cell()} |")
     return "\n".join(lines)
 
 
-def layers_label(result: dict) -> str:
+def layers_label(run: Run) -> str:
     """The compared methods' layers ("22/16" where they differ), else the protocol's layer."""
-    specs = result.get("specs", {})
-    layers = [specs[name].get("layer") for name in result.get("compare", ()) if name in specs]
-    layers = [result["layer"] if layer is None else layer for layer in layers]
-    return "/".join(map(str, layers)) if len(set(layers)) > 1 else str(layers[0] if layers else result["layer"])
+    layers = [run.method_layers[name] for name in run.compare if name in run.specs]
+    return "/".join(map(str, layers)) if len(set(layers)) > 1 else str(layers[0] if layers else run.layer)
 
 
-def comparison_table(results: Sequence[dict], metric: str = "answer", side: str = "toward") -> str:
+def comparison_table(runs: Sequence[Run], metric: str = "answer", side: str = "toward") -> str:
     """Markdown: per behavior, each method's seed-mean shift at the budgets and its AUC, and the
     difference with its 95 % paired bootstrap interval."""
+    compared = next((run.compare for run in runs if run.comparison), ("a", "b"))
     lines = [
-        "| behavior | layer | summary | " + " | ".join(results[0]["compare"]) + " | difference [95 % CI] |",
+        "| behavior | layer | summary | " + " | ".join(compared) + " | difference [95 % CI] |",
         "|---|---|---|---|---|---|",
     ]
-    for result in results:
-        comparison = result["comparison"].get(f"{metric}/{side}")
-        if not comparison:
-            continue
-        for key, row in comparison.items():
+    for run in runs:
+        rows = run.comparison.get(metric, side) if run.comparison else {}
+        for key, row in rows.items():
             lines.append(
-                f"| {result['behavior']} | {layers_label(result)} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | "
-                f"{difference_cell(row)} |"
+                f"| {run.behavior} | {layers_label(run)} | {key} | {row.a:+.3f} | {row.b:+.3f} | {row.cell()} |"
             )
     return "\n".join(lines)
 

@@ -9,10 +9,11 @@ matplotlib is imported only when plotting (install the ``plot`` extra).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from .results import Run, save
 
 PLOT_HINT = "plots need matplotlib: pip install 'innsteer[plot]' (or pass --no-plots)"
 
@@ -137,6 +138,9 @@ def plot_alpha(result: dict, path: Path) -> None:
     base = baseline_point(result["points"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("answer", "letter")):
+        if base[metric] is None:  # items without lettered options have no letter metric
+            ax.set_axis_off()
+            continue
         for method, points in _by_method(result["points"]).items():
             if method == "none" or points[0][metric] is None:
                 continue
@@ -215,7 +219,7 @@ def write_report(result: dict, out_dir: str | os.PathLike, *, plots: bool = True
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str))
+    save(Run.from_dict(result, "the report"), paths["json"])  # the run and, in its extra, the report's tables
     paths["markdown"].write_text(markdown(result))
     if plots:
         paths["alpha"] = out / "alpha.png"

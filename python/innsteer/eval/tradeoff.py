@@ -13,7 +13,7 @@ a steer that breaks the text at large alpha could look cheap there.
 ``paired_bootstrap`` resamples test items and fluency prompts with replacement, the same draws for
 both methods, and averages each summary over seeds within a draw: the 95 % interval of the
 difference of two methods at the same fluency budget.
-``mirrored`` reads a run's away side as a toward side: ``paired_bootstrap(runs, mirrored(runs))`` is
+``mirrored`` reads a curve's away side as a toward side: ``paired_bootstrap(curves, mirrored(curves))`` is
 the two-sided check, how much more a method raises p_match steering toward the behavior than
 steering away from it. A steer that only disrupts the model moves p_match alike on both sides, and
 its "toward" shift is then no evidence of steering.
@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from .results import Curve, Difference
+
 BUDGETS = (0.25, 0.5, 1.0)
 _GRID = np.linspace(0.0, 1.0, 101)
 # Fixed before any curve was summarized with it: a fifth of a reply's 4-grams repeating earlier ones
@@ -34,9 +36,9 @@ _GRID = np.linspace(0.0, 1.0, 101)
 REPETITION_GATE = 0.2
 
 
-def has_replies(runs: Sequence[dict]) -> bool:
-    """Whether runs recorded their replies' repetition (result files before code 2026-12-04 did not)."""
-    return all("repetition" in run for run in runs)
+def has_replies(curves: Sequence[Curve]) -> bool:
+    """Whether curves recorded their replies' repetition (result files before code 2026-12-04 did not)."""
+    return all(curve.has_replies for curve in curves)
 
 
 def budget_shifts(costs: Sequence[float], shifts: Sequence[float], budgets, points: bool = False) -> np.ndarray:
@@ -71,81 +73,77 @@ def summarize(
 
 
 def curve_summary(
-    run: dict, item_idx: np.ndarray, prompt_idx: np.ndarray, sign: int, metric: str, gate: Optional[float]
+    curve: Curve, item_idx: np.ndarray, prompt_idx: np.ndarray, sign: int, metric: str, gate: Optional[float]
 ) -> dict:
-    """Summaries of one measured run on a resample of its items and prompts.
-
-    ``run``: {"alphas": [...], "scores": {metric: [alphas x items]}, "nll": [alphas x prompts],
-    "tokens": [alphas x prompts], "repetition": [alphas x prompts], "base_scores": {metric: [items]},
-    "base_nll": [prompts], "base_tokens": [prompts], "base_repetition": [prompts]} (per-item p_match,
-    per-prompt reply NLL sums, token counts and repetition; ``"points": True`` for a run whose points
-    are not joined, a prompt's). ``gate``: the repetition gate (None: none)."""
-    alphas = np.asarray(run["alphas"], float)
+    """Summaries of one measured curve on a resample of its items and prompts (per-item p_match,
+    per-prompt reply NLL sums, token counts and repetition; a curve of ``points`` is not joined, a
+    prompt's). ``gate``: the repetition gate (None: none)."""
+    alphas = np.asarray(curve.alphas, float)
     side = np.sign(alphas) == sign
     order = np.argsort(np.abs(alphas[side]))
-    scores = np.asarray(run["scores"][metric], float)[side][order][:, item_idx].mean(1)
-    base = np.asarray(run["base_scores"][metric], float)[item_idx].mean()
-    nll = np.asarray(run["nll"], float)[side][order][:, prompt_idx].sum(1)
-    tokens = np.asarray(run["tokens"], float)[side][order][:, prompt_idx].sum(1)
-    base_nll = np.asarray(run["base_nll"], float)[prompt_idx].sum() / np.asarray(run["base_tokens"])[prompt_idx].sum()
+    scores = np.asarray(curve.scores[metric], float)[side][order][:, item_idx].mean(1)
+    base = np.asarray(curve.base_scores[metric], float)[item_idx].mean()
+    nll = np.asarray(curve.nll, float)[side][order][:, prompt_idx].sum(1)
+    tokens = np.asarray(curve.tokens, float)[side][order][:, prompt_idx].sum(1)
+    base_nll = np.asarray(curve.base_nll, float)[prompt_idx].sum() / np.asarray(curve.base_tokens)[prompt_idx].sum()
     costs, shifts = nll / tokens - base_nll, sign * (scores - base)
     if gate is not None:
-        if "repetition" not in run:
-            raise ValueError("a run without its replies' repetition cannot be gated (bench/replies.py adds it)")
-        repeats = np.asarray(run["repetition"], float)[side][order][:, prompt_idx].mean(1)
-        base_repeats = np.asarray(run["base_repetition"], float)[prompt_idx].mean()
+        if not curve.has_replies:
+            raise ValueError("a curve without its replies' repetition cannot be gated (bench/replies.py adds it)")
+        repeats = np.asarray(curve.repetition, float)[side][order][:, prompt_idx].mean(1)
+        base_repeats = np.asarray(curve.base_repetition, float)[prompt_idx].mean()
         kept = np.cumprod(repeats - base_repeats <= gate).astype(bool)  # up to the first degenerate point
         costs, shifts = costs[kept], shifts[kept]
-    return summarize(costs, shifts, points=run.get("points", False))
+    return summarize(costs, shifts, points=curve.points)
 
 
-def mirrored(runs: Sequence[dict]) -> list[dict]:
-    """The runs with every alpha's sign flipped, so that the toward side's summaries of the result
+def mirrored(curves: Sequence[Curve]) -> list[Curve]:
+    """The curves with every alpha's sign flipped, so that the toward side's summaries of the result
     measure how far steering *away* from the behavior raises p_match."""
-    return [dict(run, alphas=[-alpha for alpha in run["alphas"]]) for run in runs]
+    return [curve.mirrored() for curve in curves]
 
 
 def seed_mean_summary(
-    runs: Sequence[dict], item_idx, prompt_idx, sign: int, metric: str, gate: Optional[float]
+    curves: Sequence[Curve], item_idx, prompt_idx, sign: int, metric: str, gate: Optional[float]
 ) -> dict:
-    summaries = [curve_summary(run, item_idx, prompt_idx, sign, metric, gate) for run in runs]
+    summaries = [curve_summary(curve, item_idx, prompt_idx, sign, metric, gate) for curve in curves]
     return {key: float(np.mean([s[key] for s in summaries])) for key in summaries[0]}
 
 
 def paired_bootstrap(
-    runs_a: Sequence[dict],
-    runs_b: Sequence[dict],
+    curves_a: Sequence[Curve],
+    curves_b: Sequence[Curve],
     *,
     sign: int = 1,
     metric: str = "answer",
     n_resamples: int = 1000,
     seed: int = 0,
     gate: Optional[float] = REPETITION_GATE,
-) -> dict:
-    """Method A minus method B: {summary: {"diff", "low", "high"}} with the 95 % percentile interval
-    over resamples of items and prompts (shared by both methods and every seed); also each method's
-    own point estimates ``"a"`` and ``"b"``. ``gate``: the repetition gate (None: every point counts,
-    as for result files that did not record their replies)."""
-    n_items = len(runs_a[0]["base_scores"][metric])
-    n_prompts = len(runs_a[0]["base_nll"])
+) -> dict[str, Difference]:
+    """Method A minus method B (each a curve per seed): {summary: Difference} with the 95 %
+    percentile interval over resamples of items and prompts (shared by both methods and every
+    seed). ``gate``: the repetition gate (None: every point counts, as for result files that did not
+    record their replies)."""
+    n_items = len(curves_a[0].base_scores[metric])
+    n_prompts = len(curves_a[0].base_nll)
     every_item, every_prompt = np.arange(n_items), np.arange(n_prompts)
-    point_a = seed_mean_summary(runs_a, every_item, every_prompt, sign, metric, gate)
-    point_b = seed_mean_summary(runs_b, every_item, every_prompt, sign, metric, gate)
+    point_a = seed_mean_summary(curves_a, every_item, every_prompt, sign, metric, gate)
+    point_b = seed_mean_summary(curves_b, every_item, every_prompt, sign, metric, gate)
     rng = np.random.default_rng(seed)
     draws = {key: [] for key in point_a}
     for _ in range(n_resamples):
         items, prompts = rng.integers(0, n_items, n_items), rng.integers(0, n_prompts, n_prompts)
-        a = seed_mean_summary(runs_a, items, prompts, sign, metric, gate)
-        b = seed_mean_summary(runs_b, items, prompts, sign, metric, gate)
+        a = seed_mean_summary(curves_a, items, prompts, sign, metric, gate)
+        b = seed_mean_summary(curves_b, items, prompts, sign, metric, gate)
         for key in draws:
             draws[key].append(a[key] - b[key])
     return {
-        key: {
-            "a": point_a[key],
-            "b": point_b[key],
-            "diff": point_a[key] - point_b[key],
-            "low": float(np.percentile(values, 2.5)),
-            "high": float(np.percentile(values, 97.5)),
-        }
+        key: Difference(
+            a=point_a[key],
+            b=point_b[key],
+            diff=point_a[key] - point_b[key],
+            low=float(np.percentile(values, 2.5)),
+            high=float(np.percentile(values, 97.5)),
+        )
         for key, values in draws.items()
     }

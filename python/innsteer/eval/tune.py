@@ -38,9 +38,10 @@ from ..datasets.ab import ABItem, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
-from .protocol import ALPHA_LADDER, MethodSpec, difference_cell, run_protocol
+from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
 from .provenance import provenance
 from .report import pyplot
+from .results import Curve, Run, interval_cell
 from .tradeoff import REPETITION_GATE, curve_summary
 
 SCHEMA_VERSION = 1
@@ -110,12 +111,12 @@ def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
     return sorted({min(n_layers - 2, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
-def validation_area(run: dict, sign: int = 1) -> float:
-    """A validation run's area to 1 nat/token toward the behavior (``sign`` -1: away from it; answer
-    metric, repetition gate)."""
-    items = np.arange(len(run["base_scores"]["answer"]))
-    prompts = np.arange(len(run["base_nll"]))
-    return curve_summary(run, items, prompts, sign, "answer", REPETITION_GATE)["auc"]
+def validation_area(curve: Curve, sign: int = 1) -> float:
+    """A validation curve's area to 1 nat/token toward the behavior (``sign`` -1: away from it;
+    answer metric, repetition gate)."""
+    items = np.arange(len(curve.base_scores["answer"]))
+    prompts = np.arange(len(curve.base_nll))
+    return curve_summary(curve, items, prompts, sign, "answer", REPETITION_GATE)["auc"]
 
 
 def choose_variant(by_options: dict[str, dict[str, float]], caa_toward: float, caa_away: float) -> str:
@@ -228,8 +229,8 @@ def tune(
         )  # fmt: skip
         sides = {1: "toward", -1: "away"}
         return {
-            name: {sides[sign]: float(np.mean([validation_area(run, sign) for run in runs])) for sign in signs}
-            for name, runs in result["runs"].items()
+            name: {sides[sign]: float(np.mean([validation_area(curve, sign) for curve in curves])) for sign in signs}
+            for name, curves in result.curves.items()
         }
 
     # one forward pass per validation seed collects every candidate layer (then cached on disk)
@@ -304,19 +305,18 @@ def tune(
             lm, pool, test, prompts, layer=final["caa"].layer, specs=final, seeds=plan.test_seeds,
             compare=COMPARED, return_steerers=True, ladder=plan.ladder, **common,
         )  # fmt: skip
-        steerers = result.pop("steerers")  # the first test seed's
         if out_dir is not None:  # written with the stage, so a resumed run has them too
             out_dir.mkdir(parents=True, exist_ok=True)
-            for name, steerer in steerers.items():
+            for name, steerer in result.steerers.items():  # the first test seed's
                 steerer.save(out_dir / f"{name}.safetensors")
-        return result
+        return result.to_dict()
 
     # named by the configurations it measures: a rerun that chooses differently (new code, a new
     # rule) measures them instead of reading the other choice's test
     result = stages.run(
         f"test-{_digest(sorted((n, c['layer'], sorted(c['options'].items())) for n, c in chosen.items()))}", test_stage
     )
-    comparison = result["comparison"]
+    comparison = Run.from_dict(result, "the tune's test stage").comparison.sides_dict()
     test_record: dict[str, Any] = dict(comparison["answer/toward"])
     test_record["away"] = comparison["answer/away"]
     if "letter/toward" in comparison:
@@ -425,7 +425,7 @@ def tune_markdown(record: dict) -> str:
     for direction, rows in (("toward", {k: v for k, v in test.items() if k.startswith(("at", "auc"))}),
                             ("away", test["away"])):  # fmt: skip
         for key, row in rows.items():
-            lines.append(f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {difference_cell(row)} |")
+            lines.append(f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
     lines += [
         "",
         "Shifts are p(matching answer) minus the unsteered model's, at a fluency cost (NLL/token of greedy "
@@ -447,10 +447,14 @@ def tune_table(records: Sequence[dict]) -> str:
         inn = r["chosen"]["innsteer"]
         lines.append(
             f"| {r['behavior']} | {r['model_id']} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
-            f"{inn.get('variant') or inn['options'] or 'defaults'} | {difference_cell(r['test']['auc'])} | "
-            f"{difference_cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
+            f"{inn.get('variant') or inn['options'] or 'defaults'} | {_cell(r['test']['auc'])} | "
+            f"{_cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _cell(row: dict) -> str:
+    return interval_cell(row["diff"], row["low"], row["high"])
 
 
 def plot_tune(record: dict, path: Path) -> None:
