@@ -229,10 +229,8 @@ def run_protocol(
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(run.alphas)} points", flush=True)
 
-    def bootstrap(a: str, b: str) -> Comparison:
-        return compare_methods(runs, a, b, metrics, n_resamples)
-
-    comparisons = [bootstrap(a, b) for a, b in also_compare if {a, b} <= set(specs)]
+    comparisons = [compare_methods(runs, a, b, metrics, n_resamples) for a, b in also_compare if {a, b} <= set(specs)]
+    compared = compare and set(compare) <= set(specs)
     return Run(
         behavior=behavior,
         model_id=lm.model_id,
@@ -245,7 +243,7 @@ def run_protocol(
         metrics=list(metrics),
         specs={name: spec.record() for name, spec in specs.items()},
         curves=runs,
-        comparison=bootstrap(*compare) if compare and set(compare) <= set(specs) else None,
+        comparison=compare_methods(runs, *compare, metrics, n_resamples) if compared else None,
         comparisons={c.label: c for c in comparisons},
         instructions={("toward" if sign > 0 else "away"): instructions[sign] for sign in instructed_signs}
         if instructed
