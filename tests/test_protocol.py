@@ -63,6 +63,8 @@ def test_result_files_are_named_by_their_settings(tmp_path):
     result.extra["dtype"], result.seeds = "bfloat16", [1]
     name = "M-refusal-L14-s1-transport_weight1-num_couplings8-caaL22-bfloat16.json"
     assert result_path(tmp_path, result) == tmp_path / name
+    result.specs["innsteer"]["options"] = {"away": {"transport_sides": "both"}}  # a signed steerer's
+    assert result_path(tmp_path, result).name == "M-refusal-L14-s1-away.transport_sidesboth-caaL22-bfloat16.json"
 
 
 def test_train_fraction_fits_on_the_first_part_of_the_shuffled_training_items(default_lm):

@@ -11,7 +11,7 @@ from tiny_models import tiny_lm
 
 import innsteer
 from innsteer.core.errors import ConfigError
-from innsteer.core.steerers import load_steerer
+from innsteer.core.steerers import SignedSteerer, load_steerer
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import tune as tune_module
 from innsteer.eval.results import Curve
@@ -19,7 +19,8 @@ from innsteer.eval.tune import (
     TUNE_BUDGETS,
     TuneBudget,
     candidate_layers,
-    choose_variant,
+    choose_variants,
+    signed_options,
     split_items,
     tune_table,
     validation_area,
@@ -71,17 +72,22 @@ def test_validation_area_against_a_hand_computed_trapezoid():
     assert validation_area(run) == pytest.approx(0.5 * 0.2 / 2 + 0.5 * 0.2, abs=1e-3)
 
 
-def test_the_option_choice_keeps_the_gain_toward_and_reaches_caa_away_where_it_can():
-    # myopic-reward's validation areas (docs/RESULTS.md): CAA 0.017 toward, 0.047 away
+def test_each_sign_gets_the_options_that_steer_it_most():
+    # myopic-reward's validation areas (docs/RESULTS.md): the defaults steer toward most, the
+    # transport term for both sides away
     myopic = {"defaults": {"toward": 0.284, "away": 0.011}, "both-sides": {"toward": 0.218, "away": 0.074},
               "no-transport": {"toward": 0.049, "away": 0.065}}  # fmt: skip
-    assert choose_variant(myopic, 0.017, 0.047) == "both-sides"
-    # corrigible-neutral-HHH's: CAA 0.123 / 0.100; no option reaches both, so the most toward wins
-    corrigible = {"defaults": {"toward": 0.169, "away": 0.074}, "both-sides": {"toward": 0.116, "away": 0.137},
-                  "no-transport": {"toward": 0.109, "away": 0.097}}  # fmt: skip
-    assert choose_variant(corrigible, 0.123, 0.100) == "defaults"
-    assert choose_variant(corrigible, 0.100, 0.090) == "both-sides"  # of the two reaching CAA, more toward
-    assert choose_variant(corrigible, 0.100, 0.070) == "defaults"  # every option reaches CAA
+    assert choose_variants(myopic) == ("defaults", "both-sides")
+    variants = {"defaults": {}, "both-sides": {"transport_sides": "both"}, "no-transport": {"transport_weight": 0.0}}
+    assert signed_options(variants, "defaults", "both-sides") == {"away": {"transport_sides": "both"}}
+    assert signed_options(variants, "no-transport", "both-sides") == {
+        "transport_weight": 0.0,
+        "away": {"transport_sides": "both"},
+    }
+    # one set best both ways: one map; a tie goes to the earlier set
+    refusal = {"defaults": {"toward": 0.3, "away": 0.1}, "both-sides": {"toward": 0.3, "away": 0.05}}
+    assert choose_variants(refusal) == ("defaults", "defaults")
+    assert signed_options(variants, "both-sides", "both-sides") == {"transport_sides": "both"}
 
 
 def test_the_quick_budget_samples_large_data_down_in_order():
@@ -122,9 +128,10 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
         assert choice["layer"] == max(by_layer, key=by_layer.get)  # each method's own best layer
     options = record["chosen"]["innsteer"]["validation"]["by_options"]
     assert set(options) == set(TINY.variants)
-    caa = record["chosen"]["caa"]["validation"]
-    best = choose_variant(options, caa["auc"], caa["away_auc"])
-    assert record["chosen"]["innsteer"]["options"] == TINY.variants[best]
+    toward, away = choose_variants(options)
+    assert record["chosen"]["innsteer"]["options"] == signed_options(TINY.variants, toward, away)
+    assert (record["chosen"]["innsteer"]["variant"], record["chosen"]["innsteer"]["away_variant"]) == (toward, away)
+    assert record["chosen"]["innsteer"]["validation"]["away_auc"] == options[away]["away"]
     assert (
         options["defaults"]["toward"]
         == record["chosen"]["innsteer"]["validation"]["by_layer"][str(record["chosen"]["innsteer"]["layer"])]
@@ -153,12 +160,19 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     calls.clear()  # the same command again: every stage is read back, nothing measured
     again = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
     assert calls == [] and again["chosen"] == record["chosen"] and again["test"] == record["test"]
-    # another choice from the same validation stages (a new rule): only the test is measured again
-    other = next(name for name in TINY.variants if TINY.variants[name] != record["chosen"]["innsteer"]["options"])
-    monkeypatch.setattr(tune_module, "choose_variant", lambda *a: other)
+    # another choice from the same validation stages (a new rule): only the test is measured again;
+    # two option sets for the two signs: the steer file holds two maps
+    pair = (
+        ("no-transport", "defaults") if (toward, away) != ("no-transport", "defaults") else ("defaults", "no-transport")
+    )
+    monkeypatch.setattr(tune_module, "choose_variants", lambda *a: pair)
     rechosen = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
-    assert len(calls) == 1 and rechosen["chosen"]["innsteer"]["options"] == TINY.variants[other]
-    monkeypatch.setattr(tune_module, "choose_variant", choose_variant)
+    assert len(calls) == 1 and rechosen["chosen"]["innsteer"]["options"] == signed_options(TINY.variants, *pair)
+    signed = load_steerer(tmp_path / "innsteer.safetensors")
+    assert isinstance(signed, SignedSteerer) and signed.layer == rechosen["chosen"]["innsteer"]["layer"]
+    assert f"{pair[0]} / {pair[1]} away" in tune_table([rechosen])
+    assert "(chosen toward)" in (tmp_path / "tune.md").read_text()
+    monkeypatch.setattr(tune_module, "choose_variants", choose_variants)
     # other settings do not reuse the stages
     calls.clear()
     innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, seed=1, progress=False)

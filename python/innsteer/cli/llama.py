@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 from ._args import CLIError, check_input_file
 
@@ -66,18 +66,16 @@ def export_command(args: argparse.Namespace) -> int:
 TEMPLATE_ROOM = 512
 
 
-def _steer_for_llama(
-    args: argparse.Namespace, model_id: str, tmpdir: str
-) -> tuple[Optional[str], Optional[str], float, str]:
-    """(steer GGUF, control vector GGUF, its strength, its label) for ``--steer``, as
-    ``innsteer.llama.export.for_llama`` prepares it: an INN runs in the hook; a linear steerer (CAA,
-    PCA, probe: h + alpha * v) or a control vector GGUF as a llama.cpp control vector, which
-    llama.cpp adds at every position."""
+def _steer_for_llama(args: argparse.Namespace, model_id: str, tmpdir: str) -> tuple[Any, Optional[str], float, str]:
+    """(the prepared INN steer, control vector GGUF, its strength, its label) for ``--steer``, as
+    ``innsteer.llama.export.for_llama`` prepares it: an INN (or a signed steerer's two maps) runs in
+    the hook; a linear steerer (CAA, PCA, probe: h + alpha * v) or a control vector GGUF as a
+    llama.cpp control vector, which llama.cpp adds at every position."""
     from ..llama.export import for_llama
 
     prepared = for_llama(args.steer, model_id=model_id, workdir=tmpdir)
     if prepared.kind == "innsteer":
-        return prepared.path, None, 0.0, ""
+        return prepared, None, 0.0, ""
     what = "a control vector" if prepared.steerer is None else f"the {prepared.steerer.method} steerer"
     if args.control_vector:
         raise CLIError(
@@ -129,9 +127,16 @@ def generate_gguf(args: argparse.Namespace) -> int:
         from ..llama.steering import SteeredLlama
 
         try:  # llama.cpp's and the hook's ValueErrors: a file that is no model, a layer it lacks, ...
+            signed = steer is not None and steer.away_path is not None
             llm = SteeredLlama(
-                str(model), steer=steer, alpha=args.alpha, n_ctx=n_ctx, expect_model_id=model_id_for(model)
+                str(model),
+                steer=None if steer is None or signed else steer.path,
+                alpha=args.alpha,
+                n_ctx=n_ctx,
+                expect_model_id=model_id_for(model),
             )
+            if signed:  # its two maps, each at its sign of the alpha
+                llm.steering.add_signed(steer.path, steer.away_path, args.alpha, expect_model_id=model_id_for(model))
             if control_vector:
                 llm.steering.set_control_vector(control_vector, strength)  # checked before any reply
                 llm.steering.clear_control_vector()
@@ -146,7 +151,8 @@ def generate_gguf(args: argparse.Namespace) -> int:
             if control_vector:
                 steering.set_control_vector(control_vector, strength)
             steered = [_reply(llm, i, p, args.max_new_tokens, args.steer_prompt) for i, p in enumerate(prompts)]
-    labels = [f"innsteer alpha={steering.alphas[0]:g}"] if steer else []
+    # the alpha of the entry that runs (a signed steerer's other map runs at 0)
+    labels = [f"innsteer alpha={next((a for a in steering.alphas if a), 0.0):g}"] if steer else []
     if control_vector:
         labels.append(label)
     for i, prompt in enumerate(prompts):

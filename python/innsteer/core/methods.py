@@ -39,6 +39,7 @@ from .steerers import (
     INNSteerer,
     LinearSteerer,
     ODESteerer,
+    SignedSteerer,
     SteererBase,
     TransportSteerer,
 )
@@ -141,10 +142,24 @@ def fit_innsteer(
     behavior: str = "",
     seed: int = 0,
     progress: bool = False,
+    away: Optional[dict] = None,
     **config,
-) -> INNSteerer:
+) -> INNSteerer | SignedSteerer:
     """train_innsteer with TrainConfig and FlowConfig fields as keywords (e.g. ``mlp_hidden=64,
-    sep_weight=0.1``); the history is in ``steerer.extra``."""
+    sep_weight=0.1``); the history is in ``steerer.extra``. ``away``: the options of a second map
+    for negative alphas (e.g. ``{"transport_sides": "both"}``): a ``SignedSteerer`` of the two,
+    each trained on the same rows with the same seed, so each side is the map its options alone
+    would train."""
+    if away is not None:
+        if not isinstance(away, dict) or "away" in away:
+            raise TypeError(f"innsteer option 'away' must be a dict of training options (not nested), got {away!r}")
+        sides = {
+            side: fit_innsteer(
+                pos, neg, layer=layer, model_id=model_id, behavior=behavior, seed=seed, progress=progress, **options
+            )
+            for side, options in (("toward", config), ("away", away))
+        }
+        return SignedSteerer(sides["toward"], sides["away"])
     flow_keys, train_keys = set(FlowConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__) - {"flow"}
     unknown = sorted(set(config) - flow_keys - train_keys)
     if unknown:
@@ -183,5 +198,5 @@ METHOD_STEERERS: dict[str, type[SteererBase]] = {
     "odesteer": ODESteerer,
     "hpr": HouseholderSteerer,
     "truthflow": FlowCorrectionSteerer,
-    "innsteer": INNSteerer,
+    "innsteer": INNSteerer,  # a SignedSteerer with the option 'away' (a second map for alpha < 0)
 }

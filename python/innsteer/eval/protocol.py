@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..core.steerers import SignedSteerer
 from ..datasets.ab import METRICS, ABItem, train_val_split
 from ..hf.fit import fit_method
 from ..hf.models import LoadedModel
@@ -268,7 +269,10 @@ def compare_methods(
 
 
 def _summary_extra(steerer) -> dict:
-    """What a run records of its steerer's training (INNSteer's kept epoch and validation scores)."""
+    """What a run records of its steerer's training (INNSteer's kept epoch and validation scores;
+    a signed steerer's for each of its maps)."""
+    if isinstance(steerer, SignedSteerer):
+        return {side: _summary_extra(getattr(steerer, side)) for side in ("toward", "away")}
     extra = getattr(steerer, "extra", None) or {}
     keys = ("best_epoch", "val_transport", "n_pairs", "seconds", "train")  # train: the full TrainConfig
     return {key: extra[key] for key in keys if key in extra}

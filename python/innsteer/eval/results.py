@@ -274,11 +274,20 @@ def result_path(out: Path, run: Run) -> Path:
     """<model>-<behavior>-L<layer>-s<seeds>[-<INNSteer options>][-caaL<layer>][-<dtype>].json: INNSteer
     options other than TrainConfig's defaults are in the name, so runs of both can sit side by side."""
     options, caa_layer = run.specs["innsteer"]["options"], run.specs["caa"].get("layer")
-    tag = "".join(f"-{key}{option_text(value)}" for key, value in options.items())
+    tag = "".join(f"-{key}{option_text(value)}" for key, value in _flat(options))
     dtype = run.extra.get("dtype", "float32")
     tag += ("" if caa_layer is None else f"-caaL{caa_layer}") + ("" if dtype == "float32" else f"-{dtype}")
     seeds = "".join(str(seed) for seed in run.seeds)
     return out / f"{run.model_id}-{run.behavior}-L{run.layer}-s{seeds}{tag}.json"
+
+
+def _flat(options: dict, prefix: str = ""):
+    """(key, value) of options, a signed steerer's away options as ``away.<key>``."""
+    for key, value in options.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 SAME_SETTINGS = ("behavior", "model_id", "layer", "seeds", "n_test", "n_prompts", "max_new_tokens", "metrics")
@@ -291,5 +300,8 @@ def same_settings(earlier: Run, run: Run, keys: tuple[str, ...] = SAME_SETTINGS)
 
 
 def option_text(value) -> str:
-    """An option's value as file names and tables show it (1.0 -> '1')."""
+    """An option's value as tables show it (1.0 -> '1'; a signed steerer's away options as
+    '(transport_sides=both)')."""
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{key}={option_text(v)}" for key, v in value.items()) + ")"
     return f"{value:g}" if isinstance(value, float) else str(value)

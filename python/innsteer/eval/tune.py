@@ -9,9 +9,11 @@ does, so the baseline is tuned as hard as the method:
    validation area under the behaviour-vs-fluency curve up to 1 nat/token toward the behavior,
    with the repetition gate (``innsteer.eval.tradeoff``);
 2. for INNSteer, its training options at its best layer (``TuneBudget.variants``), measured in
-   both directions: the variant with the largest area toward the behavior among those whose areas
-   toward and away both reach CAA's at its layer (the steer is used at both signs, and a map
-   trained for alpha = +1 alone can fail to steer away); the largest area toward if none does.
+   both directions, chosen for each sign apart: the variant with the largest area toward the
+   behavior steers at alpha > 0, the one with the largest area away at alpha < 0. Where they
+   differ the steerer is two maps (``SignedSteerer``; options ``{..., "away": {...}}``): a map
+   trained for alpha = +1 alone can fail to steer away, and one trained for both signs gives up
+   part of the gain toward the behavior.
 
 Then the chosen configurations are fitted on the pool for each test seed and compared on the
 test items in both directions, with paired bootstrap intervals (``run_protocol`` in its test
@@ -119,11 +121,16 @@ def validation_area(curve: Curve, sign: int = 1) -> float:
     return curve_summary(curve, items, prompts, sign, "answer", REPETITION_GATE)["auc"]
 
 
-def choose_variant(by_options: dict[str, dict[str, float]], caa_toward: float, caa_away: float) -> str:
-    """The option set with the largest validation area toward the behavior among those whose areas
-    toward and away both reach CAA's; where none does, the gain toward the behavior comes first."""
-    at_least_caa = [n for n, a in by_options.items() if a["toward"] >= caa_toward and a["away"] >= caa_away]
-    return max(at_least_caa or by_options, key=lambda name: by_options[name]["toward"])
+def choose_variants(by_options: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """(the option set with the largest validation area toward the behavior, the one with the
+    largest area away from it); ties go to the earlier set (the defaults first)."""
+    return tuple(max(by_options, key=lambda name: by_options[name][side]) for side in ("toward", "away"))
+
+
+def signed_options(variants: dict[str, dict], toward: str, away: str) -> dict:
+    """The innsteer options of the chosen sets: one map's, or two maps' (``away``: the second
+    map's, for alpha < 0) where the signs chose differently."""
+    return dict(variants[toward]) if toward == away else {**variants[toward], "away": dict(variants[away])}
 
 
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
@@ -270,7 +277,7 @@ def tune(
     )
     by_options = {default_variant: {"toward": by_layer["innsteer"][inn_layer], **away[default_variant]}, **by_options}
     caa_away = away["caa"]["away"]
-    best_variant = choose_variant(by_options, by_layer["caa"][caa_layer], caa_away)
+    toward_variant, away_variant = choose_variants(by_options)
     _say(progress, f"INNSteer options (toward / away; CAA away {caa_away:.3f}): "
          + ", ".join(f"{n} {a['toward']:.3f} / {a['away']:.3f}" for n, a in by_options.items()))  # fmt: skip
 
@@ -286,11 +293,12 @@ def tune(
         },
         "innsteer": {
             "layer": inn_layer,
-            "options": dict(variants[best_variant]),
-            "variant": best_variant,
+            "options": signed_options(variants, toward_variant, away_variant),
+            "variant": toward_variant,
+            "away_variant": away_variant,
             "validation": {
-                "auc": by_options[best_variant]["toward"],
-                "away_auc": by_options[best_variant]["away"],
+                "auc": by_options[toward_variant]["toward"],
+                "away_auc": by_options[away_variant]["away"],
                 "by_layer": _keys(by_layer["innsteer"]),
                 "by_options": by_options,
             },
@@ -406,13 +414,12 @@ def tune_markdown(record: dict) -> str:
     caa_away = chosen["caa"]["validation"]["away_auc"]
     lines += [
         "",
-        f"INNSteer's options at layer {chosen['innsteer']['layer']}, area toward / away (the largest toward among "
-        f"those reaching CAA's {chosen['caa']['validation']['auc']:.3f} / {caa_away:.3f} at its layer "
-        f"{chosen['caa']['layer']}; else the largest toward):",
+        f"INNSteer's options at layer {chosen['innsteer']['layer']}, area toward / away (chosen for each sign: "
+        f"the largest toward steers at alpha > 0, the largest away at alpha < 0; CAA's "
+        f"{chosen['caa']['validation']['auc']:.3f} / {caa_away:.3f} at its layer {chosen['caa']['layer']}):",
         "",
     ]
-    lines += [f"- {name}: {areas['toward']:.3f} / {areas['away']:.3f}"
-              + (" (chosen)" if name == chosen["innsteer"]["variant"] else "")
+    lines += [f"- {name}: {areas['toward']:.3f} / {areas['away']:.3f}{_chosen_mark(chosen['innsteer'], name)}"
               for name, areas in options.items()]  # fmt: skip
     lines += [
         "",
@@ -447,10 +454,28 @@ def tune_table(records: Sequence[dict]) -> str:
         inn = r["chosen"]["innsteer"]
         lines.append(
             f"| {r['behavior']} | {r['model_id']} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
-            f"{inn.get('variant') or inn['options'] or 'defaults'} | {_cell(r['test']['auc'])} | "
+            f"{_variant_text(inn)} | {_cell(r['test']['auc'])} | "
             f"{_cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _sides(choice: dict) -> tuple[str, str]:
+    """INNSteer's chosen option sets (toward, away); records from before the per-sign choice used
+    their one variant both ways."""
+    return choice["variant"], choice.get("away_variant", choice["variant"])
+
+
+def _chosen_mark(choice: dict, name: str) -> str:
+    sides = [side for side, chosen in zip(("toward", "away"), _sides(choice)) if chosen == name]
+    return "" if not sides else " (chosen both ways)" if len(sides) == 2 else f" (chosen {sides[0]})"
+
+
+def _variant_text(choice: dict) -> str:
+    if "variant" not in choice:
+        return str(choice["options"] or "defaults")
+    toward, away = _sides(choice)
+    return toward if toward == away else f"{toward} / {away} away"
 
 
 def _cell(row: dict) -> str:
@@ -459,7 +484,7 @@ def _cell(row: dict) -> str:
 
 def plot_tune(record: dict, path: Path) -> None:
     """Left: each method's validation area toward the behavior by layer (its choice marked); right:
-    INNSteer's options at its layer, toward and away, against CAA's area away."""
+    INNSteer's options at its layer, toward and away (★ chosen toward, ☆ away), against CAA's area away."""
     plt = pyplot()
     chosen = record["chosen"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -476,7 +501,9 @@ def plot_tune(record: dict, path: Path) -> None:
     right.bar(x - 0.2, [options[n]["toward"] for n in names], 0.4, label="toward")
     right.bar(x + 0.2, [options[n]["away"] for n in names], 0.4, label="away")
     right.axhline(chosen["caa"]["validation"]["away_auc"], color="gray", ls=":", label="CAA away")
-    right.set_xticks(x, [n + (" ★" if n == chosen["innsteer"]["variant"] else "") for n in names], fontsize=8)
+    toward, away = _sides(chosen["innsteer"])
+    marks = {toward: " ★", away: " ☆"} if toward != away else {toward: " ★☆"}
+    right.set_xticks(x, [n + marks.get(n, "") for n in names], fontsize=8)
     right.set(
         ylabel="validation area to 1 nat/token", title=f"INNSteer's options at layer {chosen['innsteer']['layer']}"
     )

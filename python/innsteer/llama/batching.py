@@ -43,6 +43,7 @@ from .bindings import (
     SteerHookError,
     float32_alpha,
     hook_library,
+    signed_alpha,
 )
 from .grammar import guard_grammars
 from .patches import eval_callback
@@ -89,6 +90,7 @@ class _Entry:
     kind: str  # "steer" (INN: from `start` on) or "vector" (control vector: every position)
     layer: int
     source: object = field(repr=False)  # the SteerGGUF or vector, kept alive with the hook
+    sign: int = 0  # 1 / -1: steers only at alpha > 0 / < 0 (a signed steerer's maps); 0: both
 
 
 @dataclass
@@ -131,7 +133,8 @@ class SequenceSteering:
                 raise IndexError(f"no entry {entry} (the engine has {n})")
         if not 0 <= start <= 2**62:
             raise ConfigError(f"start must be in 0..2**62, got {start}")
-        new = {int(e): float32_alpha(a) for e, a in alphas.items()}
+        signs = self._engine.signs
+        new = {int(e): signed_alpha(float32_alpha(a), signs[int(e)]) for e, a in alphas.items()}
         before = self._state()
         self.alphas, self.start = new, int(start)
         after = self._state()
@@ -226,6 +229,7 @@ class BatchedContext:
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.kinds: list[str] = []
+        self.signs: list[int] = []  # each entry's sign (``add_steer``)
         self._entries: list[_Entry] = []
         self._cond = threading.Condition()
         self._decoding = threading.Lock()  # held by a decode and by every other change of the cache
@@ -246,15 +250,21 @@ class BatchedContext:
             raise ConfigError(err.value.decode(errors="replace"))
         self._entries.append(entry)
         self.kinds.append(entry.kind)
+        self.signs.append(entry.sign)
         return index
 
-    def add_steer(self, steer: SteerGGUF, layer: Optional[int] = None, expect_model_id: Optional[str] = None) -> int:
-        """An INN steer at ``layer`` (the file's by default); its entry index."""
+    def add_steer(
+        self, steer: SteerGGUF, layer: Optional[int] = None, expect_model_id: Optional[str] = None, sign: int = 0
+    ) -> int:
+        """An INN steer at ``layer`` (the file's by default); its entry index. ``sign`` 1 / -1: it
+        steers only at alphas of that sign (a signed steerer's two maps are two such entries, given
+        the same alpha; ``innsteer.llama.bindings.signed_alpha``)."""
+        signed_alpha(0.0, sign)  # checks the sign
         layer = check_fits(steer, self.n_embd, self.n_layer, self.architecture, layer, expect_model_id)
         err = ctypes.create_string_buffer(ERR_LEN)
         with self._cond:
             index = self._lib.innsteer_hook_add(self._hook, steer.handle, layer, 0.0, err, ERR_LEN)
-            return self._add(_Entry("steer", layer, steer), index, err)
+            return self._add(_Entry("steer", layer, steer, sign), index, err)
 
     def add_vector(self, vector: np.ndarray, layer: int) -> int:
         """A control vector's direction for ``layer`` (llama.cpp's numbering: 1..n_layer-1), added

@@ -116,6 +116,15 @@ def float32_alpha(alpha: float) -> float:
     return float(single)
 
 
+def signed_alpha(alpha: float, sign: int) -> float:
+    """The alpha an entry that steers only at one sign of alpha runs (``sign`` 1: alpha > 0 only,
+    -1: alpha < 0 only, 0: both): the two maps of a signed steerer are two entries at one layer,
+    each given the request's alpha, and exactly one of them runs."""
+    if sign not in (-1, 0, 1):
+        raise ValueError(f"an entry's sign must be -1, 0 or 1, got {sign!r}")
+    return alpha if sign * alpha >= 0 else 0.0
+
+
 def thread_count(n_threads: int) -> int:
     """``n_threads`` checked against the hook's range 1..MAX_THREADS."""
     n = operator.index(n_threads)

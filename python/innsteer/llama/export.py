@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..core.errors import ConfigError, MissingFileError, SteerFileError
-from ..core.steerers import INNSteerer, LinearSteerer, SteererBase, load_steerer
+from ..core.steerers import INNSteerer, LinearSteerer, SignedSteerer, SteererBase, load_steerer
 
 STEER_FORMAT_VERSION = 1  # innsteer.format_version; the C loader (csrc/llama_hook) reads exactly this
 FORMATS = ("innsteer", "controlvector")
@@ -150,6 +150,13 @@ def _write(writer, path: str | os.PathLike, source: Optional[str | os.PathLike])
         raise
 
 
+SIGNED_EXPORT = (
+    "a signed steerer holds two maps (one per sign of alpha) and a steer GGUF holds one: pass the "
+    ".safetensors file to `innsteer serve` or `innsteer generate --gguf`, which run both, or export "
+    "steerer.toward and steerer.away as two files"
+)
+
+
 def export_steer_gguf(
     steerer: INNSteerer,
     path: str | os.PathLike,
@@ -162,6 +169,8 @@ def export_steer_gguf(
     steer file it was loaded from, which the output may not replace."""
     import gguf
 
+    if isinstance(steerer, SignedSteerer):
+        raise ConfigError(SIGNED_EXPORT)
     if not isinstance(steerer, INNSteerer):
         raise ConfigError(
             f"a {steerer.method} steerer ({type(steerer).__name__}) is not an INN steerer; "
@@ -227,6 +236,8 @@ def export_control_vector(
     """
     import gguf
 
+    if isinstance(steerer, SignedSteerer):
+        raise ConfigError(SIGNED_EXPORT)
     if isinstance(steerer, INNSteerer):
         raise ConfigError(
             "an INN steerer is nonlinear and has no llama.cpp control vector; export it with "
@@ -337,18 +348,25 @@ class LlamaSteer:
     kind: str
     path: str
     steerer: Optional[SteererBase] = None
+    away_path: Optional[str] = None  # a signed steerer's away map (``path`` its toward map)
 
 
 def for_llama(path: str, *, model_id: str, workdir: str, name: str = "steer") -> LlamaSteer:
     """The one decision of how a steer file runs in llama.cpp (``innsteer generate --gguf``, ``innsteer
     serve``): a steer or control vector GGUF as it is; a .safetensors INN steerer exported as a
-    steer GGUF into ``workdir``, a linear one (CAA, PCA, probe) as a control vector, any other kind
-    refused by name. A steerer made for another model than ``model_id`` is refused."""
+    steer GGUF into ``workdir`` (a signed one as two, ``path`` and ``away_path``, to be added with
+    ``add_signed``), a linear one (CAA, PCA, probe) as a control vector, any other kind refused by
+    name. A steerer made for another model than ``model_id`` is refused."""
     from .model_file import gguf_architecture, is_gguf
 
     if is_gguf(path):
         return LlamaSteer("controlvector" if gguf_architecture(path) == "controlvector" else "innsteer", path)
     steerer = load_steerer(path, expect_model_id=model_id)
+    if isinstance(steerer, SignedSteerer):
+        sides = {side: os.path.join(workdir, f"{name}-{side}.gguf") for side in ("toward", "away")}
+        for side, exported in sides.items():
+            export_steer_gguf(getattr(steerer, side), exported, source=path)
+        return LlamaSteer("innsteer", sides["toward"], steerer, away_path=sides["away"])
     if isinstance(steerer, INNSteerer):
         exported = os.path.join(workdir, f"{name}.gguf")
         export_steer_gguf(steerer, exported, source=path)

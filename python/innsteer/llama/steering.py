@@ -40,6 +40,7 @@ from .bindings import (
     SteerHookError,
     float32_alpha,
     hook_library,
+    signed_alpha,
     thread_count,
 )
 from .export import read_control_vector
@@ -74,8 +75,9 @@ class _Entry:
 
     steer: SteerGGUF
     layer: int
-    alpha: float
+    alpha: float  # what the hook runs (0 where the entry's sign does not match the alpha set)
     enabled: bool = True
+    sign: int = 0  # 1 / -1: steers only at alpha > 0 / < 0 (a signed steerer's maps); 0: both
 
 
 class LlamaSteering:
@@ -194,9 +196,12 @@ class LlamaSteering:
         alpha: Optional[float] = None,
         layer: Optional[int] = None,
         expect_model_id: Optional[str] = None,
+        sign: int = 0,
     ) -> int:
         """Add a steer (a path or a loaded SteerGGUF); returns its entry index. The hook keeps its
-        own reference to the loaded steer: closing the SteerGGUF afterwards is safe."""
+        own reference to the loaded steer: closing the SteerGGUF afterwards is safe. ``sign`` 1 / -1:
+        the entry steers only at alphas of that sign (``add_signed`` adds both maps of a signed
+        steerer so)."""
         hook = self._live_hook()
         if not isinstance(steer, SteerGGUF):
             steer = SteerGGUF.load(steer)
@@ -207,14 +212,31 @@ class LlamaSteering:
                     f"{steer.source} already steers layer {layer} (entry {entry}): adding it again would "
                     "steer twice; use set_alpha to change its strength"
                 )
-        alpha = steer.alpha if alpha is None else float32_alpha(alpha)
+        alpha = signed_alpha(steer.alpha if alpha is None else float32_alpha(alpha), sign)
         err = ctypes.create_string_buffer(ERR_LEN)
         with self._change():
             entry = self._lib.innsteer_hook_add(hook, steer.handle, layer, alpha, err, ERR_LEN)
             if entry < 0:
                 raise ConfigError(err.value.decode(errors="replace"))
-            self._steer_entries.append(_Entry(steer, layer, alpha))
+            self._steer_entries.append(_Entry(steer, layer, alpha, sign=sign))
         return entry
+
+    def add_signed(
+        self,
+        toward: Union[str, os.PathLike, SteerGGUF],
+        away: Union[str, os.PathLike, SteerGGUF],
+        alpha: Optional[float] = None,
+        expect_model_id: Optional[str] = None,
+    ) -> tuple[int, int]:
+        """Add a signed steerer's two maps (``for_llama``'s steer GGUFs of its toward and away
+        sides) at their layer: ``set_alpha(a)`` then runs the toward map for a > 0 and the away map
+        for a < 0. Returns their entry indices; ``alpha`` defaults to the toward file's."""
+        loaded = [s if isinstance(s, SteerGGUF) else SteerGGUF.load(s) for s in (toward, away)]
+        if loaded[0].layer != loaded[1].layer:
+            raise ConfigError(f"a signed steerer's maps steer one layer; got {loaded[0].layer} and {loaded[1].layer}")
+        alpha = loaded[0].alpha if alpha is None else alpha
+        first = self.add(loaded[0], alpha, expect_model_id=expect_model_id, sign=1)
+        return first, self.add(loaded[1], alpha, expect_model_id=expect_model_id, sign=-1)
 
     def _entries(self, entry: Optional[int]) -> range:
         n = len(self._steer_entries)
@@ -226,18 +248,20 @@ class LlamaSteering:
         return range(entry, entry + 1)
 
     def set_alpha(self, alpha: float, entry: Optional[int] = None) -> None:
-        """Set alpha of one entry (or all); takes effect at the next decode."""
+        """Set alpha of one entry (or all); takes effect at the next decode. An entry that steers at
+        one sign only (a signed steerer's map) is set to 0 for an alpha of the other sign."""
         alpha = float32_alpha(alpha)
         entries = self._entries(entry)
         with self._change():
             for i in entries:
-                if self._lib.innsteer_hook_set_alpha(self._hook, i, alpha):
-                    raise RuntimeError(f"the hook refused alpha {alpha} for entry {i}")
-                self._steer_entries[i].alpha = alpha
+                runs = signed_alpha(alpha, self._steer_entries[i].sign)
+                if self._lib.innsteer_hook_set_alpha(self._hook, i, runs):
+                    raise RuntimeError(f"the hook refused alpha {runs} for entry {i}")
+                self._steer_entries[i].alpha = runs
 
     @property
     def alphas(self) -> list[float]:
-        """The current alpha of each entry."""
+        """The alpha each entry runs now."""
         return [entry.alpha for entry in self._steer_entries]
 
     def _set_enabled(self, entry: Optional[int], enabled: bool) -> None:

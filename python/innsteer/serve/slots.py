@@ -26,7 +26,7 @@ def open_engine(
     model_path: str, catalog: SteerCatalog, *, model_id: str, n_seq: int, n_ctx: int, n_threads: Optional[int]
 ) -> tuple[BatchedContext, dict[str, list[int]]]:
     """The batched context of ``n_seq`` sequences with every steer of the catalog as entries: {name:
-    its entry indices} (an INN steer is one entry, a control vector one per layer)."""
+    its entry indices} (an INN steer is one entry, a signed one two, a control vector one per layer)."""
     threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
     # the host's own context only names the context size in llama-cpp-python's errors: a small batch
     # keeps its compute buffers small
@@ -47,6 +47,9 @@ def open_engine(
 
 def _install(engine: BatchedContext, steer: NamedSteer, model_id: str) -> list[int]:
     try:
+        if steer.kind == INN and steer.away_gguf is not None:  # each map runs at its sign of the alpha
+            return [engine.add_steer(gguf, expect_model_id=model_id, sign=sign)
+                    for gguf, sign in ((steer.gguf, 1), (steer.away_gguf, -1))]  # fmt: skip
         if steer.kind == INN:
             return [engine.add_steer(steer.gguf, expect_model_id=model_id)]
         architecture = engine.architecture

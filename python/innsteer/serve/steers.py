@@ -48,6 +48,7 @@ class NamedSteer:
     default_alpha: float
     layers: tuple[int, ...]
     gguf: Optional[SteerGGUF] = None
+    away_gguf: Optional[SteerGGUF] = None  # a signed steerer's map for alpha < 0 (``gguf`` for alpha > 0)
     directions: Optional[dict[int, np.ndarray]] = None
     model_hint: str = ""  # a control vector's architecture (an INN steer GGUF carries its own)
 
@@ -69,7 +70,8 @@ def load_steer(name: str, path: str, *, model_id: str, workdir: str) -> NamedSte
         alpha = 1.0 if prepared.steerer is None else float(prepared.steerer.alpha)
         return _control_vector(name, path, prepared.path, alpha)
     steer = SteerGGUF.load(prepared.path)
-    return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer)
+    away = None if prepared.away_path is None else SteerGGUF.load(prepared.away_path)
+    return NamedSteer(name, path, INN, steer.alpha, (steer.layer,), gguf=steer, away_gguf=away)
 
 
 def _control_vector(name: str, source: str, path: str, alpha: float) -> NamedSteer:

@@ -1,5 +1,6 @@
 """Steerers: the INN steerer, the linear/affine ones of the baselines and the input-dependent ones
-(MiMiC transport, ODESteer, HPR, TruthFlow-style flow correction), one base and one file format.
+(MiMiC transport, ODESteer, HPR, TruthFlow-style flow correction), the signed (two-map) INN
+steerer, one base and one file format.
 
 ``load_steerer(path)`` reads any kind (by the file's ``innsteer.kind``).
 """
@@ -17,11 +18,13 @@ from .inn import INNSteerer
 from .linear import AffineSteerer, LinearSteerer, PerDimensionSteerer
 from .nonadditive import NonAdditiveSteerer
 from .odesteer import ODESteerer
+from .signed import SignedSteerer
 from .transport import TransportSteerer
 
 __all__ = [
     "SteererBase",
     "INNSteerer",
+    "SignedSteerer",
     "LinearSteerer",
     "AffineSteerer",
     "PerDimensionSteerer",
