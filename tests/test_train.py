@@ -278,7 +278,7 @@ def test_energy_distance_matches_its_definition():
     assert energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("sides", ["toward", "both"])
+@pytest.mark.parametrize("sides", ["toward", "both", "away"])
 def test_untrained_flow_transports_exactly_like_caa(sides):
     pos, neg = two_regions()
     inn = INN(2, 2, 8)
@@ -301,6 +301,7 @@ def test_transport_ratio_of_both_sides_averages_the_steer_at_plus_and_minus_one(
         away = energy_distance(inn.inverse(inn(pos)[0] - v), neg) / energy_distance(pos - shift, neg)
         assert transport_ratio(inn, v, pos, neg, shift) == pytest.approx(toward, rel=1e-6)
         assert transport_ratio(inn, v, pos, neg, shift, "both") == pytest.approx((toward + away) / 2, rel=1e-6)
+        assert transport_ratio(inn, v, pos, neg, shift, "away") == pytest.approx(away, rel=1e-6)
     assert abs(toward - away) > 0.05  # the two sides differ here, so the mean is not one of them
 
 
@@ -332,7 +333,7 @@ def test_class_conditional_training_transports_what_a_translation_cannot():
     assert abs(float(steered[:, 0].mean()) - 2.0) < 0.3
 
 
-@pytest.mark.parametrize("sides", ["toward", "both"])
+@pytest.mark.parametrize("sides", ["toward", "both", "away"])
 def test_transport_loss_is_the_energy_ratio_of_the_steered_batch(sides):
     """The training term against an independent float64 computation, on a flow whose couplings are not
     the identity; the untrained flow gives exactly CAA's translation (ratio 1)."""
@@ -359,9 +360,8 @@ def test_transport_loss_is_the_energy_ratio_of_the_steered_batch(sides):
             standardized(translated), standardized(target)
         )
 
-    expected = ratio(steered_neg, neg, pos)
-    if sides == "both":
-        expected = (expected + ratio(steered_pos, pos, neg)) / 2
+    toward, away = ratio(steered_neg, neg, pos), ratio(steered_pos, pos, neg)
+    expected = {"toward": toward, "both": (toward + away) / 2, "away": away}[sides]
     assert term == pytest.approx(expected, rel=1e-3) and abs(term - 1) > 0.05
 
 
@@ -435,7 +435,7 @@ def test_selection_by_transport_keeps_the_epoch_that_transports_best():
         ("num_threads", 0),
         ("nll", "mixture"),
         ("select", "val"),
-        ("transport_sides", "away"),
+        ("transport_sides", "sideways"),
     ],
 )
 def test_bad_config(field, value):

@@ -38,7 +38,7 @@ from .steerers import INNSteerer
 MIN_TRAIN_PAIRS = 8
 NLL_CHOICES = ("joint", "class")
 SELECT_CHOICES = ("loss", "transport")
-TRANSPORT_SIDES = ("toward", "both")
+TRANSPORT_SIDES = ("toward", "both", "away")
 
 
 @dataclass
@@ -66,8 +66,9 @@ class TrainConfig:
     transport_weight: float = 1.0
     # Which steers the transport term and select="transport" measure: "toward" alpha = +1 only (the
     # negatives carried onto the positives), "both" also alpha = -1 (the positives onto the
-    # negatives), the two ratios averaged. The steer is used at both signs, and a flow trained
-    # and kept for +1 alone can extrapolate badly at -1 (docs/RESULTS.md: "away" on corrigible).
+    # negatives), the two ratios averaged, "away" alpha = -1 only (a map for the away side of a
+    # signed steerer). The steer is used at both signs, and a flow trained and kept for +1 alone
+    # can extrapolate badly at -1 (docs/RESULTS.md: "away" on corrigible).
     transport_sides: str = "toward"
     # "joint": one N(0, I) for both classes (a density of all rows); "class": N(m+-, I) per class.
     # select: which epoch's weights are kept, the lowest validation loss ("loss") or the best
@@ -206,7 +207,8 @@ def _energy(x: Tensor, y: Tensor) -> Tensor:
 def _transport_loss(inn: INN, z: Tensor, pos: Tensor, neg: Tensor, sides: str = "toward") -> Tensor:
     """The batch's steered negatives' energy distance to its positives over CAA's (a constant), in
     standardized units; v is the batch's latent mean difference, as the steer's is the data's.
-    ``sides="both"`` averages it with the same ratio of the positives steered at alpha = -1."""
+    ``sides="both"`` averages it with the same ratio of the positives steered at alpha = -1;
+    ``sides="away"`` is that ratio alone."""
     z_pos, z_neg = z[: len(pos)], z[len(pos) :]
     v = z_pos.mean(0) - z_neg.mean(0)
 
@@ -220,8 +222,10 @@ def _transport_loss(inn: INN, z: Tensor, pos: Tensor, neg: Tensor, sides: str = 
             reference = _energy(standardized(translated), standardized(target)).clamp_min(1e-6)
         return _energy(standardized(steered), standardized(target)) / reference
 
-    toward = ratio(z_neg, neg, pos, v)
-    return toward if sides == "toward" else (toward + ratio(z_pos, pos, neg, -v)) / 2
+    parts = [ratio(z_neg, neg, pos, v)] if sides != "away" else []
+    if sides != "toward":
+        parts.append(ratio(z_pos, pos, neg, -v))
+    return sum(parts) / len(parts)
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -239,14 +243,17 @@ def transport_ratio(
     far CAA's shift leaves them: energy_distance(phi^-1(phi(neg) + v), pos) over
     energy_distance(neg + mu+ - mu-, pos). Below 1: the flow carries the negatives' distribution
     closer onto the positives' than a translation does (the untrained flow gives exactly 1).
-    ``sides="both"``: the mean of that and the same ratio at alpha = -1 (positives onto negatives)."""
+    ``sides="both"``: the mean of that and the same ratio at alpha = -1 (positives onto negatives);
+    ``sides="away"``: that ratio alone."""
 
     def ratio(source: Tensor, target: Tensor, sign: float) -> float:
         steered = inn.inverse(inn(source)[0] + sign * direction)
         return energy_distance(steered, target) / max(energy_distance(source + sign * mean_difference, target), 1e-12)
 
-    toward = ratio(neg, pos, 1.0)
-    return toward if sides == "toward" else (toward + ratio(pos, neg, -1.0)) / 2
+    parts = [ratio(neg, pos, 1.0)] if sides != "away" else []
+    if sides != "toward":
+        parts.append(ratio(pos, neg, -1.0))
+    return sum(parts) / len(parts)
 
 
 @torch.no_grad()

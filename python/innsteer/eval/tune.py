@@ -80,6 +80,9 @@ _VARIANTS = {
     "no-transport": {"transport_weight": 0.0},
     "8-couplings": {"num_couplings": 8},
     "8-couplings-both-sides": {"num_couplings": 8, "transport_sides": "both"},
+    # a map trained for alpha = -1 alone: a candidate for the away side of a signed steerer (on
+    # hallucination no map above steered away at all on validation; not yet measured in quick)
+    "away-only": {"transport_sides": "away"},
 }
 TUNE_BUDGETS = {
     "quick": TuneBudget(
