@@ -1,12 +1,13 @@
 """Does training find a better transport than a translation? INNSteer's selection criterion across
 behaviors and training settings, without the (slow) behaviour–fluency curves.
 
-For each behavior and seed, the INNSteer variants of bench/validation.py are fitted on the training
-part of ``train_val_split(seed)`` (per-token rows, as the protocol fits them) and each fit records
-its held-out transport ratio: the energy distance of the steered held-out negatives to the held-out
-positives relative to CAA's translation (``innsteer.core.train.transport_ratio``; 1 = no better than
-CAA, which is where selection falls back to epoch 0). Only training rows are read: no validation
-or test items are scored. Results: results/transport/<model>-L<layer>.json and a Markdown table.
+For each behavior and seed, the INNSteer variants of the ablation (``innsteer.eval.ablation``) are
+fitted on the training part of ``train_val_split(seed)`` (per-token rows, as the protocol fits
+them) and each fit records its held-out transport ratio: the energy distance of the steered
+held-out negatives to the held-out positives relative to CAA's translation
+(``innsteer.core.train.transport_ratio``; 1 = no better than CAA, which is where selection falls
+back to epoch 0). Only training rows are read: no validation or test items are scored. Results:
+results/transport/<model>-L<layer>.json and a Markdown table.
 
     python bench/transport.py --behaviors myopic-reward,refusal --variants inn-token-class-transport,default-h512
 """
@@ -21,14 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "python"), str(ROOT)]
+sys.path.insert(0, str(ROOT / "python"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.validation import VARIANTS  # noqa: E402
 from innsteer.core.methods import METHODS  # noqa: E402
 from innsteer.datasets.caa import BEHAVIORS, load_ab  # noqa: E402
+from innsteer.eval.ablation import VARIANTS  # noqa: E402
 from innsteer.eval.protocol import train_val_split  # noqa: E402
 from innsteer.eval.provenance import git_commit  # noqa: E402
 from innsteer.hf.collect import contrastive_activations  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> int:
     for name in variants:
         spec = VARIANTS.get(name)
         if spec is None or spec.method != "innsteer" or spec.tokens != "all":
-            raise SystemExit(f"{name} is not a per-token INNSteer variant of bench/validation.py (--list there)")
+            raise SystemExit(f"{name} is not a per-token INNSteer variant (bench/validation.py --list shows them)")
         if "select" in spec.options and spec.options["select"] != "transport":
             raise SystemExit(f"{name} does not select by transport, so it records no transport ratio")
     torch.set_num_threads(args.threads)

@@ -172,6 +172,17 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     assert isinstance(signed, SignedSteerer) and signed.layer == rechosen["chosen"]["innsteer"]["layer"]
     assert f"{pair[0]} / {pair[1]} away" in tune_table([rechosen])
     assert "(chosen toward)" in (tmp_path / "tune.md").read_text()
+    # one more option set on the finished run: measured alone (its own stage, the others read back),
+    # then the test of the configuration it enters
+    calls.clear()
+    extra = {"both-sides": {"max_epochs": 2, "transport_sides": "both"}}
+    monkeypatch.setattr(tune_module, "choose_variants", lambda *a: ("defaults", "both-sides"))
+    widened = innsteer.tune(lm, None, items, budget=tiny_budget, variants=extra, out=tmp_path, progress=False)
+    assert [set(call["specs"]) for call in calls] == [{"both-sides"}, {"innsteer", "caa"}]
+    assert calls[0]["signs"] == (1, -1) and widened["variants"] == extra
+    by_options = widened["chosen"]["innsteer"]["validation"]["by_options"]
+    assert {k: v for k, v in by_options.items() if k != "both-sides"} == json.loads(json.dumps(options))
+    assert widened["chosen"]["innsteer"]["options"] == {"max_epochs": 2, "away": extra["both-sides"]}
     monkeypatch.setattr(tune_module, "choose_variants", choose_variants)
     # other settings do not reuse the stages
     calls.clear()
@@ -199,9 +210,31 @@ def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, 
     assert record["behavior"] == "pairs" and record["n_items"]["test"] == 4  # --data's 20 % held out
     assert "letter" not in record["test"]  # plain answers: the answer metric only
     assert "## Test comparison" in printed and str(out / "innsteer.safetensors") in printed
+    for bad in ("[1]", "{not json"):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: one line, exit 2
+            main(["tune", "--data", str(data), "--variants", bad, "--out", str(out)])
+        assert exit_info.value.code == 2 and "--variants: expected a JSON object" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert main(["tune", "--data", str(data), "--out", str(tmp_path / "file")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variants", "match"),
+    [
+        ([{"transport_sides": "away"}], "must map names to option dicts"),
+        ({"defaults": {}}, "'defaults' is already among the budget's"),
+        ({"mine": "transport_sides=away"}, "'mine' must be a dict"),
+        ({"mine": {"away": {}}}, "'mine': 'away' is chosen by tune"),
+        ({"mine": {"hiden": 64}}, r"'mine': unknown innsteer training option.*'hiden'"),
+        ({"mine": {"transport_sides": "sideways"}}, "'mine': transport_sides must be one of"),
+        ({"mine": {"lr": "fast"}}, "'mine'"),
+    ],
+)
+def test_tune_checks_extra_variants_before_any_work(variants, match):
+    lm = tiny_lm()
+    with pytest.raises(ConfigError, match=match):
+        innsteer.tune(lm, None, load_ab("refusal", "generate", limit=20), variants=variants, progress=False)
 
 
 def test_tune_refuses_an_unknown_budget_and_too_few_items():

@@ -335,8 +335,8 @@ def cmd_tune(args) -> int:
     items = source.train[: args.n_train] if args.n_train else source.train
     record = tune(
         lm, None, items, test_items=source.test if source.test else None, prompts=source.prompts,
-        behavior=source.name, budget=args.budget, out=out, seed=args.seed, plots=not args.no_plots,
-        command=["innsteer", *sys.argv[1:]],
+        behavior=source.name, budget=args.budget, variants=args.variants, out=out, seed=args.seed,
+        plots=not args.no_plots, command=["innsteer", *sys.argv[1:]],
     )  # fmt: skip
     print()
     print((out / "tune.md").read_text())

@@ -10,6 +10,7 @@ decode runs about 3x slower with it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -92,6 +93,16 @@ def _seeds(text: str) -> list[int]:
     if bad:
         raise argparse.ArgumentTypeError(f"seeds must be in 0..{SEED_LIMIT - 1}, got {bad[0]}")
     return values
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got '{text}' ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{name: {{option: value}}}}, got '{text}'")
+    return value
 
 
 def _utf8(text: str) -> str:
@@ -337,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sources(p)
     p.add_argument("--budget", choices=("quick", "full"), default="quick", help="(default: %(default)s)")
+    p.add_argument(
+        "--variants",
+        type=_json_object,
+        default=None,
+        help="more INNSteer option sets to try beside the budget's, as JSON {name: {option: value}} "
+        '(TrainConfig / FlowConfig fields), e.g. \'{"away-only": {"transport_sides": "away"}}\'; '
+        "rerun into a finished --out to measure only them",
+    )
     p.add_argument("--out", default="innsteer-tune", help="output directory (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip tune.png (no matplotlib needed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default: %(default)s)")

@@ -160,15 +160,21 @@ def fit_innsteer(
             for side, options in (("toward", config), ("away", away))
         }
         return SignedSteerer(sides["toward"], sides["away"])
+    return train_innsteer(
+        pos, neg, layer=layer, model_id=model_id, behavior=behavior, config=innsteer_config(seed, **config),
+        progress=progress,
+    ).steerer  # fmt: skip
+
+
+def innsteer_config(seed: int = 0, **options) -> TrainConfig:
+    """The TrainConfig of ``fit_innsteer``'s keyword options (TrainConfig and FlowConfig fields);
+    TypeError for a name that is neither."""
     flow_keys, train_keys = set(FlowConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__) - {"flow"}
-    unknown = sorted(set(config) - flow_keys - train_keys)
+    unknown = sorted(set(options) - flow_keys - train_keys)
     if unknown:
         raise TypeError(f"unknown innsteer training option(s) {unknown}; known: {sorted(flow_keys | train_keys)}")
-    flow = replace(TrainConfig().flow, **{k: v for k, v in config.items() if k in flow_keys})
-    train_config = TrainConfig(flow=flow, seed=seed, **{k: v for k, v in config.items() if k in train_keys})
-    return train_innsteer(
-        pos, neg, layer=layer, model_id=model_id, behavior=behavior, config=train_config, progress=progress
-    ).steerer
+    flow = replace(TrainConfig().flow, **{k: v for k, v in options.items() if k in flow_keys})
+    return TrainConfig(flow=flow, seed=seed, **{k: v for k, v in options.items() if k in train_keys})
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.hooks import decoder_layers
+from ..core.methods import innsteer_config
 from ..datasets.ab import ABItem, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
@@ -136,6 +137,30 @@ def signed_options(variants: dict[str, dict], toward: str, away: str) -> dict:
     return dict(variants[toward]) if toward == away else {**variants[toward], "away": dict(variants[away])}
 
 
+def check_variants(variants: Optional[dict], plan: TuneBudget) -> dict[str, dict]:
+    """``tune``'s extra option sets, checked before any work: a dict of new names to TrainConfig
+    and FlowConfig fields that make a valid configuration (one map each: the per-sign choice pairs
+    them)."""
+    if variants is None:
+        return {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"variants must map names to option dicts, got {type(variants).__name__}")
+    for name, options in variants.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a variant's name must be a non-empty string, got {name!r}")
+        if name in plan.variants:
+            raise ConfigError(f"variant '{name}' is already among the budget's: {', '.join(plan.variants)}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"variant '{name}' must be a dict of training options, got {options!r}")
+        if "away" in options:
+            raise ConfigError(f"variant '{name}': 'away' is chosen by tune (each sign's best variant), not given")
+        try:
+            innsteer_config(**options).check()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"variant '{name}': {error}") from error
+    return {name: dict(options) for name, options in variants.items()}
+
+
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
     """(training pool, test items): ``test_items`` as given, else a seeded TEST_FRACTION of ``items``."""
     if test_items is not None:
@@ -186,6 +211,7 @@ def tune(
     prompts: Optional[Sequence[str]] = None,
     behavior: str = "custom",
     budget: str = "quick",
+    variants: Optional[dict[str, dict]] = None,
     out: Optional[str | os.PathLike] = None,
     seed: int = 0,
     plots: bool = True,
@@ -199,17 +225,21 @@ def tune(
     ``LoadedModel`` (tokenizer None). ``items`` and ``test_items``: contrastive pairs as
     ``innsteer.fit`` takes them (``(positive, negative)`` texts, ``(prompt, positive, negative)``)
     or A/B items. ``prompts``: open-ended prompts for the fluency measure (default: a neutral set).
+    ``variants``: more INNSteer option sets tried beside the budget's (name -> TrainConfig and
+    FlowConfig fields, e.g. ``{"away-only": {"transport_sides": "away"}}``); each is measured in
+    its own stage, so adding one to a finished run measures only it and the test stage.
     ``plots``: with ``out``, also ``tune.png`` (needs matplotlib, checked before any work).
     ``command``: the command line recorded in the record's provenance (default: this process's).
     """
     if budget not in TUNE_BUDGETS:
         raise ConfigError(f"unknown budget '{budget}'; choose one of: {', '.join(TUNE_BUDGETS)}")
+    plan = TUNE_BUDGETS[budget]
+    extra = check_variants(variants, plan)
     if plots and out is not None:
         pyplot()  # now, not after the measurements
     lm = as_loaded_model(model, tokenizer, "tune")
     items = pairs_to_items(items)
     test_items = None if test_items is None else pairs_to_items(test_items)
-    plan = TUNE_BUDGETS[budget]
     start, where = time.perf_counter(), provenance(command)  # the code and machine at the start: what ran
     out_dir = None if out is None else Path(out)
     pool, test = split_items(items, test_items, seed)
@@ -249,7 +279,7 @@ def tune(
             lm, train_val_split(pool, seed=s)[0], layers, tokens=TOKENS, behavior=behavior, split=f"train-s{s}",
             seed=s, progress=progress,
         )  # fmt: skip
-    variants = dict(plan.variants)
+    variants = {**plan.variants, **extra}
     default_variant = next(iter(variants))
 
     def specs_default(layer: Optional[int] = None) -> MethodSpec:
@@ -268,8 +298,14 @@ def tune(
     # INNSteer's options at its layer, both ways (the first variant was measured toward already), and
     # CAA away at its layer: the bar a variant's area away must reach
     inn_layer, caa_layer = chosen_layer["innsteer"], chosen_layer["caa"]
-    others = {name: MethodSpec("innsteer", TOKENS, options) for name, options in list(variants.items())[1:]}
+    others = {name: MethodSpec("innsteer", TOKENS, options) for name, options in list(plan.variants.items())[1:]}
     by_options = stages.run(f"options-layer{inn_layer}", lambda: validate(inn_layer, others, (1, -1))) if others else {}
+    for name, options in extra.items():  # a stage each, named by what it measures
+        spec = {name: MethodSpec("innsteer", TOKENS, options)}
+        by_options |= stages.run(
+            f"options-layer{inn_layer}-{_digest([name, sorted(options.items())])}",
+            lambda spec=spec: validate(inn_layer, spec, (1, -1)),
+        )
     away = stages.run(
         f"away-layers{caa_layer}-{inn_layer}",
         lambda: validate(
@@ -343,6 +379,7 @@ def tune(
         "n_items": {"pool": len(pool), "test": len(test), "prompts": len(prompts), "available": available},
         "validation_seeds": list(plan.validation_seeds),
         "test_seeds": list(plan.test_seeds),
+        **({"variants": extra} if extra else {}),
         "chosen": chosen,
         "compare": list(COMPARED),
         "test": test_record,
