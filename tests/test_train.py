@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from innsteer import INN, load_steerer
+from innsteer.core.errors import ConfigError
 from innsteer.core.flow import FlowConfig
 from innsteer.core.train import (
     TrainConfig,
@@ -247,6 +248,30 @@ def test_seeded_training_is_deterministic(data):
 def test_bad_inputs(pos, neg, match):
     with pytest.raises((ValueError, TypeError), match=match):
         train_innsteer(pos, neg, layer=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (lambda: TrainConfig(max_epochs=2.0), "max_epochs must be an integer, got 2.0"),
+        (lambda: TrainConfig(batch_size=True), "batch_size must be an integer, got True"),
+        (lambda: TrainConfig(lr="1e-3"), "lr must be a number, got '1e-3'"),
+        (lambda: TrainConfig(transport_weight=False), "transport_weight must be a number, got False"),
+        (lambda: TrainConfig(nll=1), "nll must be a string, got 1"),
+        (lambda: TrainConfig(num_threads=1.5), "num_threads must be an integer, got 1.5"),
+        (lambda: TrainConfig(flow=FlowConfig(num_couplings=2.5)), "num_couplings must be an integer, got 2.5"),
+        (lambda: TrainConfig(flow=FlowConfig(clamp="2")), "clamp must be a number, got '2'"),
+    ],
+)
+def test_options_of_the_wrong_type_are_named_before_training(data, config, match):
+    """Options arrive from JSON (tune --variants) and keywords: a wrong type is one ConfigError,
+    not a failure deep inside training, and a bool never passes as a number."""
+    with pytest.raises(ConfigError, match=match):
+        train_innsteer(*data, layer=0, config=config(), progress=False)
+
+
+def test_numpy_scalars_and_none_pass_the_type_check():
+    TrainConfig(lr=np.float32(1e-3), max_epochs=np.int64(3), weight_decay=0, num_threads=None).check()
 
 
 def test_nan_inputs_are_named():

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from innsteer_ext import MAX_CLAMP, MIN_CLAMP, FlowParams, coupling_forward, coupling_inverse
 
 from .errors import ConfigError
+from .fieldtypes import check_field_types
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class FlowConfig:
     clamp: float = 2.0
 
     def check(self) -> None:
+        check_field_types(self)
         if self.num_couplings < 1 or self.mlp_hidden < 1:
             raise ConfigError(
                 f"need num_couplings >= 1 and mlp_hidden >= 1, got {self.num_couplings}, {self.mlp_hidden}"

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .fieldtypes import check_field_types
 from .flow import INN, FlowConfig
 from .steerers import INNSteerer
 
@@ -91,6 +92,7 @@ class TrainConfig:
         return asdict(self)
 
     def check(self) -> None:
+        check_field_types(self)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         self.flow.check()

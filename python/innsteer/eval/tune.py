@@ -152,8 +152,9 @@ def check_variants(variants: Optional[dict], plan: TuneBudget) -> dict[str, dict
             raise ConfigError(f"variant '{name}' is already among the budget's: {', '.join(plan.variants)}")
         if not isinstance(options, dict):
             raise ConfigError(f"variant '{name}' must be a dict of training options, got {options!r}")
-        if "away" in options:
-            raise ConfigError(f"variant '{name}': 'away' is chosen by tune (each sign's best variant), not given")
+        for key, why in (("away", "tune chooses each sign's variant"), ("seed", "tune sets it per seed")):
+            if key in options:
+                raise ConfigError(f"variant '{name}': '{key}' is not an option here ({why})")
         try:
             innsteer_config(**options).check()
         except (TypeError, ValueError) as error:
