@@ -214,6 +214,10 @@ def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, 
         with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: one line, exit 2
             main(["tune", "--data", str(data), "--variants", bad, "--out", str(out)])
         assert exit_info.value.code == 2 and "--variants: expected a JSON object" in capsys.readouterr().err
+    # a variant tune refuses is named before any model loads (this model does not exist)
+    bad = ["--variants", '{"defaults": {}}', "--model", str(tmp_path / "no-model")]
+    assert main(["tune", "--data", str(data), *bad, "--out", str(out)]) == 2
+    assert "variant 'defaults' is already among the budget's" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert main(["tune", "--data", str(data), "--out", str(tmp_path / "file")]) == 2
     assert "is not a directory" in capsys.readouterr().err

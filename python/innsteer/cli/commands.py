@@ -324,11 +324,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ..eval.tune import tune
+    from ..eval.tune import TUNE_BUDGETS, check_variants, tune
 
     args.mode = "answer"
     source = _data(args)
     _check_report(args)
+    check_variants(args.variants, TUNE_BUDGETS[args.budget])  # before the model loads (minutes on a first load)
     out = Path(args.out)
     lm = _load(args)
     _check_context(lm, 64, source.prompts, "open-ended prompt")
