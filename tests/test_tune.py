@@ -4,6 +4,7 @@ pieces against independent references."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import innsteer
 from innsteer.core.errors import ConfigError
 from innsteer.core.steerers import SignedSteerer, load_steerer
 from innsteer.datasets.caa import load_ab
+from innsteer.datasets.files import NEUTRAL_PROMPTS
 from innsteer.eval import tune as tune_module
+from innsteer.eval.protocol import MethodSpec, run_protocol
 from innsteer.eval.results import Curve
 from innsteer.eval.tune import (
     TUNE_BUDGETS,
@@ -183,12 +186,32 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     by_options = widened["chosen"]["innsteer"]["validation"]["by_options"]
     assert {k: v for k, v in by_options.items() if k != "both-sides"} == json.loads(json.dumps(options))
     assert widened["chosen"]["innsteer"]["options"] == {"max_epochs": 2, "away": extra["both-sides"]}
+    # the budget gaining that option set keeps every stage: nothing is measured again
+    calls.clear()
+    monkeypatch.setitem(tune_module.TUNE_BUDGETS, tiny_budget, replace(TINY, variants={**TINY.variants, **extra}))
+    gained = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
+    assert calls == [] and "variants" not in gained
+    assert gained["chosen"] == widened["chosen"] and gained["test"] == widened["test"]
+    monkeypatch.setitem(tune_module.TUNE_BUDGETS, tiny_budget, TINY)
     monkeypatch.setattr(tune_module, "choose_variants", choose_variants)
     # other settings do not reuse the stages
     calls.clear()
     innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, seed=1, progress=False)
     assert len(calls) == 5
     assert record["provenance"]["cpu"]["cpus"] and record["provenance"]["torch"] == torch.__version__
+
+
+def test_an_option_set_measures_the_same_alone_as_beside_others():
+    """What lets each option set have a stage of its own: run_protocol fits and scores every spec
+    from the seed alone, so the other specs of a call do not change its curves."""
+    lm = tiny_lm(layers=3)
+    items = load_ab("corrigible-neutral-HHH", "generate", limit=20)
+    specs = {name: MethodSpec("innsteer", "all", options, layer=1) for name, options in TINY.variants.items()}
+    common = dict(layer=1, seeds=(0,), compare=(), signs=(1, -1), ladder=(2.0, 8.0), max_new_tokens=4, progress=False)
+    together = run_protocol(lm, items, None, NEUTRAL_PROMPTS[:2], specs=specs, **common)
+    alone = run_protocol(lm, items, None, NEUTRAL_PROMPTS[:2], specs={"no-transport": specs["no-transport"]}, **common)
+    assert together.curves["no-transport"][0].to_dict() == alone.curves["no-transport"][0].to_dict()
+    assert together.curves["defaults"][0].to_dict() != alone.curves["no-transport"][0].to_dict()
 
 
 def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, capsys):
