@@ -1,0 +1,45 @@
+"""The batched scorer and fluency paths on tiny random models of other architectures than the
+default model's: `innsteer tune` and `eval` run on whatever model a user brings, and these paths
+pass caches, masks and positions by hand, so each layout is checked against the unbatched path."""
+
+import pytest
+import torch
+from tiny_models import tiny_lm
+
+from innsteer.core.methods import fit_caa
+from innsteer.datasets.caa import load_ab
+from innsteer.eval.batched import BatchedFluency, BatchedScorer
+from innsteer.eval.metrics import ABScorer, generate, reply_nll
+from innsteer.hf.collect import contrastive_activations
+
+# rotary with and without GQA, sliding windows and logit softcapping (gemma2), learned absolute
+# positions (gpt2), parallel attention and MLP (gpt_neox), QK norms (qwen3, olmo2)
+ARCHITECTURES = ["qwen2", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3", "gpt2", "gpt_neox"]
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def lm_and_caa(request):
+    lm = tiny_lm(request.param, layers=4)
+    pos, neg = contrastive_activations(lm, load_ab("refusal", "generate", limit=8), 2, progress=False)[2]
+    return lm, fit_caa(pos, neg, layer=2)
+
+
+def test_batched_scores_equal_abscorer(lm_and_caa):
+    lm, caa = lm_and_caa
+    items = load_ab("refusal", "test_ab", limit=4)  # 16 continuations in groups of 3
+    for alpha in (0.0, 3.0):
+        reference = ABScorer(lm, items).scores(caa, alpha)
+        batched = BatchedScorer(lm, items, group=3).scores(caa, alpha)
+        for metric in ("answer", "letter"):
+            torch.testing.assert_close(batched[metric], reference[metric], atol=1e-5, rtol=0)
+
+
+def test_batched_fluency_equals_generate_and_reply_nll(lm_and_caa):
+    lm, caa = lm_and_caa
+    prompts = ["Hello there, how are you?", "Tell me a story"]
+    _, prompt_ids, reply_ids = generate(lm, prompts, steerer=caa, alpha=3.0, max_new_tokens=5)
+    nll, tokens, replies = BatchedFluency(lm, prompts, max_new_tokens=5)(caa, 3.0)
+    assert all(torch.equal(a, b) for a, b in zip(replies, reply_ids))
+    for i in range(len(prompts)):
+        total, count = reply_nll(lm, prompt_ids[i : i + 1], reply_ids[i : i + 1])
+        assert tokens[i] == count and nll[i].item() == pytest.approx(total, rel=1e-4, abs=1e-4)
