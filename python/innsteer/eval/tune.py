@@ -149,8 +149,11 @@ def check_variants(variants: Optional[dict], plan: TuneBudget) -> dict[str, dict
     for name, options in variants.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a variant's name must be a non-empty string, got {name!r}")
-        if name in plan.variants:
-            raise ConfigError(f"variant '{name}' is already among the budget's: {', '.join(plan.variants)}")
+        if name in plan.variants and options != plan.variants[name]:
+            raise ConfigError(
+                f"variant '{name}' is already among the budget's, as {plan.variants[name]}: "
+                f"name the new option set otherwise (the budget's: {', '.join(plan.variants)})"
+            )
         if not isinstance(options, dict):
             raise ConfigError(f"variant '{name}' must be a dict of training options, got {options!r}")
         for key, why in (("away", "tune chooses each sign's variant"), ("seed", "tune sets it per seed")):
@@ -160,7 +163,9 @@ def check_variants(variants: Optional[dict], plan: TuneBudget) -> dict[str, dict
             innsteer_config(**options).check()
         except (TypeError, ValueError) as error:
             raise ConfigError(f"variant '{name}': {error}") from error
-    return {name: dict(options) for name, options in variants.items()}
+    # one the budget already has, options and all (a command from before the budget gained it), is
+    # measured as the budget's
+    return {name: dict(options) for name, options in variants.items() if name not in plan.variants}
 
 
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
