@@ -291,6 +291,7 @@ def cmd_eval(args) -> int:
     results = []
     for source in sources:
         specs = _specs(lm, args, source, args.methods)
+        out = None if not args.out else Path(args.out, source.name) if args.all else Path(args.out)
         result = run_protocol(
             lm,
             source.train[: args.n_train] if args.n_train else source.train,
@@ -305,13 +306,13 @@ def cmd_eval(args) -> int:
             compare=compare,
             instructions=instructions[source.name],
             also_compare=_pairs(args.methods),
+            stages=None if out is None else out / "stages",  # each curve as it finishes: a rerun resumes
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
         _judged(report, result, judge, args, source, lm)
         results.append(report)
         if args.all and args.out:
-            sub = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / source.name)})
-            _report(report, sub, command)
+            _report(report, argparse.Namespace(**{**vars(args), "out": str(out)}), command)
         elif not args.all:
             _report(report, args, command)
     if args.all:

@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each seed, fit each method on a seeded training part, sweep alpha on both sides until "
         "the fluency cost passes 1 nat/token, score the test A/B items (answer-text and letter metrics) and the "
         "fluency of open-ended replies; compare INNSteer with CAA at fluency budgets with paired bootstrap 95%% "
-        "intervals, and write a report. --all runs every behavior and writes a summary table. To choose the "
-        "layer and options for your data, run `innsteer tune`.",
+        "intervals, and write a report. --all runs every behavior and writes a summary table. With --out, each "
+        "curve is kept as it finishes (--out/stages): rerun the same command to resume an interrupted run. To "
+        "choose the layer and options for your data, run `innsteer tune`.",
     )
     _add_model(p)
     _add_data(p)

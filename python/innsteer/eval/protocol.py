@@ -15,8 +15,10 @@ curves are measured on that seed's validation part, which is how settings are ch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -29,6 +31,7 @@ from ..hf.models import LoadedModel
 from .batched import BatchedFluency, BatchedScorer
 from .metrics import repetition
 from .results import Comparison, Curve, Run
+from .stages import Stages, digest
 from .tradeoff import REPETITION_GATE, has_replies, paired_bootstrap, seed_mean_summary
 
 ALPHA_LADDER = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
@@ -156,13 +159,18 @@ def run_protocol(
     return_steerers: bool = False,
     instructions: Optional[Mapping[int, str]] = None,
     also_compare: Sequence[tuple[str, str]] = (),
+    stages: Optional[str | os.PathLike] = None,
 ) -> Run:
     """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
     for each metric and side (see the module docstring); ``test_items=None`` measures each seed on
     its validation part. ``instructions``: {sign: the instruction that asks for the behavior (+1)
     or against it (-1)}, for specs that ``instruct`` (measured on the sides with one);
     ``also_compare``: more pairs, bootstrapped alike into ``comparisons``; ``return_steerers``:
-    the run's ``steerers`` are each method's first-seed steerer."""
+    the run's ``steerers`` are each method's first-seed steerer. ``stages``: a directory where each
+    method's curve per seed is kept as it finishes, and read back by a rerun with the same model,
+    items and settings (an interrupted run resumes; no steerers are returned then)."""
+    if stages is not None and return_steerers:
+        raise ValueError("a run that keeps stages reads curves back without their steerers: not both")
     instructions = dict(instructions or {})
     instructed = [name for name, spec in specs.items() if spec.instruct]
     if instructed and not set(instructions) & set(signs):
@@ -193,6 +201,15 @@ def run_protocol(
         return BatchedScorer(lm, items, metrics), instructed_scorers
 
     scorer, instructed_scorer = (None, {}) if validation else scorers(test_items)
+    kept = Stages(
+        None if stages is None else Path(stages),
+        {
+            "model_id": lm.model_id, "behavior": behavior, "layer": layer, "train": digest(train_items),
+            "scored": digest(scored_items), "evaluated_on": "validation" if validation else "test",
+            "prompts": digest(prompts), "max_new_tokens": max_new_tokens, "ladder": sorted(ladder),
+            "signs": sorted(signs), "instructions": sorted(instructions.items()),
+        },
+    )  # fmt: skip
     runs: dict[str, list[Curve]] = {name: [] for name in specs}
     first_steerers = {}
     prompt_curve = None  # the prompt alone trains nothing: on fixed test items every seed measures the same
@@ -208,24 +225,31 @@ def run_protocol(
             "base_replies": base_texts,
         }
         for name, spec in specs.items():
-            steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior)
             if spec.instruct:
                 inputs = {"scorer": instructed_scorer, "fluency": instructed_fluency, "signs": instructed_signs}
             else:
                 inputs = {"scorer": scorer, "fluency": fluency, "signs": signs}
-            if steerer is None and not validation and prompt_curve is not None:
-                curve = prompt_curve
-            else:
-                curve = measure_curve(steerer, **inputs, base_cost=base_cost, ladder=ladder, progress=progress)
-            if steerer is None:
-                prompt_curve = curve
-            run = Curve(
-                **curve, **base, seed=seed,
-                points=spec.instruct,  # the instruction is on or off: nothing between the unsteered and it
-            )  # fmt: skip
-            if steerer is not None:
-                first_steerers.setdefault(name, steerer)
-                run = replace(run, layer=steerer.layer, extra=_summary_extra(steerer))
+
+            def measure(spec=spec, name=name, seed=seed, train=train, base=base, inputs=inputs) -> dict:
+                nonlocal prompt_curve
+                steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior)
+                if steerer is None and not validation and prompt_curve is not None:
+                    curve = prompt_curve
+                else:
+                    curve = measure_curve(steerer, **inputs, base_cost=base_cost, ladder=ladder, progress=progress)
+                if steerer is None:
+                    prompt_curve = curve
+                run = Curve(
+                    **curve, **base, seed=seed,
+                    points=spec.instruct,  # the instruction is on or off: nothing between the unsteered and it
+                )  # fmt: skip
+                if steerer is not None:
+                    first_steerers.setdefault(name, steerer)
+                    run = replace(run, layer=steerer.layer, extra=_summary_extra(steerer))
+                return run.to_dict()
+
+            record = kept.run(f"curve-{name}-s{seed}-{digest([spec.record()])}", measure)
+            run = Curve.from_dict(record, f"the stage of {name}, seed {seed}")
             runs[name].append(run)
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(run.alphas)} points", flush=True)

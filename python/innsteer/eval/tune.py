@@ -45,6 +45,7 @@ from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
 from .provenance import provenance
 from .report import pyplot
 from .results import Curve, Run, interval_cell
+from .stages import Stages, digest
 from .tradeoff import REPETITION_GATE, curve_summary
 
 SCHEMA_VERSION = 1
@@ -186,29 +187,6 @@ def _sample(items: list, limit: Optional[int], seed: int) -> list:
     return [items[i] for i in keep]
 
 
-class _Stages:
-    """Finished stages under ``out/stages``, each tagged with what it depends on: a rerun with the
-    same settings reads them instead of measuring again."""
-
-    def __init__(self, out: Optional[Path], fingerprint: dict):
-        self.dir = None if out is None else out / "stages"
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples become lists)
-
-    def run(self, name: str, measure) -> dict:
-        path = None if self.dir is None else self.dir / f"{name}.json"
-        if path is not None and path.is_file():
-            stored = json.loads(path.read_text())
-            if stored.get("fingerprint") == self.fingerprint:
-                return stored["result"]
-        result = measure()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".partial")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result}))
-            os.replace(tmp, path)
-        return result
-
-
 def tune(
     model,
     tokenizer=None,
@@ -259,8 +237,8 @@ def tune(
     # The budget's other option sets are not in the fingerprint: each is measured in a stage of its
     # own, named by its name and options, so a budget that gains one keeps every stage it had.
     budget_settings = {key: value for key, value in asdict(plan).items() if key != "variants"}
-    stages = _Stages(
-        out_dir,
+    stages = Stages(
+        None if out_dir is None else out_dir / "stages",
         {
             "schema": SCHEMA_VERSION,
             "model_id": lm.model_id,
@@ -268,8 +246,8 @@ def tune(
             "budget": budget_settings,
             "first_variant": [default_variant, variants[default_variant]],
             "seed": seed,
-            "items": _digest([*pool, None, *test]),
-            "prompts": _digest(prompts),
+            "items": digest([*pool, None, *test]),
+            "prompts": digest(prompts),
         },
     )
     common = {"behavior": behavior, "max_new_tokens": plan.max_new_tokens, "progress": progress}
@@ -313,7 +291,7 @@ def tune(
     for name, options in list(variants.items())[1:]:  # a stage each, named by what it measures
         spec = {name: MethodSpec("innsteer", TOKENS, options)}
         by_options |= stages.run(
-            f"options-layer{inn_layer}-{_digest([name, sorted(options.items())])}",
+            f"options-layer{inn_layer}-{digest([name, sorted(options.items())])}",
             lambda spec=spec: validate(inn_layer, spec, (1, -1)),
         )
     away = stages.run(
@@ -371,7 +349,7 @@ def tune(
     # named by the configurations it measures: a rerun that chooses differently (new code, a new
     # rule) measures them instead of reading the other choice's test
     result = stages.run(
-        f"test-{_digest(sorted((n, c['layer'], sorted(c['options'].items())) for n, c in chosen.items()))}", test_stage
+        f"test-{digest(sorted((n, c['layer'], sorted(c['options'].items())) for n, c in chosen.items()))}", test_stage
     )
     comparison = Run.from_dict(result, "the tune's test stage").comparison.sides_dict()
     test_record: dict[str, Any] = dict(comparison["answer/toward"])
@@ -413,12 +391,6 @@ def _say(progress: bool, text: str) -> None:
 
 def _keys(scores: dict[int, float]) -> dict[str, float]:
     return {str(layer): score for layer, score in sorted(scores.items())}
-
-
-def _digest(values: Sequence) -> str:
-    import hashlib
-
-    return hashlib.sha256(repr(list(values)).encode()).hexdigest()[:16]
 
 
 def _sampled(n_items: dict) -> str:

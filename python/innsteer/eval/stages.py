@@ -1,0 +1,44 @@
+"""Finished stages of a long measurement, kept on disk so that a rerun resumes where it stopped.
+
+``innsteer tune`` keeps each validation and test stage; ``innsteer eval`` each method's curve per
+seed. A stage is a JSON file ``<dir>/<name>.json`` holding its result and the fingerprint of what
+it depends on (model, data, settings); a rerun reads it only where the fingerprint is the same, so
+other settings measure again. Written atomically: an interrupted write leaves no stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Optional
+
+
+def digest(values: Sequence) -> str:
+    """A short stable digest of ``values`` (their repr: items, prompts, option sets)."""
+    return hashlib.sha256(repr(list(values)).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """The stages under ``directory`` (None: nothing kept, every stage measured)."""
+
+    def __init__(self, directory: Optional[Path], fingerprint: dict):
+        self.dir = None if directory is None else Path(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples become lists)
+
+    def run(self, name: str, measure: Callable[[], dict]) -> dict:
+        """The stage's stored result where it matches, else ``measure()``'s, stored."""
+        path = None if self.dir is None else self.dir / f"{name}.json"
+        if path is not None and path.is_file():
+            stored = json.loads(path.read_text())
+            if stored.get("fingerprint") == self.fingerprint:
+                return stored["result"]
+        result = measure()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".partial")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result}))
+            os.replace(tmp, path)
+        return result

@@ -1,0 +1,104 @@
+"""Kept stages: a long run resumes where it stopped, and only where its inputs are the same
+(``innsteer.eval.stages``; ``run_protocol(stages=)`` and ``innsteer eval --out``)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from tiny_models import tiny_lm
+
+from innsteer.datasets.caa import load_ab
+from innsteer.eval import protocol
+from innsteer.eval.protocol import MethodSpec, run_protocol
+from innsteer.eval.stages import Stages
+
+SPECS = {
+    "caa": MethodSpec("caa", "all"),
+    "innsteer": MethodSpec("innsteer", "all", {"max_epochs": 2}),
+}
+
+
+def test_a_stage_is_read_back_only_with_the_same_fingerprint(tmp_path):
+    measured = []
+
+    def measure(value):
+        return lambda: measured.append(value) or {"value": value}
+
+    assert Stages(tmp_path, {"a": 1}).run("s", measure(1)) == {"value": 1}
+    assert Stages(tmp_path, {"a": (1,)}).run("s", measure(2)) == {"value": 2}  # (1,) is not 1
+    assert Stages(tmp_path, {"a": (1,)}).run("s", measure(3)) == {"value": 2}  # a tuple reads back as a list
+    assert measured == [1, 2]
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Stages(tmp_path, {}).run("t", interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]  # nothing half-written
+    assert Stages(None, {}).run("s", measure(4)) == {"value": 4}  # no directory: always measured
+
+
+def run(lm, stages, **settings):
+    return run_protocol(
+        lm, load_ab("refusal", "generate", limit=16), load_ab("refusal", "test_ab", limit=4),
+        ["Hello there", "Tell me a story"], layer=1, specs=SPECS, seeds=(0, 1), max_new_tokens=4,
+        ladder=(2.0, 8.0), n_resamples=50, progress=False, stages=stages, **settings,
+    )  # fmt: skip
+
+
+def measured(result) -> str:
+    """The run as JSON, less the fits' wall times."""
+    return re.sub(r'"seconds": [0-9.e-]+', "", json.dumps(result.to_dict(), default=str))
+
+
+def test_an_interrupted_protocol_run_resumes_with_the_same_result(tmp_path, monkeypatch):
+    lm = tiny_lm(layers=3)
+    whole = run(lm, None)
+    fits = []
+    real_fit = protocol.fit_spec
+
+    def fit_then_stop(lm, spec, train, *, seed, **kw):
+        if (spec.method, seed) == ("innsteer", 1):
+            raise KeyboardInterrupt  # the last curve of the run
+        fits.append((spec.method, seed))
+        return real_fit(lm, spec, train, seed=seed, **kw)
+
+    monkeypatch.setattr(protocol, "fit_spec", fit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(lm, tmp_path)
+    assert fits == [("caa", 0), ("innsteer", 0), ("caa", 1)] and len(list(tmp_path.glob("curve-*.json"))) == 3
+
+    fits.clear()
+    monkeypatch.setattr(protocol, "fit_spec", lambda *a, **kw: fits.append(a[1].method) or real_fit(*a, **kw))
+    resumed = run(lm, tmp_path)
+    assert fits == ["innsteer"]  # only the missing curve is measured
+    assert measured(resumed) == measured(whole)
+    fits.clear()
+    run(lm, tmp_path, signs=(1,))  # other settings: every curve measured again
+    assert fits == ["caa", "innsteer", "caa", "innsteer"]
+    with pytest.raises(ValueError, match="not both"):
+        run(lm, tmp_path, return_steerers=True)
+
+
+def test_eval_from_the_command_line_resumes_from_its_out_directory(tmp_path, monkeypatch, capsys):
+    from innsteer.cli.main import main
+
+    lm = tiny_lm(layers=3)
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"prompt": f"Question {i}?", "positive": f"Yes {i}.", "negative": f"No {i}."} for i in range(20)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "out"
+    command = ["eval", "--data", str(data), "--model", str(tmp_path / "model"), "--seeds", "0,1", "--alphas", "2,8"]
+    command += ["--n-open", "2", "--max-new-tokens", "4", "--no-plots", "--out", str(out)]
+    assert main(command) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert len(list((out / "stages").glob("curve-*.json"))) == 4  # caa and innsteer, two seeds
+    fits = []
+    monkeypatch.setattr(protocol, "fit_spec", lambda *a, **kw: fits.append(a[1].method))
+    capsys.readouterr()
+    assert main(command) == 0  # every curve read back: nothing fitted
+    assert fits == [] and json.loads((out / "report.json").read_text())["comparison"] == first["comparison"]
