@@ -164,6 +164,24 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     )
 
 
+def test_kept_answers_are_asked_once_and_resume_a_cut_file(tmp_path):
+    run, path = _run({"caa": [_curve([REPLIES, REPLIES[::-1], REPLIES])]}), tmp_path / "judge.jsonl"
+    args = (run, {"caa": 2.0}, PROMPTS, ITEMS, "accept changes")
+    plain = KnownJudge()
+    fresh = judge_result(args[0], args[1], plain, *args[2:], n_resamples=50, progress=False)
+    first = KnownJudge()
+    kept = judge_result(args[0], args[1], judge_module.KeptAnswers(first, path), *args[2:], n_resamples=50,
+                        progress=False)  # fmt: skip
+    assert json.dumps(kept) == json.dumps(fresh) and first.calls == len(path.read_text().splitlines())
+    assert first.calls < plain.calls  # alpha 1's replies are the unsteered ones: asked once
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])  # an interrupted write: cut mid-line
+    again = KnownJudge()
+    resumed = judge_result(args[0], args[1], judge_module.KeptAnswers(again, path), *args[2:], n_resamples=50,
+                           progress=False)  # fmt: skip
+    assert json.dumps(resumed) == json.dumps(fresh) and again.calls == 3  # only the lost answers asked again
+
+
 def test_auroc_and_harmonic_mean_against_hand_values():
     assert auroc([0.9, 0.8], [0.1, 0.8]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
     assert harmonic_mean(np.array([[0.5], [1.0]]))[0] == pytest.approx(2 / (2 + 1))

@@ -94,11 +94,15 @@ def test_eval_from_the_command_line_resumes_from_its_out_directory(tmp_path, mon
     out = tmp_path / "out"
     command = ["eval", "--data", str(data), "--model", str(tmp_path / "model"), "--seeds", "0,1", "--alphas", "2,8"]
     command += ["--n-open", "2", "--max-new-tokens", "4", "--no-plots", "--out", str(out)]
+    command += ["--judge", str(tmp_path / "model")]  # the model judging its own replies: shapes only
     assert main(command) == 0
     first = json.loads((out / "report.json").read_text())
     assert len(list((out / "stages").glob("curve-*.json"))) == 4  # caa and innsteer, two seeds
+    answers = (out / "stages" / "judge.jsonl").read_text()
     fits = []
     monkeypatch.setattr(protocol, "fit_spec", lambda *a, **kw: fits.append(a[1].method))
     capsys.readouterr()
-    assert main(command) == 0  # every curve read back: nothing fitted
-    assert fits == [] and json.loads((out / "report.json").read_text())["comparison"] == first["comparison"]
+    assert main(command) == 0  # every curve and every judge's answer read back: nothing fitted or asked
+    again = json.loads((out / "report.json").read_text())
+    assert fits == [] and (out / "stages" / "judge.jsonl").read_text() == answers
+    assert again["comparison"] == first["comparison"] and again["judged"] == first["judged"]

@@ -152,12 +152,17 @@ def _load_judge(args):
     return load_judge(args.judge)
 
 
-def _judged(report: dict, run, judge, args, source, lm, *, every_alpha: bool = True) -> None:
-    """With a judge: its validation and its scores of the run's replies, into its report."""
+def _judged(
+    report: dict, run, judge, args, source, lm, *, every_alpha: bool = True, answers: Optional[Path] = None
+) -> None:
+    """With a judge: its validation and its scores of the run's replies, into its report.
+    ``answers``: a file keeping the judge's answers as they come (a rerun asks only the new ones)."""
     if judge is None:
         return
-    from ..eval.judge import judge_result
+    from ..eval.judge import KeptAnswers, judge_result
 
+    if answers is not None:
+        judge = KeptAnswers(judge, answers)
     if args.behavior_description:  # your words replace both of the shipped behavior's
         description, opposite = args.behavior_description, args.opposite_description
     else:
@@ -309,7 +314,7 @@ def cmd_eval(args) -> int:
             stages=None if out is None else out / "stages",  # each curve as it finishes: a rerun resumes
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
-        _judged(report, result, judge, args, source, lm)
+        _judged(report, result, judge, args, source, lm, answers=None if out is None else out / "stages/judge.jsonl")
         results.append(report)
         if args.all and args.out:
             _report(report, argparse.Namespace(**{**vars(args), "out": str(out)}), command)

@@ -17,13 +17,16 @@ either from a ``--judge`` argument.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
 
 from ..core.errors import ConfigError
 from .results import Run
+from .stages import digest
 
 # coherence and relevance are yes/no questions; the behavior is a choice between its description and
 # the opposite, asked in both orders and averaged: asked as yes/no ("Does the reply <description>?"),
@@ -54,6 +57,36 @@ class Judge(Protocol):
     def p_first(self, messages: Sequence[str], first: Sequence[str], second: Sequence[str]) -> np.ndarray:
         """For each user message, the judge's probability that its reply starts with one of the
         ``first`` words rather than one of the ``second`` (e.g. yes / no), from its next token."""
+
+
+class KeptAnswers:
+    """``judge`` with its answers kept in a JSON-lines file as they come, so a rerun of an
+    interrupted judged run asks it only what it has not answered (each line: a digest of the judge,
+    the message and the answer words, and the probability). A line cut short by an interruption is
+    skipped: that message is asked again."""
+
+    def __init__(self, judge: Judge, path: Path):
+        self.judge, self.name, self.path = judge, judge.name, Path(path)
+        self.known: dict[str, float] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    self.known[row["key"]] = float(row["p"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def p_first(self, messages: Sequence[str], first: Sequence[str], second: Sequence[str]) -> np.ndarray:
+        keys = [digest([self.name, m, list(first), list(second)]) for m in messages]
+        missing = [i for i, key in enumerate(keys) if key not in self.known]
+        if missing:
+            asked = self.judge.p_first([messages[i] for i in missing], first, second)
+            rows = [{"key": keys[i], "p": float(p)} for i, p in zip(missing, asked)]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as file:
+                file.write("".join(json.dumps(row) + "\n" for row in rows))
+            self.known.update((row["key"], row["p"]) for row in rows)
+        return np.array([self.known[key] for key in keys], dtype=np.float64)  # the same dtype read back or fresh
 
 
 def answer_tokens(name: str, encode, first: Sequence[str], second: Sequence[str]) -> tuple[list[int], list[int]]:
