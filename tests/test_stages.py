@@ -38,6 +38,10 @@ def test_a_stage_is_read_back_only_with_the_same_fingerprint(tmp_path):
         Stages(tmp_path, {}).run("t", interrupted)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]  # nothing half-written
     assert Stages(None, {}).run("s", measure(4)) == {"value": 4}  # no directory: always measured
+    for damaged in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"fingerprint": {}}'):
+        (tmp_path / "s.json").write_bytes(damaged)  # edited or damaged by hand: measured again, replaced
+        assert Stages(tmp_path, {}).run("s", measure(5)) == {"value": 5}
+    assert Stages(tmp_path, {}).run("s", measure(6)) == {"value": 5}
 
 
 def run(lm, stages, **settings):

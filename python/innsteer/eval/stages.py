@@ -32,8 +32,11 @@ class Stages:
         """The stage's stored result where it matches, else ``measure()``'s, stored."""
         path = None if self.dir is None else self.dir / f"{name}.json"
         if path is not None and path.is_file():
-            stored = json.loads(path.read_text())
-            if stored.get("fingerprint") == self.fingerprint:
+            try:
+                stored = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):  # not a stage this code wrote: measured again
+                stored = None
+            if isinstance(stored, dict) and stored.get("fingerprint") == self.fingerprint and "result" in stored:
                 return stored["result"]
         result = measure()
         if path is not None:
