@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
 import pytest
+import torch
 from tiny_models import tiny_lm
 
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import protocol
 from innsteer.eval.protocol import MethodSpec, run_protocol
 from innsteer.eval.stages import Stages
+from innsteer.hf.models import LoadedModel
 
 SPECS = {
     "caa": MethodSpec("caa", "all"),
@@ -81,6 +84,10 @@ def test_an_interrupted_protocol_run_resumes_with_the_same_result(tmp_path, monk
     assert measured(resumed) == measured(whole)
     fits.clear()
     run(lm, tmp_path, signs=(1,))  # other settings: every curve measured again
+    assert fits == ["caa", "innsteer", "caa", "innsteer"]
+    fits.clear()
+    half = LoadedModel(copy.deepcopy(lm.model).to(torch.bfloat16), lm.tokenizer, lm.model_id)
+    run(half, tmp_path)  # the same model loaded in another dtype: measured again
     assert fits == ["caa", "innsteer", "caa", "innsteer"]
     with pytest.raises(ValueError, match="not both"):
         run(lm, tmp_path, return_steerers=True)

@@ -204,8 +204,9 @@ def run_protocol(
     kept = Stages(
         None if stages is None else Path(stages),
         {
-            "model_id": lm.model_id, "behavior": behavior, "layer": layer, "train": digest(train_items),
-            "scored": digest(scored_items), "evaluated_on": "validation" if validation else "test",
+            "model_id": lm.model_id, "dtype": lm.dtype, "behavior": behavior, "layer": layer,
+            "train": digest(train_items), "scored": digest(scored_items),
+            "evaluated_on": "validation" if validation else "test",
             "prompts": digest(prompts), "max_new_tokens": max_new_tokens, "ladder": sorted(ladder),
             "signs": sorted(signs), "instructions": sorted(instructions.items()),
         },

@@ -242,6 +242,7 @@ def tune(
         {
             "schema": SCHEMA_VERSION,
             "model_id": lm.model_id,
+            "dtype": lm.dtype,
             "behavior": behavior,
             "budget": budget_settings,
             "first_variant": [default_variant, variants[default_variant]],

@@ -184,8 +184,7 @@ def contrast_activations(
 def _cache_path(lm: LoadedModel, name: str, layer: int, key: str) -> Path:
     """The model's float32 activations under its id; another dtype's (a bfloat16 load) beside them,
     never mixed with them."""
-    dtype = str(lm.model.dtype).removeprefix("torch.")
-    folder = lm.model_id if dtype == "float32" else f"{lm.model_id}-{dtype}"
+    folder = lm.model_id if lm.dtype == "float32" else f"{lm.model_id}-{lm.dtype}"
     return cache_dir() / "activations" / folder / f"{name}-L{layer}-{key}.safetensors"
 
 

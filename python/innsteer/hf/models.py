@@ -52,6 +52,11 @@ class LoadedModel:
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[1])
 
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype ("float32", "bfloat16"): measurements of one load are not another's."""
+        return str(self.model.dtype).removeprefix("torch.")
+
     def chat(self, prompt: str, *, max_new_tokens: int = 64) -> str:
         """The model's greedy chat reply to one user message (steered inside ``steerer.apply``)."""
         from .generation import generate  # generation builds on this module
