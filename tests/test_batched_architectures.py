@@ -2,13 +2,14 @@
 default model's: `innsteer tune` and `eval` run on whatever model a user brings, and these paths
 pass caches, masks and positions by hand, so each layout is checked against the unbatched path."""
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_lm
 
 from innsteer.core.methods import fit_caa
 from innsteer.datasets.caa import load_ab
-from innsteer.eval.batched import BatchedFluency, BatchedScorer
+from innsteer.eval.batched import BatchedFluency, BatchedScorer, length_groups
 from innsteer.eval.metrics import ABScorer, generate, reply_nll
 from innsteer.hf.collect import contrastive_activations
 
@@ -43,3 +44,16 @@ def test_batched_fluency_equals_generate_and_reply_nll(lm_and_caa):
     for i in range(len(prompts)):
         total, count = reply_nll(lm, prompt_ids[i : i + 1], reply_ids[i : i + 1])
         assert tokens[i] == count and nll[i].item() == pytest.approx(total, rel=1e-4, abs=1e-4)
+
+
+def test_length_groups_bound_the_padding_and_the_rows():
+    assert length_groups([], 4) == []
+    assert length_groups([3, 3, 3, 3, 3], 2) == [range(0, 2), range(2, 4), range(4, 5)]
+    # 2, 2 then 10: padding the 2s to 10 would be 16 of 14 real tokens: a group of its own
+    assert length_groups([2, 2, 10, 11], 64) == [range(0, 2), range(2, 4)]
+    lengths = sorted(np.random.default_rng(0).integers(1, 120, 500).tolist())
+    groups = length_groups(lengths, 64, waste=0.2)
+    assert [i for g in groups for i in g] == list(range(500))  # every row once, in order
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert len(g) <= 64 and lengths[g.stop - 1] * len(g) <= 1.2 * real

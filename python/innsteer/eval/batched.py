@@ -39,6 +39,22 @@ def _padded_cache(caches: Sequence, lengths: Sequence[int], width: int) -> list[
     return out
 
 
+def length_groups(lengths: Sequence[int], most: int, waste: float = 0.2) -> list[range]:
+    """Consecutive runs of ``lengths`` (sorted ascending), each at most ``most`` long and padded to
+    its longest with padding at most ``waste`` of its real tokens. A fixed number of rows per group
+    padded hallucination's answers half-empty (8784 tokens computed for 4531 scored on SmolLM2)."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        size = i - start + 1
+        if size > most or n * size > (1 + waste) * (total + n):
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if lengths:
+        groups.append(range(start, len(lengths)))
+    return groups
+
+
 def _fresh_cache(kv: list[tuple[Tensor, Tensor]]):
     from transformers import DynamicCache
 
@@ -65,11 +81,12 @@ class BatchedScorer:
     """``ABScorer(lm, items, metrics).scores`` with ``group`` continuations per forward pass
     (``instruction``: each question with it first, ``with_instruction``).
 
-    Continuations (each item's matching and non-matching text per metric) are grouped by length, so
-    short letter continuations are not padded to long answers. Steering at layer L changes nothing
-    below L on these fixed inputs, so the layers up to L run once per group and layer (unsteered,
-    recording L's output) and every steered call computes only the layers above
-    (``_replaying_layers_up_to``); the first use of a layer checks that this equals the full pass.
+    Continuations (each item's matching and non-matching text per metric) are grouped by length
+    (``length_groups``), so short letter continuations are not padded to long answers. Steering at
+    layer L changes nothing below L on these fixed inputs, so the layers up to L run once per group
+    and layer (unsteered, recording L's output) and every steered call computes only the layers
+    above (``_replaying_layers_up_to``); the first use of a layer checks that this equals the full
+    pass.
     """
 
     def __init__(
@@ -99,8 +116,8 @@ class BatchedScorer:
         reference._caches = [None] * len(items)  # the padded copy is all that is kept
         pad = lm.tokenizer.pad_token_id
         self.groups = []
-        for first in range(0, len(rows), group):
-            members = rows[first : first + group]
+        for span in length_groups([len(records[i]["suffixes"][k]) for i, k in rows], group):
+            members = rows[span.start : span.stop]
             prefix = [lengths[i] for i, _ in members]
             suffixes = [records[i]["suffixes"][k] for i, k in members]
             width, w = max(prefix), max(len(s) for s in suffixes)

@@ -1,6 +1,6 @@
 """The batched A/B scorer's memory and speed against its version at a git revision, in one run.
 
-    python bench/scorer_memory.py [--ref REV] [--behaviors hallucination,refusal] [--items 50] [--repeats 5]
+    python bench/scorer.py [--ref REV] [--behaviors hallucination,refusal] [--items 50] [--repeats 5]
 
 Both scorers are built on the same test items of the default model (float32); reported per behavior:
 the bytes of tensors each keeps (the prefix KV caches, almost all of it), the seconds to build it,
