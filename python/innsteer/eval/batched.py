@@ -78,7 +78,7 @@ def _replaying_layers_up_to(model, layer: int, hidden: Tensor) -> Iterator[None]
 
 
 class BatchedScorer:
-    """``ABScorer(lm, items, metrics).scores`` with ``group`` continuations per forward pass
+    """``ABScorer(lm, items, metrics).scores`` with up to ``group`` continuations per forward pass
     (``instruction``: each question with it first, ``with_instruction``).
 
     Continuations (each item's matching and non-matching text per metric) are grouped by length
