@@ -297,6 +297,7 @@ def cmd_eval(args) -> int:
     for source in sources:
         specs = _specs(lm, args, source, args.methods)
         out = None if not args.out else Path(args.out, source.name) if args.all else Path(args.out)
+        kept = None if out is None else out / "stages"  # each curve and judge answer as it comes: a rerun resumes
         result = run_protocol(
             lm,
             source.train[: args.n_train] if args.n_train else source.train,
@@ -311,10 +312,10 @@ def cmd_eval(args) -> int:
             compare=compare,
             instructions=instructions[source.name],
             also_compare=_pairs(args.methods),
-            stages=None if out is None else out / "stages",  # each curve as it finishes: a rerun resumes
+            stages=kept,
         )
         report = {**protocol_report(result), "sanity": sanity, "mode": args.mode}
-        _judged(report, result, judge, args, source, lm, answers=None if out is None else out / "stages/judge.jsonl")
+        _judged(report, result, judge, args, source, lm, answers=None if kept is None else kept / "judge.jsonl")
         results.append(report)
         if args.all and args.out:
             _report(report, argparse.Namespace(**{**vars(args), "out": str(out)}), command)

@@ -137,8 +137,8 @@ class BatchedScorer:
                 )
             self.groups.append(
                 {
-                    "members": members,
-                    "index": torch.tensor([i for i, _ in members]),
+                    "index": torch.tensor([i for i, _ in members]),  # each row's item and kind of continuation
+                    "kinds": torch.tensor([k for _, k in members]),
                     "width": width,
                     "ids": ids,
                     "mask": mask,
@@ -208,10 +208,8 @@ class BatchedScorer:
             logp = torch.log_softmax(head(hidden[rows, cols]).float(), -1)
             token_logp = logp.gather(-1, g["ids"][rows, cols + 1][:, None])[:, 0]
             sums = torch.zeros(len(g["ids"])).index_add_(0, rows, token_logp)
-            items = g["index"]
-            kinds = torch.tensor([k for _, k in g["members"]])
-            total[items, kinds] = sums
-            count[items, kinds] = g["wanted"].sum(1).float()
+            total[g["index"], g["kinds"]] = sums
+            count[g["index"], g["kinds"]] = g["wanted"].sum(1).float()
         out = {}
         for k, metric in enumerate(self.metrics):
             match, other = 2 * k, 2 * k + 1
