@@ -2,6 +2,7 @@
 and a file that is not one gets one clear error."""
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def test_a_failed_save_leaves_the_earlier_file(tmp_path):
     clashing = replace(_run(), extra={"runs": "not mine"})
     with pytest.raises(ValueError, match="runs"):
         save(clashing, path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_full_disk_mid_save_leaves_the_earlier_file(tmp_path, monkeypatch):
+    path = save(_run(), tmp_path / "run.json")
+    before = path.read_text()
+
+    def disk_full(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # after the bytes are written, before the rename
+    with pytest.raises(OSError, match="disk full"):
+        save(replace(_run(), extra={"new": 1}), path)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 
 import pytest
@@ -45,6 +46,20 @@ def test_a_stage_is_read_back_only_with_the_same_fingerprint(tmp_path):
         (tmp_path / "s.json").write_bytes(damaged)  # edited or damaged by hand: measured again, replaced
         assert Stages(tmp_path, {}).run("s", measure(5)) == {"value": 5}
     assert Stages(tmp_path, {}).run("s", measure(6)) == {"value": 5}
+
+
+def test_a_full_disk_while_a_stage_is_written_keeps_the_stage_before(tmp_path, monkeypatch):
+    Stages(tmp_path, {"a": 1}).run("s", lambda: {"value": 1})
+
+    def disk_full(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # after the bytes are written, before the rename
+    with pytest.raises(OSError, match="disk full"):
+        Stages(tmp_path, {"a": 2}).run("s", lambda: {"value": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+    assert Stages(tmp_path, {"a": 1}).run("s", lambda: {"value": 3}) == {"value": 1}
 
 
 def run(lm, stages, **settings):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from ..core.files import write_atomically
 from ..datasets.caa import BEHAVIORS
 from ._args import CLIError, check_input_file, check_output_dir, check_output_file
 
@@ -325,8 +326,8 @@ def cmd_eval(args) -> int:
         text = summary_markdown(results, command)
         print(text)
         if args.out:
-            Path(args.out, "summary.md").write_text(text)
-            Path(args.out, "summary.json").write_text(json.dumps(results, indent=1, default=str))
+            write_atomically(Path(args.out, "summary.md"), text)
+            write_atomically(Path(args.out, "summary.json"), json.dumps(results, indent=1, default=str))
     return 0
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..core.files import write_atomically
 from .results import Run, save
 
 PLOT_HINT = "plots need matplotlib: pip install 'innsteer[plot]' (or pass --no-plots)"
@@ -220,7 +221,7 @@ def write_report(result: dict, out_dir: str | os.PathLike, *, plots: bool = True
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
     save(Run.from_dict(result, "the report"), paths["json"])  # the run and, in its extra, the report's tables
-    paths["markdown"].write_text(markdown(result))
+    write_atomically(paths["markdown"], markdown(result))
     if plots:
         paths["alpha"] = out / "alpha.png"
         plot_alpha(result, paths["alpha"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core.errors import ConfigError
+from ..core.files import write_atomically
 
 SCHEMA = 1
 
@@ -251,10 +252,7 @@ def save(run: Run, path: str | os.PathLike) -> Path:
     interrupted save leaves the earlier file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(run.to_dict(), indent=1, default=str)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(run.to_dict(), indent=1, default=str))
     return path
 
 

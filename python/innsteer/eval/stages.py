@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
+
+from ..core.files import write_atomically
 
 
 def digest(values: Sequence) -> str:
@@ -41,7 +42,5 @@ class Stages:
         result = measure()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".partial")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result}))
-            os.replace(tmp, path)
+            write_atomically(path, json.dumps({"fingerprint": self.fingerprint, "result": result}))
         return result

@@ -35,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..core.errors import ConfigError
+from ..core.files import write_atomically
 from ..core.hooks import decoder_layers
 from ..core.methods import innsteer_config
 from ..datasets.ab import ABItem, train_val_split
@@ -378,8 +379,8 @@ def tune(
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "tune.json").write_text(json.dumps(record, indent=1))
-        (out_dir / "tune.md").write_text(tune_markdown(record))
+        write_atomically(out_dir / "tune.json", json.dumps(record, indent=1))
+        write_atomically(out_dir / "tune.md", tune_markdown(record))
         if plots:
             plot_tune(record, out_dir / "tune.png")
     return record

@@ -8,7 +8,6 @@ size, method and a JSON ``extra``. Each kind registers itself by its ``KIND``; `
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MissingFileError, SteerFileError
+from ..files import write_atomically
 
 FORMAT_VERSION = 1
 META_KEYS = ("model_id", "layer", "behavior", "hidden_size", "method", "alpha")
@@ -131,27 +131,6 @@ class SteererBase(nn.Module):
         steerer = KINDS[kind].from_file(path, read_steer_tensors(path), meta)
         check_compatible(steerer, path, expect_hidden_size, expect_model_id)
         return steerer
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write data to path through ``.<name>.partial`` beside it, fsynced, then renamed over path: a
-    kill mid-write leaves the old file intact and at most one orphan, which the next save of that
-    path replaces. The file is created afresh, so it gets the usual 0666 & ~umask permissions."""
-    directory, name = os.path.split(os.path.abspath(path))
-    partial = os.path.join(directory, f".{name}.partial")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(partial)  # an orphan of a killed save (a fresh file, never an old one's mode or link)
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
 
 
 def common_fields(path: str, meta: dict[str, str]) -> dict[str, Any]:
