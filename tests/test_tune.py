@@ -113,8 +113,12 @@ def test_split_items_is_seeded_and_respects_given_test_items():
     assert split_items(items, None, seed=4) != (pool, test)
     given = load_ab("refusal", "test_ab", limit=5)
     assert split_items(items, given, seed=3) == (list(items), list(given))
-    with pytest.raises(ConfigError, match="at least 10 items"):
-        split_items(items[:6], None, seed=0)
+    with pytest.raises(ConfigError, match="at least 8 training items and 2 test items, got 5 and 1"):
+        split_items(items[:6], None, seed=0)  # 6 items: 1 held out
+    with pytest.raises(ConfigError, match="got 5 and 5"):
+        split_items(items[:5], given, seed=0)  # given test items: the pool is still checked
+    with pytest.raises(ConfigError, match="got 40 and 1"):
+        split_items(items, given[:1], seed=0)
 
 
 def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_budget, monkeypatch):
@@ -247,6 +251,10 @@ def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, 
     bad = ["--variants", '{"defaults": {"num_couplings": 8}}', "--model", str(tmp_path / "no-model")]
     assert main(["tune", "--data", str(data), *bad, "--out", str(out)]) == 2
     assert "variant 'defaults' is already among the budget's" in capsys.readouterr().err
+    # so is data too small to tune on (5 pairs: 4 to train, 1 held out)
+    data.write_text("\n".join(json.dumps(row) for row in rows[:5]))
+    assert main(["tune", "--data", str(data), "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 2
+    assert "at least 8 training items and 2 test items, got 4 and 1" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert main(["tune", "--data", str(data), "--out", str(tmp_path / "file")]) == 2
     assert "is not a directory" in capsys.readouterr().err
@@ -287,5 +295,5 @@ def test_tune_refuses_an_unknown_budget_and_too_few_items():
     lm = tiny_lm()
     with pytest.raises(ConfigError, match="unknown budget 'huge'"):
         innsteer.tune(lm, None, load_ab("refusal", "generate", limit=20), budget="huge")
-    with pytest.raises(ConfigError, match="at least 10 items"):
+    with pytest.raises(ConfigError, match="at least 8 training items"):
         innsteer.tune(lm, None, load_ab("refusal", "generate", limit=5), progress=False)

@@ -332,16 +332,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ..eval.tune import TUNE_BUDGETS, check_variants, tune
+    from ..eval.tune import TUNE_BUDGETS, check_variants, split_items, tune
 
     args.mode = "answer"
     source = _data(args)
     _check_report(args)
-    check_variants(args.variants, TUNE_BUDGETS[args.budget])  # before the model loads (minutes on a first load)
+    items = source.train[: args.n_train] if args.n_train else source.train
+    # before the model loads (minutes on a first load)
+    check_variants(args.variants, TUNE_BUDGETS[args.budget])
+    split_items(items, source.test or None, args.seed)
     out = Path(args.out)
     lm = _load(args)
     _check_context(lm, 64, source.prompts, "open-ended prompt")
-    items = source.train[: args.n_train] if args.n_train else source.train
     record = tune(
         lm, None, items, test_items=source.test if source.test else None, prompts=source.prompts,
         behavior=source.name, budget=args.budget, variants=args.variants, out=out, seed=args.seed,

@@ -52,6 +52,7 @@ from .tradeoff import REPETITION_GATE, curve_summary
 SCHEMA_VERSION = 1
 TOKENS = "all"  # both methods fit every answer token's row (docs/RESULTS.md: both steered best so)
 TEST_FRACTION = 0.2  # of the items, held out for the test comparison when no test items are given (as --data)
+MIN_POOL, MIN_TEST = 8, 2  # the fewest items a tuning run can split and compare on
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,17 @@ def check_variants(variants: Optional[dict], plan: TuneBudget) -> dict[str, dict
 
 
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
-    """(training pool, test items): ``test_items`` as given, else a seeded TEST_FRACTION of ``items``."""
+    """(training pool, test items): ``test_items`` as given, else a seeded TEST_FRACTION of ``items``.
+    The pool is split again into training and validation parts for each fit, so it needs several items."""
     if test_items is not None:
-        return list(items), list(test_items)
-    pool, test = train_val_split(items, TEST_FRACTION, seed=seed)
-    if len(test) < 2 or len(pool) < 8:
-        raise ConfigError(f"tuning needs at least 10 items to hold out a test part, got {len(items)}")
+        pool, test = list(items), list(test_items)
+    else:
+        pool, test = train_val_split(items, TEST_FRACTION, seed=seed)
+    if len(pool) < MIN_POOL or len(test) < MIN_TEST:
+        raise ConfigError(
+            f"tuning needs at least {MIN_POOL} training items and {MIN_TEST} test items, got {len(pool)} and "
+            f"{len(test)}: give more items (a fifth of them is held out for the test unless test items are given)"
+        )
     return pool, test
 
 
