@@ -14,8 +14,10 @@ from innsteer.eval.metrics import ABScorer, generate, reply_nll
 from innsteer.hf.collect import contrastive_activations
 
 # rotary with and without GQA, sliding windows and logit softcapping (gemma2), learned absolute
-# positions (gpt2), parallel attention and MLP (gpt_neox), QK norms (qwen3, olmo2)
-ARCHITECTURES = ["qwen2", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3", "gpt2", "gpt_neox"]
+# positions (gpt2), parallel attention and MLP (gpt_neox), QK norms (qwen3, olmo2), ALiBi with
+# layers whose outputs the model indexes (bloom, mpt: the scorer's replay of the lower layers
+# fails there, and the full pass must serve)
+ARCHITECTURES = ["qwen2", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3", "gpt2", "gpt_neox", "bloom", "mpt"]
 
 
 @pytest.fixture(params=ARCHITECTURES)
