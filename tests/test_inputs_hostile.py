@@ -19,6 +19,7 @@ from innsteer.core.steerers import LinearSteerer, load_steerer
 from innsteer.core.steerers import base as steerers_base
 from innsteer.datasets.ab import MAX_TEXT_CHARS, DataError
 from innsteer.datasets.files import load_items, load_prompts
+from innsteer.datasets.source import from_files
 from innsteer.hf.fit import pairs_to_items
 
 
@@ -113,6 +114,23 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys):
             ["train", "--data", str(path), "--method", "caa", "-o", str(tmp_path / "o.safetensors")], capsys
         )
         assert_one_line_error(code, err.splitlines()[-1] if err else err, str(path), words)
+
+
+def test_repeated_items_never_reach_both_training_and_test(tmp_path, capsys):
+    rows = [{"prompt": f"Q {i}?", "positive": f"Yes {i}", "negative": f"No {i}"} for i in range(30)]
+    data = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows + rows[:5]))  # 5 repeats
+    test = _write(tmp_path / "t.jsonl", "\n".join(json.dumps(r) for r in rows[25:] + rows[25:27]))
+    source = from_files(str(data))
+    assert len(source.train) + len(source.test) == 30 and source.notes == (f"{data}: 5 repeated item(s) left out",)
+    assert not {i.question for i in source.train} & {i.question for i in source.test}
+    source = from_files(str(data), str(test))
+    assert [i.question for i in source.test] == [f"Q {i}?" for i in range(25, 30)]
+    assert [i.question for i in source.train] == [f"Q {i}?" for i in range(25)]
+    assert len(source.notes) == 3 and "5 item(s) of" in source.notes[2] and "left out of training" in source.notes[2]
+    # the command says so on stderr, before its model loads (here a model that does not exist)
+    code, _, err = run(["tune", "--data", str(data), "--test-data", str(test), "--model", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 2 and err.splitlines()[:3] == [f"innsteer: note: {note}" for note in source.notes]
 
 
 @pytest.mark.parametrize("layer", [3.0, "3", None, True, 1.5])

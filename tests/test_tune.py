@@ -119,6 +119,16 @@ def test_split_items_is_seeded_and_respects_given_test_items():
         split_items(items[:5], given, seed=0)  # given test items: the pool is still checked
     with pytest.raises(ConfigError, match="got 40 and 1"):
         split_items(items, given[:1], seed=0)
+    # repeats are left out, with a warning: none is both trained and tested on
+    with pytest.warns(UserWarning, match="6 repeated item"):
+        pool, test = split_items([*items, *items[:5]], [*given, given[0]], seed=0)
+    assert pool == list(items) and test == list(given)
+    with pytest.warns(UserWarning, match="3 repeated item"):
+        pool, test = split_items(items, items[:3], seed=0)
+    assert pool == list(items[3:]) and test == list(items[:3])
+    with pytest.warns(UserWarning, match="2 repeated item"):
+        pool, test = split_items([*items, *items[:2]], None, seed=3)
+    assert len(pool) + len(test) == 40 and not set(map(id, pool)) & set(map(id, test))
 
 
 def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_budget, monkeypatch):

@@ -218,6 +218,8 @@ def _data(args, behavior: Optional[str] = None):
         source = shipped(behavior or args.behavior or DEFAULT_BEHAVIOR, args.prompts)
     if args.mode == "letter" and not source.lettered:
         raise CLIError(f"{source.name} has items with plain answers (no lettered options): use --mode answer")
+    for note in source.notes:
+        print(f"innsteer: note: {note}", file=sys.stderr)
     return source
 
 

@@ -119,6 +119,23 @@ def parse_item(raw: dict) -> ABItem:
     return ABItem(question, stem, options, matching, not_matching)
 
 
+def without_repeats(items: Sequence[ABItem], also_in: Sequence[ABItem] = ()) -> tuple[list[ABItem], int]:
+    """``items`` less those that repeat an earlier one or one of ``also_in`` (question, options and
+    answers the same), and how many were left out. A repeat on both sides of a held-out split would
+    be tested on what was trained."""
+    seen = {_key(item) for item in also_in}
+    kept = []
+    for item in items:
+        if _key(item) not in seen:
+            seen.add(_key(item))
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+def _key(item: ABItem) -> tuple:
+    return item.question, item.matching, item.not_matching, tuple(sorted(item.options.items()))
+
+
 def train_val_split(items: Sequence, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
     """A seeded shuffle split of the generate set into (train, val)."""
     if not 0 <= val_fraction < 1:

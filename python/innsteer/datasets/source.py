@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .ab import ABItem, DataError, train_val_split
+from .ab import ABItem, DataError, train_val_split, without_repeats
 from .behaviors import BEHAVIOR_TEXT, BehaviorText
 from .caa import load_ab, load_open_ended
 from .files import NEUTRAL_PROMPTS, load_items, load_prompts
@@ -23,6 +23,7 @@ class DataSource:
     test: list[ABItem]
     prompts: list[str]
     text: BehaviorText = BehaviorText()  # the behavior in words: the prompt baselines' instructions, the judge's
+    notes: tuple[str, ...] = ()  # what reading the files changed (repeated items left out), for the user
 
     @property
     def lettered(self) -> bool:
@@ -46,11 +47,16 @@ def from_files(
 ) -> DataSource:
     """A user's items (``datasets.files.load_items``); tested on ``test_data``, or on a seeded
     ``test_fraction`` of ``data`` held out from training. Prompts from ``prompts`` or the neutral set."""
-    items = load_items(data)
+    items, repeats = without_repeats(load_items(data))
+    notes = [f"{data}: {repeats} repeated item(s) left out"] if repeats else []
     if test_data:
-        train, test = items, load_items(test_data)
+        test, repeats = without_repeats(load_items(test_data))
+        notes += [f"{test_data}: {repeats} repeated item(s) left out"] if repeats else []
+        train, shared = without_repeats(items, also_in=test)
+        notes += [f"{shared} item(s) of {data} are also in {test_data}: left out of training"] if shared else []
     else:
         train, test = train_val_split(items, test_fraction, seed=0)
         if not test:
             raise DataError(f"{data} holds too few items to hold out a test part; pass --test-data")
-    return DataSource(Path(data).stem, train, test, load_prompts(prompts) if prompts else list(NEUTRAL_PROMPTS))
+    prompt_texts = load_prompts(prompts) if prompts else list(NEUTRAL_PROMPTS)
+    return DataSource(Path(data).stem, train, test, prompt_texts, notes=tuple(notes))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from ..core.errors import ConfigError
 from ..core.files import write_atomically
 from ..core.hooks import decoder_layers
 from ..core.methods import innsteer_config
-from ..datasets.ab import ABItem, train_val_split
+from ..datasets.ab import ABItem, train_val_split, without_repeats
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
@@ -173,11 +174,17 @@ def check_variants(variants: Optional[dict], plan: TuneBudget) -> dict[str, dict
 
 def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]], seed: int):
     """(training pool, test items): ``test_items`` as given, else a seeded TEST_FRACTION of ``items``.
-    The pool is split again into training and validation parts for each fit, so it needs several items."""
+    The pool is split again into training and validation parts for each fit, so it needs several items.
+    Repeated items are left out, with a warning: one on both sides would be tested on what was trained."""
+    items, repeats = without_repeats(items)
     if test_items is not None:
-        pool, test = list(items), list(test_items)
+        test, test_repeats = without_repeats(test_items)
+        pool, shared = without_repeats(items, also_in=test)
+        repeats += test_repeats + shared
     else:
         pool, test = train_val_split(items, TEST_FRACTION, seed=seed)
+    if repeats:
+        warnings.warn(f"{repeats} repeated item(s) left out (training and test items must differ)", stacklevel=2)
     if len(pool) < MIN_POOL or len(test) < MIN_TEST:
         raise ConfigError(
             f"tuning needs at least {MIN_POOL} training items and {MIN_TEST} test items, got {len(pool)} and "
