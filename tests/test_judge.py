@@ -2,6 +2,7 @@
 validation and report plumbing with a judge whose answers are known, and (slow tier) the default
 model as judge on fixed texts."""
 
+import copy
 import json
 import re
 from dataclasses import replace
@@ -153,6 +154,13 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
         compare_stored_replies(other, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
     summary = judged_summary([stored])
     assert "| b | m | 1.00 / 1.00 / 1.00 | 0.10 | 0.90 (1) | 0.90 (2) | +0.000 [+0.000, +0.000] | – |" in summary
+    # a difference whose interval excludes 0 gets its verdict only where the judge passed the behavior
+    # question's validation; where it failed, the cell is marked * (shown, not counted)
+    above = copy.deepcopy(stored)
+    above.extra["judged_comparisons"]["innsteer-caa"].update(mean=0.1, low=0.05, high=0.2)
+    assert "| +0.100 [+0.050, +0.200] ✓ | – |" in judged_summary([above]) and "✓ |" in judged_table(above.extra)
+    above.extra["judge"]["validation"]["behavior"]["used"] = False
+    assert "| +0.100 [+0.050, +0.200] * | – |" in judged_summary([above]) and "✓" not in judged_table(above.extra)
     # a judge that fails a question's validation: the score leaves that question out
     flipped = judge_result(result, chosen, KnownJudge(flip=True), PROMPTS, ITEMS, "accept changes",
                            n_resamples=50, progress=False)  # fmt: skip

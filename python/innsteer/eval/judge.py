@@ -387,10 +387,17 @@ def compare_stored_replies(
     return judged_comparisons(judged, n_resamples, np.random.default_rng(seed))
 
 
-def _difference(row: dict) -> str:
+def _difference(row: dict, counted: bool = True) -> str:
+    """A judged difference with its interval; not ``counted`` (the judge failed the behavior question's
+    validation): no verdict mark, a * instead."""
     from .results import interval_cell
 
-    return interval_cell(row["mean"], row["low"], row["high"])
+    cell = interval_cell(row["mean"], row["low"], row["high"])
+    return cell if counted else cell.removesuffix(" ✓").removesuffix(" ✗") + " *"
+
+
+def _behavior_counted(report: dict) -> bool:
+    return report["judge"]["validation"].get("behavior", {}).get("used", True)
 
 
 def judged_comparisons(judged: dict, n_resamples: int, rng: np.random.Generator) -> dict:
@@ -431,7 +438,8 @@ def judged_table(report: dict) -> str:
         lines.append("| judged behavior at equal coherence, paired over prompts | difference |")
         lines.append("|---|---|")
         for row in comparisons.values():
-            lines.append(f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | {_difference(row)} |")
+            difference = _difference(row, _behavior_counted(report))
+            lines.append(f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | {difference} |")
     validation = report["judge"]["validation"]
     lines.append("")
     lines.append(
@@ -480,7 +488,7 @@ def judged_summary(reports: Sequence[Run]) -> str:
             at = (r["judged"].get(m) or {}).get("at_coherence")
             cells.append("–" if not at or "behavior" not in at else f"{at['behavior']['mean']:.2f} ({at['alpha']:g})")
         compared = r.get("judged_comparisons") or {}
-        diffs = [_difference(compared[p]) if p in compared else "–" for p in pairs]
+        diffs = [_difference(compared[p], _behavior_counted(r)) if p in compared else "–" for p in pairs]
         lines.append(
             f"| {report.behavior} | {report.model_id} | {aurocs} | "
             f"{r['judged']['unsteered']['behavior']['mean']:.2f} | " + " | ".join(cells + diffs) + " |"
