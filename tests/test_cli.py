@@ -264,13 +264,18 @@ def test_user_files_through_collect_train_and_eval(tmp_path, capsys, default_lm)
         capsys,
     )
     assert code == 2 and "plain answers" in err
+    from test_fit import TRIPLES
+
+    held_out = tmp_path / "plain-test.jsonl"  # items the plain file does not hold
+    rows = [{"prompt": q, "positive": p, "negative": n} for q, p, n in TRIPLES[12:]]
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     report = tmp_path / "report"
     argv = [
         "eval",
         "--data",
         str(files["plain"]),
         "--test-data",
-        str(files["plain"]),
+        str(held_out),
         "--prompts",
         str(prompts),
         "--methods",
@@ -292,7 +297,7 @@ def test_user_files_through_collect_train_and_eval(tmp_path, capsys, default_lm)
     code, out, err = run(argv, capsys)
     assert code == 0, err
     result = json.loads((report / "report.json").read_text())
-    assert result["behavior"] == "plain" and result["n_test"] == 12 and result["n_open"] == 1
+    assert result["behavior"] == "plain" and result["n_test"] == 4 and result["n_open"] == 1
     caa_point = next(p for p in result["points"] if p["method"] == "caa" and p["alpha"] == 4)
     base = next(p for p in result["points"] if p["method"] == "none")
     assert caa_point["letter"] is None and caa_point["answer"] > base["answer"]  # steered toward the file's positives

@@ -127,6 +127,8 @@ def test_repeated_items_never_reach_both_training_and_test(tmp_path, capsys):
     assert [i.question for i in source.test] == [f"Q {i}?" for i in range(25, 30)]
     assert [i.question for i in source.train] == [f"Q {i}?" for i in range(25)]
     assert len(source.notes) == 3 and "5 item(s) of" in source.notes[2] and "left out of training" in source.notes[2]
+    with pytest.raises(DataError, match="leaves 0 item.s. to train on: 30 of its items are also in"):
+        from_files(str(data), str(data))  # the same file for both: nothing left to train on
     # the command says so on stderr, before its model loads (here a model that does not exist)
     code, _, err = run(["tune", "--data", str(data), "--test-data", str(test), "--model", str(tmp_path / "none"),
                         "--out", str(tmp_path / "out")], capsys)  # fmt: skip

@@ -53,6 +53,11 @@ def from_files(
         test, repeats = without_repeats(load_items(test_data))
         notes += [f"{test_data}: {repeats} repeated item(s) left out"] if repeats else []
         train, shared = without_repeats(items, also_in=test)
+        if len(train) < 2:
+            raise DataError(
+                f"{data} leaves {len(train)} item(s) to train on: {shared} of its items are also in {test_data}, "
+                "and a method is never tested on what it trained on"
+            )
         notes += [f"{shared} item(s) of {data} are also in {test_data}: left out of training"] if shared else []
     else:
         train, test = train_val_split(items, test_fraction, seed=0)
