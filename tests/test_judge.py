@@ -161,6 +161,7 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     assert "| +0.100 [+0.050, +0.200] ✓ | – |" in judged_summary([above]) and "✓ |" in judged_table(above.extra)
     above.extra["judge"]["validation"]["behavior"]["used"] = False
     assert "| +0.100 [+0.050, +0.200] * | – |" in judged_summary([above]) and "✓" not in judged_table(above.extra)
+    assert "* The judge failed the behavior question's validation" in judged_table(above.extra)
     # a judge that fails a question's validation: the score leaves that question out
     flipped = judge_result(result, chosen, KnownJudge(flip=True), PROMPTS, ITEMS, "accept changes",
                            n_resamples=50, progress=False)  # fmt: skip

@@ -440,6 +440,9 @@ def judged_table(report: dict) -> str:
         for row in comparisons.values():
             difference = _difference(row, _behavior_counted(report))
             lines.append(f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | {difference} |")
+        if not _behavior_counted(report):
+            lines.append("")
+            lines.append("* The judge failed the behavior question's validation (below): shown, not counted.")
     validation = report["judge"]["validation"]
     lines.append("")
     lines.append(
