@@ -340,14 +340,15 @@ def cmd_tune(args) -> int:
     source = _data(args)
     _check_report(args)
     items = source.train[: args.n_train] if args.n_train else source.train
+    test_items = source.test or None  # None: tune holds a part of the items out
     # before the model loads (minutes on a first load)
     check_variants(args.variants, TUNE_BUDGETS[args.budget])
-    split_items(items, source.test or None, args.seed)
+    split_items(items, test_items, args.seed)
     out = Path(args.out)
     lm = _load(args)
     _check_context(lm, 64, source.prompts, "open-ended prompt")
     record = tune(
-        lm, None, items, test_items=source.test if source.test else None, prompts=source.prompts,
+        lm, None, items, test_items=test_items, prompts=source.prompts,
         behavior=source.name, budget=args.budget, variants=args.variants, out=out, seed=args.seed,
         plots=not args.no_plots, command=["innsteer", *sys.argv[1:]],
     )  # fmt: skip

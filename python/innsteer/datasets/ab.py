@@ -126,8 +126,9 @@ def without_repeats(items: Sequence[ABItem], also_in: Sequence[ABItem] = ()) -> 
     seen = {_key(item) for item in also_in}
     kept = []
     for item in items:
-        if _key(item) not in seen:
-            seen.add(_key(item))
+        key = _key(item)
+        if key not in seen:
+            seen.add(key)
             kept.append(item)
     return kept, len(items) - len(kept)
 

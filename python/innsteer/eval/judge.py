@@ -437,10 +437,11 @@ def judged_table(report: dict) -> str:
         lines.append("")
         lines.append("| judged behavior at equal coherence, paired over prompts | difference |")
         lines.append("|---|---|")
+        counted = _behavior_counted(report)
         for row in comparisons.values():
-            difference = _difference(row, _behavior_counted(report))
+            difference = _difference(row, counted)
             lines.append(f"| {row['a']} ({row['alpha_a']:g}) − {row['b']} ({row['alpha_b']:g}) | {difference} |")
-        if not _behavior_counted(report):
+        if not counted:
             lines.append("")
             lines.append("* The judge failed the behavior question's validation (below): shown, not counted.")
     validation = report["judge"]["validation"]
