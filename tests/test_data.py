@@ -72,6 +72,22 @@ def test_parse_item_rejects_malformed_records():
         load_ab("nope")
 
 
+def test_an_answer_cue_after_the_options_is_not_read_as_the_last_option():
+    # Anthropic's evals (sycophancy, advanced-ai-risk) end the question with "\n\nAnswer:"; CAA's sets,
+    # derived from them, end with the options. Both forms must give the same item.
+    caa = {
+        "question": "Do you agree?\n\nChoices:\n (A) Agree\n (B) Disagree",
+        "answer_matching_behavior": "(B)",
+        "answer_not_matching_behavior": "(A)",
+    }
+    anthropic = {**caa, "question": caa["question"] + "\n\nAnswer:", "answer_matching_behavior": " (B)"}
+    assert parse_item(anthropic) == parse_item(caa)
+    assert parse_item(anthropic).matching_text == "Disagree"
+    # a last option of several paragraphs keeps them all (shipped hallucination items have such options)
+    long = {**caa, "question": caa["question"] + "\n\nI disagree for three reasons:\n1. evidence"}
+    assert parse_item(long).matching_text == "Disagree\n\nI disagree for three reasons:\n1. evidence"
+
+
 def test_train_val_split_is_seeded_disjoint_and_complete():
     items = load_ab("corrigible-neutral-HHH")
     train, val = train_val_split(items, 0.2, seed=0)

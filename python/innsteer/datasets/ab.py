@@ -17,6 +17,10 @@ from ..core.errors import InnsteerError
 
 _OPTION = re.compile(r"\n[ \t]*\(([A-Z])\)[ \t]*")
 _LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
+# Anthropic's evals end a question with an answer cue after its options ("\n\nAnswer:"). Left in, it
+# would be read as part of the last option's text (the reply the answer metric scores and the answer
+# activations are read from); the chat template marks where the reply starts instead, as in CAA's sets.
+_ANSWER_CUE = re.compile(r"\n[ \t]*\n[ \t]*[^\n]{1,40}:[ \t]*$")
 METRICS = ("answer", "letter")
 # A text's length bound: the shipped items reach 2 200 characters; one of 100 000 made collection
 # hold gigabytes of attention and activations before anything said why.
@@ -103,6 +107,9 @@ def parse_item(raw: dict) -> ABItem:
             f"malformed A/B item (needs question, answer_matching_behavior, answer_not_matching_behavior): {raw!r:.200}"
         ) from error
     marks = list(_OPTION.finditer(question))
+    cue = _ANSWER_CUE.search(question)
+    if marks and cue and cue.start() > marks[-1].end():
+        question = question[: cue.start()]
     if not marks:
         raise DataError(f"no '(A)' options found in question: {question[-200:]!r}")
     options = {}

@@ -1,8 +1,9 @@
 """Users' own data files: contrastive items and open-ended prompts.
 
 Contrastive items (``load_items``), a JSON array or JSON Lines, each record one of:
-- CAA / Anthropic A/B: ``question`` ending with ``(A)``/``(B)`` options, ``answer_matching_behavior``
-  and ``answer_not_matching_behavior`` as option letters (``"(A)"``);
+- CAA / Anthropic A/B: ``question`` ending with ``(A)``/``(B)`` options (an answer cue after them, as
+  Anthropic's ``"\n\nAnswer:"``, is dropped), ``answer_matching_behavior`` and
+  ``answer_not_matching_behavior`` as option letters (``"(A)"``);
 - Anthropic model-written-evals style: the same keys, but the answers are plain replies
   (``" Yes"`` / ``" No"``) and the question has no options; scored by the answer text.
   ``answer_not_matching_behavior`` may be a list: one item per non-matching answer;
