@@ -7,8 +7,9 @@ from importlib import resources
 
 import pytest
 
-from innsteer.datasets.ab import DataError, parse_item, train_val_split
+from innsteer.datasets.ab import ABItem, DataError, parse_item, train_val_split
 from innsteer.datasets.caa import BEHAVIORS, load_ab, load_open_ended
+from innsteer.hf.collect import answer_text
 from innsteer.hf.prompts import format_prompt, reply_separator
 
 COUNTS = {
@@ -107,3 +108,15 @@ def test_prompt_formats(default_lm):
     assert reply_separator(default_lm.tokenizer) == ""
     assert format_prompt(_PlainTokenizer(), "Hi?") == "Question: Hi?\nAnswer:"
     assert reply_separator(_PlainTokenizer()) == " "
+
+
+def test_a_plain_reply_follows_the_prompt_with_one_separator():
+    # model-written-evals answers are " Yes" / " No" (written for "Answer:" without its space): after
+    # the plain form they must read "Answer: Yes", after a chat template's header "Yes"
+    item = ABItem.plain("Is it?", " Yes", "  No")
+    assert answer_text(_PlainTokenizer(), item, "A", "answer")[0] == "Question: Is it?\nAnswer: Yes"
+    assert item.continuations("answer") == ("Yes", "No")
+    with pytest.raises(DataError, match="must not be empty"):
+        ABItem.plain("Is it?", " ", "No")
+    with pytest.raises(DataError, match="the same"):
+        ABItem.plain("Is it?", " Yes", "Yes")

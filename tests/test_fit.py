@@ -173,7 +173,8 @@ def test_the_three_file_formats(tmp_path):
     )
     items = load_items(mwe)
     assert len(items) == 3 and not items[0].lettered
-    assert items[1].continuations("answer") == (" No", " Yes") and items[2].continuations("answer") == (" No", " Maybe")
+    # replies start where the prompt's format says: no leading space after the chat template or "Answer:"
+    assert items[1].continuations("answer") == ("No", "Yes") and items[2].continuations("answer") == ("No", "Maybe")
     with pytest.raises(DataError, match="no letter metric"):
         items[0].continuations("letter")
     plain = tmp_path / "plain.json"

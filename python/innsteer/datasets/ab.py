@@ -49,7 +49,12 @@ class ABItem:
     def plain(cls, prompt: str, positive: str, negative: str) -> ABItem:
         """An item whose answers are plain replies (no lettered options in the prompt), e.g. a
         model-written-evals " Yes" / " No" item or a user's (prompt, positive, negative) pair;
-        an empty prompt means bare texts (no chat template)."""
+        an empty prompt means bare texts (no chat template). The replies' leading whitespace goes: the
+        prompt's format puts what separates it from the reply (``hf.prompts.reply_separator``), and
+        " Yes" after a chat template's assistant header, or after "Answer: ", is not how replies start."""
+        positive, negative = positive.lstrip(), negative.lstrip()
+        if not positive or not negative:
+            raise DataError("the positive and the negative text must not be empty")
         if positive == negative:
             raise DataError(f"the positive and the negative text are the same ({positive!r}): nothing to contrast")
         return cls(prompt, prompt, {"A": positive, "B": negative}, "A", "B", lettered=False)
