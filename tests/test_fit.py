@@ -230,6 +230,18 @@ def test_prompt_files(tmp_path):
     assert len(NEUTRAL_PROMPTS) >= 10 and len(set(NEUTRAL_PROMPTS)) == len(NEUTRAL_PROMPTS)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    # Windows editors start UTF-8 files with one; read as text it broke the first JSON line
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "p.txt").write_bytes(bom + b"First?\nSecond?\n")
+    assert load_prompts(tmp_path / "p.txt") == ["First?", "Second?"]
+    pairs = [{"prompt": q, "positive": p, "negative": n} for q, p, n in TRIPLES[:2]]
+    (tmp_path / "pairs.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in pairs).encode())
+    (tmp_path / "pairs.json").write_bytes(bom + json.dumps(pairs).encode())
+    for name in ("pairs.jsonl", "pairs.json"):
+        assert [(i.question, i.matching_text, i.not_matching_text) for i in load_items(tmp_path / name)] == TRIPLES[:2]
+
+
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """The README's "your own data" example, run as written."""

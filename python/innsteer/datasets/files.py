@@ -44,7 +44,8 @@ def _read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise MissingFileError(f"no data file at {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first record
+        with open(path, encoding="utf-8-sig") as handle:
             return handle.read()
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text ({error})") from error
