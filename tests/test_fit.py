@@ -230,6 +230,30 @@ def test_prompt_files(tmp_path):
     assert len(NEUTRAL_PROMPTS) >= 10 and len(set(NEUTRAL_PROMPTS)) == len(NEUTRAL_PROMPTS)
 
 
+def test_csv_files_read_as_their_json_records(tmp_path):
+    import csv
+
+    records = [{"prompt": q, "positive": p, "negative": n} for q, p, n in TRIPLES[:3]]
+    records[0]["prompt"] = 'A prompt, with a comma, "quotes"\nand a second line'
+    with (tmp_path / "pairs.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["prompt", "positive", "negative"])
+        writer.writeheader()
+        writer.writerows(records)
+    _write(tmp_path / "pairs.jsonl", records)
+    assert load_items(tmp_path / "pairs.csv") == load_items(tmp_path / "pairs.jsonl")
+    (tmp_path / "prompts.csv").write_text("id,question\n1,First?\n2,Second?\n")
+    assert load_prompts(tmp_path / "prompts.csv") == ["First?", "Second?"]
+    (tmp_path / "wide.csv").write_text("prompt,positive,negative\na,b,c\nd,e,f,g\n")
+    with pytest.raises(DataError, match="wide.csv:3: more fields than the header"):
+        load_items(tmp_path / "wide.csv")
+    (tmp_path / "keys.csv").write_text("text,label\na,1\n")
+    with pytest.raises(DataError, match="keys.csv:2: a record needs either"):
+        load_items(tmp_path / "keys.csv")
+    (tmp_path / "short.csv").write_text("prompt,positive,negative\na,b,c\nd,e\n")
+    with pytest.raises(DataError, match="short.csv:3: 'prompt', 'positive' and 'negative' must be strings"):
+        load_items(tmp_path / "short.csv")
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
     # Windows editors start UTF-8 files with one; read as text it broke the first JSON line
     bom = b"\xef\xbb\xbf"

@@ -148,15 +148,17 @@ def _add_sources(p: argparse.ArgumentParser, behavior_default: str = DEFAULT_BEH
         "--data",
         default=None,
         metavar="FILE",
-        help="your contrastive items (JSON/JSONL): CAA A/B records, model-written-evals records with plain "
-        "answers, or {prompt, positive, negative}; a seeded 20%% is held out for testing unless --test-data",
+        help="your contrastive items (JSON, JSONL or CSV with a header row): CAA A/B records, model-written-evals "
+        "records with plain answers, or {prompt, positive, negative}; a seeded 20%% is held out for testing unless "
+        "--test-data",
     )
     data.add_argument("--test-data", default=None, metavar="FILE", help="test items for --data (same formats)")
     data.add_argument(
         "--prompts",
         default=None,
         metavar="FILE",
-        help="open-ended prompts for fluency (one per line, or JSON/JSONL); default: the behavior's own, "
+        help="open-ended prompts for fluency (one per line, or JSON/JSONL, or CSV with a question or prompt "
+        "column); default: the behavior's own, "
         "or a built-in neutral set for --data",
     )
 

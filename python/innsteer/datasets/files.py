@@ -1,6 +1,7 @@
 """Users' own data files: contrastive items and open-ended prompts.
 
-Contrastive items (``load_items``), a JSON array or JSON Lines, each record one of:
+Contrastive items (``load_items``), a JSON array, JSON Lines or CSV (``.csv``, a header row naming
+the fields), each record one of:
 - CAA / Anthropic A/B: ``question`` ending with ``(A)``/``(B)`` options (an answer cue after them, as
   Anthropic's ``"\n\nAnswer:"``, is dropped), ``answer_matching_behavior`` and
   ``answer_not_matching_behavior`` as option letters (``"(A)"``);
@@ -9,12 +10,14 @@ Contrastive items (``load_items``), a JSON array or JSON Lines, each record one 
   ``answer_not_matching_behavior`` may be a list: one item per non-matching answer;
 - plain: ``{"prompt", "positive", "negative"}``.
 Prompts for fluency (``load_prompts``): a text file with one prompt per line, or JSON / JSON Lines
-of strings or of records with a ``question`` or ``prompt``. Errors name the file and the line
-(JSON Lines) or the record number (a JSON array).
+of strings or of records with a ``question`` or ``prompt`` (CSV: such a column). Errors name the
+file and the line (JSON Lines, CSV) or the record number (a JSON array).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -52,7 +55,18 @@ def _read_text(path: str) -> str:
 
 
 def _records(path: str, text: str) -> Iterator[tuple[str, object]]:
-    """(where, record) for each record of a JSON array or JSON Lines file."""
+    """(where, record) for each record of a JSON array, a JSON Lines file or a CSV file (``.csv``: a
+    header row naming the fields, then one record per row)."""
+    if path.lower().endswith(".csv"):
+        rows = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in rows:
+                if None in row:  # DictReader's key for the fields past the header's
+                    raise DataError(f"{path}:{rows.line_num}: more fields than the header names ({rows.fieldnames})")
+                yield f"{path}:{rows.line_num}", row
+        except csv.Error as error:
+            raise DataError(f"{path}:{rows.line_num}: not valid CSV ({error})") from None
+        return
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -119,7 +133,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     """Open-ended prompts from a text, JSON or JSON Lines file (see the module docstring)."""
     path = os.fspath(path)
     text = _read_text(path)
-    if path.endswith((".json", ".jsonl")):
+    if path.lower().endswith((".json", ".jsonl", ".csv")):
         prompts = []
         for where, record in _records(path, text):
             if isinstance(record, dict):
