@@ -261,6 +261,9 @@ def test_bad_inputs(pos, neg, match):
         (lambda: TrainConfig(num_threads=1.5), "num_threads must be an integer, got 1.5"),
         (lambda: TrainConfig(flow=FlowConfig(num_couplings=2.5)), "num_couplings must be an integer, got 2.5"),
         (lambda: TrainConfig(flow=FlowConfig(clamp="2")), "clamp must be a number, got '2'"),
+        # a value no memory holds is named before anything is allocated
+        (lambda: TrainConfig(flow=FlowConfig(num_couplings=10**6)), r"num_couplings in \[1, 64\].*got 1000000"),
+        (lambda: TrainConfig(flow=FlowConfig(mlp_hidden=10**8)), r"mlp_hidden in \[1, 65536\].*100000000"),
     ],
 )
 def test_options_of_the_wrong_type_are_named_before_training(data, config, match):

@@ -22,6 +22,10 @@ from innsteer_ext import MAX_CLAMP, MIN_CLAMP, FlowParams, coupling_forward, cou
 from .errors import ConfigError
 from .fieldtypes import check_field_types
 
+# Bounds on the flow's shape, far above anything trained (4 or 8 couplings, 512 wide): a typo of
+# 1000000 couplings would otherwise be allocated coupling by coupling until memory runs out.
+MAX_COUPLINGS, MAX_MLP_HIDDEN = 64, 1 << 16
+
 
 @dataclass(frozen=True)
 class FlowConfig:
@@ -35,9 +39,10 @@ class FlowConfig:
 
     def check(self) -> None:
         check_field_types(self)
-        if self.num_couplings < 1 or self.mlp_hidden < 1:
+        if not (1 <= self.num_couplings <= MAX_COUPLINGS and 1 <= self.mlp_hidden <= MAX_MLP_HIDDEN):
             raise ConfigError(
-                f"need num_couplings >= 1 and mlp_hidden >= 1, got {self.num_couplings}, {self.mlp_hidden}"
+                f"need num_couplings in [1, {MAX_COUPLINGS}] and mlp_hidden in [1, {MAX_MLP_HIDDEN}], got "
+                f"{self.num_couplings}, {self.mlp_hidden}"
             )
         if not MIN_CLAMP <= self.clamp <= MAX_CLAMP:
             raise ConfigError(
