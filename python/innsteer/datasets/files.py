@@ -130,7 +130,7 @@ def load_items(path: str | os.PathLike) -> list[ABItem]:
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Open-ended prompts from a text, JSON or JSON Lines file (see the module docstring)."""
+    """Open-ended prompts from a text, JSON, JSON Lines or CSV file (see the module docstring)."""
     path = os.fspath(path)
     text = _read_text(path)
     if path.lower().endswith((".json", ".jsonl", ".csv")):
