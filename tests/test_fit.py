@@ -1,5 +1,6 @@
 """A steerer from a user's own texts: innsteer.fit, steerer.apply, and users' dataset files."""
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -231,8 +232,6 @@ def test_prompt_files(tmp_path):
 
 
 def test_csv_files_read_as_their_json_records(tmp_path):
-    import csv
-
     records = [{"prompt": q, "positive": p, "negative": n} for q, p, n in TRIPLES[:3]]
     records[0]["prompt"] = 'A prompt, with a comma, "quotes"\nand a second line'
     with (tmp_path / "pairs.csv").open("w", newline="") as handle:
