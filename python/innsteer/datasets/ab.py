@@ -54,7 +54,7 @@ class ABItem:
         " Yes" after a chat template's assistant header, or after "Answer: ", is not how replies start."""
         positive, negative = positive.lstrip(), negative.lstrip()
         if not positive or not negative:
-            raise DataError("the positive and the negative text must not be empty")
+            raise DataError("the positive and the negative answers must not be empty")
         if positive == negative:
             raise DataError(f"the positive and the negative text are the same ({positive!r}): nothing to contrast")
         return cls(prompt, prompt, {"A": positive, "B": negative}, "A", "B", lettered=False)
@@ -112,11 +112,11 @@ def parse_item(raw: dict) -> ABItem:
             f"malformed A/B item (needs question, answer_matching_behavior, answer_not_matching_behavior): {raw!r:.200}"
         ) from error
     marks = list(_OPTION.finditer(question))
-    cue = _ANSWER_CUE.search(question)
-    if marks and cue and cue.start() > marks[-1].end():
-        question = question[: cue.start()]
     if not marks:
         raise DataError(f"no '(A)' options found in question: {question[-200:]!r}")
+    cue = _ANSWER_CUE.search(question)
+    if cue and cue.start() > marks[-1].end():
+        question = question[: cue.start()]
     options = {}
     for mark, nxt in zip(marks, marks[1:] + [None]):
         options[mark.group(1)] = question[mark.end() : nxt.start() if nxt else len(question)].strip()

@@ -94,8 +94,8 @@ def _items_of(record: object) -> list[ABItem]:
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     if {"prompt", "positive", "negative"} <= set(record):
         texts = [record["prompt"], record["positive"], record["negative"]]
-        if not all(isinstance(t, str) for t in texts) or not record["positive"] or not record["negative"]:
-            raise DataError("'prompt', 'positive' and 'negative' must be strings, the answers non-empty")
+        if not all(isinstance(t, str) for t in texts):
+            raise DataError("'prompt', 'positive' and 'negative' must be strings")
         return [ABItem.plain(*texts)]
     keys = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
     if not set(keys) <= set(record):
@@ -109,8 +109,6 @@ def _items_of(record: object) -> list[ABItem]:
         raise DataError("'question' and the answers must be strings (the non-matching answer may be a list)")
     if _LETTER_ANSWER.match(matching):
         return [parse_item({**record, "answer_not_matching_behavior": other}) for other in others]
-    if not matching.strip() or not all(other.strip() for other in others):
-        raise DataError("the answers must not be empty")
     return [ABItem.plain(question, matching, other) for other in others]
 
 
