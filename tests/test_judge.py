@@ -17,12 +17,12 @@ from innsteer.eval import judge as judge_module
 from innsteer.eval.judge import (
     HFJudge,
     auroc,
-    compare_stored_replies,
     harmonic_mean,
     judge_replies,
     judge_result,
     judged_summary,
     judged_table,
+    rejudge,
     validate,
 )
 from innsteer.eval.results import Curve, Run
@@ -145,13 +145,7 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     )["judged_comparisons"]["innsteer-caa"]  # fmt: skip
     behaviors = judge_replies(KnownJudge(), PROMPTS, REPLIES, "accept changes")["behavior"]
     assert worse["mean"] == pytest.approx(behaviors.mean() - 0.9) and worse["high"] < 0
-    # a report written before the comparisons were kept: judged again from its stored replies
     stored = Run.from_dict(json.loads(json.dumps({**both_run.to_dict(), **both})))  # as a report reads back
-    again = compare_stored_replies(stored, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
-    assert again["innsteer-caa"]["mean"] == pytest.approx(pair["mean"])
-    other = replace(stored, curves={**stored.curves, "innsteer": [_curve([REPLIES] * 3)]})
-    with pytest.raises(ValueError, match="judged again"):  # not the replies the report judged
-        compare_stored_replies(other, KnownJudge(), PROMPTS, "accept changes", n_resamples=50)
     summary = judged_summary([stored])
     assert "| b | m | 1.00 / 1.00 / 1.00 | 0.10 | 0.90 (1) | 0.90 (2) | +0.000 [+0.000, +0.000] | – |" in summary
     # a difference whose interval excludes 0 gets its verdict only where the judge passed the behavior
@@ -171,6 +165,59 @@ def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     assert (
         "| caa | 2 |" in table and "(1) |" in table and "coherence AUROC" in table and "not used in the score" in table
     )
+
+
+def test_rejudge_judges_a_written_reports_stored_replies_again(tmp_path, monkeypatch):
+    from innsteer.core.errors import ConfigError
+    from innsteer.datasets.behaviors import BEHAVIOR_TEXT, BehaviorText
+    from innsteer.datasets.caa import load_ab, load_open_ended
+    from innsteer.eval.protocol import protocol_report
+    from innsteer.eval.report import markdown, write_report
+    from innsteer.eval.results import load
+
+    behavior = "corrigible-neutral-HHH"
+    monkeypatch.setitem(BEHAVIOR_TEXT, behavior, BehaviorText("accept changes"))  # KnownJudge's words
+    prompts, items = load_open_ended(behavior)[: len(PROMPTS)], load_ab(behavior, "test_ab")[:1]
+    steered = [f"Gladly: {p}" for p in prompts]
+
+    def curve(replies):  # with token counts, which the report's fluency reads
+        return replace(_curve(replies), tokens=[[1.0] * len(PROMPTS)] * 3)
+
+    run = replace(
+        _run({"caa": [curve([REPLIES, steered, REPLIES])], "innsteer": [curve([steered, REPLIES, REPLIES])]}),
+        behavior=behavior,
+    )
+    sanity = {"p_correct_letter": [0.4, 0.6], "p_correct_answer": [0.8, 0.6], "letter_ok": False, "answer_ok": True}
+    report = {**protocol_report(run), "sanity": sanity, "mode": "answer"}
+    unjudged = write_report(report, tmp_path / "unjudged", plots=False)["json"]
+    report.update(judge_result(run, report["chosen_alpha"], KnownJudge(), prompts, items, "accept changes",
+                               progress=False))  # fmt: skip
+    path = write_report(report, tmp_path / "judged", plots=False)["json"]
+    written = json.loads(path.read_text())
+    # the same judge and words: the same judgement, rewritten in place with the command that did it
+    assert rejudge(path, KnownJudge(), command="again")["judged"] == written["judged"]
+    again = json.loads(path.read_text())
+    assert again["judged_comparisons"] == written["judged_comparisons"] and again["judge"]["command"] == "again"
+    assert load(path).curves == run.curves and not again["judge"]["self_judged"]
+    assert (again["judge"]["description"], again["judge"]["opposite"]) == ("accept changes", "not accept changes")
+    # another judge (its coherence inverted), answers kept: the report's judgement and markdown are its
+    answers = tmp_path / "judged" / "stages" / "judge.jsonl"
+    flipped = rejudge(path, KnownJudge(flip=True), answers=answers)
+    expected = judge_result(run, report["chosen_alpha"], KnownJudge(flip=True), prompts, items, "accept changes",
+                            progress=False)  # fmt: skip
+    assert flipped["judged"] == json.loads(json.dumps(expected["judged"]))
+    assert not flipped["judge"]["validation"]["coherence"]["used"] and answers.is_file()
+    assert path.with_suffix(".md").read_text() == markdown(json.loads(path.read_text()))
+    with pytest.raises(ConfigError, match="not a judged report"):
+        rejudge(unjudged, KnownJudge())
+    elsewhere = tmp_path / "other" / "report.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(path.read_text().replace(f'"{behavior}"', '"my-data"'))
+    with pytest.raises(ConfigError, match="not a shipped behavior"):
+        rejudge(elsewhere, KnownJudge())
+    monkeypatch.setattr("innsteer.datasets.caa.load_open_ended", lambda b: prompts[:2])  # fewer prompts than replies
+    with pytest.raises(ConfigError, match="stored replies do not answer"):
+        rejudge(path, KnownJudge())
 
 
 def test_kept_answers_are_asked_once_and_resume_a_cut_file(tmp_path):

@@ -337,7 +337,13 @@ def judge_result(
             "by_alpha": by_alpha,
         }
     return {
-        "judge": {"model": judge.name, "validation": validation, "min_auroc": MIN_AUROC},
+        "judge": {
+            "model": judge.name,
+            "validation": validation,
+            "min_auroc": MIN_AUROC,
+            "description": description,
+            "opposite": None if description is None else opposite or opposite_of(description),
+        },
         "judged": judged,
         "judged_comparisons": judged_comparisons(judged, n_resamples, rng),
     }
@@ -355,36 +361,46 @@ JUDGED_PAIRS = (
 )
 
 
-def compare_stored_replies(
-    report: Run,
-    judge: Judge,
-    prompts: Sequence[str],
-    description: str,
-    opposite: Optional[str] = None,
-    *,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict:
-    """``judged_comparisons`` for a judged report (read with ``results.load``; its judge scores are
-    in ``extra``) written before they existed: judges again the
-    behavior of the stored replies (each method's first seed) at each method's alpha of equal
-    coherence, which the report names, and compares them paired over prompts. The means must equal
-    the report's (the judge reads its next-token distribution, no sampling): checked here."""
-    judged = {}
-    for name, row in report.extra["judged"].items():
-        at = row.get("at_coherence") if name != "unsteered" else None
-        if not at or "behavior" not in at or not any(name in pair for pair in JUDGED_PAIRS):
-            continue
-        curve = report.curves[name][0]
-        replies = curve.replies[[f"{a:g}" for a in curve.alphas].index(f"{at['alpha']:g}")]
-        behavior = scores(judge, ["behavior"], list(zip(prompts, replies)), description, opposite)["behavior"]
-        if abs(float(np.mean(behavior)) - at["behavior"]["mean"]) > 1e-3:
-            raise ValueError(
-                f"{name} at alpha {at['alpha']:g}: judged again {np.mean(behavior):.4f}, the report says "
-                f"{at['behavior']['mean']:.4f} (another judge, prompts or description?)"
+def rejudge(path: str | Path, judge: Judge, *, answers: Optional[Path] = None, command: str = "") -> dict:
+    """Judge a written judged report's stored replies again, generating nothing: by another judge, or
+    after a shipped behavior's description was reworded. Its judge validation, judged scores and
+    comparisons are replaced and its report.json and report.md rewritten; returns the report. Only a
+    report on a shipped behavior (the judge is validated on its test items and asked about its
+    description); ``answers`` keeps the judge's answers as ``innsteer eval --out`` does (a rerun asks
+    only new ones); ``command`` is recorded as ``judge.command``."""
+    from ..core.files import write_atomically
+    from ..datasets.behaviors import BEHAVIOR_TEXT
+    from ..datasets.caa import load_ab, load_open_ended
+    from .report import markdown
+    from .results import load, save
+
+    path = Path(path)
+    run = load(path)
+    report = json.loads(path.read_text())
+    if "judged" not in report:
+        raise ConfigError(f"{path}: not a judged report (innsteer eval --judge writes one)")
+    if run.behavior not in BEHAVIOR_TEXT:
+        raise ConfigError(f"{path}: '{run.behavior}' is not a shipped behavior; judge it with innsteer eval --judge")
+    prompts = load_open_ended(run.behavior)[: report["n_open"]]
+    for name, curves in run.curves.items():
+        if curves[0].replies is None or any(len(replies) != len(prompts) for replies in curves[0].replies):
+            raise ConfigError(
+                f"{path}: {name}'s stored replies do not answer {run.behavior}'s first {len(prompts)} prompts"
             )
-        judged[name] = {"at_coherence": {"alpha": at["alpha"], "per_prompt": {"behavior": list(behavior)}}}
-    return judged_comparisons(judged, n_resamples, np.random.default_rng(seed))
+    text = BEHAVIOR_TEXT[run.behavior]
+    if answers is not None:
+        judge = KeptAnswers(judge, answers)
+    every_alpha = any(len(row.get("by_alpha", {})) > 1 for row in report["judged"].values())
+    report.update(
+        judge_result(
+            run, report["chosen_alpha"], judge, prompts, load_ab(run.behavior, "test_ab")[: run.n_test],
+            text.description, text.opposite, every_alpha=every_alpha,
+        )
+    )  # fmt: skip
+    report["judge"].update(self_judged=judge.name == run.model_id, command=command)
+    save(Run.from_dict(report, "the report"), path)
+    write_atomically(path.with_suffix(".md"), markdown(report))
+    return report
 
 
 def _difference(row: dict, counted: bool = True) -> str:

@@ -1,0 +1,37 @@
+"""Judge written judged reports again, from their stored replies (nothing is generated).
+
+    python bench/rejudge.py results/judged/smollm2-hallucination/report.json [...] [--judge default]
+
+For a report on a shipped behavior, after its description was reworded or with another judge: the
+judge's validation, judged scores and comparisons are replaced and report.json / report.md
+rewritten (``innsteer.eval.judge.rejudge``). A ``stages/judge.jsonl`` beside a report keeps the
+judge's answers, so a rerun asks only what changed. Prints the judged summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from innsteer.eval.judge import judged_summary, rejudge
+from innsteer.eval.results import load
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+")
+    parser.add_argument("--judge", default="default")
+    args = parser.parse_args()
+    from innsteer.llama.judge import load_judge
+
+    judge = load_judge(args.judge)
+    command = "python bench/rejudge.py " + " ".join(sys.argv[1:])
+    for path in args.reports:
+        rejudge(path, judge, answers=Path(path).parent / "stages" / "judge.jsonl", command=command)
+    print(judged_summary([load(path) for path in args.reports]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
