@@ -12,6 +12,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 from ..core.errors import InnsteerError
 
@@ -143,6 +144,23 @@ def without_repeats(items: Sequence[ABItem], also_in: Sequence[ABItem] = ()) -> 
             seen.add(key)
             kept.append(item)
     return kept, len(items) - len(kept)
+
+
+def hold_out(
+    items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]] = None, *, fraction: float, seed: int
+) -> tuple[list[ABItem], list[ABItem], dict[str, int]]:
+    """(training items, test items, how many were left out): ``test_items`` as given, else a seeded
+    ``fraction`` of ``items`` held out. Repeats go first, counted by where they were: "items" (a repeat
+    of an earlier item), "test" (of an earlier test item) and "shared" (a training item that is also a
+    test item: it would be tested on what was trained)."""
+    items, repeats = without_repeats(items)
+    left_out = {"items": repeats, "test": 0, "shared": 0}
+    if test_items is None:
+        train, test = train_val_split(items, fraction, seed=seed)
+    else:
+        test, left_out["test"] = without_repeats(test_items)
+        train, left_out["shared"] = without_repeats(items, also_in=test)
+    return train, test, left_out
 
 
 def _key(item: ABItem) -> tuple:

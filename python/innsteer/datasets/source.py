@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .ab import ABItem, DataError, train_val_split, without_repeats
+from .ab import ABItem, DataError, hold_out
 from .behaviors import BEHAVIOR_TEXT, BehaviorText
 from .caa import load_ab, load_open_ended
 from .files import NEUTRAL_PROMPTS, load_items, load_prompts
@@ -47,21 +47,23 @@ def from_files(
 ) -> DataSource:
     """A user's items (``datasets.files.load_items``); tested on ``test_data``, or on a seeded
     ``test_fraction`` of ``data`` held out from training. Prompts from ``prompts`` or the neutral set."""
-    items, repeats = without_repeats(load_items(data))
-    notes = [f"{data}: {repeats} repeated item(s) left out"] if repeats else []
-    if test_data:
-        test, repeats = without_repeats(load_items(test_data))
-        notes += [f"{test_data}: {repeats} repeated item(s) left out"] if repeats else []
-        train, shared = without_repeats(items, also_in=test)
-        if len(train) < 2:
-            raise DataError(
-                f"{data} leaves {len(train)} item(s) to train on: {shared} of its items are also in {test_data}, "
-                "and a method is never tested on what it trained on"
-            )
-        notes += [f"{shared} item(s) of {data} are also in {test_data}: left out of training"] if shared else []
-    else:
-        train, test = train_val_split(items, test_fraction, seed=0)
-        if not test:
-            raise DataError(f"{data} holds too few items to hold out a test part; pass --test-data")
+    items = load_items(data)  # first: its errors name it before the test file's
+    train, test, left_out = hold_out(
+        items, load_items(test_data) if test_data else None, fraction=test_fraction, seed=0
+    )
+    notes = [
+        f"{file}: {left_out[where]} repeated item(s) left out"
+        for file, where in ((data, "items"), (test_data, "test"))
+        if left_out[where]
+    ]
+    if left_out["shared"]:
+        notes.append(f"{left_out['shared']} item(s) of {data} are also in {test_data}: left out of training")
+    if test_data and len(train) < 2:
+        raise DataError(
+            f"{data} leaves {len(train)} item(s) to train on: {left_out['shared']} of its items are also in "
+            f"{test_data}, and a method is never tested on what it trained on"
+        )
+    if not test:
+        raise DataError(f"{data} holds too few items to hold out a test part; pass --test-data")
     prompt_texts = load_prompts(prompts) if prompts else list(NEUTRAL_PROMPTS)
     return DataSource(Path(data).stem, train, test, prompt_texts, notes=tuple(notes))

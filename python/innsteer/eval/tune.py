@@ -39,7 +39,7 @@ from ..core.errors import ConfigError
 from ..core.files import write_atomically
 from ..core.hooks import decoder_layers
 from ..core.methods import innsteer_config
-from ..datasets.ab import ABItem, train_val_split, without_repeats
+from ..datasets.ab import ABItem, hold_out, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
@@ -176,15 +176,11 @@ def split_items(items: Sequence[ABItem], test_items: Optional[Sequence[ABItem]],
     """(training pool, test items): ``test_items`` as given, else a seeded TEST_FRACTION of ``items``.
     The pool is split again into training and validation parts for each fit, so it needs several items.
     Repeated items are left out, with a warning: one on both sides would be tested on what was trained."""
-    items, repeats = without_repeats(items)
-    if test_items is not None:
-        test, test_repeats = without_repeats(test_items)
-        pool, shared = without_repeats(items, also_in=test)
-        repeats += test_repeats + shared
-    else:
-        pool, test = train_val_split(items, TEST_FRACTION, seed=seed)
-    if repeats:
-        warnings.warn(f"{repeats} repeated item(s) left out (training and test items must differ)", stacklevel=2)
+    pool, test, left_out = hold_out(items, test_items, fraction=TEST_FRACTION, seed=seed)
+    if sum(left_out.values()):
+        warnings.warn(
+            f"{sum(left_out.values())} repeated item(s) left out (training and test items must differ)", stacklevel=2
+        )
     if len(pool) < MIN_POOL or len(test) < MIN_TEST:
         raise ConfigError(
             f"tuning needs at least {MIN_POOL} training items and {MIN_TEST} test items, got {len(pool)} and "
