@@ -4,7 +4,7 @@
 
 For a report on a shipped behavior, after its description was reworded or with another judge: the
 judge's validation, judged scores and comparisons are replaced and report.json / report.md
-rewritten (``innsteer.eval.judge.rejudge``). A ``stages/judge.jsonl`` beside a report keeps the
+rewritten (``innsteer.eval.report.rejudge``). A ``stages/judge.jsonl`` beside a report keeps the
 judge's answers, so a rerun asks only what changed. Prints the judged summary table.
 """
 
@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from innsteer.eval.judge import judged_summary, rejudge
+from innsteer.eval.judge import judged_summary
+from innsteer.eval.report import rejudge
 from innsteer.eval.results import load
 
 

@@ -22,7 +22,6 @@ from innsteer.eval.judge import (
     judge_result,
     judged_summary,
     judged_table,
-    rejudge,
     validate,
 )
 from innsteer.eval.results import Curve, Run
@@ -172,7 +171,7 @@ def test_rejudge_judges_a_written_reports_stored_replies_again(tmp_path, monkeyp
     from innsteer.datasets.behaviors import BEHAVIOR_TEXT, BehaviorText
     from innsteer.datasets.caa import load_ab, load_open_ended
     from innsteer.eval.protocol import protocol_report
-    from innsteer.eval.report import markdown, write_report
+    from innsteer.eval.report import markdown, rejudge, write_report
     from innsteer.eval.results import load
 
     behavior = "corrigible-neutral-HHH"

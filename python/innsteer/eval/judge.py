@@ -361,48 +361,6 @@ JUDGED_PAIRS = (
 )
 
 
-def rejudge(path: str | Path, judge: Judge, *, answers: Optional[Path] = None, command: str = "") -> dict:
-    """Judge a written judged report's stored replies again, generating nothing: by another judge, or
-    after a shipped behavior's description was reworded. Its judge validation, judged scores and
-    comparisons are replaced and its report.json and report.md rewritten; returns the report. Only a
-    report on a shipped behavior (the judge is validated on its test items and asked about its
-    description); ``answers`` keeps the judge's answers as ``innsteer eval --out`` does (a rerun asks
-    only new ones); ``command`` is recorded as ``judge.command``."""
-    from ..core.files import write_atomically
-    from ..datasets.behaviors import BEHAVIOR_TEXT
-    from ..datasets.caa import load_ab, load_open_ended
-    from .report import markdown
-    from .results import load, save
-
-    path = Path(path)
-    run = load(path)
-    report = json.loads(path.read_text())
-    if "judged" not in report:
-        raise ConfigError(f"{path}: not a judged report (innsteer eval --judge writes one)")
-    if run.behavior not in BEHAVIOR_TEXT:
-        raise ConfigError(f"{path}: '{run.behavior}' is not a shipped behavior; judge it with innsteer eval --judge")
-    prompts = load_open_ended(run.behavior)[: report["n_open"]]
-    for name, curves in run.curves.items():
-        if curves[0].replies is None or any(len(replies) != len(prompts) for replies in curves[0].replies):
-            raise ConfigError(
-                f"{path}: {name}'s stored replies do not answer {run.behavior}'s first {len(prompts)} prompts"
-            )
-    text = BEHAVIOR_TEXT[run.behavior]
-    if answers is not None:
-        judge = KeptAnswers(judge, answers)
-    every_alpha = any(len(row.get("by_alpha", {})) > 1 for row in report["judged"].values())
-    report.update(
-        judge_result(
-            run, report["chosen_alpha"], judge, prompts, load_ab(run.behavior, "test_ab")[: run.n_test],
-            text.description, text.opposite, every_alpha=every_alpha,
-        )
-    )  # fmt: skip
-    report["judge"].update(self_judged=judge.name == run.model_id, command=command)
-    save(Run.from_dict(report, "the report"), path)
-    write_atomically(path.with_suffix(".md"), markdown(report))
-    return report
-
-
 def _difference(row: dict, counted: bool = True) -> str:
     """A judged difference with its interval; not ``counted`` (the judge failed the behavior question's
     validation): no verdict mark, a * instead."""
