@@ -120,3 +120,15 @@ def test_a_plain_reply_follows_the_prompt_with_one_separator():
         ABItem.plain("Is it?", " ", "No")
     with pytest.raises(DataError, match="the same"):
         ABItem.plain("Is it?", " Yes", "Yes")
+
+
+def test_hold_out_leaves_repeats_out_and_counts_them_by_where():
+    from innsteer.datasets.ab import hold_out
+
+    items = [ABItem.plain(f"q{i}", f"yes {i}", f"no {i}") for i in range(10)]
+    train, test, left_out = hold_out([*items, items[0], items[3]], fraction=0.2, seed=5)
+    assert (train, test) == tuple(train_val_split(items, 0.2, seed=5))  # the repeats gone before the split
+    assert left_out == {"items": 2, "test": 0, "shared": 0}
+    given = [items[8], items[9], items[9]]
+    train, test, left_out = hold_out(items, given, fraction=0.2, seed=5)
+    assert test == items[8:] and train == items[:8] and left_out == {"items": 0, "test": 1, "shared": 2}
