@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from innsteer.core.errors import InnsteerError
 from innsteer.eval.judge import judged_summary
 from innsteer.eval.report import rejudge
 from innsteer.eval.results import load
@@ -26,10 +27,16 @@ def main() -> int:
     args = parser.parse_args()
     from innsteer.llama.judge import load_judge
 
-    judge = load_judge(args.judge)
     command = "python bench/rejudge.py " + " ".join(sys.argv[1:])
-    for path in args.reports:
-        rejudge(path, judge, answers=Path(path).parent / "stages" / "judge.jsonl", command=command)
+    try:
+        for path in args.reports:
+            load(path)  # every report read before the judge loads (a minute) and any is rewritten
+        judge = load_judge(args.judge)
+        for path in args.reports:
+            rejudge(path, judge, answers=Path(path).parent / "stages" / "judge.jsonl", command=command)
+    except (InnsteerError, OSError) as error:
+        print(f"rejudge: {error}", file=sys.stderr)
+        return 2
     print(judged_summary([load(path) for path in args.reports]))
     return 0
 
