@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from innsteer.core.errors import ConfigError, InnsteerError
 from innsteer.datasets.caa import load_ab
 from innsteer.datasets.source import from_files
 from innsteer.eval.judge import auroc, scores
@@ -36,11 +37,24 @@ def main() -> int:
     args = parser.parse_args()
     from innsteer.llama.judge import load_judge
 
-    with open(args.wordings) as file:
-        wordings = json.load(file)
-    judge = load_judge(args.judge)
-    # --data: the training part only (eval holds the same seeded test part out)
-    items = load_ab(args.behavior, args.split) if args.behavior else from_files(args.data).train
+    try:
+        with open(args.wordings) as file:
+            wordings = json.load(file)
+        if (
+            not isinstance(wordings, dict)
+            or not wordings
+            or not all(
+                isinstance(pair, list) and len(pair) == 2 and all(isinstance(w, str) and w for w in pair)
+                for pair in wordings.values()
+            )
+        ):
+            raise ConfigError(f'{args.wordings}: expected {{"name": ["description", "opposite"], ...}}')
+        # --data: the training part only (eval holds the same seeded test part out)
+        items = load_ab(args.behavior, args.split) if args.behavior else from_files(args.data).train
+        judge = load_judge(args.judge)
+    except (InnsteerError, OSError, ValueError) as error:  # ValueError: the file is not JSON
+        print(f"judge_wording: {error}", file=sys.stderr)
+        return 2
     items = [items[i] for i in sorted(np.random.default_rng(1).permutation(len(items))[: args.n])]
     pairs = [(item.stem, item.matching_text) for item in items]
     pairs += [(item.stem, item.not_matching_text) for item in items]
