@@ -214,7 +214,7 @@ def test_rejudge_judges_a_written_reports_stored_replies_again(tmp_path, monkeyp
     elsewhere.write_text(path.read_text().replace(f'"{behavior}"', '"my-data"'))
     with pytest.raises(ConfigError, match="not a shipped behavior"):
         rejudge(elsewhere, KnownJudge())
-    monkeypatch.setattr("innsteer.datasets.caa.load_open_ended", lambda b: prompts[:2])  # fewer prompts than replies
+    monkeypatch.setattr("innsteer.datasets.source.load_open_ended", lambda b: prompts[:2])  # fewer prompts than replies
     with pytest.raises(ConfigError, match="stored replies do not answer"):
         rejudge(path, KnownJudge())
 

@@ -287,7 +287,7 @@ def rejudge(path: str | Path, judge: Judge, *, answers: Optional[Path] = None, c
     description); ``answers`` keeps the judge's answers as ``innsteer eval --out`` does (a rerun asks
     only new ones); ``command`` is recorded as ``judge.command``."""
     from ..datasets.behaviors import BEHAVIOR_TEXT
-    from ..datasets.caa import load_ab, load_open_ended
+    from ..datasets.source import shipped
     from .judge import KeptAnswers, judge_result
     from .results import load
 
@@ -298,20 +298,20 @@ def rejudge(path: str | Path, judge: Judge, *, answers: Optional[Path] = None, c
         raise ConfigError(f"{path}: not a judged report (innsteer eval --judge writes one)")
     if run.behavior not in BEHAVIOR_TEXT:
         raise ConfigError(f"{path}: '{run.behavior}' is not a shipped behavior; judge it with innsteer eval --judge")
-    prompts = load_open_ended(run.behavior)[: report["n_open"]]
+    source = shipped(run.behavior)  # what innsteer eval --behavior judged with
+    prompts = source.prompts[: report["n_open"]]
     for name, curves in run.curves.items():
         if curves[0].replies is None or any(len(replies) != len(prompts) for replies in curves[0].replies):
             raise ConfigError(
                 f"{path}: {name}'s stored replies do not answer {run.behavior}'s first {len(prompts)} prompts"
             )
-    text = BEHAVIOR_TEXT[run.behavior]
     if answers is not None:
         judge = KeptAnswers(judge, answers)
     every_alpha = any(len(row.get("by_alpha", {})) > 1 for row in report["judged"].values())
     report.update(
         judge_result(
-            run, report["chosen_alpha"], judge, prompts, load_ab(run.behavior, "test_ab")[: run.n_test],
-            text.description, text.opposite, every_alpha=every_alpha,
+            run, report["chosen_alpha"], judge, prompts, source.test[: run.n_test],
+            source.text.description, source.text.opposite, every_alpha=every_alpha,
         )
     )  # fmt: skip
     report["judge"].update(self_judged=judge.name == run.model_id, command=command)
