@@ -97,6 +97,34 @@ def test_steerer_uses_the_op_and_alpha_zero_is_identity():
     assert torch.equal(in_place, steerer(h, 1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_displacement_scaling_lengthens_the_maps_step_at_unit_alpha(dtype):
+    """scaling="displacement": h + |alpha| (phi^-1(phi(h) + sign(alpha) v) - h), against the float64
+    reference op; the same map as "latent" at alpha = +-1 and 0; the fused residual and the in-place
+    call agree with it."""
+    steerer = _steerer()
+    steerer.scaling = "displacement"
+    latent = INNSteerer(steerer.inn, steerer.direction, layer=5)
+    flow = as_float64(steerer.inn.flow_args())
+    h = torch.randn(3, 16).to(dtype)
+    hd, v = h.double(), steerer.direction.double()
+    for alpha in (2.5, -4.0, 0.5):
+        step = reference.steer(hd, None, v, 1.0 if alpha > 0 else -1.0, *flow) - hd
+        expected = hd + abs(alpha) * step
+        assert rel_err(steerer(h, alpha), expected) < (1e-5 if dtype == torch.float32 else 1e-2), alpha
+        assert not torch.allclose(steerer(h, alpha).double(), reference.steer(hd, None, v, alpha, *flow), atol=1e-3)
+        residual = torch.randn(3, 16).to(dtype)
+        assert torch.equal(steerer(h, alpha, residual=residual), steerer(h + residual, alpha))
+        in_place = h.clone()
+        steerer.steer_(in_place, alpha, residual=residual)
+        assert torch.equal(in_place, steerer(h + residual, alpha))
+    assert torch.equal(steerer(h, 0.0), h)
+    for alpha in (1.0, -1.0):  # up to h + (y - h)'s rounding
+        assert rel_err(steerer(h, alpha), latent(h, alpha)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="scaling must be one of latent, displacement"):
+        INNSteerer(random_inn(16), torch.randn(16), layer=5, scaling="linear")
+
+
 def test_steerer_float64_activations_with_float32_flow():
     steerer = _steerer()
     h = torch.randn(2, 16, dtype=torch.float64)
@@ -121,6 +149,11 @@ def test_save_load_round_trip(tmp_path):
         {"note": "x"},
     )
     assert loaded.inn.config == steerer.inn.config
+    assert loaded.scaling == "latent" and "scaling" not in steerer.metadata()  # as files written before it
+    steerer.scaling = "displacement"
+    steerer.save(path)
+    loaded = INNSteerer.load(path)
+    assert loaded.scaling == "displacement" and torch.equal(loaded(h, -3.0), steerer(h, -3.0))
 
 
 def test_steerer_rejects_wrong_hidden_size():
@@ -169,6 +202,11 @@ class TestBadFiles:
         del tensors["inn.w1.2"]
         self._rewrite(saved, tensors)
         with pytest.raises(SteerFileError, match=r"missing \['inn.w1.2'\]"):
+            INNSteerer.load(saved)
+
+    def test_unknown_scaling(self, saved):
+        self._rewrite(saved, scaling="sideways")
+        with pytest.raises(SteerFileError, match="scaling must be one of latent, displacement, got 'sideways'"):
             INNSteerer.load(saved)
 
     def test_wrong_shape(self, saved):

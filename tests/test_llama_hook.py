@@ -72,8 +72,10 @@ def random_steer_file(tmp_path_factory):
 
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_c_steer_equals_torch_op(tmp_path, weight_dtype, n_threads):
+@pytest.mark.parametrize("scaling", ["latent", "displacement"])
+def test_c_steer_equals_torch_op(tmp_path, weight_dtype, n_threads, scaling):
     steerer = random_inn_steerer(mlp_hidden=256, weight_scale=0.1)
+    steerer.scaling = scaling
     path = tmp_path / "s.gguf"
     export_steer_gguf(steerer, path, weight_dtype=weight_dtype)
     if weight_dtype == "bfloat16":
@@ -82,7 +84,7 @@ def test_c_steer_equals_torch_op(tmp_path, weight_dtype, n_threads):
     h = torch.randn(37, SMOLLM_DIM, generator=gen) * 5  # 37 rows: several tiles, a partial one
     h[0] *= 150  # a massive-activation row like SmolLM2's first token
     steer = SteerGGUF.load(path)
-    assert steer.bf16_weights == (weight_dtype == "bfloat16")
+    assert steer.bf16_weights == (weight_dtype == "bfloat16") and steer.meta("scaling") == scaling
     for alpha in (0.0, 0.7, -3.0):
         # The hook runs the op's row-streaming path (8-row tiles); from 32 rows the op takes its
         # BLAS path, whose float32 rounding differs on this ill-conditioned flow by ~1e-4 (like

@@ -472,6 +472,16 @@ def test_steer_file_clamp_must_be_in_range(steer_file):
             SteerGGUF.from_bytes(_with_clamp(data, clamp))
 
 
+def test_steer_file_scaling_must_be_known(steer_file):
+    """innsteer.scaling names how alpha lengthens the steer: an unknown one is refused, not steered
+    as something else."""
+    data = open(steer_file, "rb").read()
+    value = struct.pack("<Q", len(b"innsteer.scaling")) + b"innsteer.scaling" + struct.pack("<IQ", 8, 6) + b"latent"
+    assert value in data and SteerGGUF.from_bytes(data).meta("scaling") == "latent"
+    with pytest.raises(SteerFileError, match="innsteer.scaling is 'linear', not 'latent' or 'displacement'"):
+        SteerGGUF.from_bytes(data.replace(value, value[:-6] + b"linear"))
+
+
 def test_saved_states_load_only_under_the_steering_they_were_computed_with(gguf_path, steer_file, plain_llm):
     """Llama.cache and load_state restore a KV cache: one computed at another alpha used to be
     reused silently (the next completion mixed two settings)."""

@@ -43,12 +43,14 @@ def test_each_sign_runs_its_own_map_bit_for_bit():
 
 def test_a_signed_steer_file_round_trips(tmp_path):
     signed = _signed()
-    signed.away.weight_dtype = torch.bfloat16  # each side keeps its own config and weight dtype
+    signed.away.weight_dtype = torch.bfloat16  # each side keeps its own config, weight dtype and scaling
+    signed.away.scaling = "displacement"
     signed.save(tmp_path / "s.safetensors")
     loaded = load_steerer(tmp_path / "s.safetensors", expect_hidden_size=16, expect_model_id="m")
     assert isinstance(loaded, SignedSteerer)
     assert loaded.away.inn.config.num_couplings == 8 and loaded.away.weight_dtype == torch.bfloat16
     assert loaded.toward.weight_dtype is None
+    assert (loaded.toward.scaling, loaded.away.scaling) == ("latent", "displacement")
     assert loaded.toward.extra == {"history": [1.0]} and loaded.away.extra == {"history": [2.0]}
     h = torch.randn(3, 16)
     for alpha in (2.0, -2.0):

@@ -235,6 +235,22 @@ def test_seeded_training_is_deterministic(data):
     assert a.history == b.history
 
 
+def test_scaling_changes_the_steer_and_not_the_training(data):
+    """Both scalings are the same map at alpha = +-1, where training measures it: one seed trains
+    the same flow and direction either way; the steerer carries the scaling."""
+    config = TrainConfig(flow=FlowConfig(mlp_hidden=16), max_epochs=2, patience=2, seed=5)
+    latent = train_innsteer(*data, layer=0, config=config, progress=False).steerer
+    config.scaling = "displacement"
+    lengthened = train_innsteer(*data, layer=0, config=config, progress=False).steerer
+    assert (latent.scaling, lengthened.scaling) == ("latent", "displacement")
+    assert torch.equal(latent.direction, lengthened.direction)
+    weights = zip(latent.inn.state_dict().values(), lengthened.inn.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in weights)
+    h = data[1][:5]
+    assert torch.allclose(lengthened(h, -1.0), latent(h, -1.0), atol=1e-5)
+    assert not torch.allclose(lengthened(h, 4.0), latent(h, 4.0), atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "pos, neg, match",
     [
@@ -464,6 +480,7 @@ def test_selection_by_transport_keeps_the_epoch_that_transports_best():
         ("nll", "mixture"),
         ("select", "val"),
         ("transport_sides", "sideways"),
+        ("scaling", "linear"),
     ],
 )
 def test_bad_config(field, value):

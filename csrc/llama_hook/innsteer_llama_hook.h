@@ -45,7 +45,7 @@ innsteer_steer* innsteer_steer_load_buffer(const uint8_t* data, size_t len, char
 /* Drops the caller's reference (see Ownership); NULL is ignored. */
 void innsteer_steer_free(innsteer_steer* steer);
 
-/* What the file says. key: "model_id", "model_hint", "method", "behavior" (NULL for others). */
+/* What the file says. key: "model_id", "model_hint", "method", "behavior", "scaling" (NULL for others). */
 int64_t innsteer_steer_hidden_size(const innsteer_steer* steer);
 int32_t innsteer_steer_layer(const innsteer_steer* steer);
 float innsteer_steer_alpha(const innsteer_steer* steer);

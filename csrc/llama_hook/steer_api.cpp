@@ -85,6 +85,7 @@ const char* innsteer_steer_meta(const innsteer_steer* s, const char* key) {
   if (!std::strcmp(key, "model_hint")) return s->model.model_hint.c_str();
   if (!std::strcmp(key, "method")) return s->model.method.c_str();
   if (!std::strcmp(key, "behavior")) return s->model.behavior.c_str();
+  if (!std::strcmp(key, "scaling")) return s->model.displacement ? "displacement" : "latent";
   return nullptr;
 }
 

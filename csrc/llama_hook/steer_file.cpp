@@ -339,6 +339,11 @@ bool parse_steer_gguf(const uint8_t* data, size_t len, SteerModel& m, std::strin
       !keys.string("innsteer.model_hint", m.model_hint, false) || !keys.string("innsteer.method", m.method, false) ||
       !keys.string("innsteer.behavior", m.behavior, false))
     return false;
+  std::string scaling = "latent";  // files written before the key existed
+  if (!keys.string("innsteer.scaling", scaling, false)) return false;
+  if (scaling != "latent" && scaling != "displacement")
+    return fail(error, "innsteer.scaling is '" + scaling.substr(0, 64) + "', not 'latent' or 'displacement'");
+  m.displacement = scaling == "displacement";
   if (!(m.clamp >= kMinClamp && m.clamp <= kMaxClamp))  // a clamp of 3e38 makes every steer NaN
     return fail(error, "innsteer.clamp = " + short_real(m.clamp) + " is outside [" + short_real(kMinClamp) + ", " +
                            short_real(kMaxClamp) + "]");
@@ -442,12 +447,11 @@ void run_steer(const FlowView<float, W>& f, const SteerModel& m, In* rows, int64
                               workspace, n_workers, pfor, columns);
 }
 
-}  // namespace
-
+// x <- phi^-1(phi(x) + alpha * direction) over the rows. Several tiles: whole tiles per thread. One
+// tile: inline, or with split_tile its columns split.
 template <class In>
-void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers,
-                bool split_tile) {
-  // Several tiles: whole tiles per thread. One tile: inline, or with split_tile its columns split.
+void steer_latent(const SteerModel& m, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers,
+                  bool split_tile) {
   const bool one_tile = split_tile && n_rows <= cpu::kTileTokens && n_workers > 1;
   if (m.bf16_weights) {
     if (one_tile) return run_steer<In>(m.flow_bf16(), m, rows, n_rows, alpha, workspace, 1, OpenMPColumns{n_workers});
@@ -456,6 +460,22 @@ void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, floa
     if (one_tile) return run_steer<In>(m.flow_f32(), m, rows, n_rows, alpha, workspace, 1, OpenMPColumns{n_workers});
     run_steer<In>(m.flow_f32(), m, rows, n_rows, alpha, workspace, n_workers, cpu::SerialColumns());
   }
+}
+
+}  // namespace
+
+template <class In>
+void steer_rows(const SteerModel& m, In* rows, int64_t n_rows, float alpha, float* workspace, int n_workers,
+                bool split_tile) {
+  if (!m.displacement || alpha == 0.0f) return steer_latent(m, rows, n_rows, alpha, workspace, n_workers, split_tile);
+  // x + |alpha| (steer(x, sign alpha) - x), in float32 as the torch steerer computes it
+  thread_local std::vector<float> before;
+  const size_t n = static_cast<size_t>(n_rows) * static_cast<size_t>(m.dim);
+  before.resize(n);
+  for (size_t i = 0; i < n; ++i) before[i] = to_acc(rows[i]);
+  steer_latent(m, rows, n_rows, alpha > 0.0f ? 1.0f : -1.0f, workspace, n_workers, split_tile);
+  const float length = std::fabs(alpha);
+  for (size_t i = 0; i < n; ++i) rows[i] = from_acc<In>(before[i] + length * (to_acc(rows[i]) - before[i]));
 }
 
 template void steer_rows<float>(const SteerModel&, float*, int64_t, float, float*, int, bool);

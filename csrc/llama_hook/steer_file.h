@@ -32,6 +32,9 @@ struct SteerModel {
   int32_t layer = 0;
   float alpha = 0;
   bool bf16_weights = false;
+  // innsteer.scaling "displacement": x <- x + |alpha| (phi^-1(phi(x) + sign(alpha) v) - x) (see
+  // innsteer.core.steerers.inn.SCALINGS); "latent" or absent: x <- phi^-1(phi(x) + alpha v).
+  bool displacement = false;
   std::string model_id, model_hint, method, behavior;
   std::vector<float> mean, scale, direction;
   std::vector<CouplingData> couplings;
@@ -47,7 +50,8 @@ struct SteerModel {
 // Parses a steer GGUF held in data[0, len). Returns true and fills `model`, or false with `error`.
 bool parse_steer_gguf(const uint8_t* data, size_t len, SteerModel& model, std::string& error);
 
-// Steers `rows` rows of model.dim values in place: x <- phi^-1(phi(x) + alpha * direction).
+// Steers `rows` rows of model.dim values in place: x <- phi^-1(phi(x) + alpha * direction), or the
+// displacement at sign(alpha) lengthened |alpha| times (model.displacement).
 // In is float, half_t or bf16_t; workspace holds n_workers * workspace_per_worker() floats. Rows
 // of several tiles go to n_workers threads by tiles; one tile (a decode's rows) runs inline, or with
 // split_tile its gemms' columns go to n_workers OpenMP threads (the same bits).

@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .fieldtypes import check_field_types
 from .flow import INN, FlowConfig
 from .steerers import INNSteerer
+from .steerers.inn import SCALINGS
 
 MIN_TRAIN_PAIRS = 8
 NLL_CHOICES = ("joint", "class")
@@ -80,6 +81,10 @@ class TrainConfig:
     # corrigible-neutral-HHH); "joint" + "loss" +0.011 [-0.004, +0.034] / +0.033 [+0.017, +0.053].
     nll: str = "class"
     select: str = "transport"
+    # How the trained steerer grows with alpha (innsteer.core.steerers.inn.SCALINGS). Training does
+    # not depend on it: both scalings are the same map at alpha = +-1, where the transport term and
+    # select="transport" measure it.
+    scaling: str = "latent"
     grad_clip: float = 10.0
     seed: int = 0
     device: str = "cpu"
@@ -110,7 +115,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         if not any(getattr(self, name) for name in weights[1:]):
             raise ConfigError("sep_weight, logdet_weight, nll_weight and transport_weight are all 0: nothing to train")
-        for name, choices in (("nll", NLL_CHOICES), ("select", SELECT_CHOICES), ("transport_sides", TRANSPORT_SIDES)):
+        choices_of = {
+            "nll": NLL_CHOICES,
+            "select": SELECT_CHOICES,
+            "transport_sides": TRANSPORT_SIDES,
+            "scaling": SCALINGS,
+        }
+        for name, choices in choices_of.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -405,5 +416,8 @@ def _train(
         "history": history,
         **({"val_transport": best_score} if criterion == "transport" else {}),
     }
-    steerer = INNSteerer(inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra)
+    steerer = INNSteerer(
+        inn, direction, layer, model_id=model_id, behavior=behavior, method="innsteer", extra=extra,
+        scaling=config.scaling,
+    )  # fmt: skip
     return TrainResult(steerer, history, best_epoch, initial["fisher"], seconds)

@@ -198,6 +198,7 @@ def export_steer_gguf(
         ("add_string", "innsteer.model_hint", _text("model hint", _model_hint(steerer, model_hint))),
         ("add_string", "innsteer.method", _text("method", steerer.method)),
         ("add_string", "innsteer.behavior", _text("behavior", steerer.behavior)),
+        ("add_string", "innsteer.scaling", steerer.scaling),
     ]
     tensors = [(name, _f32(name, t), None) for name, t in (("mean", inn.mean), ("scale", inn.scale))]
     tensors.append(("direction", _f32("direction", steerer.direction), None))

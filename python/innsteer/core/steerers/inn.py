@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -18,15 +19,22 @@ from .base import SteererBase, check_tensor_names, common_fields
 
 # The weight dtypes a float32 flow can run with (``weight_dtype``), by their name in a steer file.
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# How a steer grows with alpha (``scaling``):
+#   "latent"        phi^-1(phi(h) + alpha * v), the translation in phi-space;
+#   "displacement"  h + |alpha| * (phi^-1(phi(h) + sign(alpha) * v) - h): the map's displacement at
+#                   alpha = +-1, where the transport term trains it, lengthened, instead of a latent
+#                   translation the flow never saw beyond |alpha| = 1. Both are the same map at +-1.
+SCALINGS = ("latent", "displacement")
 
 
 class INNSteerer(SteererBase):
     """``steerer(h, alpha)`` steers hidden states h [..., dim] at one layer through the fused op.
 
     alpha = 0 returns h bit for bit. ``residual`` fuses the decoder layer's residual add:
-    ``steerer(out, alpha, residual=res) == steerer(out + res, alpha)``.
-    Metadata (model id, layer, behavior, hidden size, method, default alpha, extra, weight_dtype)
-    travels with ``save``/``load``; a float64 steerer loads back as float64.
+    ``steerer(out, alpha, residual=res) == steerer(out + res, alpha)``. ``scaling``: how the steer
+    grows with alpha (``SCALINGS``). Metadata (model id, layer, behavior, hidden size, method,
+    default alpha, extra, weight_dtype, scaling) travels with ``save``/``load``; a float64 steerer
+    loads back as float64.
     """
 
     KIND = "inn"
@@ -44,6 +52,7 @@ class INNSteerer(SteererBase):
         method: str = "innsteer",
         extra: Optional[dict[str, Any]] = None,
         weight_dtype: Optional[torch.dtype] = None,
+        scaling: str = "latent",
     ):
         super().__init__(layer, alpha=alpha, model_id=model_id, behavior=behavior, method=method, extra=extra)
         if direction.shape != (inn.dim,):
@@ -55,6 +64,9 @@ class INNSteerer(SteererBase):
                 "weight_dtype must be None, torch.float32 or torch.bfloat16 (None for a float64 flow), "
                 f"got {weight_dtype}"
             )
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+        self.scaling = scaling
         self.inn = inn
         self.register_buffer("direction", direction.detach().to(inn.dtype).clone())
         self.weight_dtype = weight_dtype  # e.g. torch.bfloat16: half the weight bytes per call
@@ -68,6 +80,12 @@ class INNSteerer(SteererBase):
 
     def forward(self, h: Tensor, alpha: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
         direction, alpha, flow = self._args(h, alpha)
+        if self.scaling == "displacement" and alpha != 0:
+            base = h if residual is None else h + residual  # rounded as the fused add rounds it
+            return _lengthened(base, self._steer(base, None, direction, math.copysign(1.0, alpha), flow), alpha)
+        return self._steer(h, residual, direction, alpha, flow)
+
+    def _steer(self, h: Tensor, residual: Optional[Tensor], direction: Tensor, alpha: float, flow: FlowParams):
         if (h.dtype == torch.float64) != (self.inn.dtype == torch.float64):
             dtype = self.inn.dtype if self.inn.dtype == torch.float64 else torch.float32
             res = None if residual is None else residual.to(dtype)
@@ -78,12 +96,18 @@ class INNSteerer(SteererBase):
     def steer_(self, h: Tensor, alpha: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
         """In-place steer of h (float32/bfloat16/float16 activations); returns h."""
         direction, alpha, flow = self._args(h, alpha)
+        if self.scaling == "displacement" and alpha != 0:
+            base = h.clone() if residual is None else h + residual
+            steered = innsteer_ext.steer(base, None, direction, math.copysign(1.0, alpha), flow)
+            return h.copy_(_lengthened(base, steered, alpha))
         return innsteer_ext.steer_(h, residual, direction, alpha, flow)
 
     def metadata(self) -> dict[str, str]:
         meta = {**super().metadata(), "inn_config": json.dumps(self.inn.config_dict())}
         if self.weight_dtype is not None:
             meta["weight_dtype"] = next(name for name, dtype in WEIGHT_DTYPES.items() if dtype == self.weight_dtype)
+        if self.scaling != "latent":  # files written before scaling existed are "latent"
+            meta["scaling"] = self.scaling
         return meta
 
     def tensors(self) -> dict[str, Tensor]:
@@ -102,6 +126,9 @@ class INNSteerer(SteererBase):
         weight_dtype = meta.get("weight_dtype")
         if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
             raise SteerFileError(f"{path}: weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+        scaling = meta.get("scaling", "latent")
+        if scaling not in SCALINGS:
+            raise SteerFileError(f"{path}: scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
         config = _inn_config(path, meta)
         try:
             inn = INN.from_config_dict(config)
@@ -116,7 +143,15 @@ class INNSteerer(SteererBase):
                 raise SteerFileError(f"{path}: tensor '{name}' has dtype {tensors[name].dtype}, expected {ref.dtype}")
         inn.load_state_dict({name[len("inn.") :]: t for name, t in tensors.items() if name.startswith("inn.")})
         check_partitions(inn, path)
-        return cls(inn, tensors["direction"], **fields, weight_dtype=WEIGHT_DTYPES.get(weight_dtype))
+        return cls(inn, tensors["direction"], **fields, weight_dtype=WEIGHT_DTYPES.get(weight_dtype), scaling=scaling)
+
+
+def _lengthened(base: Tensor, steered: Tensor, alpha: float) -> Tensor:
+    """base + |alpha| * (steered - base), in float32 (float64 for float64 rows) as the llama.cpp hook
+    computes it, rounded once to base's dtype."""
+    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    base_acc = base.to(acc)
+    return (base_acc + abs(alpha) * (steered.to(acc) - base_acc)).to(base.dtype)
 
 
 def _inn_config(path: str, meta: dict[str, str]) -> Any:

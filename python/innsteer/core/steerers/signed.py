@@ -24,7 +24,7 @@ from .base import SteererBase, common_fields
 from .inn import INNSteerer
 
 SIDES = ("toward", "away")
-_SIDE_META = ("inn_config", "weight_dtype")  # the INN kind's own metadata, kept per side
+_SIDE_META = ("inn_config", "weight_dtype", "scaling")  # the INN kind's own metadata, kept per side
 
 
 class SignedSteerer(SteererBase):
