@@ -89,11 +89,28 @@ _VARIANTS = {
     # hallucination no map above steered away at all on validation; it did, and was chosen there
     # and on myopic-reward: docs/RESULTS.md)
     "away-only": {"transport_sides": "away"},
+    # alpha lengthening the map's step at alpha = +-1 rather than translating further in phi-space
+    # (INNSteerer scaling): on validation it raised the area of the map each sign chose on refusal
+    # (toward 0.246 -> 0.282, away-only away 0.169 -> 0.235), myopic-reward (0.284 -> 0.373, 0.081
+    # -> 0.129) and SmolLM2's corrigible-neutral-HHH (0.169 -> 0.208), and lowered it on
+    # Qwen2.5-Coder's corrigible-neutral-HHH (0.272 -> 0.256, 0.237 -> 0.201): a choice per run
+    "displacement": {"scaling": "displacement"},
+    "away-only-displacement": {"transport_sides": "away", "scaling": "displacement"},
 }
 TUNE_BUDGETS = {
     "quick": TuneBudget(
         layer_fractions=(0.35, 0.55, 0.75),
-        variants={name: _VARIANTS[name] for name in ("defaults", "both-sides", "no-transport", "away-only")},
+        variants={
+            name: _VARIANTS[name]
+            for name in (
+                "defaults",
+                "both-sides",
+                "no-transport",
+                "away-only",
+                "displacement",
+                "away-only-displacement",
+            )
+        },
         validation_seeds=(0,),
         test_seeds=(0, 1),
         n_prompts=6,
