@@ -35,13 +35,13 @@ from innsteer.llama.export import export_steer_gguf
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def random_steerer(dim: int, hidden: int, couplings: int, layer: int) -> INNSteerer:
+def random_steerer(dim: int, hidden: int, couplings: int, layer: int, scaling: str = "latent") -> INNSteerer:
     gen = torch.Generator().manual_seed(0)
     inn = INN(dim, num_couplings=couplings, mlp_hidden=hidden)
     with torch.no_grad():
         for p in list(inn.w2) + list(inn.b2):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    return INNSteerer(inn, torch.randn(dim, generator=gen), layer, alpha=1.0)
+    return INNSteerer(inn, torch.randn(dim, generator=gen), layer, alpha=1.0, scaling=scaling)
 
 
 def decode_seconds_per_token(llm, prompt_tokens, decode_tokens) -> tuple[float, float]:
@@ -75,13 +75,20 @@ def main() -> None:
     model = str(default_gguf_path())
     common = dict(n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     tmp = tempfile.mkdtemp(prefix="innsteer-bench-")
-    inn_configs = [(512, "float32"), (512, "bfloat16"), (256, "float32"), (256, "bfloat16")]
+    # (MLP width, weight dtype, scaling): displacement scaling also keeps and re-reads the rows
+    inn_configs = [
+        (512, "float32", "latent"),
+        (512, "bfloat16", "latent"),
+        (256, "float32", "latent"),
+        (256, "bfloat16", "latent"),
+        (256, "float32", "displacement"),
+    ]
     llms = {"no hook": load_llama(model, **common)}
     flow_ms = {}
-    for hidden, dtype in inn_configs:
-        path = os.path.join(tmp, f"inn-{hidden}-{dtype}.gguf")
-        export_steer_gguf(random_steerer(576, hidden, 4, args.layer), path, weight_dtype=dtype)
-        name = f"INN hook K=4 H={hidden} {dtype}"
+    for hidden, dtype, scaling in inn_configs:
+        path = os.path.join(tmp, f"inn-{hidden}-{dtype}-{scaling}.gguf")
+        export_steer_gguf(random_steerer(576, hidden, 4, args.layer, scaling), path, weight_dtype=dtype)
+        name = f"INN hook K=4 H={hidden} {dtype}" + (f", {scaling} scaling" if scaling != "latent" else "")
         llms[name] = SteeredLlama(model, steer=path, **common)
         if hidden == 512 and args.threads > 1:  # the one-token flow on one thread (default) or split
             llms[f"{name}, split over the threads"] = SteeredLlama(model, steer=path, **common)

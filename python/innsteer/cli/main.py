@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_json_object,
         default=None,
         help="more INNSteer option sets to try beside the budget's, as JSON {name: {option: value}} "
-        '(TrainConfig / FlowConfig fields), e.g. \'{"away-only": {"transport_sides": "away"}}\'; '
+        '(TrainConfig / FlowConfig fields), e.g. \'{"mine": {"num_couplings": 8, "scaling": "displacement"}}\'; '
         "rerun into a finished --out to measure only them",
     )
     p.add_argument("--out", default="innsteer-tune", help="output directory (default: %(default)s)")
