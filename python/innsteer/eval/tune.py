@@ -90,10 +90,11 @@ _VARIANTS = {
     # and on myopic-reward: docs/RESULTS.md)
     "away-only": {"transport_sides": "away"},
     # alpha lengthening the map's step at alpha = +-1 rather than translating further in phi-space
-    # (INNSteerer scaling): on validation it raised the area of the map each sign chose on refusal
-    # (toward 0.246 -> 0.282, away-only away 0.169 -> 0.235), myopic-reward (0.284 -> 0.373, 0.081
-    # -> 0.129) and SmolLM2's corrigible-neutral-HHH (0.169 -> 0.208), and lowered it on
-    # Qwen2.5-Coder's corrigible-neutral-HHH (0.272 -> 0.256, 0.237 -> 0.201): a choice per run
+    # (INNSteerer scaling): on validation items it raised the defaults' area toward and the away-only
+    # map's area away on refusal (SmolLM2 0.246 -> 0.282, 0.169 -> 0.235; Qwen2.5-Coder 0.229 ->
+    # 0.317, 0.077 -> 0.142) and SmolLM2's myopic-reward (0.284 -> 0.373, 0.081 -> 0.129), and
+    # lowered both on Qwen2.5-Coder's coordinate-other-ais (0.450 -> 0.403, 0.168 -> 0.130) and
+    # corrigible-neutral-HHH (0.273 -> 0.251, 0.236 -> 0.197) (docs/RESULTS.md): a choice per run
     "displacement": {"scaling": "displacement"},
     "away-only-displacement": {"transport_sides": "away", "scaling": "displacement"},
 }
