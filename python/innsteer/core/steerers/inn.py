@@ -96,10 +96,8 @@ class INNSteerer(SteererBase):
     def steer_(self, h: Tensor, alpha: Optional[float] = None, residual: Optional[Tensor] = None) -> Tensor:
         """In-place steer of h (float32/bfloat16/float16 activations); returns h."""
         direction, alpha, flow = self._args(h, alpha)
-        if self.scaling == "displacement" and alpha != 0:
-            base = h.clone() if residual is None else h + residual
-            steered = innsteer_ext.steer(base, None, direction, math.copysign(1.0, alpha), flow)
-            return h.copy_(_lengthened(base, steered, alpha))
+        if self.scaling == "displacement" and alpha != 0:  # the step needs h after the steer: out of place
+            return h.copy_(self.forward(h, alpha, residual))
         return innsteer_ext.steer_(h, residual, direction, alpha, flow)
 
     def metadata(self) -> dict[str, str]:
