@@ -112,6 +112,34 @@ def _run(curves: dict, **extra) -> Run:
     return Run("b", "m", 1, [0], 1, len(PROMPTS), 8, ["answer"], specs, curves, extra=extra)
 
 
+def test_equal_coherence_stays_within_the_fluency_budget(tmp_path):
+    """However coherent the judge finds a method's replies past its alpha within the fluency budget
+    (it rated SmolLM2's empty lines coherent), they are not compared; a report written before that
+    bound is compared again from its stored scores, without a judge."""
+    from innsteer.eval.protocol import protocol_report
+    from innsteer.eval.report import reselect
+
+    gentle = ["Gladly, my favourite colour is blue.", "Gladly: coffee first.", "Gladly to Rome."]
+    ones = [[1.0] * len(PROMPTS)] * 3
+    curve = replace(_curve([REPLIES, gentle, REPLIES]), nll=ones, tokens=ones)
+    result = _run({"caa": [curve]})
+    args = (KnownJudge(), PROMPTS, ITEMS, "accept changes")
+    unbounded = judge_result(result, {}, *args, n_resamples=50, progress=False)
+    assert unbounded["judged"]["caa"]["at_coherence"]["alpha"] == 2.0  # coherent and the most behavior
+    bounded = judge_result(result, {"caa": 1.0}, *args, n_resamples=50, progress=False)
+    at = bounded["judged"]["caa"]["at_coherence"]
+    assert at["alpha"] == 1.0 and at["behavior"]["mean"] == pytest.approx(0.1)  # alpha 1's replies: unsteered
+    sanity = {"p_correct_letter": [0.5, 0.5], "p_correct_answer": [0.5, 0.5], "letter_ok": False}
+    report = {**protocol_report(result), **unbounded, "chosen_alpha": {"caa": 1.0}, "sanity": sanity}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    again = reselect(path, command="again")
+    assert again["judged"]["caa"]["at_coherence"] == at
+    stored = json.loads(path.read_text())
+    assert stored["judged"]["caa"]["at_coherence"]["alpha"] == 1.0 and stored["judge"]["reselected"] == "again"
+    assert "Judged" in path.with_suffix(".md").read_text()
+
+
 def test_judged_result_scores_every_alpha_and_leaves_flagged_questions_out():
     steered = ["gladly gladly gladly gladly", "My favourite colour? Gladly blue.", "gladly I would visit Rome."]
     gentle = ["Gladly, my favourite colour is blue.", "Gladly: coffee first.", "Gladly to Rome."]
