@@ -3,7 +3,6 @@
     python bench/rejudge.py results/judged/smollm2-hallucination/report.json [...] [--judge default]
     python bench/rejudge.py --stored results/judged/*/report.json
 
-
 For a report on a shipped behavior, after its description was reworded or with another judge: the
 judge's validation, judged scores and comparisons are replaced and report.json / report.md
 rewritten (``innsteer.eval.report.rejudge``). A ``stages/judge.jsonl`` beside a report keeps the
