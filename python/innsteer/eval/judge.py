@@ -279,20 +279,27 @@ def _mean_interval(values: np.ndarray, n_resamples: int, rng: np.random.Generato
     }
 
 
-def at_coherence(by_alpha: Mapping[str, dict], floor: float, within: Optional[float]) -> Optional[dict]:
-    """The judged alpha with the most judged behavior among those whose judged coherence is at least
-    ``floor`` and, where ``within`` is given, at most ``within``: the method's alpha within the
-    fluency budget, before its first degenerate point (``alpha_within_budget``). The judge alone is
-    not enough: on SmolLM2's refusal it rated CAA's replies at alpha 8 (nine in ten only newlines,
-    +4.3 nats/token, seq-rep-4 0.95) 0.84 coherent and 0.59 refusing, above every in-budget steer.
-    None where no alpha qualifies."""
-    kept = {
-        alpha: row
-        for alpha, row in by_alpha.items()
-        if row["coherence"]["mean"] >= floor and "behavior" in row and (within is None or float(alpha) <= within)
-    }
-    best = max(kept.items(), key=lambda kv: kv[1]["behavior"]["mean"], default=None)
-    return None if best is None else {"alpha": float(best[0]), **best[1]}
+def choose_at_coherence(judged: dict, chosen_alpha: Mapping[str, float]) -> None:
+    """Set each judged method's ``at_coherence``: its judged alpha with the most judged behavior among
+    those keeping ``COHERENCE_KEPT`` of the unsteered judged coherence and, where
+    ``chosen_alpha[method]`` is given, at most that alpha: its alpha within the fluency budget, before
+    its first degenerate point (``alpha_within_budget``). The judge alone is not enough: on SmolLM2's
+    refusal it rated CAA's replies at alpha 8 (nine in ten only newlines, +4.3 nats/token, seq-rep-4
+    0.95) 0.84 coherent and 0.59 refusing, above every in-budget steer. None where no alpha qualifies."""
+    floor = COHERENCE_KEPT * judged["unsteered"]["coherence"]["mean"]
+    for name, row in judged.items():
+        if name == "unsteered":
+            continue
+        within = chosen_alpha.get(name)
+        kept = {
+            alpha: scores
+            for alpha, scores in row["by_alpha"].items()
+            if scores["coherence"]["mean"] >= floor
+            and "behavior" in scores
+            and (within is None or float(alpha) <= within)
+        }
+        best = max(kept.items(), key=lambda kv: kv[1]["behavior"]["mean"], default=None)
+        row["at_coherence"] = None if best is None else {"alpha": float(best[0]), **best[1]}
 
 
 def judge_result(
@@ -317,7 +324,7 @@ def judge_result(
     prompts with bootstrap intervals; ``score`` is the harmonic mean of the questions the
     validation kept. ``at_coherence``: the method at its judged alpha with the most judged behavior
     among those keeping ``COHERENCE_KEPT`` of the unsteered judged coherence, up to its alpha within
-    the fluency budget (``at_coherence()``; None if none does): methods compared at equal coherence."""
+    the fluency budget (``choose_at_coherence``; None if none does): methods compared at equal coherence."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
@@ -335,7 +342,6 @@ def judge_result(
         return row
 
     judged = {"unsteered": {"alpha": 0.0, **summary(base_replies)}}
-    floor = COHERENCE_KEPT * judged["unsteered"]["coherence"]["mean"]
     for name, curve in tqdm(first.items(), desc="judging", disable=not progress):
         chosen = chosen_alpha.get(name)
         by_alpha = {
@@ -344,12 +350,8 @@ def judge_result(
             if alpha > 0 and (every_alpha or alpha == chosen)
         }
         best = by_alpha.get(f"{chosen:g}") if chosen is not None else None
-        judged[name] = {
-            "alpha": chosen,
-            **(best or {}),
-            "at_coherence": at_coherence(by_alpha, floor, chosen),
-            "by_alpha": by_alpha,
-        }
+        judged[name] = {"alpha": chosen, **(best or {}), "by_alpha": by_alpha}
+    choose_at_coherence(judged, chosen_alpha)
     return {
         "judge": {
             "model": judge.name,

@@ -323,23 +323,19 @@ def rejudge(path: str | Path, judge: Judge, *, answers: Optional[Path] = None, c
 def reselect(path: str | Path, *, command: str = "") -> dict:
     """Compare a written judged report's methods at equal coherence again from the judged scores it
     holds, asking no judge and generating nothing: for a report written before the alpha of equal
-    coherence was bounded by the fluency budget (``judge.at_coherence``). Its ``at_coherence`` rows and
+    coherence was bounded by the fluency budget (``judge.choose_at_coherence``). Its ``at_coherence`` rows and
     judged comparisons are replaced and report.json and report.md rewritten; returns the report
     (``command`` recorded as ``judge.reselected``)."""
     import numpy as np
 
-    from .judge import COHERENCE_KEPT, at_coherence, judged_comparisons
+    from .judge import choose_at_coherence, judged_comparisons
 
     path = Path(path)
     report = json.loads(path.read_text())
     if "judged" not in report:
         raise ConfigError(f"{path}: not a judged report (innsteer eval --judge writes one)")
-    judged = report["judged"]
-    floor = COHERENCE_KEPT * judged["unsteered"]["coherence"]["mean"]
-    for name, row in judged.items():
-        if name != "unsteered":
-            row["at_coherence"] = at_coherence(row["by_alpha"], floor, report["chosen_alpha"].get(name))
-    report["judged_comparisons"] = judged_comparisons(judged, 1000, np.random.default_rng(0))
+    choose_at_coherence(report["judged"], report["chosen_alpha"])
+    report["judged_comparisons"] = judged_comparisons(report["judged"], 1000, np.random.default_rng(0))
     report["judge"]["reselected"] = command
     save(Run.from_dict(report, "the report"), path)
     write_atomically(path.with_suffix(".md"), markdown(report))
