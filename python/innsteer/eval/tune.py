@@ -94,7 +94,8 @@ _VARIANTS = {
     # map's area away on refusal (SmolLM2 0.246 -> 0.282, 0.169 -> 0.235; Qwen2.5-Coder 0.229 ->
     # 0.317, 0.077 -> 0.142) and SmolLM2's myopic-reward (0.284 -> 0.373, 0.081 -> 0.129), and
     # lowered both on Qwen2.5-Coder's coordinate-other-ais (0.450 -> 0.403, 0.168 -> 0.130) and
-    # corrigible-neutral-HHH (0.273 -> 0.251, 0.236 -> 0.197) (docs/RESULTS.md): a choice per run
+    # corrigible-neutral-HHH (0.273 -> 0.251, 0.236 -> 0.197) (docs/RESULTS.md): a choice per run.
+    # Judged as text its A/B lead did not carry over (SmolLM2 refusal, hallucination: level with CAA)
     "displacement": {"scaling": "displacement"},
     "away-only-displacement": {"transport_sides": "away", "scaling": "displacement"},
 }
