@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from innsteer.core.methods import fit_caa
+from innsteer.datasets.ab import METRICS
 from innsteer.datasets.caa import load_ab
 from innsteer.datasets.files import NEUTRAL_PROMPTS
 from innsteer.eval.batched import BatchedFluency, BatchedScorer
@@ -25,7 +26,7 @@ def test_batched_scores_equal_abscorer(default_lm, caa, alpha):
     items = load_ab(BEHAVIOR, "test_ab", limit=7)  # 28 continuations in groups of 5: a partial last group
     reference = ABScorer(default_lm, items).scores(caa, alpha)
     batched = BatchedScorer(default_lm, items, group=5).scores(caa, alpha)
-    for metric in ("answer", "letter"):
+    for metric in METRICS:
         torch.testing.assert_close(batched[metric], reference[metric], atol=2e-4, rtol=0)
 
 
@@ -38,7 +39,7 @@ def test_layers_below_the_steer_are_replayed_and_rerecorded_for_another_layer(de
         expected = reference.scores(steerer, 2.0)
         got = batched.scores(steerer, 2.0)
         assert batched._replay == steerer.layer  # the replayed pass equalled the full pass exactly
-        for metric in ("answer", "letter"):
+        for metric in METRICS:
             torch.testing.assert_close(got[metric], expected[metric], atol=2e-4, rtol=0)
 
 

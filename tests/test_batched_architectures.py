@@ -8,6 +8,7 @@ import torch
 from tiny_models import tiny_lm
 
 from innsteer.core.methods import fit_caa
+from innsteer.datasets.ab import METRICS
 from innsteer.datasets.caa import load_ab
 from innsteer.eval.batched import BatchedFluency, BatchedScorer, length_groups
 from innsteer.eval.metrics import ABScorer, generate, reply_nll
@@ -33,7 +34,7 @@ def test_batched_scores_equal_abscorer(lm_and_caa):
     for alpha in (0.0, 3.0):
         reference = ABScorer(lm, items).scores(caa, alpha)
         batched = BatchedScorer(lm, items, group=3).scores(caa, alpha)
-        for metric in ("answer", "letter"):
+        for metric in METRICS:
             torch.testing.assert_close(batched[metric], reference[metric], atol=1e-5, rtol=0)
 
 

@@ -32,7 +32,7 @@ def test_protocol_curves_and_a_paired_comparison(default_lm, tmp_path):
         n_resamples=50,
         progress=False,
     )
-    assert result.metrics == ["answer", "letter"] and set(result.curves) == set(specs)
+    assert result.metrics == ["answer", "letter", "fork"] and set(result.curves) == set(specs)
     for curves in result.curves.values():
         assert [curve.seed for curve in curves] == [0, 1]
         for curve in curves:

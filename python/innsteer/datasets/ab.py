@@ -22,7 +22,10 @@ _LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*$")
 # would be read as part of the last option's text (the reply the answer metric scores and the answer
 # activations are read from); the chat template marks where the reply starts instead, as in CAA's sets.
 _ANSWER_CUE = re.compile(r"\n[ \t]*\n[ \t]*[^\n]{1,40}:[ \t]*$")
-METRICS = ("answer", "letter")
+# "fork": the answers' texts scored at their first differing token only (``eval.metrics.ABScorer``):
+# the comparison a steer that acts on each state differently cannot win by telling the two forced
+# answers apart (docs/RESULTS.md, "What the answer metric's lead is made of")
+METRICS = ("answer", "letter", "fork")
 # A text's length bound: the shipped items reach 2 200 characters; one of 100 000 made collection
 # hold gigabytes of attention and activations before anything said why.
 MAX_TEXT_CHARS = 8192
@@ -70,12 +73,12 @@ class ABItem:
 
     def continuations(self, metric: str) -> tuple[str, str]:
         """The (matching, non-matching) reply strings a metric scores: '(A' / '(B' for 'letter'
-        (CAA's metric), the options' own texts for 'answer'."""
+        (CAA's metric), the options' own texts for 'answer' and 'fork'."""
         if metric == "letter":
             if not self.lettered:
                 raise DataError("items with plain answers (no lettered options) have no letter metric; use 'answer'")
             return f"({self.matching}", f"({self.not_matching}"
-        if metric == "answer":
+        if metric in ("answer", "fork"):
             return self.matching_text, self.not_matching_text
         raise DataError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
 

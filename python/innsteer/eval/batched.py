@@ -125,6 +125,7 @@ class BatchedScorer:
             mask = torch.zeros((len(members), width + w), dtype=torch.long)
             pos = torch.zeros((len(members), w), dtype=torch.long)
             start = torch.tensor([int(records[i]["span_start"][k]) for i, k in members])
+            steer_start = torch.tensor([int(records[i]["steer_start"][k]) for i, k in members])
             end = torch.tensor([int(records[i]["span_end"][k]) for i, k in members])
             wanted = torch.zeros((len(members), max(w - 1, 1)), dtype=torch.bool)
             for row, (suffix, p) in enumerate(zip(suffixes, prefix)):
@@ -143,7 +144,7 @@ class BatchedScorer:
                     "ids": ids,
                     "mask": mask,
                     "pos": pos,
-                    "start": start,
+                    "steer_start": steer_start,
                     "wanted": wanted,
                 }
             )
@@ -156,7 +157,9 @@ class BatchedScorer:
         replaying = nullcontext() if replay is None else _replaying_layers_up_to(self.lm.model, replay, g["lower"])
         with (
             replaying,
-            steering_unless_identity(self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=g["start"]),
+            steering_unless_identity(
+                self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=g["steer_start"]
+            ),
         ):
             return body(
                 input_ids=g["ids"],
@@ -202,8 +205,9 @@ class BatchedScorer:
             return False
 
     @torch.inference_mode()
-    def scores(self, steerer=None, alpha: Optional[float] = None) -> dict[str, Tensor]:
-        """{metric: p_match per item}."""
+    def log_likelihoods(self, steerer=None, alpha: Optional[float] = None) -> tuple[Tensor, Tensor]:
+        """(summed log-probability, scored tokens) of each item's continuations [n_items, 2 per metric:
+        matching, non-matching], steered as the scores are."""
         head = self.lm.model.get_output_embeddings()
         replay = None
         if steerer is not None and alpha != 0:
@@ -219,6 +223,11 @@ class BatchedScorer:
             sums = torch.zeros(len(g["ids"])).index_add_(0, rows, token_logp)
             total[g["index"], g["kinds"]] = sums
             count[g["index"], g["kinds"]] = g["wanted"].sum(1).float()
+        return total, count
+
+    def scores(self, steerer=None, alpha: Optional[float] = None) -> dict[str, Tensor]:
+        """{metric: p_match per item}."""
+        total, count = self.log_likelihoods(steerer, alpha)
         out = {}
         for k, metric in enumerate(self.metrics):
             match, other = 2 * k, 2 * k + 1

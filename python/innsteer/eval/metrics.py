@@ -8,6 +8,11 @@ Behaviour (per A/B item, averaged over items):
   their two labelled answers.
 - ``answer``: both options' texts scored as the assistant's reply by mean per-token
   log-probability; p_match = softmax over {matching, non-matching}.
+- ``fork``: the same texts scored at the first token where they differ only, after the tokens they
+  share. A steer sees the same states before it on both sides: p_match is the model's choice where
+  the answers part, as generation makes it. Scoring the whole texts (``answer``) lets a steer that
+  moves each state differently raise p_match by disrupting the non-matching text, which it was
+  trained to recognise, without changing that choice (docs/RESULTS.md).
 While steering, the steerer acts from the last prompt token onward (as in generation).
 
 Fluency: greedy replies to open-ended prompts, generated with steering, scored by the unsteered
@@ -75,6 +80,11 @@ class ABScorer:
         )
         lengths = batch.attention_mask.sum(1)
         rows = [batch.input_ids[i, : int(lengths[i])] for i in range(len(conts))]
+        span_start, span_end = batch.span_start.clone(), batch.span_end.clone()
+        for k, metric in enumerate(self.metrics):
+            if metric == "fork":
+                fork_span(rows, 2 * k, 2 * k + 1, span_start, span_end)
+        rows = [row[: int(end)] for row, end in zip(rows, span_end)]  # no later token is scored
         # The shared prefix ends before the last prompt token (the first steered position).
         prefix = int(batch.span_start.min()) - 1
         for row in rows[1:]:
@@ -85,8 +95,9 @@ class ABScorer:
         return {
             "prefix": rows[0][:prefix],
             "suffixes": [r[prefix:] for r in rows],
-            "span_start": batch.span_start,
-            "span_end": batch.span_end,
+            "steer_start": batch.span_start,  # each reply's first token: steering acts from the one before
+            "span_start": span_start,  # the scored tokens
+            "span_end": span_end,
         }
 
     @torch.inference_mode()
@@ -103,6 +114,7 @@ class ABScorer:
         prefix = len(rec["prefix"])
         suffixes = [rec["suffixes"][r] for r in rows]
         start, end = rec["span_start"][list(rows)], rec["span_end"][list(rows)]
+        steer_start = rec["steer_start"][list(rows)]
         width = max(len(s) for s in suffixes)
         ids = torch.full((len(rows), width), self.lm.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
@@ -116,7 +128,9 @@ class ABScorer:
         keep = wanted.any(0).nonzero()[:, 0]
         cache = copy.deepcopy(self._prefix_cache(i))
         cache.batch_repeat_interleave(len(rows))
-        with steering_unless_identity(self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=start):
+        with steering_unless_identity(
+            self.lm.model, steerer, alpha, positions="after_prompt", prompt_length=steer_start
+        ):
             logits = self.lm.model(
                 input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=keep
             ).logits
@@ -139,10 +153,25 @@ class ABScorer:
         return out
 
 
+def fork_span(rows: Sequence[Tensor], first: int, second: int, start: Tensor, end: Tensor) -> None:
+    """Narrow the scored token spans ``start`` / ``end`` of rows ``first`` and ``second`` (one
+    item's two answers) to the first token where they differ, in place; left whole where one
+    answer's tokens begin the other's (nothing parts them)."""
+    a, b = rows[first], rows[second]
+    lo, hi = int(start[first]), min(int(end[first]), int(end[second]))
+    if int(start[second]) != lo:  # the replies start at different tokens: no shared part to score after
+        return
+    differ = (a[lo:hi] != b[lo:hi]).nonzero()
+    if len(differ):
+        at = lo + int(differ[0])
+        start[[first, second]] = at
+        end[[first, second]] = at + 1
+
+
 def behaviour_scores(
     lm: LoadedModel, items: Sequence[ABItem], metric: str = "answer", *, steerer=None, alpha: Optional[float] = None
 ) -> Tensor:
-    """p_match per item under ``metric`` ('answer' or 'letter'); builds a one-off ABScorer."""
+    """p_match per item under ``metric`` ('answer', 'letter' or 'fork'); builds a one-off ABScorer."""
     return ABScorer(lm, items, (metric,)).scores(steerer, alpha)[metric]
 
 

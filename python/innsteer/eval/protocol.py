@@ -180,7 +180,7 @@ def run_protocol(
     if validation and len({len(val) for _, val in splits.values()}) != 1:
         raise ValueError("the seeds' validation parts differ in size")  # train_val_split rounds one way
     scored_items = splits[seeds[0]][1] if validation else test_items
-    metrics = METRICS if all(item.lettered for item in scored_items) else ("answer",)
+    metrics = METRICS if all(item.lettered for item in scored_items) else tuple(m for m in METRICS if m != "letter")
     fluency = BatchedFluency(lm, prompts, max_new_tokens)
     base_nll, base_tokens, base_replies = fluency()
     base_cost = float(base_nll.sum() / base_tokens.sum())
@@ -208,7 +208,7 @@ def run_protocol(
             "train": digest(train_items), "scored": digest(scored_items),
             "evaluated_on": "validation" if validation else "test",
             "prompts": digest(prompts), "max_new_tokens": max_new_tokens, "ladder": sorted(ladder),
-            "signs": sorted(signs), "instructions": sorted(instructions.items()),
+            "signs": sorted(signs), "instructions": sorted(instructions.items()), "metrics": list(metrics),
         },
     )  # fmt: skip
     runs: dict[str, list[Curve]] = {name: [] for name in specs}
@@ -336,12 +336,13 @@ def protocol_report(run: Run) -> dict:
     first = {name: curves[0] for name, curves in run.curves.items()}
     any_curve = next(iter(first.values()))
     base = {m: sum(v) / len(v) for m, v in any_curve.base_scores.items()}
-    base_point = {"method": "none", "alpha": 0.0, "letter": None, "distinct2": None, "samples": [], **base}
+    unscored = {m: None for m in METRICS}  # a metric the items do not have (letter: plain answers)
+    base_point = {"method": "none", "alpha": 0.0, **unscored, "distinct2": None, "samples": [], **base}
     base_point["nll"] = sum(any_curve.base_nll) / sum(any_curve.base_tokens)
     points = [base_point]
     for name, curve in first.items():
         for p in _point_means(curve, metrics):
-            points.append({"method": name, "letter": None, "distinct2": None, "samples": [], **p})
+            points.append({"method": name, **unscored, "distinct2": None, "samples": [], **p})
     # every method's seed-mean shift at each fluency budget toward the behavior (interpolated on its
     # curves, gated as the comparison is)
     items, prompts = np.arange(len(any_curve.base_scores["answer"])), np.arange(len(any_curve.base_nll))

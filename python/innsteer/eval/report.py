@@ -54,15 +54,16 @@ def _fmt(x, spec=".3f") -> str:
 def sweep_table(result: dict) -> str:
     base = baseline_point(result["points"])
     lines = [
-        "| method | alpha | p_match (answer text) | p_match (letter) | fluency NLL/token | Δ NLL | distinct-2 "
-        "| seq-rep-4 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | alpha | p_match (answer text) | p_match (letter) | p_match (fork) | fluency NLL/token | Δ NLL "
+        "| distinct-2 | seq-rep-4 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, points in _by_method(result["points"]).items():
         for p in points:
             cost = None if p["nll"] is None or base["nll"] is None else p["nll"] - base["nll"]
             lines.append(
-                f"| {method} | {p['alpha']:g} | {_fmt(p['answer'])} | {_fmt(p['letter'])} | {_fmt(p['nll'])} "
+                f"| {method} | {p['alpha']:g} | {_fmt(p['answer'])} | {_fmt(p['letter'])} | {_fmt(p.get('fork'))} "
+                f"| {_fmt(p['nll'])} "
                 f"| {_fmt(cost, '+.3f')} | {_fmt(p['distinct2'], '.2f')} | {_fmt(p.get('repetition'), '.2f')} |"
             )
     return "\n".join(lines)
@@ -143,9 +144,9 @@ def markdown(result: dict) -> str:
 def plot_alpha(result: dict, path: Path) -> None:
     plt = pyplot()
     base = baseline_point(result["points"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("answer", "letter")):
-        if base[metric] is None:  # items without lettered options have no letter metric
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ("answer", "letter", "fork")):
+        if base.get(metric) is None:  # no letter metric for plain answers; no fork in reports from before it
             ax.set_axis_off()
             continue
         for method, points in _by_method(result["points"]).items():

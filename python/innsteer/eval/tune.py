@@ -39,7 +39,7 @@ from ..core.errors import ConfigError
 from ..core.files import write_atomically
 from ..core.hooks import decoder_layers
 from ..core.methods import innsteer_config
-from ..datasets.ab import ABItem, hold_out, train_val_split
+from ..datasets.ab import METRICS, ABItem, hold_out, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
@@ -378,14 +378,14 @@ def tune(
 
     # named by the configurations it measures: a rerun that chooses differently (new code, a new
     # rule) measures them instead of reading the other choice's test
-    result = stages.run(
-        f"test-{digest(sorted((n, c['layer'], sorted(c['options'].items())) for n, c in chosen.items()))}", test_stage
-    )
+    configurations = sorted((n, c["layer"], sorted(c["options"].items())) for n, c in chosen.items())
+    result = stages.run(f"test-{digest([configurations, METRICS])}", test_stage)  # a new metric: measured again
     comparison = Run.from_dict(result, "the tune's test stage").comparison.sides_dict()
     test_record: dict[str, Any] = dict(comparison["answer/toward"])
     test_record["away"] = comparison["answer/away"]
-    if "letter/toward" in comparison:
-        test_record["letter"] = {"toward": comparison["letter/toward"], "away": comparison["letter/away"]}
+    for metric in ("letter", "fork"):
+        if f"{metric}/toward" in comparison:
+            test_record[metric] = {"toward": comparison[f"{metric}/toward"], "away": comparison[f"{metric}/away"]}
     record = {
         "schema": SCHEMA_VERSION,
         "model_id": lm.model_id,
@@ -485,11 +485,18 @@ def tune_markdown(record: dict) -> str:
                             ("away", test["away"])):  # fmt: skip
         for key, row in rows.items():
             lines.append(f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
+    for metric in ("fork", "letter"):
+        for direction in ("toward", "away"):
+            if metric in test:
+                row = test[metric][direction]["auc"]
+                lines.append(f"| {direction} | auc ({metric}) | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
     lines += [
         "",
         "Shifts are p(matching answer) minus the unsteered model's, at a fluency cost (NLL/token of greedy "
         "replies under the unsteered model) within the budget; `auc` is the area for budgets 0 to 1 nat/token. "
-        "✓: INNSteer above CAA (interval above 0); ✗: below.",
+        "✓: INNSteer above CAA (interval above 0); ✗: below. The answer metric scores each answer's whole "
+        "text, the fork metric only the first token where the two answers differ (the model's choice: a steer "
+        "cannot raise it by disrupting the non-matching text), the letter metric the answer's letter.",
     ]
     return "\n".join(lines) + "\n"
 

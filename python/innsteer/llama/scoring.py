@@ -58,6 +58,8 @@ def behaviour_scores(llm: llama_cpp.Llama, tokenizer, items, metric: str = "lett
     ('letter': p(matching letter) against p(non-matching); 'answer': mean per-token log-prob)."""
     if metric not in METRICS:
         raise DataError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
+    if metric == "fork":  # its token-level spans are the PyTorch scorer's (eval.metrics.fork_span)
+        raise DataError("the fork metric is scored by the PyTorch scorer only; through llama.cpp: 'answer' or 'letter'")
     prompt = [ab_prompt(tokenizer, item) for item in items]
     pairs = [item.continuations(metric) for item in items]
     conts = [match for match, _ in pairs] + [other for _, other in pairs]
