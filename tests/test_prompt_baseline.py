@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import tiny_lm
 
+from innsteer.datasets.ab import METRICS
 from innsteer.datasets.caa import load_ab
 from innsteer.datasets.files import NEUTRAL_PROMPTS
 from innsteer.eval.batched import BatchedFluency, BatchedScorer
@@ -67,7 +68,7 @@ def test_the_protocol_measures_the_prompt_as_a_point_and_compares_it(lm):
     assert result.specs["prompt+caa"] == {**result.specs["caa"], "instruct": True}
     assert result.instructions == {"toward": TOWARD, "away": AWAY}
     for comparison in (result.comparison, result.comparisons["caa - prompt"]):
-        assert set(comparison.sides) == {"answer/toward", "answer/away", "letter/toward", "letter/away"}
+        assert set(comparison.sides) == {f"{m}/{side}" for m in METRICS for side in ("toward", "away")}
         for row in comparison.get("answer", "toward").values():
             assert row.low <= row.diff <= row.high
 
