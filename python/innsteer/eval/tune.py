@@ -503,18 +503,21 @@ def tune_markdown(record: dict) -> str:
 
 def tune_table(records: Sequence[dict]) -> str:
     """Markdown: one row per tune record — each method's choice, and INNSteer - CAA on the test
-    items in both directions (area to 1 nat/token, paired bootstrap 95 % interval)."""
+    items in both directions (area to 1 nat/token, paired bootstrap 95 % interval), by the answer
+    metric and by the fork metric."""
 
     lines = [
-        "| data | model | CAA layer | INNSteer layer, options | toward | away | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| data | model | CAA layer | INNSteer layer, options | toward | away | toward (fork) | away (fork) "
+        "| minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        inn = r["chosen"]["innsteer"]
+        inn, fork = r["chosen"]["innsteer"], r["test"].get("fork")  # records before the fork metric: none
         lines.append(
             f"| {r['behavior']} | {r['model_id']} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
-            f"{_variant_text(inn)} | {_cell(r['test']['auc'])} | "
-            f"{_cell(r['test']['away']['auc'])} | {r['minutes']:.0f} |"
+            f"{_variant_text(inn)} | {_cell(r['test']['auc'])} | {_cell(r['test']['away']['auc'])} | "
+            + " | ".join(_cell(fork[side]["auc"]) if fork else "–" for side in ("toward", "away"))
+            + f" | {r['minutes']:.0f} |"
         )
     return "\n".join(lines)
 
