@@ -39,10 +39,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import torch  # noqa: E402
 
-from innsteer.core.hooks import (
-    decoder_layers,  # noqa: E402
-    steering_unless_identity,  # noqa: E402
-)
+from innsteer.core.hooks import decoder_layers, steering_unless_identity  # noqa: E402
 from innsteer.datasets.source import shipped  # noqa: E402
 from innsteer.eval.batched import BatchedScorer  # noqa: E402
 from innsteer.eval.provenance import provenance  # noqa: E402
@@ -74,8 +71,12 @@ def split(steerer, rows: torch.Tensor, u: torch.Tensor, alpha: float) -> dict:
     d = (steerer(rows, alpha) - rows).double()
     along = d @ u
     rest = (d - along[:, None] * u).norm(dim=1)
-    return {"norm": float(d.norm(dim=1).mean()), "along": float(along.mean()), "along_sd": float(along.std()),
-            "rest": float(rest.mean())}  # fmt: skip
+    return {
+        "norm": float(d.norm(dim=1).mean()),
+        "along": float(along.mean()),
+        "along_sd": float(along.std()),
+        "rest": float(rest.mean()),
+    }
 
 
 def forks(lm, items) -> list[tuple[torch.Tensor, int, int, int]]:
@@ -110,8 +111,12 @@ def answer_parts(lm, scorer: BatchedScorer, base: torch.Tensor, parted, steerer,
     total, count = scorer.log_likelihoods(steerer, alpha)
     mean = total / count
     shift = (mean - base).mean(0)
-    return {"matching": float(shift[0]), "not_matching": float(shift[1]),
-            "p_match": float(torch.sigmoid(mean[:, 0] - mean[:, 1]).mean()), "p_fork": p_fork(lm, parted, steerer, alpha)}  # fmt: skip
+    return {
+        "matching": float(shift[0]),
+        "not_matching": float(shift[1]),
+        "p_match": float(torch.sigmoid(mean[:, 0] - mean[:, 1]).mean()),
+        "p_fork": p_fork(lm, parted, steerer, alpha),
+    }
 
 
 def main() -> int:
@@ -149,17 +154,34 @@ def main() -> int:
             )[layer]
             caa = fit_method(lm, "caa", source.train, layer, **fit)
             u = caa(torch.zeros(1, pos.shape[1]), 1.0)[0].double()
-            rows_at[layer] = (u / u.norm(), {"matching": pos.float(), "not matching": neg.float(),
-                                             "free text": reply_rows(lm, prompts, replies, layer)})  # fmt: skip
+            rows_at[layer] = (
+                u / u.norm(),
+                {
+                    "matching": pos.float(),
+                    "not matching": neg.float(),
+                    "free text": reply_rows(lm, prompts, replies, layer),
+                },
+            )
         u, rows = rows_at[layer]
         steerer = fit_method(lm, name.split(":")[0], source.train, layer, options=options, **fit)
-        result[name] = {"layer": layer, "options": options,
-                        "rows": {k: {str(a): split(steerer, r, u, a) for a in ALPHAS} for k, r in rows.items()},
-                        "answer": {str(a): answer_parts(lm, scorer, base, parted, steerer, a) for a in ALPHAS}}  # fmt: skip
+        result[name] = {
+            "layer": layer,
+            "options": options,
+            "rows": {k: {str(a): split(steerer, r, u, a) for a in ALPHAS} for k, r in rows.items()},
+            "answer": {str(a): answer_parts(lm, scorer, base, parted, steerer, a) for a in ALPHAS},
+        }
     unsteered = float(torch.sigmoid(base[:, 0] - base[:, 1]).mean())
-    record = {"model_id": lm.model_id, "behavior": args.behavior, "alphas": list(ALPHAS), "steers": result,
-              "unsteered_p_match": unsteered, "unsteered_p_fork": p_fork(lm, parted, None, None), "n_parted": len(parted),
-              "minutes": round((time.perf_counter() - start) / 60, 2), "provenance": where}  # fmt: skip
+    record = {
+        "model_id": lm.model_id,
+        "behavior": args.behavior,
+        "alphas": list(ALPHAS),
+        "steers": result,
+        "unsteered_p_match": unsteered,
+        "unsteered_p_fork": p_fork(lm, parted, None, None),
+        "n_parted": len(parted),
+        "minutes": round((time.perf_counter() - start) / 60, 2),
+        "provenance": where,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{lm.model_id}-{args.behavior}.json").write_text(json.dumps(record, indent=1))
@@ -175,7 +197,8 @@ def main() -> int:
     for name, entry in result.items():
         for alpha, s in entry["answer"].items():
             print(
-                f"| {name} | {alpha} | {s['matching']:+.3f} | {s['not_matching']:+.3f} | {s['p_match']:.3f} | {s['p_fork']:.3f} |"
+                f"| {name} | {alpha} | {s['matching']:+.3f} | {s['not_matching']:+.3f} | {s['p_match']:.3f} "
+                f"| {s['p_fork']:.3f} |"
             )
     return 0
 
