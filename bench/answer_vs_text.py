@@ -15,10 +15,10 @@ last token and the reply, the rows generation steers).
 (teacher-forced), so a steer that tells the non-matching answer's states apart can lower that
 text's likelihood without making the model choose the matching one. Per steer and alpha: the
 change in mean per-token log-probability of the matching and of the non-matching answers (test
-items), and p_match; beside them p_fork, the same comparison at the fork: the probability of the
-matching answer's first token that differs from the non-matching one's, against that token, after
-the prefix the two share (every state the steer sees there is the same for both answers, so it
-cannot tell them apart: the model's choice, as generation would make it).
+items), and p_match; beside them p_fork, p_match by the fork metric (``innsteer.eval.metrics``):
+the matching answer's first token that differs from the non-matching one's, against that token,
+after the tokens the two share (every state the steer sees there is the same for both answers, so
+it cannot tell them apart: the model's choice, as generation would make it).
 
 Nothing is generated steered, no judge.
 Results: results/answer-vs-text/<model>-<behavior>.json and a Markdown table.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import torch  # noqa: E402
 
-from innsteer.core.hooks import decoder_layers, steering_unless_identity  # noqa: E402
+from innsteer.core.hooks import decoder_layers  # noqa: E402
 from innsteer.datasets.source import shipped  # noqa: E402
 from innsteer.eval.batched import BatchedScorer  # noqa: E402
 from innsteer.eval.provenance import provenance  # noqa: E402
@@ -49,7 +49,7 @@ from innsteer.hf.collect import contrastive_activations  # noqa: E402
 from innsteer.hf.fit import fit_method  # noqa: E402
 from innsteer.hf.generation import generate  # noqa: E402
 from innsteer.hf.models import load_model  # noqa: E402
-from innsteer.hf.prompts import ab_prompt, format_prompt, uses_chat_template  # noqa: E402
+from innsteer.hf.prompts import format_prompt, uses_chat_template  # noqa: E402
 
 ALPHAS = (1.0, 2.0)
 
@@ -79,43 +79,15 @@ def split(steerer, rows: torch.Tensor, u: torch.Tensor, alpha: float) -> dict:
     }
 
 
-def forks(lm, items) -> list[tuple[torch.Tensor, int, int, int]]:
-    """Per item where its answers part: (the shared ids, prompt length, matching's token there,
-    non-matching's); items whose answers never part are left out."""
-    tok, special = lm.tokenizer, not uses_chat_template(lm.tokenizer)
-    out = []
-    for item in items:
-        prompt = ab_prompt(tok, item)
-        n_prompt = len(tok(prompt, add_special_tokens=special).input_ids)
-        a, b = (
-            tok(prompt + item.options[k], add_special_tokens=special).input_ids
-            for k in (item.matching, item.not_matching)
-        )
-        j = next((j for j in range(n_prompt, min(len(a), len(b))) if a[j] != b[j]), None)
-        if j is not None:
-            out.append((torch.tensor([a[:j]]), n_prompt, a[j], b[j]))
-    return out
-
-
-@torch.inference_mode()
-def p_fork(lm, parted, steerer, alpha) -> float:
-    values = []
-    for ids, n_prompt, match, other in parted:
-        with steering_unless_identity(lm.model, steerer, alpha, positions="after_prompt", prompt_length=n_prompt):
-            logp = torch.log_softmax(lm.model(ids).logits[0, -1].float(), -1)
-        values.append(torch.sigmoid(logp[match] - logp[other]))
-    return float(torch.stack(values).mean())
-
-
-def answer_parts(lm, scorer: BatchedScorer, base: torch.Tensor, parted, steerer, alpha: float) -> dict:
+def answer_parts(scorer: BatchedScorer, base: torch.Tensor, steerer, alpha: float) -> dict:
     total, count = scorer.log_likelihoods(steerer, alpha)
-    mean = total / count
+    mean = total / count  # per item: answer matching, non-matching, then the fork's two
     shift = (mean - base).mean(0)
     return {
         "matching": float(shift[0]),
         "not_matching": float(shift[1]),
         "p_match": float(torch.sigmoid(mean[:, 0] - mean[:, 1]).mean()),
-        "p_fork": p_fork(lm, parted, steerer, alpha),
+        "p_fork": float(torch.sigmoid(mean[:, 2] - mean[:, 3]).mean()),
     }
 
 
@@ -135,10 +107,9 @@ def main() -> int:
     source = shipped(args.behavior)
     prompts = source.prompts[: args.n_open]
     _, _, replies = generate(lm, prompts, max_new_tokens=32)
-    scorer = BatchedScorer(lm, source.test, ("answer",))
+    scorer = BatchedScorer(lm, source.test, ("answer", "fork"))
     total, count = scorer.log_likelihoods()
     base = total / count
-    parted = forks(lm, source.test)
     steers = {}
     for method in ("caa", "innsteer"):
         chosen = choice(lm.model_id, args.behavior, method, n_layers)
@@ -168,7 +139,7 @@ def main() -> int:
             "layer": layer,
             "options": options,
             "rows": {k: {str(a): split(steerer, r, u, a) for a in ALPHAS} for k, r in rows.items()},
-            "answer": {str(a): answer_parts(lm, scorer, base, parted, steerer, a) for a in ALPHAS},
+            "answer": {str(a): answer_parts(scorer, base, steerer, a) for a in ALPHAS},
         }
     unsteered = float(torch.sigmoid(base[:, 0] - base[:, 1]).mean())
     record = {
@@ -177,8 +148,7 @@ def main() -> int:
         "alphas": list(ALPHAS),
         "steers": result,
         "unsteered_p_match": unsteered,
-        "unsteered_p_fork": p_fork(lm, parted, None, None),
-        "n_parted": len(parted),
+        "unsteered_p_fork": float(torch.sigmoid(base[:, 2] - base[:, 3]).mean()),
         "minutes": round((time.perf_counter() - start) / 60, 2),
         "provenance": where,
     }
@@ -191,7 +161,7 @@ def main() -> int:
         for rows, by_alpha in entry["rows"].items():
             s = by_alpha["1.0"]
             print(f"| {name} | {entry['layer']} | {rows} | {s['norm']:.1f} | {s['along']:+.1f} | {s['rest']:.1f} |")
-    print(f"\nunsteered p_match {unsteered:.3f}, p_fork {record['unsteered_p_fork']:.3f} ({len(parted)} items part)\n")
+    print(f"\nunsteered p_match {unsteered:.3f}, p_fork {record['unsteered_p_fork']:.3f}\n")
     print("| steer | alpha | log p matching | log p not matching | p_match | p_fork |")
     print("|---|---|---|---|---|---|")
     for name, entry in result.items():
