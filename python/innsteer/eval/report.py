@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..core.errors import ConfigError
 from ..core.files import write_atomically
+from ..datasets.ab import METRICS
 from .results import Run, save
 
 if TYPE_CHECKING:
@@ -144,8 +145,8 @@ def markdown(result: dict) -> str:
 def plot_alpha(result: dict, path: Path) -> None:
     plt = pyplot()
     base = baseline_point(result["points"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, metric in zip(axes, ("answer", "letter", "fork")):
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    for ax, metric in zip(axes, METRICS):
         if base.get(metric) is None:  # no letter metric for plain answers; no fork in reports from before it
             ax.set_axis_off()
             continue

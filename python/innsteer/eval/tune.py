@@ -131,6 +131,7 @@ TUNE_BUDGETS = {
     ),
 }
 COMPARED = ("innsteer", "caa")
+REPORTED = tuple(m for m in METRICS if m != "answer")  # beside the answer metric the choices are ranked by
 
 
 def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
@@ -383,7 +384,7 @@ def tune(
     comparison = Run.from_dict(result, "the tune's test stage").comparison.sides_dict()
     test_record: dict[str, Any] = dict(comparison["answer/toward"])
     test_record["away"] = comparison["answer/away"]
-    for metric in ("letter", "fork"):
+    for metric in REPORTED:
         if f"{metric}/toward" in comparison:
             test_record[metric] = {"toward": comparison[f"{metric}/toward"], "away": comparison[f"{metric}/away"]}
     record = {
@@ -485,7 +486,7 @@ def tune_markdown(record: dict) -> str:
                             ("away", test["away"])):  # fmt: skip
         for key, row in rows.items():
             lines.append(f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
-    for metric in ("fork", "letter"):
+    for metric in REPORTED:
         for direction in ("toward", "away"):
             if metric in test:
                 row = test[metric][direction]["auc"]
