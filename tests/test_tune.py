@@ -156,7 +156,13 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     )
     for row in [*(record["test"][k] for k in ("auc", "at0.5")), record["test"]["away"]["auc"]]:
         assert row["low"] <= row["diff"] <= row["high"] and row["diff"] == pytest.approx(row["a"] - row["b"])
-    assert "letter" in record["test"]  # lettered items: both metrics
+    # ranked by the fork metric: the headline is its comparison, the others beside it
+    assert record["metric"] == "fork" and {"answer", "letter"} <= set(record["test"]) and "fork" not in record["test"]
+    for name in ("caa", "innsteer"):  # each layer's area is the ranking metric's, as its stage keeps it
+        layer = record["chosen"][name]["layer"]
+        stage = json.loads((tmp_path / "stages" / f"layer{layer}.json").read_text())["result"]
+        assert record["chosen"][name]["validation"]["by_layer"][str(layer)] == stage[name]["fork"]["toward"]
+        assert set(stage[name]) == {"answer", "letter", "fork"}
     assert record["n_items"] == {"pool": 24, "test": 6, "prompts": 2, "available": {"pool": 24, "test": 6}}
     # validation measured toward the behavior only; the test stage both ways, on the test seeds
     assert [call.get("signs", (1, -1)) for call in calls] == [(1,), (1,), (1, -1), (-1,), (1, -1)]
@@ -171,13 +177,26 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     assert "## Test comparison" in (tmp_path / "tune.md").read_text()
     row = tune_table([record]).splitlines()[-1]
     auc = record["test"]["auc"]
-    assert row.startswith(f"| custom | tiny | {record['chosen']['caa']['layer']} |")
-    assert f"{auc['diff']:+.3f} [{auc['low']:+.3f}, {auc['high']:+.3f}]" in row
+    assert row.startswith(f"| custom | tiny | fork | {record['chosen']['caa']['layer']} |")
+    answer = record["test"]["answer"]["away"]["auc"]
+    for cell in (auc, answer):
+        assert f"{cell['diff']:+.3f} [{cell['low']:+.3f}, {cell['high']:+.3f}]" in row
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
 
     calls.clear()  # the same command again: every stage is read back, nothing measured
     again = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, progress=False)
     assert calls == [] and again["chosen"] == record["chosen"] and again["test"] == record["test"]
+    # ranked by another metric: every validation stage is read back (they keep each metric's areas),
+    # at most the test of a different choice is measured; its layers are that metric's best
+    by_answer = innsteer.tune(lm, None, items, budget=tiny_budget, metric="answer", out=tmp_path, progress=False)
+    assert len(calls) <= 1 and by_answer["metric"] == "answer" and "fork" in by_answer["test"]
+    for name in ("caa", "innsteer"):
+        layer = by_answer["chosen"][name]["layer"]
+        stage = json.loads((tmp_path / "stages" / f"layer{layer}.json").read_text())["result"]
+        assert by_answer["chosen"][name]["validation"]["by_layer"][str(layer)] == stage[name]["answer"]["toward"]
+        by_layer = by_answer["chosen"][name]["validation"]["by_layer"]
+        assert layer == int(max(by_layer, key=by_layer.get))
+    calls.clear()
     # another choice from the same validation stages (a new rule): only the test is measured again;
     # two option sets for the two signs: the steer file holds two maps
     pair = (
@@ -251,7 +270,7 @@ def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, 
     printed = capsys.readouterr().out
     record = json.loads((out / "tune.json").read_text())
     assert record["behavior"] == "pairs" and record["n_items"]["test"] == 4  # --data's 20 % held out
-    assert "letter" not in record["test"]  # plain answers: the answer metric only
+    assert "letter" not in record["test"] and "answer" in record["test"]  # plain answers: no letter metric
     assert "## Test comparison" in printed and str(out / "innsteer.safetensors") in printed
     for bad in ("[1]", "{not json"):
         with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: one line, exit 2
@@ -261,6 +280,9 @@ def test_tune_from_the_command_line_on_a_model_directory(tmp_path, monkeypatch, 
     bad = ["--variants", '{"defaults": {"num_couplings": 8}}', "--model", str(tmp_path / "no-model")]
     assert main(["tune", "--data", str(data), *bad, "--out", str(out)]) == 2
     assert "variant 'defaults' is already among the budget's" in capsys.readouterr().err
+    # so is a metric the items cannot be scored by
+    assert main(["tune", "--data", str(data), "--metric", "letter", "--model", "nope", "--out", str(out)]) == 2
+    assert "the letter metric needs A/B items with lettered options" in capsys.readouterr().err
     # so is data too small to tune on (5 pairs: 4 to train, 1 held out)
     data.write_text("\n".join(json.dumps(row) for row in rows[:5]))
     assert main(["tune", "--data", str(data), "--model", str(tmp_path / "no-model"), "--out", str(out)]) == 2

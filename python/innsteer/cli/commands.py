@@ -334,7 +334,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from ..eval.tune import TUNE_BUDGETS, check_variants, split_items, tune
+    from ..eval.tune import TUNE_BUDGETS, check_metric, check_variants, split_items, tune
 
     args.mode = "answer"
     source = _data(args)
@@ -344,12 +344,13 @@ def cmd_tune(args) -> int:
     # before the model loads (minutes on a first load)
     check_variants(args.variants, TUNE_BUDGETS[args.budget])
     split_items(items, test_items, args.seed)
+    check_metric(args.metric, [*items, *(test_items or ())])
     out = Path(args.out)
     lm = _load(args)
     _check_context(lm, 64, source.prompts, "open-ended prompt")
     record = tune(
         lm, None, items, test_items=test_items, prompts=source.prompts,
-        behavior=source.name, budget=args.budget, variants=args.variants, out=out, seed=args.seed,
+        behavior=source.name, budget=args.budget, metric=args.metric, variants=args.variants, out=out, seed=args.seed,
         plots=not args.no_plots, command=["innsteer", *sys.argv[1:]],
     )  # fmt: skip
     print()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from ..core.errors import InnsteerError
+from ..datasets.ab import METRICS, RANKED_BY
 from ..datasets.caa import BEHAVIORS
 from . import commands, llama, serve
 from ._args import count
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose the layer and options for your data and model, then compare INNSteer with CAA",
         description="On validation data only, choose each method's layer from a grid relative to the model's "
         "depth (CAA's too: the baseline is tuned as hard as the method) and INNSteer's training options, by the "
-        "area under the behaviour-vs-fluency curve to 1 nat/token; then fit the chosen configurations and "
+        "area under the behaviour-vs-fluency curve to 1 nat/token (--metric); then fit the chosen configurations and "
         "compare them on the test items in both directions with paired bootstrap intervals. Writes "
         "tune.json, tune.md and the chosen steerers (.safetensors) in --out; rerun the same command to "
         "resume an interrupted run. --budget quick measures at most 200 pool and 50 test items (a seeded "
@@ -351,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sources(p)
     p.add_argument("--budget", choices=("quick", "full"), default="quick", help="(default: %(default)s)")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=RANKED_BY,
+        help="the A/B metric the layers and options are ranked by and the test comparison leads with; 'fork' "
+        "scores the two answers where they first differ, the model's choice, which a steer cannot raise by "
+        "disrupting the other answer's text, as it can 'answer' (every metric is reported; default: %(default)s)",
+    )
     p.add_argument(
         "--variants",
         type=_json_object,

@@ -26,6 +26,11 @@ _ANSWER_CUE = re.compile(r"\n[ \t]*\n[ \t]*[^\n]{1,40}:[ \t]*$")
 # the comparison a steer that acts on each state differently cannot win by telling the two forced
 # answers apart (docs/RESULTS.md, "What the answer metric's lead is made of")
 METRICS = ("answer", "letter", "fork")
+# What ``innsteer tune`` ranks layers and options by (and leads its test comparison with) unless told
+# otherwise. Not the answer metric: it scores each answer's whole text with the steer acting on that
+# text, and a map trained on those very states can raise it by wrecking the non-matching text's
+# likelihood while the model's choice does not move; the fork metric sees only states both answers share.
+RANKED_BY = "fork"
 # A text's length bound: the shipped items reach 2 200 characters; one of 100 000 made collection
 # hold gigabytes of attention and activations before anything said why.
 MAX_TEXT_CHARS = 8192

@@ -7,7 +7,8 @@ does, so the baseline is tuned as hard as the method:
 
 1. the layer, from a grid relative to the model's depth (``TuneBudget.layer_fractions``), by the
    validation area under the behaviour-vs-fluency curve up to 1 nat/token toward the behavior,
-   with the repetition gate (``innsteer.eval.tradeoff``);
+   with the repetition gate (``innsteer.eval.tradeoff``), by one metric (``metric``: the fork
+   metric unless told otherwise, ``RANKED_BY``);
 2. for INNSteer, its training options at its best layer (``TuneBudget.variants``), measured in
    both directions, chosen for each sign apart: the variant with the largest area toward the
    behavior steers at alpha > 0, the one with the largest area away at alpha < 0. Where they
@@ -39,7 +40,7 @@ from ..core.errors import ConfigError
 from ..core.files import write_atomically
 from ..core.hooks import decoder_layers
 from ..core.methods import innsteer_config
-from ..datasets.ab import METRICS, ABItem, hold_out, train_val_split
+from ..datasets.ab import METRICS, RANKED_BY, ABItem, hold_out, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
@@ -50,7 +51,7 @@ from .results import Curve, Run, interval_cell
 from .stages import Stages, digest
 from .tradeoff import REPETITION_GATE, curve_summary
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: validation stages keep every metric's areas; the record names its ranking metric
 TOKENS = "all"  # both methods fit every answer token's row (docs/RESULTS.md: both steered best so)
 TEST_FRACTION = 0.2  # of the items, held out for the test comparison when no test items are given (as --data)
 MIN_POOL, MIN_TEST = 8, 2  # the fewest items a tuning run can split and compare on
@@ -131,7 +132,6 @@ TUNE_BUDGETS = {
     ),
 }
 COMPARED = ("innsteer", "caa")
-REPORTED = tuple(m for m in METRICS if m != "answer")  # beside the answer metric the choices are ranked by
 
 
 def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
@@ -142,12 +142,20 @@ def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
     return sorted({min(n_layers - 2, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
-def validation_area(curve: Curve, sign: int = 1) -> float:
-    """A validation curve's area to 1 nat/token toward the behavior (``sign`` -1: away from it;
-    answer metric, repetition gate)."""
+def validation_area(curve: Curve, sign: int = 1, metric: str = "answer") -> float:
+    """A validation curve's area to 1 nat/token toward the behavior (``sign`` -1: away from it) by
+    ``metric``, with the repetition gate."""
     items = np.arange(len(curve.base_scores["answer"]))
     prompts = np.arange(len(curve.base_nll))
-    return curve_summary(curve, items, prompts, sign, "answer", REPETITION_GATE)["auc"]
+    return curve_summary(curve, items, prompts, sign, metric, REPETITION_GATE)["auc"]
+
+
+def check_metric(metric: str, items: Sequence[ABItem]) -> None:
+    """``metric`` must be one the items can be scored by (the letter metric: lettered items)."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; choose one of: {', '.join(METRICS)}")
+    if metric == "letter" and not all(item.lettered for item in items):
+        raise ConfigError("the letter metric needs A/B items with lettered options; these are plain answers")
 
 
 def choose_variants(by_options: dict[str, dict[str, float]]) -> tuple[str, str]:
@@ -226,6 +234,7 @@ def tune(
     prompts: Optional[Sequence[str]] = None,
     behavior: str = "custom",
     budget: str = "quick",
+    metric: str = RANKED_BY,
     variants: Optional[dict[str, dict]] = None,
     out: Optional[str | os.PathLike] = None,
     seed: int = 0,
@@ -240,6 +249,8 @@ def tune(
     ``LoadedModel`` (tokenizer None). ``items`` and ``test_items``: contrastive pairs as
     ``innsteer.fit`` takes them (``(positive, negative)`` texts, ``(prompt, positive, negative)``)
     or A/B items. ``prompts``: open-ended prompts for the fluency measure (default: a neutral set).
+    ``metric``: what the choices are ranked by and the test comparison leads with (``METRICS``;
+    every metric the items have is measured and reported either way).
     ``variants``: more INNSteer option sets tried beside the budget's (name -> TrainConfig and
     FlowConfig fields, e.g. ``{"away-only": {"transport_sides": "away"}}``); each is measured in
     its own stage, so adding one to a finished run measures only it and the test stage.
@@ -258,6 +269,7 @@ def tune(
     start, where = time.perf_counter(), provenance(command)  # the code and machine at the start: what ran
     out_dir = None if out is None else Path(out)
     pool, test = split_items(items, test_items, seed)
+    check_metric(metric, [*pool, *test])
     available = {"pool": len(pool), "test": len(test)}
     pool, test = _sample(pool, plan.max_pool, seed), _sample(test, plan.max_test, seed)
     prompts = list(prompts or NEUTRAL_PROMPTS)[: plan.n_prompts]
@@ -284,14 +296,18 @@ def tune(
     common = {"behavior": behavior, "max_new_tokens": plan.max_new_tokens, "progress": progress}
 
     def validate(layer: int, specs: dict[str, MethodSpec], signs: tuple[int, ...] = (1,)) -> dict:
-        """{name: {"toward"/"away": the seed-mean validation area}} for the measured sides."""
+        """{name: {metric: {"toward"/"away": the seed-mean validation area}}} for every metric the
+        items have and the measured sides (all kept: ranking by another metric reads them back)."""
         result = run_protocol(
             lm, pool, None, prompts, layer=layer, specs=specs, seeds=plan.validation_seeds, compare=(), signs=signs,
             ladder=plan.validation_ladder, **common,
         )  # fmt: skip
         sides = {1: "toward", -1: "away"}
         return {
-            name: {sides[sign]: float(np.mean([validation_area(curve, sign) for curve in curves])) for sign in signs}
+            name: {
+                m: {sides[sign]: float(np.mean([validation_area(c, sign, m) for c in curves])) for sign in signs}
+                for m in result.metrics
+            }
             for name, curves in result.curves.items()
         }
 
@@ -310,7 +326,7 @@ def tune(
         specs = {"caa": MethodSpec("caa", TOKENS), "innsteer": specs_default()}
         areas = stages.run(f"layer{layer}", lambda layer=layer, specs=specs: validate(layer, specs))
         for name in by_layer:
-            by_layer[name][layer] = areas[name]["toward"]
+            by_layer[name][layer] = areas[name][metric]["toward"]
         _say(progress, f"layer {layer}: validation area CAA {by_layer['caa'][layer]:.3f}, "
              f"INNSteer {by_layer['innsteer'][layer]:.3f}")  # fmt: skip
     chosen_layer = {name: max(scores, key=scores.get) for name, scores in by_layer.items()}
@@ -321,10 +337,11 @@ def tune(
     by_options = {}
     for name, options in list(variants.items())[1:]:  # a stage each, named by what it measures
         spec = {name: MethodSpec("innsteer", TOKENS, options)}
-        by_options |= stages.run(
+        areas = stages.run(
             f"options-layer{inn_layer}-{digest([name, sorted(options.items())])}",
             lambda spec=spec: validate(inn_layer, spec, (1, -1)),
         )
+        by_options[name] = areas[name][metric]
     away = stages.run(
         f"away-layers{caa_layer}-{inn_layer}",
         lambda: validate(
@@ -333,8 +350,11 @@ def tune(
             (-1,),
         ),
     )
-    by_options = {default_variant: {"toward": by_layer["innsteer"][inn_layer], **away[default_variant]}, **by_options}
-    caa_away = away["caa"]["away"]
+    by_options = {
+        default_variant: {"toward": by_layer["innsteer"][inn_layer], **away[default_variant][metric]},
+        **by_options,
+    }
+    caa_away = away["caa"][metric]["away"]
     toward_variant, away_variant = choose_variants(by_options)
     _say(progress, f"INNSteer options (toward / away; CAA away {caa_away:.3f}): "
          + ", ".join(f"{n} {a['toward']:.3f} / {a['away']:.3f}" for n, a in by_options.items()))  # fmt: skip
@@ -382,13 +402,14 @@ def tune(
     configurations = sorted((n, c["layer"], sorted(c["options"].items())) for n, c in chosen.items())
     result = stages.run(f"test-{digest([configurations, METRICS])}", test_stage)  # a new metric: measured again
     comparison = Run.from_dict(result, "the tune's test stage").comparison.sides_dict()
-    test_record: dict[str, Any] = dict(comparison["answer/toward"])
-    test_record["away"] = comparison["answer/away"]
-    for metric in REPORTED:
-        if f"{metric}/toward" in comparison:
-            test_record[metric] = {"toward": comparison[f"{metric}/toward"], "away": comparison[f"{metric}/away"]}
+    test_record: dict[str, Any] = dict(comparison[f"{metric}/toward"])
+    test_record["away"] = comparison[f"{metric}/away"]
+    for other in METRICS:  # the other metrics the items have, beside the ranking one
+        if other != metric and f"{other}/toward" in comparison:
+            test_record[other] = {"toward": comparison[f"{other}/toward"], "away": comparison[f"{other}/away"]}
     record = {
         "schema": SCHEMA_VERSION,
+        "metric": metric,
         "model_id": lm.model_id,
         "behavior": behavior,
         "budget": budget,
@@ -432,9 +453,23 @@ def _sampled(n_items: dict) -> str:
     return f" (seeded samples of {available['pool']} pool / {available['test']} test items)"
 
 
+def ranked_by(record: dict) -> str:
+    """The metric a record's choices were ranked by (records before schema 2: the answer metric)."""
+    return record.get("metric", "answer")
+
+
+def test_rows(record: dict, metric: str) -> Optional[dict]:
+    """{"toward": summaries, "away": summaries}: INNSteer - CAA on the test items by ``metric``
+    (None where the record did not measure it)."""
+    test = record["test"]
+    if metric == ranked_by(record):
+        return {"toward": {k: v for k, v in test.items() if k.startswith(("at", "auc"))}, "away": test["away"]}
+    return test.get(metric)
+
+
 def tune_markdown(record: dict) -> str:
     """The tuning report: each method's choice with its validation scores, then the test comparison."""
-    chosen = record["chosen"]
+    chosen, metric = record["chosen"], ranked_by(record)
     lines = [
         f"# innsteer tune: {record['behavior']} on {record['model_id']} ({record['budget']} budget)",
         "",
@@ -452,7 +487,7 @@ def tune_markdown(record: dict) -> str:
         )
     lines += [
         "",
-        "## Chosen on validation data (area to 1 nat/token toward the behavior, repetition gate)",
+        f"## Chosen on validation data ({metric} metric: area to 1 nat/token toward the behavior, repetition gate)",
         "",
         "| layer | " + " | ".join(chosen) + " |",
         "|---|" + "---|" * len(chosen),
@@ -481,16 +516,13 @@ def tune_markdown(record: dict) -> str:
         "| direction | summary | INNSteer | CAA | difference [95 % CI] |",
         "|---|---|---|---|---|",
     ]
-    test = record["test"]
-    for direction, rows in (("toward", {k: v for k, v in test.items() if k.startswith(("at", "auc"))}),
-                            ("away", test["away"])):  # fmt: skip
+    for direction, rows in test_rows(record, metric).items():
         for key, row in rows.items():
-            lines.append(f"| {direction} | {key} | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
-    for metric in REPORTED:
-        for direction in ("toward", "away"):
-            if metric in test:
-                row = test[metric][direction]["auc"]
-                lines.append(f"| {direction} | auc ({metric}) | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
+            lines.append(f"| {direction} | {key} ({metric}) | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
+    for other in METRICS:
+        for direction, rows in (test_rows(record, other) or {}).items() if other != metric else ():
+            row = rows["auc"]
+            lines.append(f"| {direction} | auc ({other}) | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
     lines += [
         "",
         "Shifts are p(matching answer) minus the unsteered model's, at a fluency cost (NLL/token of greedy "
@@ -502,23 +534,24 @@ def tune_markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune_table(records: Sequence[dict]) -> str:
-    """Markdown: one row per tune record — each method's choice, and INNSteer - CAA on the test
-    items in both directions (area to 1 nat/token, paired bootstrap 95 % interval), by the answer
-    metric and by the fork metric."""
-
+def tune_table(records: Sequence[dict], metrics: Sequence[str] = ("fork", "answer")) -> str:
+    """Markdown: one row per tune record — the metric it ranked by, each method's choice, and
+    INNSteer - CAA on the test items in both directions (area to 1 nat/token, paired bootstrap 95 %
+    interval) by each of ``metrics`` ("–" where a record did not measure one)."""
+    columns = [f"{side} ({metric})" for metric in metrics for side in ("toward", "away")]
     lines = [
-        "| data | model | CAA layer | INNSteer layer, options | toward | away | toward (fork) | away (fork) "
-        "| minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | model | ranked by | CAA layer | INNSteer layer, options | " + " | ".join(columns) + " | minutes |",
+        "|---|---|---|---|---|" + "---|" * len(columns) + "---|",
     ]
     for r in records:
-        inn, fork = r["chosen"]["innsteer"], r["test"].get("fork")  # records before the fork metric: none
+        inn = r["chosen"]["innsteer"]
+        cells = []
+        for metric in metrics:
+            rows = test_rows(r, metric)
+            cells += [_cell(rows[side]["auc"]) if rows else "–" for side in ("toward", "away")]
         lines.append(
-            f"| {r['behavior']} | {r['model_id']} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
-            f"{_variant_text(inn)} | {_cell(r['test']['auc'])} | {_cell(r['test']['away']['auc'])} | "
-            + " | ".join(_cell(fork[side]["auc"]) if fork else "–" for side in ("toward", "away"))
-            + f" | {r['minutes']:.0f} |"
+            f"| {r['behavior']} | {r['model_id']} | {ranked_by(r)} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
+            f"{_variant_text(inn)} | " + " | ".join(cells) + f" | {r['minutes']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -556,7 +589,8 @@ def plot_tune(record: dict, path: Path) -> None:
         areas = list(choice["validation"]["by_layer"].values())
         (line,) = left.plot(layers, areas, "o-", label=name)
         left.plot([choice["layer"]], [choice["validation"]["auc"]], "*", ms=16, color=line.get_color())
-    left.set(xlabel="layer", ylabel="validation area to 1 nat/token (toward)", title="layer (★ chosen)")
+    metric = ranked_by(record)
+    left.set(xlabel="layer", ylabel=f"validation area to 1 nat/token (toward, {metric})", title="layer (★ chosen)")
     left.legend()
     options = chosen["innsteer"]["validation"]["by_options"]
     names = list(options)
@@ -568,7 +602,8 @@ def plot_tune(record: dict, path: Path) -> None:
     marks = {toward: " ★", away: " ☆"} if toward != away else {toward: " ★☆"}
     right.set_xticks(x, [n + marks.get(n, "") for n in names], fontsize=8)
     right.set(
-        ylabel="validation area to 1 nat/token", title=f"INNSteer's options at layer {chosen['innsteer']['layer']}"
+        ylabel=f"validation area to 1 nat/token ({metric})",
+        title=f"INNSteer's options at layer {chosen['innsteer']['layer']}",
     )
     right.legend(fontsize=8)
     fig.suptitle(f"innsteer tune: {record['behavior']} on {record['model_id']}")
