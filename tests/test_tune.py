@@ -58,12 +58,13 @@ def test_candidate_layers_are_relative_to_depth():
 
 def test_validation_area_against_a_hand_computed_trapezoid():
     # points (cost, shift): alpha 1 -> (0.5, 0.2), alpha 2 -> (1.5, 0.6); the budget function is the
-    # polyline (0,0)->(0.5,0.2)->(1,0.4): area 0.5*0.2/2 + 0.5*(0.2+0.4)/2 = 0.2
+    # polyline (0,0)->(0.5,0.2)->(1,0.4): area 0.5*0.2/2 + 0.5*(0.2+0.4)/2 = 0.2. By the fork metric
+    # the shifts are 0.1 and 0.2: (0,0)->(0.5,0.1)->(1,0.15), area 0.025 + 0.0625
     run = Curve(
         seed=0,
         alphas=[1.0, 2.0],
-        scores={"answer": [[0.6, 0.6], [1.0, 1.0]]},
-        base_scores={"answer": [0.4, 0.4]},
+        scores={"answer": [[0.6, 0.6], [1.0, 1.0]], "fork": [[0.5, 0.5], [0.6, 0.6]]},
+        base_scores={"answer": [0.4, 0.4], "fork": [0.4, 0.4]},
         nll=[[3.0], [5.0]],  # per prompt: NLL sums over 2 tokens (base 1 nat/token)
         tokens=[[2], [2]],
         base_nll=[2.0],
@@ -71,9 +72,10 @@ def test_validation_area_against_a_hand_computed_trapezoid():
         repetition=[[0.0], [0.0]],
         base_repetition=[0.0],
     )
-    assert validation_area(run) == pytest.approx(0.2, abs=1e-3)
+    assert validation_area(run, 1, "answer") == pytest.approx(0.2, abs=1e-3)
+    assert validation_area(run, 1, "fork") == pytest.approx(0.0875, abs=1e-3)
     run.repetition = [[0.0], [0.9]]  # the second point loops: the curve ends at the first
-    assert validation_area(run) == pytest.approx(0.5 * 0.2 / 2 + 0.5 * 0.2, abs=1e-3)
+    assert validation_area(run, 1, "answer") == pytest.approx(0.5 * 0.2 / 2 + 0.5 * 0.2, abs=1e-3)
 
 
 def test_each_sign_gets_the_options_that_steer_it_most():

@@ -142,7 +142,7 @@ def candidate_layers(n_layers: int, fractions: Sequence[float]) -> list[int]:
     return sorted({min(n_layers - 2, max(0, round(f * (n_layers - 1)))) for f in fractions})
 
 
-def validation_area(curve: Curve, sign: int = 1, metric: str = "answer") -> float:
+def validation_area(curve: Curve, sign: int, metric: str) -> float:
     """A validation curve's area to 1 nat/token toward the behavior (``sign`` -1: away from it) by
     ``metric``, with the repetition gate."""
     items = np.arange(len(curve.base_scores["answer"]))
