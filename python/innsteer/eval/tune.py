@@ -458,7 +458,7 @@ def ranked_by(record: dict) -> str:
     return record.get("metric", "answer")
 
 
-def test_rows(record: dict, metric: str) -> Optional[dict]:
+def comparison_rows(record: dict, metric: str) -> Optional[dict]:
     """{"toward": summaries, "away": summaries}: INNSteer - CAA on the test items by ``metric``
     (None where the record did not measure it)."""
     test = record["test"]
@@ -516,11 +516,11 @@ def tune_markdown(record: dict) -> str:
         "| direction | summary | INNSteer | CAA | difference [95 % CI] |",
         "|---|---|---|---|---|",
     ]
-    for direction, rows in test_rows(record, metric).items():
+    for direction, rows in comparison_rows(record, metric).items():
         for key, row in rows.items():
             lines.append(f"| {direction} | {key} ({metric}) | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
-    for other in METRICS:
-        for direction, rows in (test_rows(record, other) or {}).items() if other != metric else ():
+    for other in (m for m in METRICS if m != metric):
+        for direction, rows in (comparison_rows(record, other) or {}).items():
             row = rows["auc"]
             lines.append(f"| {direction} | auc ({other}) | {row['a']:+.3f} | {row['b']:+.3f} | {_cell(row)} |")
     lines += [
@@ -547,7 +547,7 @@ def tune_table(records: Sequence[dict], metrics: Sequence[str] = ("fork", "answe
         inn = r["chosen"]["innsteer"]
         cells = []
         for metric in metrics:
-            rows = test_rows(r, metric)
+            rows = comparison_rows(r, metric)
             cells += [_cell(rows[side]["auc"]) if rows else "–" for side in ("toward", "away")]
         lines.append(
             f"| {r['behavior']} | {r['model_id']} | {ranked_by(r)} | {r['chosen']['caa']['layer']} | {inn['layer']}, "
