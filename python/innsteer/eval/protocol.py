@@ -128,15 +128,21 @@ def reply_record(fluency: BatchedFluency, replies: Sequence) -> tuple[list[float
     return [repetition(r) for r in ids], [fluency.lm.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
 
 
-def fit_spec(lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, layer: int, seed: int, behavior: str):
+def fit_spec(
+    lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, layer: int, seed: int, behavior: str,
+    progress: bool = False,
+):  # fmt: skip
     """The steerer ``spec`` describes, fitted on ``train`` as seed ``seed`` of the protocol fits it
-    (``layer``: the protocol's, unless the spec names its own); None for the prompt alone."""
+    (``layer``: the protocol's, unless the spec names its own); None for the prompt alone.
+    ``progress``: bars for the activation collection and the training (on a large model the
+    collection alone runs for many minutes)."""
     if not spec.steers:
         return None
     n_items = max(1, round(len(train) * spec.train_fraction))
     return fit_method(
         lm, spec.method, train[:n_items], layer if spec.layer is None else spec.layer, tokens=spec.tokens,
         mode=spec.mode, options=spec.options, seed=seed, behavior=behavior, split=f"train-s{seed}",
+        progress=progress,
     )  # fmt: skip
 
 
@@ -233,7 +239,7 @@ def run_protocol(
 
             def measure(spec=spec, name=name, seed=seed, train=train, base=base, inputs=inputs) -> dict:
                 nonlocal prompt_curve
-                steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior)
+                steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior, progress=progress)
                 if steerer is None and not validation and prompt_curve is not None:
                     curve = prompt_curve
                 else:
