@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from tiny_models import tiny_lm
 
 from innsteer.core.hooks import check_layer, decoder_layers
 from innsteer.datasets.caa import load_ab
+from innsteer.hf import collect
 from innsteer.hf.collect import answer_text, contrastive_activations
 from innsteer.hf.encoding import encode_spans
 from innsteer.hf.models import LoadedModel, ModelLoadError, load_model, model_id_for
@@ -181,6 +184,40 @@ def test_last_and_every_token_reductions_match_unbatched_hidden_states(default_l
         distance = torch.cdist(rows, reference).min(1).values
         assert distance.max() < 1e-2 * reference.norm(dim=1).min()
     assert torch.equal(contrastive_activations(default_lm, items, 10, tokens="all", seed=3, **common)[10][0], pos)
+
+
+def test_overlapping_splits_run_each_text_through_the_model_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))
+    lm = tiny_lm(layers=3)
+    forwarded = []
+    span_activations = collect.span_activations
+
+    def counting(model, tokenizer, texts, *args, **kwargs):
+        forwarded.append(list(texts))
+        return span_activations(model, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(collect, "span_activations", counting)
+    items = load_ab(BEHAVIOR, "generate", limit=9)
+    common = dict(mode="answer", tokens="all", behavior=BEHAVIOR, batch_size=4, seed=1, progress=False)
+    contrastive_activations(lm, items[:6], [1, 2], split="s0", **common)
+    folder = tmp_path / "activations" / lm.model_id
+    (folder / f"{BEHAVIOR}-s9-answer-all-L2-000000000000.safetensors").write_bytes(b"damaged")  # skipped
+    forwarded.clear()
+    second = contrastive_activations(lm, items[3:], [1, 2], split="s1", **common)
+    new = {answer_text(lm.tokenizer, item, letter, "answer")[0] for item in items[6:] for letter in "AB"}
+    assert len(forwarded) == 1 and set(forwarded[0]) == new  # the three items the first split lacked
+    fresh = contrastive_activations(lm, items[3:], [1, 2], use_cache=False, **common)
+    for layer in (1, 2):
+        for got, want in zip(second[layer], fresh[layer]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # other batches: rounding only
+    forwarded.clear()
+    again = contrastive_activations(lm, items[3:], 2, split="s1", **common)
+    assert forwarded == [] and all(torch.equal(a, b) for a, b in zip(again[2], second[2]))
+    # a file of the layout before (pos and neg, no texts kept apart) still serves its own split
+    (own,) = folder.glob(f"{BEHAVIOR}-s1-answer-all-L2-*.safetensors")
+    save_file({"pos": torch.zeros(3, 32), "neg": torch.ones(3, 32)}, str(own))
+    older = contrastive_activations(lm, items[3:], 2, split="s1", **common)
+    assert forwarded == [] and torch.equal(older[2][0], torch.zeros(3, 32))
 
 
 class _SavesConfig:

@@ -12,18 +12,23 @@ Which tokens give the activation (``tokens``):
   then have different row counts; ``contrastive_activations`` subsamples the larger one (seeded).
 One forward pass serves several layers (for layer sweeps) and stops after the deepest one.
 Results are cached as safetensors keyed by model (and its dtype), data, mode, reduction, layer and the
-texts' hash.
+texts' hash, with each text's rows under its own key, so that overlapping splits (the seeds' training
+parts of one item set) run each text through the model once.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Optional
 
+import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -134,6 +139,43 @@ def balance_classes(pos: Tensor, neg: Tensor, seed: int = 0) -> tuple[Tensor, Te
     return take(pos), take(neg)
 
 
+def _text_keys(texts: Sequence[str], spans: Sequence[tuple[int, int]]) -> Tensor:
+    """One int64 per (text, span): its activations' identity in the cache, whatever split holds it."""
+    digests = [hashlib.sha256(f"{t}\x01{s}".encode()).digest()[:8] for t, s in zip(texts, spans)]
+    return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
+
+
+def _read_cached(path: Path, wanted: set[int]) -> dict[int, Tensor]:
+    """{text key: its rows} for the ``wanted`` keys a cache file holds; {} for a file that is
+    damaged, of an older layout or holds none of them (a cache is never trusted to be whole)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            if not {"rows", "counts", "keys"} <= set(f.keys()):
+                return {}
+            keys, counts = f.get_tensor("keys"), f.get_tensor("counts")
+            if keys.shape != counts.shape or not wanted & set(keys.tolist()):
+                return {}
+            rows = f.get_tensor("rows")
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError):
+        return {}
+    if rows.ndim != 2 or int(counts.sum()) != len(rows) or bool((counts < 0).any()):
+        return {}
+    found: dict[int, Tensor] = {}
+    for key, piece in zip(keys.tolist(), torch.split(rows, counts.tolist())):
+        if key in wanted:
+            found.setdefault(key, piece)
+    return found
+
+
+def _read_pair(path: Path) -> Optional[tuple[Tensor, Tensor]]:
+    """(pos, neg) from a cache file of the layout before texts were kept apart; None otherwise."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.get_tensor("pos"), f.get_tensor("neg")) if set(f.keys()) == {"pos", "neg"} else None
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError):
+        return None
+
+
 def contrast_activations(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -142,42 +184,73 @@ def contrast_activations(
     *,
     tokens: str,
     cache_name: str,
+    reuse_prefix: str = "",
     use_cache: bool = True,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """{layer: (pos, neg)} from texts whose first half are positive and second half negative
-    completions (``spans``: the completions' characters). Cached under ``cache_name`` and the texts' hash."""
+    completions (``spans``: the completions' characters). Cached under ``cache_name`` and the texts'
+    hash, and reused per text: a text that another cached file whose name starts with
+    ``reuse_prefix`` holds (another seed's split of the same items) is read from it, and only the
+    others run through the model (three seeds' splits cost about one pass, not three). Rows read
+    from another file were computed in other batches: the same up to rounding."""
     n = len(texts) // 2
-    key = hashlib.sha256("\x00".join(f"{t}\x01{s}" for t, s in zip(texts, spans)).encode()).hexdigest()[:12]
-    paths = {layer: _cache_path(lm, f"{cache_name}-{tokens}", layer, key) for layer in layers}
+    keys = _text_keys(texts, spans)
+    wanted = set(keys.tolist())
+    name = f"{cache_name}-{tokens}"
+    request = hashlib.sha256("\x00".join(f"{t}\x01{s}" for t, s in zip(texts, spans)).encode()).hexdigest()[:12]
+    paths = {layer: _cache_path(lm, name, layer, request) for layer in layers}
+    found: dict[int, dict[int, Tensor]] = {layer: {} for layer in layers}
     out: dict[int, tuple[Tensor, Tensor]] = {}
+    whole = set()  # the layers whose own cache file held every text
     if use_cache:
         for layer, path in paths.items():
-            if path.is_file():
-                tensors = load_file(path)
-                out[layer] = (tensors["pos"], tensors["neg"])
-    missing = [layer for layer in layers if layer not in out]
-    if missing:
+            if (pair := _read_pair(path)) is not None:
+                out[layer] = pair  # written before texts were kept apart: whole, but no use to other splits
+                continue
+            found[layer] = _read_cached(path, wanted)
+            if len(found[layer]) == len(wanted):
+                whole.add(layer)
+                continue
+            pattern = f"{glob.escape(reuse_prefix or cache_name)}*-{tokens}-L{layer}-*.safetensors"
+            for other in sorted(path.parent.glob(pattern)):
+                if other != path and len(found[layer]) < len(wanted):
+                    found[layer].update(_read_cached(other, wanted - set(found[layer])))
+    short = [layer for layer in layers if layer not in out and len(found[layer]) < len(wanted)]
+    if short:
+        # the texts some layer lacks, each once, through the model for every layer that lacks one
+        todo: dict[int, int] = {}
+        for i, key in enumerate(keys.tolist()):
+            if key not in todo and any(key not in found[layer] for layer in short):
+                todo[key] = i
         acts, owner = span_activations(
             lm.model,
             lm.tokenizer,
-            texts,
-            spans,
-            missing,
+            [texts[i] for i in todo.values()],
+            [spans[i] for i in todo.values()],
+            short,
             tokens=tokens,
             batch_size=batch_size,
             progress=progress,
-            desc=f"{cache_name} {tokens} L{','.join(map(str, missing))}",
+            desc=f"{cache_name} {tokens} L{','.join(map(str, short))} ({len(todo)} of {len(texts)} texts)",
         )
-        for layer in missing:
-            pos, neg = acts[layer][owner < n].contiguous(), acts[layer][owner >= n].contiguous()
-            out[layer] = (pos, neg)
-            if use_cache:
-                paths[layer].parent.mkdir(parents=True, exist_ok=True)
-                tmp = paths[layer].with_suffix(f".{os.getpid()}.tmp")
-                save_file({"pos": pos, "neg": neg}, str(tmp), metadata={"model_id": lm.model_id, "layer": str(layer)})
-                os.replace(tmp, paths[layer])  # atomic: concurrent runs never read half a file
+        counts = torch.bincount(owner, minlength=len(todo)).tolist()
+        for layer in short:
+            for key, piece in zip(todo, torch.split(acts[layer], counts)):
+                found[layer].setdefault(key, piece)
+    for layer in [layer for layer in layers if layer not in out]:
+        pieces = [found[layer][key] for key in keys.tolist()]
+        rows = torch.cat(pieces).contiguous()
+        counts = torch.tensor([len(piece) for piece in pieces], dtype=torch.int64)
+        split = int(counts[:n].sum())
+        out[layer] = (rows[:split], rows[split:])
+        if use_cache and layer not in whole:
+            paths[layer].parent.mkdir(parents=True, exist_ok=True)
+            tmp = paths[layer].with_suffix(f".{os.getpid()}.tmp")
+            tensors = {"rows": rows, "counts": counts, "keys": keys}
+            save_file(tensors, str(tmp), metadata={"model_id": lm.model_id, "layer": str(layer)})
+            os.replace(tmp, paths[layer])  # atomic: concurrent runs never read half a file
     return out
 
 
@@ -206,7 +279,8 @@ def contrastive_activations(
     (paired by item) for ``tokens`` 'mean' / 'last'; for 'all', every answer token's row with the
     larger class subsampled to the smaller one's count (seeded by ``seed``; rows are not paired).
 
-    Cached on disk when ``use_cache`` (key: model id, behavior, split, mode, tokens, layer, a hash of the texts).
+    Cached on disk when ``use_cache`` (key: model id, behavior, split, mode, tokens, layer, a hash of
+    the texts); a text another split of the behavior already holds is read from its file.
     """
     check_mode(mode)
     check_tokens(tokens)
@@ -224,6 +298,7 @@ def contrastive_activations(
         layers,
         tokens=tokens,
         cache_name=f"{behavior or 'custom'}-{split or 'items'}-{mode}",
+        reuse_prefix=f"{behavior or 'custom'}-",
         use_cache=use_cache,
         batch_size=batch_size,
         progress=progress,
