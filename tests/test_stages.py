@@ -77,16 +77,16 @@ def measured(result) -> str:
 
 def test_a_run_with_progress_shows_the_collection_and_the_training(tmp_path, monkeypatch, capsys):
     # on a large model the fits' activation collection runs for many minutes: never silently
-    monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path))  # nothing collected before
     lm = tiny_lm(layers=3)
-    for progress in (False, True):  # another seed each: its own split, not read from the cache
+    for progress in (False, True):
+        monkeypatch.setenv("INNSTEER_CACHE", str(tmp_path / str(progress)))  # nothing collected before
         run_protocol(
             lm, load_ab("refusal", "generate", limit=8), load_ab("refusal", "test_ab", limit=2), ["Hello"],
-            layer=1, specs=SPECS, seeds=(int(progress),), max_new_tokens=2, ladder=(2.0,), n_resamples=10,
+            layer=1, specs=SPECS, seeds=(0,), max_new_tokens=2, ladder=(2.0,), n_resamples=10,
             progress=progress,
         )  # fmt: skip
         shown = capsys.readouterr().err
-        assert ("train-s1-answer all L1" in shown and "innsteer layer 1" in shown) == progress, shown
+        assert ("train-s0-answer all L1" in shown and "innsteer layer 1" in shown) == progress, shown
 
 
 def test_an_interrupted_protocol_run_resumes_with_the_same_result(tmp_path, monkeypatch):
