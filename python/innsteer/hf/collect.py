@@ -139,9 +139,9 @@ def balance_classes(pos: Tensor, neg: Tensor, seed: int = 0) -> tuple[Tensor, Te
     return take(pos), take(neg)
 
 
-def _text_keys(texts: Sequence[str], spans: Sequence[tuple[int, int]]) -> Tensor:
-    """One int64 per (text, span): its activations' identity in the cache, whatever split holds it."""
-    digests = [hashlib.sha256(f"{t}\x01{s}".encode()).digest()[:8] for t, s in zip(texts, spans)]
+def _text_keys(labels: Sequence[str]) -> Tensor:
+    """One int64 per text-and-span label: its activations' identity in the cache, whatever split holds it."""
+    digests = [hashlib.sha256(label.encode()).digest()[:8] for label in labels]
     return torch.tensor([int.from_bytes(d, "little", signed=True) for d in digests], dtype=torch.int64)
 
 
@@ -196,10 +196,11 @@ def contrast_activations(
     others run through the model (three seeds' splits cost about one pass, not three). Rows read
     from another file were computed in other batches: the same up to rounding."""
     n = len(texts) // 2
-    keys = _text_keys(texts, spans)
+    labels = [f"{t}\x01{s}" for t, s in zip(texts, spans)]
+    keys = _text_keys(labels)
     wanted = set(keys.tolist())
     name = f"{cache_name}-{tokens}"
-    request = hashlib.sha256("\x00".join(f"{t}\x01{s}" for t, s in zip(texts, spans)).encode()).hexdigest()[:12]
+    request = hashlib.sha256("\x00".join(labels).encode()).hexdigest()[:12]  # the file's name, as before
     paths = {layer: _cache_path(lm, name, layer, request) for layer in layers}
     found: dict[int, dict[int, Tensor]] = {layer: {} for layer in layers}
     out: dict[int, tuple[Tensor, Tensor]] = {}
