@@ -91,7 +91,7 @@ def test_a_run_with_progress_shows_the_collection_and_the_training(tmp_path, mon
 
 def test_an_interrupted_protocol_run_resumes_with_the_same_result(tmp_path, monkeypatch):
     lm = tiny_lm(layers=3)
-    whole = run(lm, None)
+    whole = run(lm, None, return_steerers=True)
     fits = []
     real_fit = protocol.fit_spec
 
@@ -107,19 +107,28 @@ def test_an_interrupted_protocol_run_resumes_with_the_same_result(tmp_path, monk
     assert fits == [("caa", 0), ("innsteer", 0), ("caa", 1)] and len(list(tmp_path.glob("curve-*.json"))) == 3
 
     fits.clear()
-    monkeypatch.setattr(protocol, "fit_spec", lambda *a, **kw: fits.append(a[1].method) or real_fit(*a, **kw))
-    resumed = run(lm, tmp_path)
-    assert fits == ["innsteer"]  # only the missing curve is measured
+    monkeypatch.setattr(
+        protocol, "fit_spec", lambda *a, **kw: fits.append((a[1].method, kw["seed"])) or real_fit(*a, **kw)
+    )
+    resumed = run(lm, tmp_path, return_steerers=True)
+    # only the missing curve is measured; the first seed's steerers, whose curves were read back,
+    # are fitted again and are the ones the whole run fitted (not the second seed's, measured now)
+    assert fits == [("innsteer", 1), ("caa", 0), ("innsteer", 0)]
     assert measured(resumed) == measured(whole)
+    assert set(resumed.steerers) == set(whole.steerers) == {"caa", "innsteer"}
+    for name, steerer in whole.steerers.items():
+        tensors, again = steerer.tensors(), resumed.steerers[name].tensors()
+        assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+    fits.clear()
+    run(lm, tmp_path)  # no steerers asked for: nothing fitted
+    assert fits == []
     fits.clear()
     run(lm, tmp_path, signs=(1,))  # other settings: every curve measured again
-    assert fits == ["caa", "innsteer", "caa", "innsteer"]
+    assert [method for method, _ in fits] == ["caa", "innsteer", "caa", "innsteer"]
     fits.clear()
     half = LoadedModel(copy.deepcopy(lm.model).to(torch.bfloat16), lm.tokenizer, lm.model_id)
     run(half, tmp_path)  # the same model loaded in another dtype: measured again
-    assert fits == ["caa", "innsteer", "caa", "innsteer"]
-    with pytest.raises(ValueError, match="not both"):
-        run(lm, tmp_path, return_steerers=True)
+    assert [method for method, _ in fits] == ["caa", "innsteer", "caa", "innsteer"]
 
 
 def test_eval_from_the_command_line_resumes_from_its_out_directory(tmp_path, monkeypatch, capsys):

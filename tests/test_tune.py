@@ -4,10 +4,12 @@ pieces against independent references."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import tiny_lm
 
 import innsteer
@@ -15,6 +17,7 @@ from innsteer.core.errors import ConfigError
 from innsteer.core.steerers import SignedSteerer, load_steerer
 from innsteer.datasets.caa import load_ab
 from innsteer.datasets.files import NEUTRAL_PROMPTS
+from innsteer.eval import protocol
 from innsteer.eval import tune as tune_module
 from innsteer.eval.protocol import MethodSpec, run_protocol
 from innsteer.eval.results import Curve
@@ -235,6 +238,32 @@ def test_tune_chooses_per_method_writes_its_record_and_resumes(tmp_path, tiny_bu
     innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path, seed=1, progress=False)
     assert len(calls) == 5
     assert record["provenance"]["cpu"]["cpus"] and record["provenance"]["torch"] == torch.__version__
+
+
+def test_an_interrupted_test_stage_resumes_from_its_finished_curves(tmp_path, tiny_budget, monkeypatch):
+    """On a large model the test stage runs for most of an hour: a rerun measures only the curves
+    it lacks, and writes the same record and steer files as a run that was never stopped."""
+    lm = tiny_lm(layers=5)
+    items = load_ab("corrigible-neutral-HHH", "generate", limit=30)
+    whole = innsteer.tune(lm, None, items, budget=tiny_budget, out=tmp_path / "whole", progress=False)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole" / "stages", cut / "stages")
+    for stage in (cut / "stages").glob("test-*.json"):
+        stage.unlink()  # the test stage as a whole never finished ...
+    (last,) = (cut / "stages" / "test").glob("curve-innsteer-s1-*.json")
+    last.unlink()  # ... and its last curve was being measured when it stopped
+    fits = []
+    real_fit = protocol.fit_spec
+    monkeypatch.setattr(
+        protocol, "fit_spec", lambda *a, **kw: fits.append((a[1].method, kw["seed"])) or real_fit(*a, **kw)
+    )
+    resumed = innsteer.tune(lm, None, items, budget=tiny_budget, out=cut, progress=False)
+    # the missing curve, then the first seed's steerers (their curves read back) fitted again
+    assert fits == [("innsteer", 1), ("caa", 0), ("innsteer", 0)]
+    assert resumed["chosen"] == whole["chosen"] and resumed["test"] == whole["test"]
+    for path in whole["steer_files"].values():
+        kept, again = load_file(tmp_path / "whole" / path), load_file(cut / path)
+        assert kept.keys() == again.keys() and all(torch.equal(kept[k], again[k]) for k in kept)
 
 
 def test_an_option_set_measures_the_same_alone_as_beside_others():

@@ -174,9 +174,8 @@ def run_protocol(
     ``also_compare``: more pairs, bootstrapped alike into ``comparisons``; ``return_steerers``:
     the run's ``steerers`` are each method's first-seed steerer. ``stages``: a directory where each
     method's curve per seed is kept as it finishes, and read back by a rerun with the same model,
-    items and settings (an interrupted run resumes; no steerers are returned then)."""
-    if stages is not None and return_steerers:
-        raise ValueError("a run that keeps stages reads curves back without their steerers: not both")
+    items and settings (an interrupted run resumes; a first-seed steerer whose curve was read back
+    is fitted again, from the same seed, split and cached activations)."""
     instructions = dict(instructions or {})
     instructed = [name for name, spec in specs.items() if spec.instruct]
     if instructed and not set(instructions) & set(signs):
@@ -251,7 +250,8 @@ def run_protocol(
                     points=spec.instruct,  # the instruction is on or off: nothing between the unsteered and it
                 )  # fmt: skip
                 if steerer is not None:
-                    first_steerers.setdefault(name, steerer)
+                    if seed == seeds[0]:
+                        first_steerers[name] = steerer
                     run = replace(run, layer=steerer.layer, extra=_summary_extra(steerer))
                 return run.to_dict()
 
@@ -261,6 +261,12 @@ def run_protocol(
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(run.alphas)} points", flush=True)
 
+    if return_steerers:  # the first seed's steerers whose curves a rerun read back
+        for name, spec in specs.items():
+            if spec.steers and name not in first_steerers:
+                first_steerers[name] = fit_spec(
+                    lm, spec, splits[seeds[0]][0], layer=layer, seed=seeds[0], behavior=behavior, progress=progress
+                )
     comparisons = [compare_methods(runs, a, b, metrics, n_resamples) for a, b in also_compare if {a, b} <= set(specs)]
     compared = compare and set(compare) <= set(specs)
     return Run(

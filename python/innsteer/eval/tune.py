@@ -20,7 +20,8 @@ Then the chosen configurations are fitted on the pool for each test seed and com
 test items in both directions, with paired bootstrap intervals (``run_protocol`` in its test
 mode). Everything is written under ``out``: ``tune.json`` (the choices with their validation
 scores, the test comparison), the chosen steerers as steer files, ``tune.md``, and each finished
-stage in ``stages/``, so a run that was interrupted resumes where it stopped.
+stage in ``stages/`` (the test's curves one by one in ``stages/test/``), so a run that was
+interrupted resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -390,6 +391,7 @@ def tune(
         result = run_protocol(
             lm, pool, test, prompts, layer=final["caa"].layer, specs=final, seeds=plan.test_seeds,
             compare=COMPARED, return_steerers=True, ladder=plan.ladder, **common,
+            stages=None if out_dir is None else out_dir / "stages" / "test",  # each curve as it finishes
         )  # fmt: skip
         if out_dir is not None:  # written with the stage, so a resumed run has them too
             out_dir.mkdir(parents=True, exist_ok=True)
