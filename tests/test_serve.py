@@ -330,6 +330,10 @@ def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(
          ["messages[0].role must be one of system, user"], "messages[0].role"),
         ("chat/completions", '{"messages": ' + question + ', "steering": {"steer": "cv", "alpha": 3e38}}', 400,
          ["overflows float32"], "steering.alpha"),
+        ("chat/completions", '{"messages": ' + question + ', "max_tokens": -5}', 400,
+         ["greater than or equal to 0"], "max_tokens"),
+        ("completions", '{"prompt": [1, 2, 99999999], "max_tokens": 2}', 400, ["prompt must be a string"], "prompt"),
+        ("completions", '{"prompt": {"text": "hi"}}', 400, ["prompt must be a string"], "prompt"),
     ]  # fmt: skip
     for path, raw, status, words, param in cases:
         code, _, body = fetch(f"{url}/{path}", raw)

@@ -79,6 +79,9 @@ class CompletionRequest(_Strict, CreateCompletionRequest):
 
 class ChatCompletionRequest(_Strict, CreateChatCompletionRequest):
     steering: Any = None
+    # llama-cpp-python's chat request bounds nothing here (its completion request does: ge=0); a
+    # negative count would run to the end of the context, as 0 and absent do on purpose
+    max_tokens: Optional[int] = pydantic.Field(default=None, ge=0)
 
 
 class InnsteerServer:
@@ -167,6 +170,10 @@ class InnsteerServer:
         model = ChatCompletionRequest if chat else CompletionRequest
         if chat and isinstance(body.get("messages"), list):
             body["messages"] = [_text_message(message, i) for i, message in enumerate(body["messages"])]
+        prompt = body.get("prompt")
+        if not chat and not (prompt is None or isinstance(prompt, str) or _strings(prompt)):
+            # else pydantic names each member of the union it tried (prompt.str, prompt.list[str])
+            raise ApiError(400, "prompt must be a string (token ids are not taken here)", param="prompt")
         try:
             parsed = model.model_validate(body)
         except pydantic.ValidationError as error:
@@ -237,6 +244,10 @@ class InnsteerServer:
                 param=param,
                 code="context_length_exceeded",
             )
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _field(loc: tuple) -> str:
