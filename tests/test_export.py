@@ -121,6 +121,34 @@ def test_export_command_from_saved_steer_files(tmp_path):
     np.testing.assert_array_equal(directions[5], np.arange(16.0, dtype=np.float32))
 
 
+def test_a_signed_steerer_exports_one_map_per_side(tmp_path):
+    """A GGUF holds one map: each side exports alone, and is that map's own export (the away map
+    with its default alpha negative: it is the map of negative alphas)."""
+    from innsteer.cli import llama as llama_cli
+    from innsteer.core.steerers import SignedSteerer
+
+    toward = random_inn_steerer(16, mlp_hidden=8, layer=4, alpha=2.0, seed=0)
+    away = random_inn_steerer(16, mlp_hidden=8, couplings=3, layer=4, alpha=2.0, seed=1)
+    signed_file = tmp_path / "signed.safetensors"
+    SignedSteerer(toward, away).save(signed_file)
+    with pytest.raises(ConfigError, match="--side toward / --side away"):
+        export(signed_file, tmp_path / "both.gguf")
+    with pytest.raises(ConfigError, match="only a signed .* has sides, not an INN steerer"):
+        export(toward, tmp_path / "x.gguf", side="away")
+    with pytest.raises(ConfigError, match="unknown side 'up'"):
+        export(signed_file, tmp_path / "x.gguf", side="up")
+    parser = argparse.ArgumentParser()
+    llama_cli.register(parser.add_subparsers())
+    for side, alone, alpha in (("toward", toward, 2.0), ("away", away, -2.0)):
+        args = parser.parse_args(["export", str(signed_file), "-o", str(tmp_path / f"{side}.gguf"), "--side", side])
+        assert args.func(args) == 0
+        export_steer_gguf(alone, tmp_path / f"{side}-alone.gguf", alpha=alpha)
+        assert (tmp_path / f"{side}.gguf").read_bytes() == (tmp_path / f"{side}-alone.gguf").read_bytes()
+        meta = fields(gguf.GGUFReader(tmp_path / f"{side}.gguf"))
+        assert meta["innsteer.alpha"] == alpha and meta["innsteer.num_couplings"] == alone.inn.config.num_couplings
+    assert not (tmp_path / "both.gguf").exists() and not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.llama
 @pytest.mark.slow
 def test_direction_l_is_decoder_layer_l_output_in_the_pytorch_path(tmp_path, default_lm):

@@ -209,3 +209,35 @@ def test_generate_gguf_steers_with_the_map_of_alphas_sign_and_export_names_the_w
     err = capsys.readouterr().err.strip()
     assert "two maps" in err and "innsteer serve" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s.gguf").exists()
+
+
+@pytest.mark.llama
+def test_the_readme_llama_commands_run_on_a_signed_steer_file(signed_file, tmp_path, monkeypatch, capsys):
+    """The README's llama.cpp commands after `innsteer train`, as written, on a signed steer file
+    (what `train` writes for refusal, whose shipped record gives each sign of alpha its own map)."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    from innsteer.cli.main import main
+    from innsteer.llama.steering import SteerGGUF
+
+    path, _ = signed_file
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    starts = ("innsteer generate --gguf smollm2 --steer refusal", "innsteer export refusal")
+    lines = [line for line in readme.splitlines() if line.startswith(starts)]
+    assert len(lines) == 4, lines
+    shutil.copy(path, tmp_path / "refusal.safetensors")
+    monkeypatch.chdir(tmp_path)
+
+    def run(argv: list[str]) -> list[str]:
+        if argv[0] == "generate":
+            argv = [*argv, "--max-new-tokens", "4"]
+        assert main(argv) == 0, argv
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("[innsteer")]
+
+    for line in lines:
+        run(shlex.split(line, comments=True)[1:])
+    assert SteerGGUF.load("refusal.gguf").alpha == 4.0 and SteerGGUF.load("refusal-away.gguf").alpha == -4.0
+    question = ["generate", "--gguf", "smollm2", "--alpha", "-3", "Name a fruit."]
+    assert run([*question, "--steer", "refusal-away.gguf"]) == run([*question, "--steer", "refusal.safetensors"])

@@ -1,6 +1,6 @@
 """The llama.cpp commands of the ``innsteer`` command line (registered by ``innsteer.cli.main``).
 
-innsteer export STEERER -o steer.gguf [--format controlvector] [--weight-dtype bfloat16]
+innsteer export STEERER -o steer.gguf [--format controlvector] [--weight-dtype bfloat16] [--side away]
 innsteer generate --gguf MODEL.gguf --steer steer.gguf --alpha 4 "prompt"   (via generate_gguf;
                                              --gguf smollm2 is the embedded default model; --steer
                                              also takes a .safetensors steerer)
@@ -18,6 +18,7 @@ from ._args import CLIError, check_input_file
 # innsteer.llama.export's FORMATS and WEIGHT_DTYPES, without importing torch to parse arguments
 FORMATS = ("innsteer", "controlvector")
 WEIGHT_DTYPES = ("float32", "bfloat16")
+SIDES = ("toward", "away")
 
 
 def register(subparsers) -> None:
@@ -48,6 +49,13 @@ def register(subparsers) -> None:
         default=None,
         help="architecture the steerer is for (e.g. llama); default: read from the steerer or the default model",
     )
+    p.add_argument(
+        "--side",
+        choices=SIDES,
+        default=None,
+        help="of a signed steerer (two maps, as `innsteer tune` may write): the map to export; the away "
+        "map is the one for negative alphas and is run at negative alphas",
+    )
     p.set_defaults(func=export_command)
 
 
@@ -55,9 +63,11 @@ def export_command(args: argparse.Namespace) -> int:
     from ..llama.export import export
 
     steerer = export(
-        args.steerer, args.output, format=args.format, weight_dtype=args.weight_dtype, model_hint=args.model_hint
-    )
-    print(f"wrote {args.output} ({args.format}, layer {steerer.layer}, method {steerer.method})")
+        args.steerer, args.output, format=args.format, weight_dtype=args.weight_dtype, model_hint=args.model_hint,
+        side=args.side,
+    )  # fmt: skip
+    side = "" if args.side is None else f", the {args.side} map"
+    print(f"wrote {args.output} ({args.format}, layer {steerer.layer}, method {steerer.method}{side})")
     return 0
 
 

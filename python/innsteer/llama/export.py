@@ -153,8 +153,9 @@ def _write(writer, path: str | os.PathLike, source: Optional[str | os.PathLike])
 SIGNED_EXPORT = (
     "a signed steerer holds two maps (one per sign of alpha) and a steer GGUF holds one: pass the "
     ".safetensors file to `innsteer serve` or `innsteer generate --gguf`, which run both, or export "
-    "steerer.toward and steerer.away as two files"
+    "each map to its own file with --side toward / --side away (side=)"
 )
+SIDES = ("toward", "away")
 
 
 def export_steer_gguf(
@@ -164,9 +165,11 @@ def export_steer_gguf(
     weight_dtype: str = "float32",
     model_hint: Optional[str] = None,
     source: Optional[str | os.PathLike] = None,
+    alpha: Optional[float] = None,
 ) -> None:
     """Write an INN steerer as an innsteer steer GGUF (see the module docstring). ``source``: the
-    steer file it was loaded from, which the output may not replace."""
+    steer file it was loaded from, which the output may not replace; ``alpha``: the default alpha
+    the file holds (default: the steerer's)."""
     import gguf
 
     if isinstance(steerer, SignedSteerer):
@@ -193,7 +196,7 @@ def export_steer_gguf(
         ("add_uint32", "innsteer.num_couplings", _int_in("num_couplings", config.num_couplings, 1, uint32_max)),
         ("add_int32", "innsteer.layer", _int_in("steerer layer", steerer.layer, 0, INT32_MAX)),
         ("add_float32", "innsteer.clamp", _float32_value("clamp", config.clamp)),
-        ("add_float32", "innsteer.alpha", _float32_value("alpha", steerer.alpha)),
+        ("add_float32", "innsteer.alpha", _float32_value("alpha", steerer.alpha if alpha is None else alpha)),
         ("add_string", "innsteer.model_id", _text("model id", steerer.model_id)),
         ("add_string", "innsteer.model_hint", _text("model hint", _model_hint(steerer, model_hint))),
         ("add_string", "innsteer.method", _text("method", steerer.method)),
@@ -275,18 +278,29 @@ def export(
     format: str = "innsteer",
     weight_dtype: str = "float32",
     model_hint: Optional[str] = None,
+    side: Optional[str] = None,
 ) -> SteererBase:
     """Export ``steerer`` (an object or a path to a steer file) as ``format`` (see FORMATS); returns
-    the steerer. A steer file is never replaced by its own export."""
+    the steerer exported. A steer file is never replaced by its own export. ``side``: of a signed
+    steerer, the map to export ("toward", or "away": the map of negative alphas, which the file
+    then holds as a one-map steer to run at negative alphas)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose from {FORMATS}")
+    if side is not None and side not in SIDES:
+        raise ConfigError(f"unknown side {side!r}; choose from {SIDES}")
     source = None
     if isinstance(steerer, (str, os.PathLike)):
         source = steerer
         check_output_path(path, source)  # before reading a possibly large file
         steerer = load_steerer(source)
+    if side is not None:
+        if not isinstance(steerer, SignedSteerer):
+            raise ConfigError(f"side {side!r}: only a signed (two-map) steerer has sides, not {steerer.DESCRIPTION}")
+        steerer = getattr(steerer, side)
+    # the away map alone runs at negative alphas: its file's default alpha is one
+    alpha = -abs(steerer.alpha) if side == "away" and steerer.alpha is not None else None
     if format == "innsteer":
-        export_steer_gguf(steerer, path, weight_dtype=weight_dtype, model_hint=model_hint, source=source)
+        export_steer_gguf(steerer, path, weight_dtype=weight_dtype, model_hint=model_hint, source=source, alpha=alpha)
     else:
         export_control_vector(steerer, path, model_hint=model_hint, source=source)
     return steerer
