@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from ._args import CLIError, check_input_file
 
-# innsteer.llama.export's FORMATS and WEIGHT_DTYPES, without importing torch to parse arguments
+# innsteer.llama.export's FORMATS and WEIGHT_DTYPES and the signed steerer's SIDES, without importing
+# torch to parse arguments
 FORMATS = ("innsteer", "controlvector")
 WEIGHT_DTYPES = ("float32", "bfloat16")
 SIDES = ("toward", "away")

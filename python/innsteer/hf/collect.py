@@ -198,7 +198,8 @@ def contrast_activations(
     n = len(texts) // 2
     labels = [f"{t}\x01{s}" for t, s in zip(texts, spans)]
     keys = _text_keys(labels)
-    wanted = set(keys.tolist())
+    key_list = keys.tolist()
+    wanted = set(key_list)
     name = f"{cache_name}-{tokens}"
     request = hashlib.sha256("\x00".join(labels).encode()).hexdigest()[:12]  # the file's name, as before
     paths = {layer: _cache_path(lm, name, layer, request) for layer in layers}
@@ -222,7 +223,7 @@ def contrast_activations(
     if short:
         # the texts some layer lacks, each once, through the model for every layer that lacks one
         todo: dict[int, int] = {}
-        for i, key in enumerate(keys.tolist()):
+        for i, key in enumerate(key_list):
             if key not in todo and any(key not in found[layer] for layer in short):
                 todo[key] = i
         acts, owner = span_activations(
@@ -241,7 +242,7 @@ def contrast_activations(
             for key, piece in zip(todo, torch.split(acts[layer], counts)):
                 found[layer].setdefault(key, piece)
     for layer in [layer for layer in layers if layer not in out]:
-        pieces = [found[layer][key] for key in keys.tolist()]
+        pieces = [found[layer][key] for key in key_list]
         rows = torch.cat(pieces).contiguous()
         counts = torch.tensor([len(piece) for piece in pieces], dtype=torch.int64)
         split = int(counts[:n].sum())

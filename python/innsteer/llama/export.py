@@ -29,6 +29,7 @@ import torch
 
 from ..core.errors import ConfigError, MissingFileError, SteerFileError
 from ..core.steerers import INNSteerer, LinearSteerer, SignedSteerer, SteererBase, load_steerer
+from ..core.steerers.signed import SIDES
 
 STEER_FORMAT_VERSION = 1  # innsteer.format_version; the C loader (csrc/llama_hook) reads exactly this
 FORMATS = ("innsteer", "controlvector")
@@ -155,7 +156,6 @@ SIGNED_EXPORT = (
     ".safetensors file to `innsteer serve` or `innsteer generate --gguf`, which run both, or export "
     "each map to its own file with --side toward / --side away (side=)"
 )
-SIDES = ("toward", "away")
 
 
 def export_steer_gguf(
@@ -378,7 +378,7 @@ def for_llama(path: str, *, model_id: str, workdir: str, name: str = "steer") ->
         return LlamaSteer("controlvector" if gguf_architecture(path) == "controlvector" else "innsteer", path)
     steerer = load_steerer(path, expect_model_id=model_id)
     if isinstance(steerer, SignedSteerer):
-        sides = {side: os.path.join(workdir, f"{name}-{side}.gguf") for side in ("toward", "away")}
+        sides = {side: os.path.join(workdir, f"{name}-{side}.gguf") for side in SIDES}
         for side, exported in sides.items():
             export_steer_gguf(getattr(steerer, side), exported, source=path)
         return LlamaSteer("innsteer", sides["toward"], steerer, away_path=sides["away"])
