@@ -13,12 +13,14 @@ from innsteer.core.train import (
     TrainConfig,
     _energy,
     _loss_terms,
+    _transport_constants,
     energy_distance,
     fisher_separation,
     latent_direction,
     separation_loss,
     train_innsteer,
     transport_ratio,
+    transport_references,
 )
 
 D = 24
@@ -407,6 +409,33 @@ def test_transport_loss_is_the_energy_ratio_of_the_steered_batch(sides):
     toward, away = ratio(steered_neg, neg, pos), ratio(steered_pos, pos, neg)
     expected = {"toward": toward, "both": (toward + away) / 2, "away": away}[sides]
     assert term == pytest.approx(expected, rel=1e-3) and abs(term - 1) > 0.05
+
+
+@pytest.mark.parametrize("sides", ["toward", "both", "away"])
+def test_validation_constants_computed_once_give_the_same_measures(sides):
+    """Training computes the parts of its validation measures that the couplings do not change once;
+    measured on a flow away from the identity, both measures equal their recomputation bit for bit,
+    and the constants do not depend on the couplings."""
+    pos, neg = two_regions(n=50)
+    inn = INN(2, 2, 8, seed=3)
+    inn.fit_standardization(torch.cat([pos, neg]))
+    shift = pos.mean(0) - neg.mean(0)
+    config = TrainConfig(transport_sides=sides)
+    constants = _transport_constants(inn, pos, neg, sides)
+    references = transport_references(pos, neg, shift, sides)
+    with torch.no_grad():
+        for w in inn.w2:
+            w.normal_(0, 0.3)
+        assert _transport_constants(inn, pos, neg, sides) == constants
+        v = latent_direction(inn, pos, neg)
+        means = torch.tensor([[1.0, -0.5], [-1.0, 0.25]])
+        once = _loss_terms(inn, pos, neg, config, means, constants)
+        again = _loss_terms(inn, pos, neg, config, means)
+    assert float(once["transport_loss"]) == float(again["transport_loss"]) != pytest.approx(1.0, abs=0.05)
+    assert float(once["loss"]) == float(again["loss"])
+    assert transport_references(pos, neg, shift, sides) == references
+    ratio = transport_ratio(inn, v, pos, neg, shift, sides, references)
+    assert ratio == transport_ratio(inn, v, pos, neg, shift, sides) != pytest.approx(1.0, abs=0.05)
 
 
 def test_transport_loss_has_finite_gradients_with_repeated_rows():

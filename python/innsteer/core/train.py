@@ -178,9 +178,15 @@ def separation_loss(z_pos: Tensor, z_neg: Tensor) -> Tensor:
 
 
 def _loss_terms(
-    inn: INN, pos: Tensor, neg: Tensor, config: TrainConfig, class_means: Optional[Tensor] = None
+    inn: INN,
+    pos: Tensor,
+    neg: Tensor,
+    config: TrainConfig,
+    class_means: Optional[Tensor] = None,
+    fixed: Optional[dict[float, tuple[Tensor, Tensor]]] = None,
 ) -> dict[str, Tensor]:
-    """The loss and its terms; ``class_means`` [2, d] (m+, m-) for the class-conditional NLL."""
+    """The loss and its terms; ``class_means`` [2, d] (m+, m-) for the class-conditional NLL;
+    ``fixed``: ``_transport_constants`` of these rows, when already computed."""
     z, logdet = inn(torch.cat([pos, neg]))
     # drop the standardization's constant -sum log(scale): the NLL then reads ~0.5 per dim at the start
     logdet_couplings = logdet + torch.log(inn.scale).sum()
@@ -194,7 +200,9 @@ def _loss_terms(
         "logdet_reg": (logdet_couplings / d).pow(2).mean(),
     }
     terms["transport_loss"] = (
-        _transport_loss(inn, z, pos, neg, config.transport_sides) if config.transport_weight else z.new_zeros(())
+        _transport_loss(inn, z, pos, neg, config.transport_sides, fixed)
+        if config.transport_weight
+        else z.new_zeros(())
     )
     terms["loss"] = (
         config.nll_weight * terms["nll"]
@@ -206,66 +214,114 @@ def _loss_terms(
     return terms
 
 
-def _energy(x: Tensor, y: Tensor) -> Tensor:
-    """energy_distance as a differentiable float32 tensor (the V-statistic over the batch)."""
-
-    def mean_distance(a: Tensor, b: Tensor) -> Tensor:
-        # sqrt of clamped squared distances: cdist's gradient is undefined at the zero diagonal
-        squared = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.T).clamp_min(1e-12)
-        return squared.sqrt().mean()
-
-    return mean_distance(x, y) - (mean_distance(x, x) + mean_distance(y, y)) / 2
+def _mean_distance(a: Tensor, b: Tensor) -> Tensor:
+    # sqrt of clamped squared distances: cdist's gradient is undefined at the zero diagonal
+    squared = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.T).clamp_min(1e-12)
+    return squared.sqrt().mean()
 
 
-def _transport_loss(inn: INN, z: Tensor, pos: Tensor, neg: Tensor, sides: str = "toward") -> Tensor:
+def _energy(x: Tensor, y: Tensor, y_spread: Optional[Tensor] = None) -> Tensor:
+    """energy_distance as a differentiable float32 tensor (the V-statistic over the batch);
+    ``y_spread``: y's own mean distance, when already computed."""
+    if y_spread is None:
+        y_spread = _mean_distance(y, y)
+    return _mean_distance(x, y) - (_mean_distance(x, x) + y_spread) / 2
+
+
+def _transport_sides(pos: Tensor, neg: Tensor, sides: str) -> dict[float, tuple[Tensor, Tensor]]:
+    """{sign: (source rows, target rows)} of the steers a transport measure takes: the negatives
+    carried onto the positives at alpha = +1, the positives onto the negatives at alpha = -1."""
+    signs = {"toward": (1.0,), "both": (1.0, -1.0), "away": (-1.0,)}[sides]
+    return {sign: (neg, pos) if sign > 0 else (pos, neg) for sign in signs}
+
+
+@torch.no_grad()
+def _transport_constants(inn: INN, pos: Tensor, neg: Tensor, sides: str) -> dict[float, tuple[Tensor, Tensor]]:
+    """{sign: (CAA's energy distance, the target's own mean distance)} in standardized units: the
+    parts of ``_transport_loss`` that training does not change. Validation measures the same rows
+    every epoch, and these are 4 of its 6 distance means, each quadratic in the rows."""
+    constants = {}
+    for sign, (source, target) in _transport_sides(pos, neg, sides).items():
+        translated = (source + (target.mean(0) - source.mean(0)) - inn.mean) / inn.scale
+        target = (target - inn.mean) / inn.scale
+        spread = _mean_distance(target, target)
+        constants[sign] = (_energy(translated, target, spread).clamp_min(1e-6), spread)
+    return constants
+
+
+def _transport_loss(
+    inn: INN,
+    z: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    sides: str = "toward",
+    fixed: Optional[dict[float, tuple[Tensor, Tensor]]] = None,
+) -> Tensor:
     """The batch's steered negatives' energy distance to its positives over CAA's (a constant), in
     standardized units; v is the batch's latent mean difference, as the steer's is the data's.
     ``sides="both"`` averages it with the same ratio of the positives steered at alpha = -1;
-    ``sides="away"`` is that ratio alone."""
+    ``sides="away"`` is that ratio alone. ``fixed``: ``_transport_constants`` of these rows."""
+    fixed = fixed if fixed is not None else _transport_constants(inn, pos, neg, sides)
     z_pos, z_neg = z[: len(pos)], z[len(pos) :]
     v = z_pos.mean(0) - z_neg.mean(0)
-
-    def standardized(x: Tensor) -> Tensor:
-        return (x - inn.mean) / inn.scale
-
-    def ratio(z_source: Tensor, source: Tensor, target: Tensor, shift: Tensor) -> Tensor:
-        steered = inn.inverse(z_source + shift)
-        with torch.no_grad():
-            translated = source + (target.mean(0) - source.mean(0))
-            reference = _energy(standardized(translated), standardized(target)).clamp_min(1e-6)
-        return _energy(standardized(steered), standardized(target)) / reference
-
-    parts = [ratio(z_neg, neg, pos, v)] if sides != "away" else []
-    if sides != "toward":
-        parts.append(ratio(z_pos, pos, neg, -v))
+    parts = []
+    for sign, (_, target) in _transport_sides(pos, neg, sides).items():
+        reference, spread = fixed[sign]
+        steered = inn.inverse((z_neg if sign > 0 else z_pos) + sign * v)
+        target = (target - inn.mean) / inn.scale
+        parts.append(_energy((steered - inn.mean) / inn.scale, target, spread) / reference)
     return sum(parts) / len(parts)
 
 
-def energy_distance(x: Tensor, y: Tensor) -> float:
+def energy_distance(x: Tensor, y: Tensor, y_spread: Optional[Tensor] = None) -> float:
     """The energy distance E|x - y| - (E|x - x'| + E|y - y'|) / 2 between two samples [n, d] (float64):
-    zero only for equal distributions, and it needs no pairing of the rows."""
+    zero only for equal distributions, and it needs no pairing of the rows. ``y_spread``: E|y - y'|
+    (``spread(y)``), when already computed."""
     x, y = x.double(), y.double()
-    return float(torch.cdist(x, y).mean() - (torch.cdist(x, x).mean() + torch.cdist(y, y).mean()) / 2)
+    y_spread = spread(y) if y_spread is None else y_spread
+    return float(torch.cdist(x, y).mean() - (torch.cdist(x, x).mean() + y_spread) / 2)
+
+
+def spread(y: Tensor) -> Tensor:
+    """E|y - y'| of a sample [n, d] in float64: energy_distance's term of its second sample."""
+    y = y.double()
+    return torch.cdist(y, y).mean()
+
+
+@torch.no_grad()
+def transport_references(
+    pos: Tensor, neg: Tensor, mean_difference: Tensor, sides: str = "toward"
+) -> dict[float, tuple[float, Tensor]]:
+    """{sign: (CAA's energy distance, the target's spread)}: the parts of ``transport_ratio`` on these
+    rows that the flow does not change (training measures the same validation rows every epoch)."""
+    return {
+        sign: (max(energy_distance(source + sign * mean_difference, target), 1e-12), spread(target))
+        for sign, (source, target) in _transport_sides(pos, neg, sides).items()
+    }
 
 
 @torch.no_grad()
 def transport_ratio(
-    inn: INN, direction: Tensor, pos: Tensor, neg: Tensor, mean_difference: Tensor, sides: str = "toward"
+    inn: INN,
+    direction: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    mean_difference: Tensor,
+    sides: str = "toward",
+    references: Optional[dict[float, tuple[float, Tensor]]] = None,
 ) -> float:
     """How far the steer at alpha = 1 leaves the negatives from the positives, as a fraction of how
     far CAA's shift leaves them: energy_distance(phi^-1(phi(neg) + v), pos) over
     energy_distance(neg + mu+ - mu-, pos). Below 1: the flow carries the negatives' distribution
     closer onto the positives' than a translation does (the untrained flow gives exactly 1).
     ``sides="both"``: the mean of that and the same ratio at alpha = -1 (positives onto negatives);
-    ``sides="away"``: that ratio alone."""
-
-    def ratio(source: Tensor, target: Tensor, sign: float) -> float:
+    ``sides="away"``: that ratio alone. ``references``: ``transport_references`` of these rows."""
+    references = references or transport_references(pos, neg, mean_difference, sides)
+    parts = []
+    for sign, (source, target) in _transport_sides(pos, neg, sides).items():
+        reference, target_spread = references[sign]
         steered = inn.inverse(inn(source)[0] + sign * direction)
-        return energy_distance(steered, target) / max(energy_distance(source + sign * mean_difference, target), 1e-12)
-
-    parts = [ratio(neg, pos, 1.0)] if sides != "away" else []
-    if sides != "toward":
-        parts.append(ratio(pos, neg, -1.0))
+        parts.append(energy_distance(steered, target, target_spread) / reference)
     return sum(parts) / len(parts)
 
 
@@ -339,10 +395,16 @@ def _train(
         params.append(class_means)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     mean_difference = pos[train_idx].mean(0) - neg[train_idx].mean(0)
+    # what the validation measures spend most of their time on and training does not change
+    val_constants, references = None, None
+    if config.transport_weight:
+        val_constants = _transport_constants(inn, pos[val_idx], neg[val_idx], config.transport_sides)
+    if config.select == "transport":
+        references = transport_references(pos[val_idx], neg[val_idx], mean_difference, config.transport_sides)
 
     def validate() -> dict[str, float]:
         with torch.no_grad():
-            terms = _loss_terms(inn, pos[val_idx], neg[val_idx], config, class_means)
+            terms = _loss_terms(inn, pos[val_idx], neg[val_idx], config, class_means, val_constants)
             z = terms["z"]
             out = {
                 "loss": float(terms["loss"]),
@@ -352,7 +414,7 @@ def _train(
             if config.select == "transport":
                 direction = latent_direction(inn, pos[train_idx], neg[train_idx])
                 out["transport"] = transport_ratio(
-                    inn, direction, pos[val_idx], neg[val_idx], mean_difference, config.transport_sides
+                    inn, direction, pos[val_idx], neg[val_idx], mean_difference, config.transport_sides, references
                 )
         return out
 
