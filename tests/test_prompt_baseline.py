@@ -73,6 +73,38 @@ def test_the_protocol_measures_the_prompt_as_a_point_and_compares_it(lm):
             assert row.low <= row.diff <= row.high
 
 
+def test_a_method_and_its_prompt_combination_share_one_fit_per_seed(lm, monkeypatch):
+    """prompt+<method> steers with <method>'s steerer: fitted once per seed for both, and its curve is
+    the one a run of prompt+<method> alone measures."""
+    from innsteer.eval import protocol
+
+    fits = []
+    fit_method = protocol.fit_method
+
+    def counting(*args, **kwargs):
+        fits.append((args[1], kwargs["seed"]))
+        return fit_method(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "fit_method", counting)
+    options = {"max_epochs": 2}
+    names = ("caa", "innsteer", "prompt+caa", "prompt+innsteer")
+    specs = {name: MethodSpec.named(name, options=options if "innsteer" in name else None) for name in names}
+    train = load_ab(BEHAVIOR, "generate", limit=20)
+    common = dict(
+        layer=2, seeds=(0, 1), behavior=BEHAVIOR, max_new_tokens=3, ladder=(2.0,), n_resamples=10, progress=False,
+        compare=(), instructions={1: TOWARD, -1: AWAY}, return_steerers=True,
+    )  # fmt: skip
+    test_items, prompts = load_ab(BEHAVIOR, "test_ab", limit=4), list(NEUTRAL_PROMPTS[:2])
+    result = run_protocol(lm, train, test_items, prompts, specs=specs, **common)
+    assert sorted(fits) == sorted((method, seed) for method in ("caa", "innsteer") for seed in (0, 1))
+    assert result.steerers["prompt+innsteer"] is result.steerers["innsteer"]
+    fits.clear()
+    alone = run_protocol(lm, train, test_items, prompts, specs={"prompt+innsteer": specs["prompt+innsteer"]}, **common)
+    assert sorted(fits) == [("innsteer", 0), ("innsteer", 1)]
+    for shared, solo in zip(result.curves["prompt+innsteer"], alone.curves["prompt+innsteer"]):
+        assert shared.scores == solo.scores and shared.nll == solo.nll and shared.replies == solo.replies
+
+
 def test_a_prompt_without_its_instruction_is_refused(lm):
     specs = {"prompt": MethodSpec.named("prompt")}
     with pytest.raises(ValueError, match="prompt need an instruction"):

@@ -219,10 +219,21 @@ def run_protocol(
     runs: dict[str, list[Curve]] = {name: [] for name in specs}
     first_steerers = {}
     prompt_curve = None  # the prompt alone trains nothing: on fixed test items every seed measures the same
+    # prompt+<method> steers with <method>'s steerer: one fit per seed serves both (an INNSteer fit on
+    # per-token rows takes many minutes)
+    fitted = {}
+
+    def fit(spec: MethodSpec, seed: int):
+        key = (seed, digest([replace(spec, instruct=False).record()]))
+        if key not in fitted:
+            fitted[key] = fit_spec(
+                lm, spec, splits[seed][0], layer=layer, seed=seed, behavior=behavior, progress=progress
+            )
+        return fitted[key]
+
     for seed in seeds:
-        train, val = splits[seed]
         if validation:
-            scorer, instructed_scorer = scorers(val)
+            scorer, instructed_scorer = scorers(splits[seed][1])
         base = {
             "base_scores": {m: v.tolist() for m, v in scorer.scores().items()},
             "base_nll": base_nll.tolist(),
@@ -236,9 +247,9 @@ def run_protocol(
             else:
                 inputs = {"scorer": scorer, "fluency": fluency, "signs": signs}
 
-            def measure(spec=spec, name=name, seed=seed, train=train, base=base, inputs=inputs) -> dict:
+            def measure(spec=spec, name=name, seed=seed, base=base, inputs=inputs) -> dict:
                 nonlocal prompt_curve
-                steerer = fit_spec(lm, spec, train, layer=layer, seed=seed, behavior=behavior, progress=progress)
+                steerer = fit(spec, seed)
                 if steerer is None and not validation and prompt_curve is not None:
                     curve = prompt_curve
                 else:
@@ -260,13 +271,12 @@ def run_protocol(
             runs[name].append(run)
             if progress:
                 print(f"  {behavior} seed {seed} {name}: {len(run.alphas)} points", flush=True)
+        fitted.clear()  # the next seed fits on another split
 
     if return_steerers:  # the first seed's steerers whose curves a rerun read back
         for name, spec in specs.items():
             if spec.steers and name not in first_steerers:
-                first_steerers[name] = fit_spec(
-                    lm, spec, splits[seeds[0]][0], layer=layer, seed=seeds[0], behavior=behavior, progress=progress
-                )
+                first_steerers[name] = fit(spec, seeds[0])
     comparisons = [compare_methods(runs, a, b, metrics, n_resamples) for a, b in also_compare if {a, b} <= set(specs)]
     compared = compare and set(compare) <= set(specs)
     return Run(
