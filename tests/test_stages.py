@@ -111,20 +111,33 @@ def test_an_interrupted_protocol_run_resumes_with_the_same_result(tmp_path, monk
         protocol, "fit_spec", lambda *a, **kw: fits.append((a[1].method, kw["seed"])) or real_fit(*a, **kw)
     )
     resumed = run(lm, tmp_path, return_steerers=True)
-    # only the missing curve is measured; the first seed's steerers, whose curves were read back,
-    # are fitted again and are the ones the whole run fitted (not the second seed's, measured now)
-    assert fits == [("innsteer", 1), ("caa", 0), ("innsteer", 0)]
+    # only the missing curve is measured and its steerer fitted; the first seed's steerers, whose
+    # curves were read back, are read back from their kept fits: the ones the whole run fitted
+    assert fits == [("innsteer", 1)]
     assert measured(resumed) == measured(whole)
-    assert set(resumed.steerers) == set(whole.steerers) == {"caa", "innsteer"}
-    for name, steerer in whole.steerers.items():
-        tensors, again = steerer.tensors(), resumed.steerers[name].tensors()
-        assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+    def assert_whole_steerers(result):
+        assert set(result.steerers) == set(whole.steerers) == {"caa", "innsteer"}
+        for name, steerer in whole.steerers.items():
+            tensors, again = steerer.tensors(), result.steerers[name].tensors()
+            assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+    assert_whole_steerers(resumed)
+    kept_fits = sorted(tmp_path.glob("fit-*.safetensors"))
+    assert len(kept_fits) == 4  # two methods, two seeds
+    kept_fits[0].write_bytes(b"damaged")  # caa, seed 0: fitted again, the same steerer
+    fits.clear()
+    assert_whole_steerers(run(lm, tmp_path, return_steerers=True))
+    assert fits == [("caa", 0)]
     fits.clear()
     run(lm, tmp_path)  # no steerers asked for: nothing fitted
     assert fits == []
-    fits.clear()
-    run(lm, tmp_path, signs=(1,))  # other settings: every curve measured again
-    assert [method for method, _ in fits] == ["caa", "innsteer", "caa", "innsteer"]
+    curves = []
+    real_curve = protocol.measure_curve
+    monkeypatch.setattr(protocol, "measure_curve", lambda *a, **kw: curves.append(1) or real_curve(*a, **kw))
+    other = run(lm, tmp_path, signs=(1,))  # other settings: every curve measured again, on the kept fits
+    assert fits == [] and len(curves) == 4
+    assert measured(other) == measured(run(lm, None, signs=(1,)))  # as a run with nothing kept
     fits.clear()
     half = LoadedModel(copy.deepcopy(lm.model).to(torch.bfloat16), lm.tokenizer, lm.model_id)
     run(half, tmp_path)  # the same model loaded in another dtype: measured again

@@ -200,9 +200,7 @@ def _loss_terms(
         "logdet_reg": (logdet_couplings / d).pow(2).mean(),
     }
     terms["transport_loss"] = (
-        _transport_loss(inn, z, pos, neg, config.transport_sides, fixed)
-        if config.transport_weight
-        else z.new_zeros(())
+        _transport_loss(inn, z, pos, neg, config.transport_sides, fixed) if config.transport_weight else z.new_zeros(())
     )
     terms["loss"] = (
         config.nll_weight * terms["nll"]

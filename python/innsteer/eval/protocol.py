@@ -174,8 +174,8 @@ def run_protocol(
     ``also_compare``: more pairs, bootstrapped alike into ``comparisons``; ``return_steerers``:
     the run's ``steerers`` are each method's first-seed steerer. ``stages``: a directory where each
     method's curve per seed is kept as it finishes, and read back by a rerun with the same model,
-    items and settings (an interrupted run resumes; a first-seed steerer whose curve was read back
-    is fitted again, from the same seed, split and cached activations)."""
+    items and settings (an interrupted run resumes), and each fitted steerer, read back by a rerun
+    with the same model, training items, layer, spec and seed (whatever it measures)."""
     instructions = dict(instructions or {})
     instructed = [name for name, spec in specs.items() if spec.instruct]
     if instructed and not set(instructions) & set(signs):
@@ -219,15 +219,31 @@ def run_protocol(
     runs: dict[str, list[Curve]] = {name: [] for name in specs}
     first_steerers = {}
     prompt_curve = None  # the prompt alone trains nothing: on fixed test items every seed measures the same
-    # prompt+<method> steers with <method>'s steerer: one fit per seed serves both (an INNSteer fit on
-    # per-token rows takes many minutes)
+    # Each steerer is kept beside the curves (a rerun that measures a curve again, with other alphas
+    # or prompts too, reads its fit back), and prompt+<method> steers with <method>'s steerer: one fit
+    # per seed serves both (an INNSteer fit on per-token rows takes many minutes).
+    fits = Stages(
+        None if stages is None else Path(stages),
+        {
+            "model_id": lm.model_id,
+            "dtype": lm.dtype,
+            "behavior": behavior,
+            "layer": layer,
+            "train": digest(train_items),
+        },
+    )
     fitted = {}
 
     def fit(spec: MethodSpec, seed: int):
+        if not spec.steers:
+            return None
         key = (seed, digest([replace(spec, instruct=False).record()]))
         if key not in fitted:
-            fitted[key] = fit_spec(
-                lm, spec, splits[seed][0], layer=layer, seed=seed, behavior=behavior, progress=progress
+            fitted[key] = fits.steerer(
+                f"fit-{spec.method}-s{seed}-{key[1]}",
+                lambda: fit_spec(
+                    lm, spec, splits[seed][0], layer=layer, seed=seed, behavior=behavior, progress=progress
+                ),
             )
         return fitted[key]
 
@@ -273,7 +289,7 @@ def run_protocol(
                 print(f"  {behavior} seed {seed} {name}: {len(run.alphas)} points", flush=True)
         fitted.clear()  # the next seed fits on another split
 
-    if return_steerers:  # the first seed's steerers whose curves a rerun read back
+    if return_steerers:  # the first seed's steerers whose curves a rerun read back: read back too
         for name, spec in specs.items():
             if spec.steers and name not in first_steerers:
                 first_steerers[name] = fit(spec, seeds[0])

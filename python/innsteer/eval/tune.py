@@ -20,8 +20,8 @@ Then the chosen configurations are fitted on the pool for each test seed and com
 test items in both directions, with paired bootstrap intervals (``run_protocol`` in its test
 mode). Everything is written under ``out``: ``tune.json`` (the choices with their validation
 scores, the test comparison), the chosen steerers as steer files, ``tune.md``, and each finished
-stage in ``stages/`` (the test's curves one by one in ``stages/test/``), so a run that was
-interrupted resumes where it stopped.
+stage in ``stages/`` (the test's curves and fits one by one in ``stages/test/``), so a run that
+was interrupted resumes where it stopped.
 """
 
 from __future__ import annotations
