@@ -236,6 +236,29 @@ def test_null_content_is_named_or_taken_as_openai_sends_it(server):
     server.assert_alive()
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_null_for_a_field_means_its_default(server, chat):
+    """Was: "presence_penalty": null (as OpenAI's clients send an unset field) reached llama.cpp's
+    sampler as None and came back as a 500 from ctypes. Each field set to null must answer exactly as
+    the same request without it (greedy, so the replies can be compared)."""
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+
+    fields = (CreateChatCompletionRequest if chat else CreateCompletionRequest).model_fields
+    base = {"messages": QUESTION} if chat else {"prompt": "Name a fruit:"}
+    base |= {"max_tokens": 4, "temperature": 0.0, "seed": 1}
+    path = "chat/completions" if chat else "completions"
+    status, _, plain = server.post(path, base)
+    assert status == 200, plain
+    expected = plain["choices"][0]["message" if chat else "text"]
+    nulls = [name for name in fields if name not in ("messages", "prompt", "max_tokens", "temperature", "seed")]
+    assert {"presence_penalty", "frequency_penalty", "top_k", "stream", "n"} <= set(nulls)
+    for name in nulls:
+        status, _, body = server.post(path, {**base, name: None})
+        assert status == 200, (name, body)
+        assert body["choices"][0]["message" if chat else "text"] == expected, name
+    server.assert_alive()
+
+
 def _prompt_of(tokens: int) -> str:
     """A completion prompt of exactly ``tokens`` tokens (BOS included) for the default model."""
     import llama_cpp

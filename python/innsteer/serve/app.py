@@ -170,6 +170,12 @@ class InnsteerServer:
         model = ChatCompletionRequest if chat else CompletionRequest
         if chat and isinstance(body.get("messages"), list):
             body["messages"] = [_text_message(message, i) for i, message in enumerate(body["messages"])]
+        # OpenAI's clients send null for a field they leave unset; llama-cpp-python's request models
+        # let null through for fields whose default is a number (presence_penalty, n, ...), and a
+        # None reaching llama.cpp's sampler fails in ctypes. null means the field's default here.
+        for name, spec in model.model_fields.items():
+            if name in body and body[name] is None and spec.default is not None:
+                del body[name]
         prompt = body.get("prompt")
         if not chat and not (prompt is None or isinstance(prompt, str) or _strings(prompt)):
             # else pydantic names each member of the union it tried (prompt.str, prompt.list[str])
