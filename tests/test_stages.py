@@ -14,6 +14,7 @@ from tiny_models import tiny_lm
 
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import protocol
+from innsteer.eval import stages as stages_module
 from innsteer.eval.protocol import MethodSpec, run_protocol
 from innsteer.eval.stages import Stages
 from innsteer.hf.models import LoadedModel
@@ -46,6 +47,52 @@ def test_a_stage_is_read_back_only_with_the_same_fingerprint(tmp_path):
         (tmp_path / "s.json").write_bytes(damaged)  # edited or damaged by hand: measured again, replaced
         assert Stages(tmp_path, {}).run("s", measure(5)) == {"value": 5}
     assert Stages(tmp_path, {}).run("s", measure(6)) == {"value": 5}
+
+
+def test_stages_of_other_code_are_reused_and_said_once_per_directory(tmp_path, capsys):
+    """A stage records the code that measured it; reading one of other code (or of code that did not
+    record itself) says so on stderr, once per directory, naming both and what to delete."""
+    this = stages_module.code_version()
+    Stages(tmp_path, {"a": 1}).run("mine", lambda: {"value": 0})
+    assert json.loads((tmp_path / "mine.json").read_text())["code"] == this
+    assert Stages(tmp_path, {"a": 1}).run("mine", lambda: {"value": 1}) == {"value": 0}
+    assert capsys.readouterr().err == ""  # this code's own stage: nothing to say
+    others = tmp_path / "others"
+    others.mkdir()
+    stage = {"fingerprint": {"a": 1}, "result": {"value": 2}}
+    (others / "old.json").write_text(json.dumps(stage))  # written before stages recorded their code
+    (others / "older.json").write_text(json.dumps({**stage, "code": "0123abc"}))
+    kept = Stages(others, {"a": 1})
+    assert kept.run("old", lambda: {"value": 3}) == {"value": 2}
+    assert kept.run("older", lambda: {"value": 3}) == {"value": 2}
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "did not record itself" in lines[0] and this in lines[0] and f"delete {others}" in lines[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "older.json").write_text(json.dumps({**stage, "code": "0123abc"}))
+    assert Stages(elsewhere, {"a": 1}).run("older", lambda: {"value": 3}) == {"value": 2}
+    assert "code 0123abc" in capsys.readouterr().err
+
+
+def test_kept_fits_record_their_code_without_changing_the_steerer(tmp_path, capsys):
+    from innsteer.core.steerers import LinearSteerer, load_steerer
+
+    fitted = LinearSteerer(torch.arange(4.0), 1, model_id="m", extra={"note": 1})
+    steerer = Stages(tmp_path, {"a": 1}).steerer("fit", lambda: fitted)
+    assert steerer is fitted and steerer.extra == {"note": 1}  # the code is the kept file's only
+    (path,) = tmp_path.glob("fit-*.safetensors")
+    assert load_steerer(path).extra == {"note": 1, "stage_code": stages_module.code_version()}
+    again = Stages(tmp_path, {"a": 1}).steerer("fit", lambda: pytest.fail("fitted again"))
+    assert again.extra == {"note": 1} and torch.equal(again.vector, fitted.vector)
+    assert capsys.readouterr().err == ""
+    other = tmp_path / "other"
+    other.mkdir()
+    kept = load_steerer(path)
+    kept.extra["stage_code"] = "0123abc"
+    kept.save(other / path.name)
+    assert Stages(other, {"a": 1}).steerer("fit", lambda: pytest.fail("fitted again")).extra == {"note": 1}
+    assert "code 0123abc" in capsys.readouterr().err
 
 
 def test_a_full_disk_while_a_stage_is_written_keeps_the_stage_before(tmp_path, monkeypatch):
