@@ -384,6 +384,37 @@ def test_every_request_field_that_reaches_c_survives_hostile_values(server):
     server.assert_alive()
 
 
+HOSTILE_VALUES = [
+    None, True, False, 0, -1, 1, 7, 2**31, 2**63, -(2**63), 2**64 + 1, 10**30, 0.0, -0.0, 0.5, -3.3, 1e308, -1e308,
+    1e-320, "", " ", "\x00", "\u2028", "a" * 3000, "inn", "auto", "none", "json_object", "user", "tool",
+    'root ::= "x"', "{% raw %}", "<|im_end|>", "\U0001f600", [], [None], ["a", 1], [[[]]], {}, {"type": "text"},
+    {"steer": "inn"}, {"steer": "inn", "alpha": -1e30}, {"name": "f", "parameters": {}}, {"include_usage": True},
+    {"type": "json_object", "schema": {"type": "array", "items": {"$ref": "#"}}},
+    [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+]  # fmt: skip
+
+
+def test_random_requests_are_answered_or_refused_never_a_server_error(server):
+    """A seeded sweep of requests that set one to three fields (any the request models know, and
+    steering) to values from a pool of hostile ones: each is a 200 or a 4xx with an OpenAI-style
+    error, and the server keeps serving. (A longer run of this found "presence_penalty": null's 500.)"""
+    import random
+
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+
+    rng = random.Random(0)
+    for i in range(240):
+        chat = i % 2 == 1
+        fields = [*(CreateChatCompletionRequest if chat else CreateCompletionRequest).model_fields, "steering"]
+        request = {"messages": QUESTION} if chat else {"prompt": "Name a fruit:"}
+        for name in rng.sample(fields, rng.randint(1, 3)):
+            request[name] = rng.choice(HOSTILE_VALUES)
+        request["max_tokens"] = 2  # what is hostile here is every other field: the generation stays short
+        status, _, body = server.post("chat/completions" if chat else "completions", request)
+        assert status == 200 or (400 <= status < 500 and set(body) == {"error"}), (request, status, body)
+    server.assert_alive()
+
+
 def test_api_keys_from_the_option_and_the_environment(steer_file):
     with served("--api-key", "key-one", env={"INNSTEER_API_KEY": "key-two, key-three"}) as server:
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"}):
