@@ -15,7 +15,7 @@ from tiny_models import tiny_lm
 from innsteer.datasets.caa import load_ab
 from innsteer.eval import protocol
 from innsteer.eval import stages as stages_module
-from innsteer.eval.protocol import MethodSpec, run_protocol
+from innsteer.eval.protocol import MethodSpec, Unsteered, run_protocol
 from innsteer.eval.stages import Stages
 from innsteer.hf.models import LoadedModel
 
@@ -215,3 +215,28 @@ def test_eval_from_the_command_line_resumes_from_its_out_directory(tmp_path, mon
     again = json.loads((out / "report.json").read_text())
     assert fits == [] and (out / "stages" / "judge.jsonl").read_text() == answers
     assert again["comparison"] == first["comparison"] and again["judged"] == first["judged"]
+
+
+def test_calls_sharing_the_unsteered_measurements_measure_what_each_call_alone_does(monkeypatch):
+    """``tune``'s validation calls share one ``Unsteered``: the scorer of the validation items and
+    the prompts' unsteered replies are built once, and each call's run equals the call alone."""
+    lm = tiny_lm(layers=3)
+
+    def validate(layer, **settings):
+        return run_protocol(
+            lm, load_ab("refusal", "generate", limit=16), None, ["Hello there", "Tell me a story"], layer=layer,
+            specs=SPECS, seeds=(0, 1), max_new_tokens=4, ladder=(2.0,), n_resamples=10, compare=(),
+            progress=False, **settings,
+        )  # fmt: skip
+
+    alone = [measured(validate(layer)) for layer in (1, 2)]
+    built = []
+    for name in ("BatchedScorer", "BatchedFluency"):
+        real = getattr(protocol, name)
+        monkeypatch.setattr(protocol, name, lambda *a, real=real, name=name, **kw: built.append(name) or real(*a, **kw))
+    unsteered = Unsteered(lm)
+    shared = [measured(validate(layer, unsteered=unsteered)) for layer in (1, 2)]
+    assert shared == alone
+    assert sorted(built) == ["BatchedFluency", "BatchedScorer", "BatchedScorer"]  # one per seed's validation items
+    with pytest.raises(ValueError, match="another model"):
+        validate(1, unsteered=Unsteered(tiny_lm(layers=3)))

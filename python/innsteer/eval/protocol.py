@@ -128,6 +128,45 @@ def reply_record(fluency: BatchedFluency, replies: Sequence) -> tuple[list[float
     return [repetition(r) for r in ids], [fluency.lm.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
 
 
+class Unsteered:
+    """What the protocol measures of the unsteered model, kept for every ``run_protocol`` call given
+    it: the scorers (the scored items' prefix KV caches) and fluency prompts' caches, and the
+    unsteered scores and replies. None of it depends on the layer or the method, and ``tune``
+    measures the same validation items at every layer and option set: its calls share one (building
+    the scorers was ~7 % of a quick run on SmolLM2; bench/RESULTS.md)."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self._kept: dict[tuple, object] = {}
+
+    def clear(self) -> None:
+        """Let go of everything kept (the scorers hold KV caches of every scored item)."""
+        self._kept.clear()
+
+    def _once(self, key: tuple, make):
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def scorer(self, items: Sequence[ABItem], metrics: Sequence[str], instruction: Optional[str] = None):
+        key = ("scorer", digest(items), tuple(metrics), instruction)
+        return self._once(key, lambda: BatchedScorer(self.lm, items, metrics, instruction=instruction))
+
+    def scores(self, items: Sequence[ABItem], metrics: Sequence[str]) -> dict[str, list[float]]:
+        """The unsteered p_match per item and metric."""
+        key = ("scores", digest(items), tuple(metrics))
+        return self._once(key, lambda: {m: v.tolist() for m, v in self.scorer(items, metrics).scores().items()})
+
+    def fluency(self, prompts: Sequence[str], max_new_tokens: int, instruction: Optional[str] = None):
+        key = ("fluency", digest(prompts), max_new_tokens, instruction)
+        return self._once(key, lambda: BatchedFluency(self.lm, prompts, max_new_tokens, instruction))
+
+    def replies(self, prompts: Sequence[str], max_new_tokens: int):
+        """(NLL sums, token counts, reply ids) of the unsteered greedy replies."""
+        key = ("replies", digest(prompts), max_new_tokens)
+        return self._once(key, lambda: self.fluency(prompts, max_new_tokens)())
+
+
 def fit_spec(
     lm: LoadedModel, spec: MethodSpec, train: Sequence[ABItem], *, layer: int, seed: int, behavior: str,
     progress: bool = False,
@@ -166,6 +205,7 @@ def run_protocol(
     instructions: Optional[Mapping[int, str]] = None,
     also_compare: Sequence[tuple[str, str]] = (),
     stages: Optional[str | os.PathLike] = None,
+    unsteered: Optional[Unsteered] = None,
 ) -> Run:
     """Curves of every method and seed, and the paired bootstrap of ``compare[0] - compare[1]``
     for each metric and side (see the module docstring); ``test_items=None`` measures each seed on
@@ -175,7 +215,12 @@ def run_protocol(
     the run's ``steerers`` are each method's first-seed steerer. ``stages``: a directory where each
     method's curve per seed is kept as it finishes, and read back by a rerun with the same model,
     items and settings (an interrupted run resumes), and each fitted steerer, read back by a rerun
-    with the same model, training items, layer, spec and seed (whatever it measures)."""
+    with the same model, training items, layer, spec and seed (whatever it measures).
+    ``unsteered``: the unsteered measurements to share with other calls on ``lm`` (``Unsteered``)."""
+    if unsteered is None:
+        unsteered = Unsteered(lm)
+    elif unsteered.lm is not lm:
+        raise ValueError("unsteered was made for another model")
     instructions = dict(instructions or {})
     instructed = [name for name, spec in specs.items() if spec.instruct]
     if instructed and not set(instructions) & set(signs):
@@ -186,13 +231,13 @@ def run_protocol(
         raise ValueError("the seeds' validation parts differ in size")  # train_val_split rounds one way
     scored_items = splits[seeds[0]][1] if validation else test_items
     metrics = METRICS if all(item.lettered for item in scored_items) else tuple(m for m in METRICS if m != "letter")
-    fluency = BatchedFluency(lm, prompts, max_new_tokens)
-    base_nll, base_tokens, base_replies = fluency()
+    fluency = unsteered.fluency(prompts, max_new_tokens)
+    base_nll, base_tokens, base_replies = unsteered.replies(prompts, max_new_tokens)
     base_cost = float(base_nll.sum() / base_tokens.sum())
     base_repetition, base_texts = reply_record(fluency, base_replies)
     instructed_signs = [sign for sign in signs if sign in instructions]
     instructed_fluency = (
-        {sign: BatchedFluency(lm, prompts, max_new_tokens, instructions[sign]) for sign in instructed_signs}
+        {sign: unsteered.fluency(prompts, max_new_tokens, instructions[sign]) for sign in instructed_signs}
         if instructed
         else {}
     )
@@ -200,10 +245,10 @@ def run_protocol(
     def scorers(items: Sequence[ABItem]) -> tuple[BatchedScorer, dict[int, BatchedScorer]]:
         """The scorer of ``items`` and, for the instructed specs, one per instructed side."""
         instructed_scorers = {
-            sign: BatchedScorer(lm, items, metrics, instruction=instructions[sign])
+            sign: unsteered.scorer(items, metrics, instructions[sign])
             for sign in (instructed_signs if instructed else ())
         }
-        return BatchedScorer(lm, items, metrics), instructed_scorers
+        return unsteered.scorer(items, metrics), instructed_scorers
 
     scorer, instructed_scorer = (None, {}) if validation else scorers(test_items)
     kept = Stages(
@@ -251,7 +296,7 @@ def run_protocol(
         if validation:
             scorer, instructed_scorer = scorers(splits[seed][1])
         base = {
-            "base_scores": {m: v.tolist() for m, v in scorer.scores().items()},
+            "base_scores": unsteered.scores(splits[seed][1] if validation else test_items, metrics),
             "base_nll": base_nll.tolist(),
             "base_tokens": base_tokens.tolist(),
             "base_repetition": base_repetition,

@@ -7,9 +7,10 @@ fingerprint is the same, so other settings measure again. A steerer is a steer f
 carries its fingerprint's digest. Written atomically: an interrupted write leaves no stage.
 
 A stage also records the code that measured it (the checkout's commit, else the installed
-version; a kept fit in its metadata 'extra', taken out again when it is read). The fingerprint holds inputs only, so a rerun after the code changed still reads it
-(resuming an hours-long run across a commit that changed no number is the common case); the first
-time a directory yields a stage of other code, one line on stderr says so and how to measure afresh.
+version; a kept fit in its metadata 'extra', taken out again when it is read). The fingerprint
+holds inputs only, so a rerun after the code changed still reads it (resuming an hours-long run
+across a commit that changed no number is the common case); the first time a directory yields a
+stage of other code, one line on stderr says so and how to measure afresh.
 """
 
 from __future__ import annotations

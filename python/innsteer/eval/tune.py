@@ -45,7 +45,7 @@ from ..datasets.ab import METRICS, RANKED_BY, ABItem, hold_out, train_val_split
 from ..datasets.files import NEUTRAL_PROMPTS
 from ..hf.collect import contrastive_activations
 from ..hf.fit import as_loaded_model, pairs_to_items
-from .protocol import ALPHA_LADDER, MethodSpec, run_protocol
+from .protocol import ALPHA_LADDER, MethodSpec, Unsteered, run_protocol
 from .provenance import provenance
 from .report import pyplot
 from .results import Curve, Run, interval_cell
@@ -295,13 +295,14 @@ def tune(
         },
     )
     common = {"behavior": behavior, "max_new_tokens": plan.max_new_tokens, "progress": progress}
+    unsteered = Unsteered(lm)  # every validation stage scores the same items: their caches are built once
 
     def validate(layer: int, specs: dict[str, MethodSpec], signs: tuple[int, ...] = (1,)) -> dict:
         """{name: {metric: {"toward"/"away": the seed-mean validation area}}} for every metric the
         items have and the measured sides (all kept: ranking by another metric reads them back)."""
         result = run_protocol(
             lm, pool, None, prompts, layer=layer, specs=specs, seeds=plan.validation_seeds, compare=(), signs=signs,
-            ladder=plan.validation_ladder, **common,
+            ladder=plan.validation_ladder, unsteered=unsteered, **common,
         )  # fmt: skip
         sides = {1: "toward", -1: "away"}
         return {
@@ -386,6 +387,8 @@ def tune(
     final = {
         name: MethodSpec(name, TOKENS, choice["options"], layer=choice["layer"]) for name, choice in chosen.items()
     }
+
+    unsteered.clear()  # the test stage scores other items
 
     def test_stage() -> dict:
         result = run_protocol(
