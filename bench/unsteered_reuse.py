@@ -56,7 +56,7 @@ def main() -> None:
                 max_new_tokens=plan.max_new_tokens,
                 progress=False,
                 unsteered=unsteered,
-            )  # fmt: skip
+            )
             for layer in layers
         ]
         return re.sub(r'"seconds": [0-9.e-]+', "", json.dumps([r.to_dict() for r in runs], default=str))
